@@ -1,0 +1,25 @@
+"""The project's few domain exceptions.
+
+Each one marks an input that cannot be used; the pipeline turns it into a row
+of the dead-letter table (``OUT/errors/``) instead of failing the run.
+"""
+
+
+class InputError(ValueError):
+  """An input file cannot be used. The message says why, for the errors table."""
+
+
+class ContourError(InputError):
+  """A contour file does not hold a usable polygon."""
+
+
+class DicomError(InputError):
+  """A DICOM file cannot be decoded into one image."""
+
+
+class UnsafePathError(InputError):
+  """A path resolves outside the input root (for example through a symlink)."""
+
+
+class UsageError(ValueError):
+  """Invalid options or input tree, found before anything launches."""

@@ -1,0 +1,239 @@
+"""The input layout: where files live in a data tree and how their names parse.
+
+A data tree looks like this::
+
+    DATA/link.csv                      header "patient_id,original_id"
+    DATA/dicoms/<patient_id>/<n>.dcm   one slice per file, n = 1, 2, 3 ...
+    DATA/contourfiles/<original_id>/i-contours/IM-0001-<nnnn>-icontour-manual.txt
+    DATA/contourfiles/<original_id>/o-contours/IM-0001-<nnnn>-ocontour-manual.txt
+
+Everything here is pure: no I/O, so it is tested without a pipeline.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from typing import NamedTuple
+
+LINK_FILE = 'link.csv'
+DICOM_DIR = 'dicoms'
+CONTOUR_DIR = 'contourfiles'
+LINK_HEADER = ('patient_id', 'original_id')
+CONTOUR_KINDS = ('i', 'o')
+
+# Ids name folders, so they are restricted to characters that cannot form a
+# path of their own: no separators, no "..", no control characters.
+_ID_RE = re.compile(r'[A-Za-z0-9][A-Za-z0-9._-]*')
+_DICOM_NAME_RE = re.compile(r'([1-9][0-9]*)\.dcm')
+_CONTOUR_NAME_RE = re.compile(r'IM-0001-([0-9]{4})-([io])contour-manual\.txt')
+_MAX_ID_LENGTH = 128
+
+
+class Link(NamedTuple):
+  """One usable row of link.csv."""
+
+  patient_id: str
+  original_id: str
+  line: int
+
+
+class LinkProblem(NamedTuple):
+  """A row of link.csv that cannot be used, with the reconciliation status."""
+
+  patient_id: str
+  original_id: str
+  status: str  # 'malformed_link' or 'duplicate_link'
+  detail: str
+
+
+class DicomFile(NamedTuple):
+  """A slice file, ``dicoms/<patient_id>/<slice_index>.dcm``."""
+
+  patient_id: str
+  slice_index: int
+  path: str
+
+
+class ContourFile(NamedTuple):
+  """A contour file of kind ``i`` (inner) or ``o`` (outer)."""
+
+  original_id: str
+  kind: str
+  slice_index: int
+  path: str
+
+
+class StrayFile(NamedTuple):
+  """A file under ``dicoms/`` or ``contourfiles/`` that the layout has no place for."""
+
+  owner_id: str
+  path: str
+  reason: str
+
+
+def id_problem(value: str) -> str | None:
+  """Says why ``value`` cannot be a patient or original id, or None if it can."""
+  if not value:
+    return 'is empty'
+  if len(value) > _MAX_ID_LENGTH:
+    return f'is longer than {_MAX_ID_LENGTH} characters'
+  if not _ID_RE.fullmatch(value):
+    return (
+      'may hold only letters, digits, ".", "_" and "-", and must start with '
+      'a letter or digit'
+    )
+  return None
+
+
+def parse_links(data: bytes) -> tuple[list[Link], list[LinkProblem]]:
+  """Parses link.csv into usable links and problems.
+
+  Tolerates a UTF-8 BOM, CRLF line endings, blank lines, quoted fields, extra
+  columns and spaces around values. The first row with any content must be
+  the header; columns are found by name. When a patient_id or original_id
+  repeats, the first row (lowest line number) is used and each later one is a
+  ``duplicate_link`` problem.
+
+  Args:
+    data: the raw bytes of link.csv.
+
+  Returns:
+    (links, problems), each in file order.
+  """
+  text = data.decode('utf-8-sig', errors='replace')
+  rows = csv.reader(io.StringIO(text, newline=''))
+  links: list[Link] = []
+  problems: list[LinkProblem] = []
+  columns: dict[str, int] | None = None
+  first_pid_line: dict[str, int] = {}
+  first_oid_line: dict[str, int] = {}
+  try:
+    for row in rows:
+      line = rows.line_num
+      fields = [field.strip() for field in row]
+      if not any(fields):
+        continue
+      if columns is None:
+        names = [field.lower() for field in fields]
+        missing = [name for name in LINK_HEADER if name not in names]
+        if missing:
+          problems.append(
+            LinkProblem(
+              '',
+              '',
+              'malformed_link',
+              f'line {line}: header {",".join(fields)!r} lacks {missing}; '
+              f'expected "{",".join(LINK_HEADER)}"; no row can be read',
+            )
+          )
+          return links, problems
+        columns = {name: names.index(name) for name in LINK_HEADER}
+        continue
+      pid_at, oid_at = columns['patient_id'], columns['original_id']
+      if len(fields) <= max(pid_at, oid_at):
+        problems.append(
+          LinkProblem(
+            fields[0] if fields else '',
+            '',
+            'malformed_link',
+            f'line {line}: expected {max(pid_at, oid_at) + 1} fields, '
+            f'got {len(fields)}',
+          )
+        )
+        continue
+      pid, oid = fields[pid_at], fields[oid_at]
+      reasons = [
+        f'{name} {value!r} {why}'
+        for name, value in (('patient_id', pid), ('original_id', oid))
+        if (why := id_problem(value))
+      ]
+      if reasons:
+        problems.append(
+          LinkProblem(pid, oid, 'malformed_link', f'line {line}: ' + '; '.join(reasons))
+        )
+        continue
+      if pid in first_pid_line or oid in first_oid_line:
+        earlier = (
+          f'patient_id {pid!r} is already linked on line {first_pid_line[pid]}'
+          if pid in first_pid_line
+          else f'original_id {oid!r} is already linked on line {first_oid_line[oid]}'
+        )
+        problems.append(
+          LinkProblem(
+            pid,
+            oid,
+            'duplicate_link',
+            f'line {line}: {earlier}; this row is not used',
+          )
+        )
+        continue
+      first_pid_line[pid] = line
+      first_oid_line[oid] = line
+      links.append(Link(pid, oid, line))
+  except csv.Error as e:
+    problems.append(
+      LinkProblem(
+        '',
+        '',
+        'malformed_link',
+        f'line {rows.line_num}: unreadable CSV ({e}); rows after it are not read',
+      )
+    )
+  if columns is None:
+    problems.append(
+      LinkProblem('', '', 'malformed_link', 'link.csv has no header row and no links')
+    )
+  return links, problems
+
+
+def classify_path(relative_path: str) -> DicomFile | ContourFile | StrayFile:
+  """Classifies a file by its path relative to the data root.
+
+  Args:
+    relative_path: e.g. ``dicoms/SCD0000101/48.dcm``, always with ``/``.
+
+  Returns:
+    A DicomFile, a ContourFile, or a StrayFile saying why it has no place.
+  """
+  parts = relative_path.split('/')
+  top = parts[0]
+  owner = parts[1] if len(parts) > 2 else ''
+  if top == DICOM_DIR:
+    if len(parts) != 3:
+      return StrayFile(owner, relative_path, 'not at dicoms/<patient_id>/<n>.dcm')
+    match = _DICOM_NAME_RE.fullmatch(parts[2])
+    if not match:
+      return StrayFile(
+        owner, relative_path, 'file name is not <n>.dcm with n = 1, 2, 3 ...'
+      )
+    return DicomFile(owner, int(match.group(1)), relative_path)
+  if top == CONTOUR_DIR:
+    folders = {f'{kind}-contours': kind for kind in CONTOUR_KINDS}
+    if len(parts) != 4 or parts[2] not in folders:
+      return StrayFile(
+        owner,
+        relative_path,
+        'not at contourfiles/<original_id>/[io]-contours/<file>',
+      )
+    match = _CONTOUR_NAME_RE.fullmatch(parts[3])
+    if not match:
+      return StrayFile(
+        owner,
+        relative_path,
+        'file name is not IM-0001-<nnnn>-[io]contour-manual.txt',
+      )
+    if match.group(2) != folders[parts[2]]:
+      return StrayFile(
+        owner,
+        relative_path,
+        f'a {match.group(2)}contour file in the {parts[2]} folder',
+      )
+    return ContourFile(owner, match.group(2), int(match.group(1)), relative_path)
+  return StrayFile('', relative_path, 'outside dicoms/ and contourfiles/')
+
+
+def contour_name(kind: str, slice_index: int) -> str:
+  """The file name of the ``kind`` contour of slice ``slice_index``."""
+  return f'IM-0001-{slice_index:04d}-{kind}contour-manual.txt'

@@ -1,0 +1,75 @@
+"""The pipeline's own options. Every standard Beam option passes through too."""
+
+from __future__ import annotations
+
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from beam_pipeline.errors import UsageError
+from transforms.decode import DEFAULT_MAX_PIXELS
+
+DEFAULT_OUTPUT = 'output'
+DEFAULT_SAMPLE_DIR = 'sample_data'
+DEFAULT_CHUNK_SIZE = 64
+
+
+class IngestOptions(PipelineOptions):
+  """Options of the cardiac-MRI ingestion pipeline."""
+
+  @classmethod
+  def _add_argparse_args(cls, parser):
+    parser.add_argument(
+      '--input',
+      default=None,
+      help='Data tree holding link.csv, dicoms/ and contourfiles/ (a local '
+      'path, or any path Beam FileSystems reads). Without it the pipeline '
+      'runs on a small built-in sample generated into --sample-dir.',
+    )
+    parser.add_argument(
+      '--output',
+      default=DEFAULT_OUTPUT,
+      help='Where slices/, reconciliation/, errors/ and _SUMMARY.json are '
+      'written (default: %(default)s).',
+    )
+    parser.add_argument(
+      '--overwrite',
+      action='store_true',
+      help='Delete a dataset already in --output before writing. Without '
+      'it, a non-empty --output is refused.',
+    )
+    parser.add_argument(
+      '--labeled-only',
+      dest='labeled_only',
+      action='store_true',
+      help='Write only slices that have at least one contour file.',
+    )
+    parser.add_argument(
+      '--chunk-size',
+      dest='chunk_size',
+      type=int,
+      default=DEFAULT_CHUNK_SIZE,
+      help='Slices per work item and per Parquet row group (default: %(default)s).',
+    )
+    parser.add_argument(
+      '--max-pixels',
+      dest='max_pixels',
+      type=int,
+      default=DEFAULT_MAX_PIXELS,
+      help='Largest rows x columns x samples per slice; larger images are '
+      'rejected from the header, before decoding (default: %(default)s).',
+    )
+    parser.add_argument(
+      '--sample-dir',
+      dest='sample_dir',
+      default=DEFAULT_SAMPLE_DIR,
+      help='Where the built-in sample is generated when --input is not '
+      'given (default: %(default)s).',
+    )
+
+  def validate_ingest(self) -> None:
+    """Raises UsageError (a ValueError) on invalid values, before any launch."""
+    if self.chunk_size < 1:
+      raise UsageError(f'--chunk-size must be at least 1, got {self.chunk_size}')
+    if self.max_pixels < 1:
+      raise UsageError(f'--max-pixels must be at least 1, got {self.max_pixels}')
+    if not self.output:
+      raise UsageError('--output must not be empty')

@@ -1,0 +1,218 @@
+"""Pipeline assembly: ``build_pipeline`` (the graph) and ``run`` (launch it).
+
+Exit codes of ``main``:
+
+  0  the run completed and every input was used;
+  3  the run completed, and some inputs are in OUT/errors or OUT/reconciliation
+     has problem rows (the good slices are written);
+  2  invalid options or input (nothing was launched);
+  1  the pipeline failed (crash): OUT/_SUMMARY.json is not written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import (
+  PipelineOptions,
+  StandardOptions,
+)
+from apache_beam.runners.runner import PipelineResult
+
+from beam_pipeline import layout, report, sample
+from beam_pipeline import schema as s
+from beam_pipeline.errors import UsageError
+from beam_pipeline.options import IngestOptions
+from transforms import _files
+from transforms.decode import DecodeSlicesFn, PlanChunksFn
+from transforms.reconcile import Reconcile
+from transforms.write import WriteDataset
+
+_LOG = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_QUARANTINED = 3
+
+_OUTPUT_ENTRIES = (
+  s.SLICES_DIR,
+  s.RECONCILIATION_DIR,
+  s.ERRORS_DIR,
+  s.SUMMARY_FILE,
+)
+
+
+def build_pipeline(p: beam.Pipeline, options: IngestOptions) -> None:
+  """Adds the whole job to ``p``: reconcile, decode, write.
+
+  ``options.input`` and ``options.output`` must already be absolute (see
+  :func:`resolve_paths`).
+  """
+  found = p | 'Reconcile' >> Reconcile(options.input)
+  decoded = (
+    found['patients']
+    | 'PlanChunks' >> beam.ParDo(PlanChunksFn(options.chunk_size, options.labeled_only))
+    | 'FanOut' >> beam.Reshuffle()
+    | 'DecodeSlices'
+    >> beam.ParDo(DecodeSlicesFn(options.input, options.max_pixels)).with_outputs(
+      DecodeSlicesFn.ERRORS, main='slices'
+    )
+  )
+  errors = (found['errors'], decoded[DecodeSlicesFn.ERRORS]) | (
+    'AllErrors' >> beam.Flatten()
+  )
+  _ = {
+    'slices': decoded.slices,
+    'reconciliation': found['reconciliation'],
+    'errors': errors,
+  } | 'Write' >> WriteDataset(options.output)
+
+
+def _absolute(path: str) -> str:
+  return path if not _files.is_local(path) else os.path.abspath(path)
+
+
+def resolve_paths(options: IngestOptions) -> None:
+  """Makes --input/--output absolute, generating the sample if --input is unset.
+
+  Raises:
+    UsageError: the input is not a data tree, or the output holds a dataset
+      and --overwrite is not set.
+  """
+  options.validate_ingest()
+  if options.input is None:
+    options.input = _absolute(options.sample_dir)
+    manifest = sample.make_builtin_sample(options.input)
+    print(
+      f'No --input given: generated the built-in sample at '
+      f'{options.input} ({len(manifest.slices)} slices).'
+    )
+  options.input = _absolute(options.input).rstrip('/')
+  options.output = _absolute(options.output).rstrip('/')
+  link_file = FileSystems.join(options.input, layout.LINK_FILE)
+  if not FileSystems.exists(link_file):
+    raise UsageError(
+      f'--input {options.input} is not a data tree: {link_file} not found'
+    )
+  if options.output == options.input or options.output.startswith(options.input + '/'):
+    raise UsageError('--output must not be inside --input')
+  existing = [
+    FileSystems.join(options.output, entry)
+    for entry in _OUTPUT_ENTRIES
+    if FileSystems.exists(FileSystems.join(options.output, entry))
+  ]
+  if existing and not options.overwrite:
+    raise UsageError(
+      f'--output {options.output} already holds a dataset '
+      f'({", ".join(os.path.basename(e) for e in existing)}); pass '
+      '--overwrite to replace it, or choose another --output'
+    )
+  if existing:
+    _LOG.info('--overwrite: deleting %s', ', '.join(existing))
+    # The summary goes first, so an interrupted run never looks complete.
+    FileSystems.delete(sorted(existing, key=lambda e: not e.endswith(s.SUMMARY_FILE)))
+
+
+def counters(result: PipelineResult) -> dict[str, int]:
+  """The project's counters, summed over steps (committed where available)."""
+  totals: dict[str, int] = {}
+  query = result.metrics().query(MetricsFilter().with_namespace(report.NAMESPACE))
+  for counter in query['counters']:
+    value = counter.committed if counter.committed is not None else (counter.attempted)
+    name = counter.key.metric.name
+    totals[name] = totals.get(name, 0) + (value or 0)
+  return totals
+
+
+def _write_summary(
+  options: IngestOptions, totals: dict[str, int], seconds: float
+) -> str:
+  path = FileSystems.join(options.output, s.SUMMARY_FILE)
+  summary = {
+    'schema_version': s.SCHEMA_VERSION,
+    'beam_version': beam.__version__,
+    'input': options.input,
+    'labeled_only': options.labeled_only,
+    'seconds': round(seconds, 3),
+    'counters': dict(sorted(totals.items())),
+  }
+  with FileSystems.create(path) as f:
+    f.write(json.dumps(summary, indent=2).encode() + b'\n')
+  return path
+
+
+def run(argv: Sequence[str] | None = None) -> PipelineResult:
+  """Parses options, runs the job, waits, prints the summary.
+
+  Raises:
+    UsageError: invalid options or input, before anything launches.
+  """
+  options = PipelineOptions(argv)
+  ingest = options.view_as(IngestOptions)
+  standard = options.view_as(StandardOptions)
+  if standard.runner is None:
+    standard.runner = 'DirectRunner'
+  resolve_paths(ingest)
+  _LOG.info(
+    'reading %s, writing %s, runner %s',
+    ingest.input,
+    ingest.output,
+    standard.runner,
+  )
+  start = time.monotonic()
+  p = beam.Pipeline(options=options)
+  build_pipeline(p, ingest)
+  result = p.run()
+  result.wait_until_finish()
+  seconds = time.monotonic() - start
+  totals = counters(result)
+  outputs = {
+    name: FileSystems.join(ingest.output, entry)
+    for name, entry in (
+      ('slices', s.SLICES_DIR),
+      ('reconciliation', s.RECONCILIATION_DIR),
+      ('errors', s.ERRORS_DIR),
+    )
+  }
+  outputs['summary'] = _write_summary(ingest, totals, seconds)
+  print(report.summary_text(totals, outputs, seconds))
+  return result
+
+
+def _configure_logging() -> None:
+  logging.basicConfig(
+    level=logging.INFO,
+    stream=sys.stderr,
+    format='%(asctime)s %(levelname)s %(name)s: %(message)s',
+    force=True,
+  )
+  # Beam logs every stage at INFO; keep the console to our own lines.
+  logging.getLogger('apache_beam').setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Command-line entry point; returns the exit code (see module docstring)."""
+  _configure_logging()
+  try:
+    result = run(argv)
+  except UsageError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return EXIT_USAGE
+  except Exception:
+    _LOG.exception('the pipeline failed')
+    return EXIT_FAILED
+  if result.state != beam.runners.runner.PipelineState.DONE:
+    print(f'error: the pipeline ended in state {result.state}', file=sys.stderr)
+    return EXIT_FAILED
+  if report.issue_count(counters(result)):
+    return EXIT_QUARANTINED
+  return EXIT_OK

@@ -1,0 +1,126 @@
+"""Counters, progress lines and the end-of-run summary.
+
+All counters live in one Beam metrics namespace, NAMESPACE. Workers log a
+progress line at most every PROGRESS_SECONDS; the driver reads the counters
+back when the run ends and prints the summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+
+from beam_pipeline import schema as s
+
+NAMESPACE = 'cardiac_mri'
+PROGRESS_SECONDS = 5.0
+
+# Counter names. Per-status and per-stage counters are built from the
+# constants in beam_pipeline.schema.
+PATIENTS_DONE = 'patients_done'
+SLICES_WRITTEN = 'slices_written'
+I_MASKS_WRITTEN = 'i_masks_written'
+O_MASKS_WRITTEN = 'o_masks_written'
+SLICE_BYTES_READ = 'dicom_bytes_read'
+
+
+def reconciliation_counter(status: str) -> str:
+  return f'reconciliation_{status}'
+
+
+def error_counter(stage: str) -> str:
+  return f'errors_{stage}'
+
+
+_LOG = logging.getLogger('beam_pipeline.progress')
+
+
+class Progress:
+  """Logs patients done, slices written and slices/s, at most every few seconds.
+
+  One instance per worker process (see :func:`progress`), shared by every DoFn
+  instance and thread in it.
+  """
+
+  def __init__(self, interval: float = PROGRESS_SECONDS):
+    self._interval = interval
+    self._lock = threading.Lock()
+    self._start = None
+    self._last_log = 0.0
+    self._patients = 0
+    self._slices = 0
+
+  def add(self, patients: int = 0, slices: int = 0) -> None:
+    now = time.monotonic()
+    with self._lock:
+      if self._start is None:
+        self._start = self._last_log = now
+      self._patients += patients
+      self._slices += slices
+      if now - self._last_log < self._interval:
+        return
+      self._last_log = now
+      elapsed = now - self._start
+      patients, slices = self._patients, self._slices
+    _LOG.info(
+      'progress: %d patients done, %d slices written, %.1f slices/s',
+      patients,
+      slices,
+      slices / elapsed if elapsed else 0.0,
+    )
+
+
+_progress = None
+_progress_lock = threading.Lock()
+
+
+def progress() -> Progress:
+  """This process's Progress."""
+  global _progress
+  with _progress_lock:
+    if _progress is None:
+      _progress = Progress()
+    return _progress
+
+
+def summary_text(
+  counters: Mapping[str, int], outputs: Mapping[str, str], seconds: float
+) -> str:
+  """The end-of-run summary printed on stdout."""
+  slices = counters.get(SLICES_WRITTEN, 0)
+  lines = [
+    'Summary',
+    f'  patients matched   {counters.get(reconciliation_counter(s.MATCHED), 0)}',
+    f'  slices written     {slices}'
+    f'  ({slices / seconds if seconds else 0:.1f} slices/s over {seconds:.1f} s)',
+    f'  masks written      i: {counters.get(I_MASKS_WRITTEN, 0)}'
+    f'  o: {counters.get(O_MASKS_WRITTEN, 0)}',
+  ]
+  issues = [
+    (status, counters.get(reconciliation_counter(status), 0))
+    for status in s.STATUSES
+    if status != s.MATCHED
+  ]
+  lines.append(
+    '  reconciliation     '
+    + (', '.join(f'{status}: {n}' for status, n in issues if n) or 'no issues')
+  )
+  errors = [(stage, counters.get(error_counter(stage), 0)) for stage in s.STAGES]
+  lines.append(
+    '  errors             '
+    + (', '.join(f'{stage}: {n}' for stage, n in errors if n) or 'none')
+  )
+  for name, path in outputs.items():
+    lines.append(f'  {name:<18} {path}')
+  return '\n'.join(lines)
+
+
+def issue_count(counters: Mapping[str, int]) -> int:
+  """Reconciliation problems plus error rows: 0 for a clean run."""
+  return sum(
+    counters.get(reconciliation_counter(status), 0)
+    for status in s.STATUSES
+    if status != s.MATCHED
+  ) + sum(counters.get(error_counter(stage), 0) for stage in s.STAGES)

@@ -1,0 +1,8 @@
+"""Runs the cardiac-MRI ingestion pipeline. See README.md; --help lists options."""
+
+import sys
+
+from beam_pipeline.pipeline import main
+
+if __name__ == '__main__':
+  sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,23 @@
+"""Installs the pipeline's packages; also how remote workers get them (--setup_file)."""
+
+import setuptools
+
+setuptools.setup(
+  name='cardiac-mri-beam',
+  version='0.1.0',
+  description='Cardiac-MRI DICOM and contour trees to a Parquet dataset, '
+  'with Apache Beam.',
+  packages=['beam_pipeline', 'transforms'],
+  package_data={'beam_pipeline': ['py.typed'], 'transforms': ['py.typed']},
+  python_requires='>=3.10',
+  install_requires=[
+    'apache-beam>=2.77,<3',
+    'pydicom>=3.0,<4',
+    'numpy>=1.26,<3',
+    'pyarrow>=17,<26',
+    'pillow>=10,<13',
+    'pylibjpeg>=2.0',
+    'pylibjpeg-libjpeg>=2.1',
+    'pylibjpeg-openjpeg>=2.3',
+  ],
+)

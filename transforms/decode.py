@@ -1,0 +1,288 @@
+"""Per-patient work: plan slice chunks, decode DICOM, rasterise contours.
+
+A matched Patient fans out into SliceChunks of at most ``chunk_size`` slices
+(the only fan-out in the pipeline, so a Reshuffle follows it). Each chunk is
+decoded into one Arrow table, which becomes one Parquet row group.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import warnings
+from typing import NamedTuple
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pydicom
+import pydicom.config
+from apache_beam import pvalue
+from apache_beam.metrics import Metrics
+from pydicom.errors import InvalidDicomError
+
+from beam_pipeline import report
+from beam_pipeline import schema as s
+from beam_pipeline.errors import ContourError, DicomError, UnsafePathError
+from transforms import _files, masks
+from transforms.reconcile import Patient
+
+_LOG = logging.getLogger(__name__)
+
+DEFAULT_MAX_PIXELS = 4096 * 4096
+
+
+class SliceTask(NamedTuple):
+  """One slice to decode, with the paths of its contours (None if absent)."""
+
+  slice_index: int
+  dicom_path: str
+  i_contour: str | None
+  o_contour: str | None
+
+
+class SliceChunk(NamedTuple):
+  """Up to chunk_size slices of one patient."""
+
+  patient_id: str
+  original_id: str
+  chunk: int
+  chunks: int
+  slices: tuple[SliceTask, ...]
+
+
+def plan_chunks(
+  patient: Patient, chunk_size: int, labeled_only: bool = False
+) -> list[SliceChunk]:
+  """Splits a patient's slices into chunks, in slice order.
+
+  With ``labeled_only``, only slices with at least one contour file are kept;
+  a patient without any then yields no chunk.
+  """
+  contours: dict[int, dict[str, str]] = {}
+  for contour in patient.contours:
+    contours.setdefault(contour.slice_index, {})[contour.kind] = contour.path
+  tasks = [
+    SliceTask(
+      d.slice_index,
+      d.path,
+      contours.get(d.slice_index, {}).get('i'),
+      contours.get(d.slice_index, {}).get('o'),
+    )
+    for d in patient.slices
+    if not labeled_only or d.slice_index in contours
+  ]
+  count = math.ceil(len(tasks) / chunk_size)
+  return [
+    SliceChunk(
+      patient.patient_id,
+      patient.original_id,
+      k,
+      count,
+      tuple(tasks[k * chunk_size : (k + 1) * chunk_size]),
+    )
+    for k in range(count)
+  ]
+
+
+def _value(ds: pydicom.Dataset, keyword: str, convert, count: int = 0):
+  """A typed tag value, or None when absent, empty or malformed."""
+  element = ds.get(keyword)
+  if element is None or element == '':
+    return None
+  try:
+    if count:
+      values = [convert(v) for v in element]
+      return values if len(values) == count else None
+    return convert(element)
+  except (TypeError, ValueError):
+    return None
+
+
+def decode_dicom(
+  data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[dict, np.ndarray]:
+  """Decodes one single-frame DICOM file.
+
+  The file must start with the DICOM preamble and "DICM" prefix (pydicom's
+  ``force`` is not used: a file without them is rejected, not guessed at).
+  Compressed transfer syntaxes decode through pydicom's plugins.
+
+  Args:
+    data: the file's bytes.
+    max_pixels: the largest rows x columns x samples x frames accepted,
+      checked from the header before any pixel buffer is allocated.
+
+  Returns:
+    (metadata, image): metadata holds the typed DICOM columns of
+    SLICE_SCHEMA; image is pixel_array, unscaled, C-contiguous, little-endian.
+
+  Raises:
+    DicomError: with the reason the file cannot be used.
+  """
+  # Real trees hold UIDs with leading-zero components; pydicom would warn
+  # once per file. Values are read as they are.
+  pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')
+    try:
+      ds = pydicom.dcmread(io.BytesIO(data))
+    except InvalidDicomError as e:
+      raise DicomError(
+        'not a DICOM file: no "DICM" prefix after the 128-byte preamble'
+      ) from e
+    except Exception as e:  # pydicom raises many types on corrupt headers.
+      raise DicomError(f'unreadable DICOM header: {type(e).__name__}: {e}') from e
+    missing = [k for k in ('Rows', 'Columns', 'PixelData') if k not in ds]
+    if missing:
+      raise DicomError(f'no {", ".join(missing)} in the dataset')
+    rows = _value(ds, 'Rows', int)
+    columns = _value(ds, 'Columns', int)
+    samples = _value(ds, 'SamplesPerPixel', int) or 1
+    frames = _value(ds, 'NumberOfFrames', int) or 1
+    if not rows or not columns:
+      raise DicomError(f'invalid image size {rows} x {columns}')
+    if frames != 1:
+      raise DicomError(
+        f'multi-frame image ({frames} frames); only single-frame slices are supported'
+      )
+    if rows * columns * samples > max_pixels:
+      raise DicomError(
+        f'image of {rows} x {columns} x {samples} samples exceeds '
+        f'--max-pixels {max_pixels}'
+      )
+    try:
+      image = ds.pixel_array
+    except Exception as e:  # Each pixel handler raises its own types.
+      raise DicomError(f'pixel data cannot be decoded: {type(e).__name__}: {e}') from e
+    expected = (rows, columns) if samples == 1 else (rows, columns, samples)
+    if image.shape != expected:
+      raise DicomError(
+        f'decoded shape {image.shape} does not match the header {expected}'
+      )
+    image = np.ascontiguousarray(
+      image.astype(image.dtype.newbyteorder('<'), copy=False)
+    )
+    meta = {
+      'sop_instance_uid': _value(ds, 'SOPInstanceUID', str),
+      'series_instance_uid': _value(ds, 'SeriesInstanceUID', str),
+      'study_instance_uid': _value(ds, 'StudyInstanceUID', str),
+      'modality': _value(ds, 'Modality', str),
+      'transfer_syntax_uid': _value(ds.file_meta, 'TransferSyntaxUID', str),
+      'instance_number': _value(ds, 'InstanceNumber', int),
+      'rows': rows,
+      'columns': columns,
+      'samples_per_pixel': samples,
+      'photometric_interpretation': _value(ds, 'PhotometricInterpretation', str),
+      'bits_allocated': _value(ds, 'BitsAllocated', int),
+      'bits_stored': _value(ds, 'BitsStored', int),
+      'pixel_dtype': image.dtype.name,
+      'pixel_spacing': _value(ds, 'PixelSpacing', float, 2),
+      'slice_thickness': _value(ds, 'SliceThickness', float),
+      'slice_location': _value(ds, 'SliceLocation', float),
+      'image_position_patient': _value(ds, 'ImagePositionPatient', float, 3),
+      'image_orientation_patient': _value(ds, 'ImageOrientationPatient', float, 6),
+      'rescale_slope': _value(ds, 'RescaleSlope', float),
+      'rescale_intercept': _value(ds, 'RescaleIntercept', float),
+      'trigger_time': _value(ds, 'TriggerTime', float),
+    }
+  return meta, image
+
+
+class PlanChunksFn(beam.DoFn):
+  """Patient -> SliceChunks."""
+
+  def __init__(self, chunk_size: int, labeled_only: bool):
+    self._chunk_size = chunk_size
+    self._labeled_only = labeled_only
+
+  def process(self, patient: Patient):
+    yield from plan_chunks(patient, self._chunk_size, self._labeled_only)
+
+
+class DecodeSlicesFn(beam.DoFn):
+  """SliceChunk -> one Arrow table of slice rows; unusable inputs as ERRORS."""
+
+  ERRORS = 'errors'
+
+  def __init__(self, input_root: str, max_pixels: int = DEFAULT_MAX_PIXELS):
+    self._input_root = input_root
+    self._max_pixels = max_pixels
+
+  def setup(self):
+    counter = lambda name: Metrics.counter(report.NAMESPACE, name)  # noqa: E731
+    self._patients = counter(report.PATIENTS_DONE)
+    self._slices = counter(report.SLICES_WRITTEN)
+    self._masks = {
+      'i': counter(report.I_MASKS_WRITTEN),
+      'o': counter(report.O_MASKS_WRITTEN),
+    }
+    self._bytes = counter(report.SLICE_BYTES_READ)
+    self._progress = report.progress()
+
+  def process(self, chunk: SliceChunk):
+    rows = []
+    for task in chunk.slices:
+      row = yield from self._decode(chunk, task)
+      if row is not None:
+        rows.append(row)
+    done = int(chunk.chunk == chunk.chunks - 1)
+    self._patients.inc(done)
+    self._slices.inc(len(rows))
+    self._progress.add(patients=done, slices=len(rows))
+    if rows:
+      yield pa.Table.from_pylist(rows, schema=s.SLICE_SCHEMA)
+
+  def _error(self, chunk, path, stage, message):
+    return pvalue.TaggedOutput(
+      self.ERRORS, s.error_row(chunk.patient_id, path, stage, message)
+    )
+
+  def _read(self, chunk: SliceChunk, path: str, note: str = ''):
+    """Yields an error row if unreadable; returns the bytes, or None."""
+    try:
+      return _files.read_input(self._input_root, path)
+    except (OSError, UnsafePathError) as e:
+      yield self._error(chunk, path, s.STAGE_READ, f'cannot read: {e}{note}')
+      return None
+
+  def _decode(self, chunk: SliceChunk, task: SliceTask):
+    """Yields error rows; returns the slice's row, or None if unusable."""
+    contours = [p for p in (task.i_contour, task.o_contour) if p]
+    unused = (
+      f' ({len(contours)} contour file(s) of this slice not used)' if contours else ''
+    )
+    data = yield from self._read(chunk, task.dicom_path, unused)
+    if data is None:
+      return None
+    self._bytes.inc(len(data))
+    try:
+      meta, image = decode_dicom(data, self._max_pixels)
+    except DicomError as e:
+      yield self._error(chunk, task.dicom_path, s.STAGE_DECODE, f'{e}{unused}')
+      return None
+    row = {
+      'patient_id': chunk.patient_id,
+      'original_id': chunk.original_id,
+      'slice_index': task.slice_index,
+      'dicom_path': task.dicom_path,
+      **meta,
+      'image': image.tobytes(),
+    }
+    for kind, path in (('i', task.i_contour), ('o', task.o_contour)):
+      row[f'{kind}_mask'] = None
+      if path is None:
+        continue
+      data = yield from self._read(chunk, path)
+      if data is None:
+        continue
+      try:
+        vertices = masks.parse_contour(data)
+      except ContourError as e:
+        yield self._error(chunk, path, s.STAGE_CONTOUR, str(e))
+        continue
+      mask = masks.rasterise(vertices, meta['rows'], meta['columns'])
+      row[f'{kind}_mask'] = masks.pack_mask(mask)
+      self._masks[kind].inc()
+    return row
