@@ -1,0 +1,144 @@
+"""DICOM decoding: generated files, pydicom's bundled files, broken input."""
+
+import warnings
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from beam_pipeline import sample
+from beam_pipeline.errors import DicomError
+from transforms.decode import decode_dicom
+
+
+def _read(name):
+  with open(get_testdata_file(name), 'rb') as f:
+    return f.read()
+
+
+def _decode(name, **kwargs):
+  return decode_dicom(_read(name), **kwargs)
+
+
+def _generated(tmp_path, leading_zero_uids=False, shape=(20, 30)):
+  path = tmp_path / 'x.dcm'
+  pixels = sample.expected_image('P1', 4, *shape)
+  sample.write_dicom(str(path), pixels, 'P1', 4, leading_zero_uids=leading_zero_uids)
+  return path.read_bytes(), pixels
+
+
+def test_generated_slice_round_trips_with_metadata(tmp_path):
+  data, pixels = _generated(tmp_path)
+  meta, image = decode_dicom(data)
+  np.testing.assert_array_equal(image, pixels)
+  assert image.dtype == np.dtype('<i2') and image.flags.c_contiguous
+  assert meta['rows'] == 20 and meta['columns'] == 30
+  assert meta['pixel_dtype'] == 'int16' and meta['modality'] == 'MR'
+  assert meta['instance_number'] == 4
+  assert meta['pixel_spacing'] == [1.40625, 1.40625]
+  assert meta['image_position_patient'] == [-180.0, -160.5, -38.0]
+  assert meta['rescale_slope'] is None and meta['rescale_intercept'] is None
+  assert meta['transfer_syntax_uid'] == pydicom.uid.ExplicitVRLittleEndian
+
+
+def test_leading_zero_uids_are_kept_and_do_not_warn(tmp_path):
+  data, _ = _generated(tmp_path, leading_zero_uids=True)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    meta, _ = decode_dicom(data)
+  assert '.0' in meta['sop_instance_uid']
+  components = meta['sop_instance_uid'].split('.')
+  assert any(len(c) > 1 and c.startswith('0') for c in components)
+
+
+@pytest.mark.parametrize(
+  'name',
+  [
+    'MR_small_RLE.dcm',  # RLE Lossless
+    'MR_small_jp2klossless.dcm',  # JPEG 2000 lossless
+    'MR_small_jpeg_ls_lossless.dcm',  # JPEG-LS lossless
+    'MR_small_bigendian.dcm',  # Explicit VR Big Endian
+    'MR_small_implicit.dcm',  # Implicit VR Little Endian
+  ],
+)
+def test_lossless_syntaxes_equal_the_uncompressed_file(name):
+  _, reference = _decode('MR_small.dcm')
+  meta, image = _decode(name)
+  np.testing.assert_array_equal(image, reference)
+  assert image.dtype.byteorder in '<=|' and meta['pixel_dtype'] == 'int16'
+  assert image.tobytes() == reference.astype('<i2').tobytes()
+
+
+def test_jpeg_lossless_equals_rle_of_the_same_image():
+  _, rle = _decode('SC_rgb_rle.dcm')
+  meta, image = _decode('SC_rgb_jpeg_gdcm.dcm')  # JPEG Lossless, Process 14
+  assert meta['samples_per_pixel'] == 3
+  np.testing.assert_array_equal(image, rle)
+
+
+@pytest.mark.parametrize(
+  'name, tolerance',
+  [
+    ('SC_rgb_jpeg_dcmtk.dcm', 8.0),  # JPEG Baseline
+    ('SC_rgb_gdcm_KY.dcm', 8.0),  # JPEG 2000 (lossy)
+    ('SC_rgb_jls_lossy_line.dcm', 8.0),  # JPEG-LS near-lossless
+  ],
+)
+def test_lossy_syntaxes_are_close_to_the_lossless_image(name, tolerance):
+  _, rle = _decode('SC_rgb_rle.dcm')
+  meta, image = _decode(name)
+  assert image.shape == rle.shape == (100, 100, 3)
+  assert meta['rows'] == 100 and meta['samples_per_pixel'] == 3
+  assert np.abs(image.astype(int) - rle.astype(int)).mean() < tolerance
+
+
+def test_non_mr_modality_is_accepted():
+  meta, image = _decode('693_J2KI.dcm')
+  assert meta['modality'] == 'CT' and image.shape == (512, 512)
+
+
+@pytest.mark.parametrize(
+  'data, reason',
+  [
+    (b'', 'not a DICOM file'),
+    (b'this is a text file\n', 'not a DICOM file'),
+    (b'\0' * 128 + b'DICM' + b'\x02\x00', 'no Rows, Columns, PixelData'),
+  ],
+)
+def test_garbage_is_rejected(data, reason):
+  with pytest.raises(DicomError, match=reason):
+    decode_dicom(data)
+
+
+def test_file_without_preamble_is_rejected():
+  with pytest.raises(DicomError, match='DICM'):
+    _decode('no_meta.dcm')
+
+
+def test_truncated_pixel_data_is_rejected():
+  with pytest.raises(DicomError, match='pixel data cannot be decoded'):
+    _decode('MR_truncated.dcm')
+
+
+def test_truncated_header_is_rejected(tmp_path):
+  data, _ = _generated(tmp_path)
+  with pytest.raises(DicomError):
+    decode_dicom(data[:300])
+
+
+def test_multi_frame_is_rejected():
+  with pytest.raises(DicomError, match='multi-frame'):
+    _decode('SC_rgb_rle_2frame.dcm')
+
+
+def test_missing_pixel_data_is_rejected():
+  with pytest.raises(DicomError, match='PixelData'):
+    _decode('rtplan.dcm')
+
+
+def test_images_over_max_pixels_are_rejected_from_the_header(tmp_path):
+  data, _ = _generated(tmp_path, shape=(20, 30))
+  decode_dicom(data, max_pixels=600)
+  with pytest.raises(DicomError, match='max-pixels'):
+    decode_dicom(data, max_pixels=599)

@@ -1,0 +1,173 @@
+"""The whole job through main(), on generated trees, read back exactly."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from beam_pipeline import pipeline, sample
+from beam_pipeline import schema as s
+from beam_pipeline.dataset import (
+  mask_of,
+  open_dataset,
+  read_errors,
+  read_reconciliation,
+)
+from tests.conftest import reference_mask
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(root, out, *extra):
+  return pipeline.main(
+    ['--input', root, '--output', out, '--runner', 'DirectRunner', *extra]
+  )
+
+
+def _check_slices(out, manifest, expect_labeled_only=False):
+  """Every expected slice is written once; every image and mask is exact."""
+  rows = open_dataset(out).to_table().to_pylist()
+  expected = {
+    k: e for k, e in manifest.slices.items() if e.labeled or not expect_labeled_only
+  }
+  keys = [(r['patient_id'], r['slice_index']) for r in rows]
+  assert sorted(keys) == sorted(expected)
+  for row in rows:
+    e = expected[row['patient_id'], row['slice_index']]
+    assert row['original_id'] == e.original_id
+    assert row['dicom_path'] == f'dicoms/{e.patient_id}/{e.slice_index}.dcm'
+    assert (row['rows'], row['columns'], row['pixel_dtype']) == (
+      e.rows,
+      e.columns,
+      'int16',
+    )
+    image = np.frombuffer(row['image'], dtype='<i2').reshape(e.rows, e.columns)
+    np.testing.assert_array_equal(
+      image, sample.expected_image(e.patient_id, e.slice_index, e.rows, e.columns)
+    )
+    for kind in 'io':
+      vertices = getattr(e, f'{kind}_vertices')
+      if vertices is None:
+        assert row[f'{kind}_mask'] is None, (kind, keys)
+      else:
+        packed = np.packbits(reference_mask(vertices, e.rows, e.columns)).tobytes()
+        assert row[f'{kind}_mask'] == packed
+        np.testing.assert_array_equal(
+          mask_of(row, kind), reference_mask(vertices, e.rows, e.columns)
+        )
+  return rows
+
+
+def test_every_quirk_is_reported_and_every_good_slice_lands(tree, tmp_path, capsys):
+  root, manifest = tree
+  out = str(tmp_path / 'OUT')
+  assert _run(root, out) == pipeline.EXIT_QUARANTINED
+  rows = _check_slices(out, manifest)
+  assert any(r[f'{k}_mask'] is not None for r in rows for k in 'io')
+  reconciliation = read_reconciliation(out).to_pylist()
+  assert sorted(
+    (r['patient_id'], r['original_id'], r['status']) for r in reconciliation
+  ) == sorted(manifest.reconciliation)
+  assert all(r['detail'] for r in reconciliation)
+  errors = read_errors(out).to_pylist()
+  assert sorted((r['path'], r['stage']) for r in errors) == sorted(manifest.errors)
+  assert all(r['error'] for r in errors)
+
+  summary = json.load(open(os.path.join(out, s.SUMMARY_FILE)))
+  assert summary['counters']['slices_written'] == len(manifest.slices)
+  assert summary['counters']['errors_decode'] == sum(
+    stage == s.STAGE_DECODE for _, stage in manifest.errors
+  )
+  printed = capsys.readouterr().out
+  assert f'slices written     {len(manifest.slices)}' in printed
+  assert 'missing_dicoms: 1' in printed and 'contour: 2' in printed
+
+
+def test_no_identifying_tag_reaches_the_output(tree, tmp_path):
+  root, _ = tree
+  out = str(tmp_path / 'OUT')
+  _run(root, out)
+  table = open_dataset(out).to_table()
+  text = ' '.join(
+    str(v)
+    for name in table.column_names
+    if name not in ('image', 'i_mask', 'o_mask')
+    for v in table.column(name).to_pylist()
+  )
+  for value in sample.IDENTIFYING.values():
+    assert value not in text
+
+
+def test_clean_tree_exits_zero_and_schema_is_the_contract(clean_tree, tmp_path):
+  root, manifest = clean_tree
+  out = str(tmp_path / 'OUT')
+  assert _run(root, out) == pipeline.EXIT_OK
+  _check_slices(out, manifest)
+  for name in os.listdir(os.path.join(out, s.SLICES_DIR)):
+    written = pa.parquet.read_schema(os.path.join(out, s.SLICES_DIR, name))
+    assert written.equals(s.SLICE_SCHEMA, check_metadata=False)
+    assert written.field('image').metadata[b'description']
+  assert read_errors(out).num_rows == 0
+  assert {r['status'] for r in read_reconciliation(out).to_pylist()} == {s.MATCHED}
+
+
+def test_labeled_only_keeps_only_contoured_slices(clean_tree, tmp_path):
+  root, manifest = clean_tree
+  out = str(tmp_path / 'OUT')
+  assert _run(root, out, '--labeled-only') == pipeline.EXIT_OK
+  rows = _check_slices(out, manifest, expect_labeled_only=True)
+  assert 0 < len(rows) < len(manifest.slices)
+
+
+def test_small_chunks_give_the_same_rows(clean_tree, tmp_path):
+  root, manifest = clean_tree
+  out = str(tmp_path / 'OUT')
+  assert _run(root, out, '--chunk-size', '1') == pipeline.EXIT_OK
+  _check_slices(out, manifest)
+
+
+def test_existing_output_is_refused_then_replaced_with_overwrite(
+  clean_tree, tmp_path, capsys
+):
+  root, manifest = clean_tree
+  out = str(tmp_path / 'OUT')
+  assert _run(root, out) == pipeline.EXIT_OK
+  assert _run(root, out) == pipeline.EXIT_USAGE
+  assert '--overwrite' in capsys.readouterr().err
+  assert _run(root, out, '--overwrite') == pipeline.EXIT_OK
+  _check_slices(out, manifest)  # exactly once each: no duplicate rows
+
+
+@pytest.mark.parametrize(
+  'args, message',
+  [
+    (['--input', '/nonexistent/tree'], 'not a data tree'),
+    (['--chunk-size', '0'], '--chunk-size'),
+  ],
+)
+def test_invalid_usage_exits_two_before_launch(args, message, tmp_path, capsys):
+  code = pipeline.main([*args, '--output', str(tmp_path / 'OUT')])
+  assert code == pipeline.EXIT_USAGE
+  assert message in capsys.readouterr().err
+  assert not os.path.exists(tmp_path / 'OUT')
+
+
+def test_command_line_runs_the_builtin_sample(tmp_path):
+  """`python run_pipeline.py` with no arguments, as the README's first command."""
+  done = subprocess.run(
+    [sys.executable, os.path.join(REPO, 'run_pipeline.py')],
+    cwd=tmp_path,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert done.returncode == 0, done.stderr
+  assert 'Summary' in done.stdout and 'Traceback' not in done.stderr
+  rows = open_dataset(str(tmp_path / 'output')).count_rows()
+  assert rows == len(sample.make_tree(str(tmp_path / 'again')).slices)
+  assert os.path.exists(tmp_path / 'sample_data' / 'link.csv')
+  assert sorted(os.listdir(tmp_path)) == ['again', 'output', 'sample_data']

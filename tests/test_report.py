@@ -1,0 +1,42 @@
+"""Progress lines, the summary and the exit-code rule."""
+
+import logging
+
+from beam_pipeline import report
+from beam_pipeline import schema as s
+
+
+def test_progress_logs_at_most_once_per_interval(caplog):
+  caplog.set_level(logging.INFO, logger='beam_pipeline.progress')
+  progress = report.Progress(interval=3600)
+  for _ in range(50):
+    progress.add(patients=1, slices=10)
+  assert caplog.messages == []
+  progress = report.Progress(interval=0)
+  progress.add(patients=1, slices=10)
+  progress.add(patients=1, slices=5)
+  assert caplog.messages[-1].startswith('progress: 2 patients done, 15 slices written')
+  assert 'slices/s' in caplog.messages[-1]
+
+
+def test_summary_lists_issues_by_status_and_errors_by_stage():
+  counters = {
+    report.reconciliation_counter(s.MATCHED): 3,
+    report.reconciliation_counter(s.MISSING_DICOMS): 2,
+    report.error_counter(s.STAGE_DECODE): 1,
+    report.SLICES_WRITTEN: 40,
+    report.I_MASKS_WRITTEN: 7,
+  }
+  text = report.summary_text(counters, {'slices': '/out/slices'}, seconds=4.0)
+  assert 'patients matched   3' in text
+  assert 'slices written     40  (10.0 slices/s' in text
+  assert 'i: 7  o: 0' in text
+  assert 'missing_dicoms: 2' in text and 'decode: 1' in text
+  assert '/out/slices' in text
+  assert report.issue_count(counters) == 3
+
+
+def test_a_clean_run_has_no_issues():
+  counters = {report.reconciliation_counter(s.MATCHED): 3, report.SLICES_WRITTEN: 9}
+  assert report.issue_count(counters) == 0
+  assert 'no issues' in report.summary_text(counters, {}, 1.0)
