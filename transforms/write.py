@@ -38,6 +38,30 @@ def _prefix(output_root: str, folder: str) -> str:
   return _files.join_path(output_root, f'{folder}/part')
 
 
+class _WriteReport(beam.PTransform):
+  """Counts report rows by one field, then writes them to one Parquet file."""
+
+  def __init__(self, output_root, folder, schema, field, counter_names):
+    super().__init__()
+    self._prefix = _prefix(output_root, folder)
+    self._schema = schema
+    self._count = _CountFn(field, counter_names)
+
+  def expand(self, rows):
+    return (
+      rows
+      | 'Count' >> beam.ParDo(self._count)
+      | 'Write'
+      >> beam.io.WriteToParquet(
+        self._prefix,
+        schema=self._schema,
+        codec=CODEC,
+        file_name_suffix='.parquet',
+        num_shards=1,
+      )
+    )
+
+
 class WriteDataset(beam.PTransform):
   """Writes ``{'slices': tables, 'reconciliation': rows, 'errors': rows}``.
 
@@ -56,38 +80,19 @@ class WriteDataset(beam.PTransform):
       codec=CODEC,
       file_name_suffix='.parquet',
     )
-    reconciliation = (
-      outputs['reconciliation']
-      | 'CountReconciliation'
-      >> beam.ParDo(
-        _CountFn(
-          'status',
-          {status: report.reconciliation_counter(status) for status in s.STATUSES},
-        )
-      )
-      | 'WriteReconciliation'
-      >> beam.io.WriteToParquet(
-        _prefix(self._output_root, s.RECONCILIATION_DIR),
-        schema=s.RECONCILIATION_SCHEMA,
-        codec=CODEC,
-        file_name_suffix='.parquet',
-        num_shards=1,
-      )
+    reconciliation = outputs['reconciliation'] | 'Reconciliation' >> _WriteReport(
+      self._output_root,
+      s.RECONCILIATION_DIR,
+      s.RECONCILIATION_SCHEMA,
+      'status',
+      {status: report.reconciliation_counter(status) for status in s.STATUSES},
     )
-    errors = (
-      outputs['errors']
-      | 'CountErrors'
-      >> beam.ParDo(
-        _CountFn('stage', {stage: report.error_counter(stage) for stage in s.STAGES})
-      )
-      | 'WriteErrors'
-      >> beam.io.WriteToParquet(
-        _prefix(self._output_root, s.ERRORS_DIR),
-        schema=s.ERROR_SCHEMA,
-        codec=CODEC,
-        file_name_suffix='.parquet',
-        num_shards=1,
-      )
+    errors = outputs['errors'] | 'Errors' >> _WriteReport(
+      self._output_root,
+      s.ERRORS_DIR,
+      s.ERROR_SCHEMA,
+      'stage',
+      {stage: report.error_counter(stage) for stage in s.STAGES},
     )
     return {
       'slices': slices,
