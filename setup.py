@@ -16,6 +16,7 @@ setuptools.setup(
     'numpy>=1.26,<3',
     'pyarrow>=17,<26',
     'pillow>=10,<13',
+    'shapely>=2.0,<3',
     'pylibjpeg>=2.0',
     'pylibjpeg-libjpeg>=2.1',
     'pylibjpeg-openjpeg>=2.3',

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from beam_pipeline import splits
 from beam_pipeline.errors import UsageError
 from transforms.decode import DEFAULT_MAX_PIXELS
 
@@ -58,6 +59,12 @@ class IngestOptions(PipelineOptions):
       'rejected from the header, before decoding (default: %(default)s).',
     )
     parser.add_argument(
+      '--split',
+      default=splits.DEFAULT_FRACTIONS,
+      help='train,val,test fractions; each patient goes to one split by a '
+      'stable hash of its patient_id (default: %(default)s).',
+    )
+    parser.add_argument(
       '--sample-dir',
       dest='sample_dir',
       default=DEFAULT_SAMPLE_DIR,
@@ -71,5 +78,6 @@ class IngestOptions(PipelineOptions):
       raise UsageError(f'--chunk-size must be at least 1, got {self.chunk_size}')
     if self.max_pixels < 1:
       raise UsageError(f'--max-pixels must be at least 1, got {self.max_pixels}')
+    splits.parse_fractions(self.split)
     if not self.output:
       raise UsageError('--output must not be empty')

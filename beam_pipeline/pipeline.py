@@ -27,7 +27,7 @@ from apache_beam.options.pipeline_options import (
 )
 from apache_beam.runners.runner import PipelineResult
 
-from beam_pipeline import layout, report, sample
+from beam_pipeline import layout, report, sample, splits
 from beam_pipeline import schema as s
 from beam_pipeline.errors import UsageError
 from beam_pipeline.options import IngestOptions
@@ -63,9 +63,11 @@ def build_pipeline(p: beam.Pipeline, options: IngestOptions) -> None:
     | 'PlanChunks' >> beam.ParDo(PlanChunksFn(options.chunk_size, options.labeled_only))
     | 'FanOut' >> beam.Reshuffle()
     | 'DecodeSlices'
-    >> beam.ParDo(DecodeSlicesFn(options.input, options.max_pixels)).with_outputs(
-      DecodeSlicesFn.ERRORS, main='slices'
-    )
+    >> beam.ParDo(
+      DecodeSlicesFn(
+        options.input, options.max_pixels, splits.parse_fractions(options.split)
+      )
+    ).with_outputs(DecodeSlicesFn.ERRORS, main='slices')
   )
   errors = (found['errors'], decoded[DecodeSlicesFn.ERRORS]) | (
     'AllErrors' >> beam.Flatten()

@@ -34,6 +34,10 @@ def error_counter(stage: str) -> str:
   return f'errors_{stage}'
 
 
+def qa_counter(flag: str) -> str:
+  return f'qa_{flag}'
+
+
 _LOG = logging.getLogger('beam_pipeline.progress')
 
 
@@ -111,6 +115,14 @@ def summary_text(
   lines.append(
     '  errors             '
     + (', '.join(f'{stage}: {n}' for stage, n in errors if n) or 'none')
+  )
+  flags = sorted(
+    (name.removeprefix('qa_'), n)
+    for name, n in counters.items()
+    if name.startswith('qa_') and n
+  )
+  lines.append(
+    '  quality flags      ' + (', '.join(f'{flag}: {n}' for flag, n in flags) or 'none')
   )
   for name, path in outputs.items():
     lines.append(f'  {name:<18} {path}')

@@ -60,6 +60,12 @@ SLICE_FIELDS = (
   _field('original_id', pa.string(), 'original_id from link.csv', False),
   _field('slice_index', pa.int32(), 'n of dicoms/<patient_id>/<n>.dcm', False),
   _field(
+    'split',
+    pa.string(),
+    'train, val or test: a stable hash of patient_id against --split',
+    False,
+  ),
+  _field(
     'dicom_path',
     pa.string(),
     'path of the .dcm file, relative to --input',
@@ -90,6 +96,11 @@ SLICE_FIELDS = (
   ),
   _field('bits_allocated', pa.int32(), 'BitsAllocated (0028,0100)'),
   _field('bits_stored', pa.int32(), 'BitsStored (0028,0101)'),
+  _field(
+    'pixel_representation',
+    pa.int32(),
+    'PixelRepresentation (0028,0103): 0 unsigned, 1 signed',
+  ),
   _field(
     'pixel_dtype',
     pa.string(),
@@ -147,8 +158,46 @@ SLICE_FIELDS = (
   ),
 )
 
+
+def _contour_quality_fields(kind: str, name: str) -> tuple[pa.Field, ...]:
+  return (
+    _field(f'{kind}_vertex_count', pa.int32(), f'vertices of the {name} contour'),
+    _field(
+      f'{kind}_polygon_area', pa.float64(), f'shoelace area of the {name} contour'
+    ),
+    _field(f'{kind}_mask_pixels', pa.int32(), f'pixels set in {kind}_mask'),
+    _field(
+      f'{kind}_vertices_outside',
+      pa.int32(),
+      f'{name} contour vertices outside [0, columns] x [0, rows]',
+    ),
+    _field(
+      f'{kind}_self_intersecting', pa.bool_(), f'the {name} contour crosses itself'
+    ),
+  )
+
+
+QUALITY_FIELDS = (
+  *_contour_quality_fields('i', 'inner'),
+  *_contour_quality_fields('o', 'outer'),
+  _field(
+    'inner_in_outer',
+    pa.float64(),
+    'fraction of i_mask pixels inside o_mask; null unless both masks exist',
+  ),
+  _field('pixel_min', pa.float64(), 'smallest stored pixel value'),
+  _field('pixel_max', pa.float64(), 'largest stored pixel value'),
+  _field('pixel_sha256', pa.string(), 'SHA-256 of the image bytes', False),
+  _field(
+    'qa_flags',
+    pa.list_(pa.string()),
+    'quality flags raised for this slice (see README); empty when none',
+    False,
+  ),
+)
+
 SLICE_SCHEMA = pa.schema(
-  SLICE_FIELDS, metadata={'cardiac_mri_schema_version': SCHEMA_VERSION}
+  SLICE_FIELDS + QUALITY_FIELDS, metadata={'cardiac_mri_schema_version': SCHEMA_VERSION}
 )
 
 RECONCILIATION_SCHEMA = pa.schema(

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from beam_pipeline import pipeline, sample
+from beam_pipeline import pipeline, sample, splits
 from beam_pipeline import schema as s
 from beam_pipeline.dataset import (
   mask_of,
@@ -28,7 +28,7 @@ def _run(root, out, *extra):
   )
 
 
-def _check_slices(out, manifest, expect_labeled_only=False):
+def _check_slices(out, manifest, expect_labeled_only=False, split=(0.8, 0.1, 0.1)):
   """Every expected slice is written once; every image and mask is exact."""
   rows = open_dataset(out).to_table().to_pylist()
   expected = {
@@ -49,16 +49,25 @@ def _check_slices(out, manifest, expect_labeled_only=False):
     np.testing.assert_array_equal(
       image, sample.expected_image(e.patient_id, e.slice_index, e.rows, e.columns)
     )
+    assert row['split'] == splits.assign_split(e.patient_id, split)
+    references = {}
     for kind in 'io':
       vertices = getattr(e, f'{kind}_vertices')
       if vertices is None:
         assert row[f'{kind}_mask'] is None, (kind, keys)
-      else:
-        packed = np.packbits(reference_mask(vertices, e.rows, e.columns)).tobytes()
-        assert row[f'{kind}_mask'] == packed
-        np.testing.assert_array_equal(
-          mask_of(row, kind), reference_mask(vertices, e.rows, e.columns)
-        )
+        assert row[f'{kind}_vertex_count'] is None
+        continue
+      reference = references[kind] = reference_mask(vertices, e.rows, e.columns)
+      assert row[f'{kind}_mask'] == np.packbits(reference).tobytes()
+      np.testing.assert_array_equal(mask_of(row, kind), reference)
+      assert row[f'{kind}_vertex_count'] == len(vertices)
+      assert row[f'{kind}_mask_pixels'] == reference.sum()
+    if len(references) == 2:
+      inside = (references['i'] & references['o']).sum() / references['i'].sum()
+      assert row['inner_in_outer'] == pytest.approx(inside)
+      assert ('inner_outside_outer' in row['qa_flags']) == (inside < 0.99)
+    else:
+      assert row['inner_in_outer'] is None
   return rows
 
 
@@ -123,11 +132,12 @@ def test_labeled_only_keeps_only_contoured_slices(clean_tree, tmp_path):
   assert 0 < len(rows) < len(manifest.slices)
 
 
-def test_small_chunks_give_the_same_rows(clean_tree, tmp_path):
+def test_small_chunks_and_another_split_give_the_same_rows(clean_tree, tmp_path):
   root, manifest = clean_tree
   out = str(tmp_path / 'OUT')
-  assert _run(root, out, '--chunk-size', '1') == pipeline.EXIT_OK
-  _check_slices(out, manifest)
+  code = _run(root, out, '--chunk-size', '1', '--split', '0.5,0.5,0')
+  assert code == pipeline.EXIT_OK
+  _check_slices(out, manifest, split=(0.5, 0.5, 0.0))
 
 
 def test_existing_output_is_refused_then_replaced_with_overwrite(

@@ -22,10 +22,10 @@ from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 from pydicom.errors import InvalidDicomError
 
-from beam_pipeline import report
+from beam_pipeline import report, splits
 from beam_pipeline import schema as s
 from beam_pipeline.errors import ContourError, DicomError, UnsafePathError
-from transforms import _files, masks
+from transforms import _files, masks, quality
 from transforms.reconcile import Patient
 
 _LOG = logging.getLogger(__name__)
@@ -177,6 +177,7 @@ def decode_dicom(
       'photometric_interpretation': _value(ds, 'PhotometricInterpretation', str),
       'bits_allocated': _value(ds, 'BitsAllocated', int),
       'bits_stored': _value(ds, 'BitsStored', int),
+      'pixel_representation': _value(ds, 'PixelRepresentation', int),
       'pixel_dtype': image.dtype.name,
       'pixel_spacing': _value(ds, 'PixelSpacing', float, 2),
       'slice_thickness': _value(ds, 'SliceThickness', float),
@@ -206,9 +207,17 @@ class DecodeSlicesFn(beam.DoFn):
 
   ERRORS = 'errors'
 
-  def __init__(self, input_root: str, max_pixels: int = DEFAULT_MAX_PIXELS):
+  def __init__(
+    self,
+    input_root: str,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    split_fractions: tuple[float, float, float] = splits.parse_fractions(
+      splits.DEFAULT_FRACTIONS
+    ),
+  ):
     self._input_root = input_root
     self._max_pixels = max_pixels
+    self._split_fractions = split_fractions
 
   def setup(self):
     counter = lambda name: Metrics.counter(report.NAMESPACE, name)  # noqa: E731
@@ -219,6 +228,7 @@ class DecodeSlicesFn(beam.DoFn):
       'o': counter(report.O_MASKS_WRITTEN),
     }
     self._bytes = counter(report.SLICE_BYTES_READ)
+    self._flags = {flag: counter(report.qa_counter(flag)) for flag in quality.QA_FLAGS}
     self._progress = report.progress()
 
   def process(self, chunk: SliceChunk):
@@ -262,14 +272,20 @@ class DecodeSlicesFn(beam.DoFn):
     except DicomError as e:
       yield self._error(chunk, task.dicom_path, s.STAGE_DECODE, f'{e}{unused}')
       return None
+    pixel_columns, flags = quality.pixel_checks(
+      image, meta['bits_stored'], meta['pixel_representation']
+    )
     row = {
       'patient_id': chunk.patient_id,
       'original_id': chunk.original_id,
       'slice_index': task.slice_index,
+      'split': splits.assign_split(chunk.patient_id, self._split_fractions),
       'dicom_path': task.dicom_path,
       **meta,
+      **pixel_columns,
       'image': image.tobytes(),
     }
+    mask_arrays = {}
     for kind, path in (('i', task.i_contour), ('o', task.o_contour)):
       row[f'{kind}_mask'] = None
       if path is None:
@@ -285,4 +301,16 @@ class DecodeSlicesFn(beam.DoFn):
       mask = masks.rasterise(vertices, meta['rows'], meta['columns'])
       row[f'{kind}_mask'] = masks.pack_mask(mask)
       self._masks[kind].inc()
+      contour_columns, contour_flags = quality.contour_checks(kind, vertices, mask)
+      row.update(contour_columns)
+      flags += contour_flags
+      mask_arrays[kind] = mask
+    if len(mask_arrays) == 2:
+      row['inner_in_outer'], nesting_flags = quality.nesting_check(
+        mask_arrays['i'], mask_arrays['o']
+      )
+      flags += nesting_flags
+    row['qa_flags'] = flags
+    for flag in flags:
+      self._flags[flag].inc()
     return row
