@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
@@ -88,3 +89,170 @@ def mask_of(row: dict, kind: str) -> np.ndarray | None:
   if data is None:
     return None
   return unpack_mask(data, row['rows'], row['columns'])
+
+
+# Columns needed to decode image and masks, whatever the caller projects.
+_SHAPE_COLUMNS = ('rows', 'columns', 'samples_per_pixel', 'pixel_dtype')
+_DECODED = ('image', 'i_mask', 'o_mask')
+
+
+def row_groups(output: str) -> list[tuple[str, int]]:
+  """Every (shard path, row group index) of the slices, in a stable order."""
+  folder = _folder(output, s.SLICES_DIR)
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f'{folder} not found: is {output} a pipeline output?')
+  groups = []
+  for name in sorted(os.listdir(folder)):
+    if name.endswith('.parquet'):
+      path = os.path.join(folder, name)
+      groups += [(path, i) for i in range(pq.ParquetFile(path).num_row_groups)]
+  return groups
+
+
+def _keep(table: pa.Table, labeled_only: bool, split: str | None) -> pa.Table:
+  if labeled_only:
+    table = table.filter(
+      pc.or_(pc.is_valid(table['i_mask']), pc.is_valid(table['o_mask']))
+    )
+  if split is not None:
+    table = table.filter(pc.equal(table['split'], split))
+  return table
+
+
+def shuffled_rows(
+  output: str,
+  seed: int,
+  epoch: int = 0,
+  *,
+  labeled_only: bool = False,
+  split: str | None = None,
+  columns: list[str] | None = None,
+  shuffle_buffer: int = 512,
+  shard: tuple[int, int] = (0, 1),
+):
+  """Yields every selected row once, as a dict, in a seeded random order.
+
+  Row groups are visited in a random order, and rows pass through a shuffle
+  buffer of ``shuffle_buffer`` rows: at most that many rows plus one row
+  group (one chunk of one patient) are held in memory at once, however large
+  the dataset. The order depends only on (seed, epoch) and the dataset.
+
+  Args:
+    shard: (index, count): yield only this share of the row groups, so that
+      ``count`` readers (e.g. DataLoader workers) together yield each row once.
+  """
+  rng = np.random.default_rng([seed, epoch])
+  groups = row_groups(output)
+  order = rng.permutation(len(groups))[shard[0] :: shard[1]]
+  wanted = None
+  if columns is not None:
+    extra = list(_SHAPE_COLUMNS)
+    extra += ['i_mask', 'o_mask'] if labeled_only else []
+    extra += ['split'] if split is not None else []
+    wanted = list(dict.fromkeys([*columns, *extra]))
+  buffer: list[dict] = []
+  for g in order:
+    path, index = groups[g]
+    table = pq.ParquetFile(path).read_row_group(index, columns=wanted)
+    for row in _keep(table, labeled_only, split).to_pylist():
+      buffer.append(row)
+      if len(buffer) >= shuffle_buffer:
+        pick = int(rng.integers(len(buffer)))
+        buffer[pick], buffer[-1] = buffer[-1], buffer[pick]
+        yield buffer.pop()
+  rng.shuffle(buffer)
+  yield from buffer
+
+
+def _column_array(values: list) -> np.ndarray:
+  """A typed array, or a 1-D object array when values hold nulls or ragged lists."""
+  if not any(v is None for v in values):
+    try:
+      return np.array(values)
+    except ValueError:
+      pass
+  array = np.empty(len(values), dtype=object)
+  array[:] = values
+  return array
+
+
+def _stack(rows: list[dict], columns: list[str] | None) -> dict:
+  names = columns if columns is not None else list(rows[0])
+  batch = {}
+  for name in names:
+    if name == 'image':
+      images = [image_of(r) for r in rows]
+      same = len({(i.shape, i.dtype) for i in images}) == 1
+      batch['image'] = np.stack(images) if same else images
+    elif name in ('i_mask', 'o_mask'):
+      kind = name[0]
+      decoded = [mask_of(r, kind) for r in rows]
+      batch[f'has_{name}'] = np.array([m is not None for m in decoded])
+      shapes = {(r['rows'], r['columns']) for r in rows}
+      if len(shapes) == 1:
+        (shape,) = shapes
+        batch[name] = np.stack(
+          [m if m is not None else np.zeros(shape, bool) for m in decoded]
+        )
+      else:
+        batch[name] = decoded
+    else:
+      batch[name] = _column_array([r[name] for r in rows])
+  return batch
+
+
+def iter_batches(
+  output: str,
+  batch_size: int,
+  seed: int = 0,
+  epochs: int = 1,
+  *,
+  labeled_only: bool = False,
+  split: str | None = None,
+  columns: list[str] | None = None,
+  shuffle_buffer: int = 512,
+  drop_last: bool = False,
+  shard: tuple[int, int] = (0, 1),
+):
+  """Yields dicts of stacked numpy arrays, shuffled, epoch after epoch.
+
+  ``image`` becomes an array (batch, rows, columns[, samples]) of the stored
+  dtype (a list of arrays if shapes differ within the batch); ``i_mask`` and
+  ``o_mask`` become bool arrays (batch, rows, columns), all False where the
+  slice has no such mask, with ``has_i_mask`` / ``has_o_mask`` saying which.
+  Other columns become 1-D arrays (object arrays when they hold nulls).
+
+  Args:
+    output: a pipeline output folder.
+    batch_size: rows per batch; the last batch of an epoch may be smaller
+      unless ``drop_last``.
+    seed: the same seed gives the same order; each epoch has its own order.
+    epochs: how many passes; every selected slice appears once per epoch.
+    labeled_only: only slices with at least one mask.
+    split: only slices of this split ('train', 'val' or 'test').
+    columns: the columns to return (default all); only these (and what is
+      needed to decode them) are read from disk.
+    shuffle_buffer: rows held for shuffling (memory bound; 1 = no shuffle
+      within row groups, row groups still in random order).
+    shard: see :func:`shuffled_rows`.
+  """
+  if batch_size < 1:
+    raise ValueError(f'batch_size must be at least 1, got {batch_size}')
+  for epoch in range(epochs):
+    batch: list[dict] = []
+    for row in shuffled_rows(
+      output,
+      seed,
+      epoch,
+      labeled_only=labeled_only,
+      split=split,
+      columns=columns,
+      shuffle_buffer=shuffle_buffer,
+      shard=shard,
+    ):
+      batch.append(row)
+      if len(batch) == batch_size:
+        yield _stack(batch, columns)
+        batch = []
+    if batch and not drop_last:
+      yield _stack(batch, columns)

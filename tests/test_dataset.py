@@ -1,0 +1,136 @@
+"""The dataset reader: decoding, seeded shuffled batches, splits, projection."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from beam_pipeline import dataset, pipeline, sample, splits
+from tests.conftest import reference_mask
+
+
+@pytest.fixture(scope='module')
+def written(tmp_path_factory):
+  """A pipeline output with many row groups: (output, manifest)."""
+  base = tmp_path_factory.mktemp('dataset')
+  root, out = str(base / 'DATA'), str(base / 'OUT')
+  manifest = sample.make_tree(root, patients=6, slices=9, rows=20, columns=24)
+  code = pipeline.main(['--input', root, '--output', out, '--chunk-size', '4'])
+  assert code == pipeline.EXIT_OK
+  return out, manifest
+
+
+def _keys(batches):
+  return [
+    (pid, int(k))
+    for b in batches
+    for pid, k in zip(b['patient_id'], b['slice_index'], strict=True)
+  ]
+
+
+def test_every_slice_once_per_epoch_and_orders_are_seeded(written):
+  out, manifest = written
+  batches = list(dataset.iter_batches(out, batch_size=5, seed=1, epochs=2))
+  keys = _keys(batches)
+  n = len(manifest.slices)
+  first, second = keys[:n], keys[n:]
+  assert sorted(first) == sorted(manifest.slices) == sorted(second)
+  assert first != second  # a new order each epoch
+  assert keys == _keys(dataset.iter_batches(out, batch_size=5, seed=1, epochs=2))
+  assert first != _keys(dataset.iter_batches(out, batch_size=5, seed=2))
+  assert first != sorted(first)
+  sizes = [len(b['patient_id']) for b in batches]
+  assert sizes == [5] * (n // 5) + [n % 5] + [5] * (n // 5) + [n % 5]
+
+
+def test_drop_last_and_bad_batch_size(written):
+  out, manifest = written
+  batches = list(dataset.iter_batches(out, batch_size=4, drop_last=True))
+  assert {len(b['patient_id']) for b in batches} == {4}
+  assert len(batches) == len(manifest.slices) // 4
+  with pytest.raises(ValueError, match='batch_size'):
+    next(dataset.iter_batches(out, batch_size=0))
+
+
+def test_images_and_masks_are_stacked_exactly(written):
+  out, manifest = written
+  for batch in dataset.iter_batches(out, batch_size=7, seed=3):
+    assert batch['image'].shape[1:] == (20, 24) and batch['image'].dtype == np.int16
+    for i, key in enumerate(
+      zip(batch['patient_id'], batch['slice_index'], strict=True)
+    ):
+      expected = manifest.slices[key[0], int(key[1])]
+      np.testing.assert_array_equal(
+        batch['image'][i], sample.expected_image(key[0], int(key[1]), 20, 24)
+      )
+      for kind in 'io':
+        vertices = getattr(expected, f'{kind}_vertices')
+        assert batch[f'has_{kind}_mask'][i] == (vertices is not None)
+        want = (
+          reference_mask(vertices, 20, 24)
+          if vertices is not None
+          else np.zeros((20, 24), bool)
+        )
+        np.testing.assert_array_equal(batch[f'{kind}_mask'][i], want)
+
+
+def test_projection_labeled_only_and_split(written):
+  out, manifest = written
+  columns = ['patient_id', 'slice_index', 'split', 'i_mask']
+  batches = list(
+    dataset.iter_batches(out, batch_size=3, labeled_only=True, columns=columns)
+  )
+  assert set(batches[0]) == {*columns, 'has_i_mask'}
+  assert sorted(_keys(batches)) == sorted(
+    k for k, e in manifest.slices.items() if e.labeled
+  )
+  fractions = splits.parse_fractions(splits.DEFAULT_FRACTIONS)
+  for name in splits.SPLITS:
+    got = _keys(dataset.iter_batches(out, batch_size=8, split=name, columns=columns))
+    want = [k for k in manifest.slices if splits.assign_split(k[0], fractions) == name]
+    assert sorted(got) == sorted(want)
+
+
+def test_shuffle_buffer_bounds_what_is_held(written):
+  out, _ = written
+  # With a buffer of one row, rows leave in row-group order: each row group
+  # (one chunk of one patient) comes out as one contiguous run.
+  rows = list(
+    dataset.shuffled_rows(out, seed=5, shuffle_buffer=1, columns=['patient_id'])
+  )
+  runs = [pid for pid, _ in itertools.groupby(r['patient_id'] for r in rows)]
+  assert len(runs) <= len(dataset.row_groups(out))
+
+
+def test_shards_partition_the_rows(written):
+  out, manifest = written
+  parts = [
+    _keys(dataset.iter_batches(out, batch_size=4, seed=9, shard=(i, 3)))
+    for i in range(3)
+  ]
+  assert sorted(sum(parts, [])) == sorted(manifest.slices)
+
+
+def test_rescale_defaults_and_applies_slope_and_intercept():
+  row = {
+    'rows': 1,
+    'columns': 3,
+    'samples_per_pixel': 1,
+    'pixel_dtype': 'int16',
+    'image': np.array([[0, 10, -5]], '<i2').tobytes(),
+    'rescale_slope': None,
+    'rescale_intercept': None,
+  }
+  np.testing.assert_array_equal(
+    dataset.image_of(row, rescale=True), [[0.0, 10.0, -5.0]]
+  )
+  row.update(rescale_slope=2.0, rescale_intercept=-100.0)
+  np.testing.assert_array_equal(
+    dataset.image_of(row, rescale=True), [[-100.0, -80.0, -110.0]]
+  )
+  assert dataset.image_of(row).dtype == np.dtype('<i2')
+
+
+def test_missing_output_is_a_clear_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match='pipeline output'):
+    dataset.open_dataset(str(tmp_path))
