@@ -65,6 +65,14 @@ class IngestOptions(PipelineOptions):
       'stable hash of its patient_id (default: %(default)s).',
     )
     parser.add_argument(
+      '--qa-dir',
+      dest='qa_dir',
+      default=None,
+      help='After the run, write one contact sheet PNG per patient and an '
+      'index.html with the quality flags here (reads the output back, so '
+      '--output must be a local path).',
+    )
+    parser.add_argument(
       '--sample-dir',
       dest='sample_dir',
       default=DEFAULT_SAMPLE_DIR,

@@ -27,7 +27,7 @@ from apache_beam.options.pipeline_options import (
 )
 from apache_beam.runners.runner import PipelineResult
 
-from beam_pipeline import layout, report, sample, splits
+from beam_pipeline import layout, qa, report, sample, splits
 from beam_pipeline import schema as s
 from beam_pipeline.errors import UsageError
 from beam_pipeline.options import IngestOptions
@@ -105,6 +105,10 @@ def resolve_paths(options: IngestOptions) -> None:
     raise UsageError(
       f'--input {options.input} is not a data tree: {link_file} not found'
     )
+  if options.qa_dir is not None:
+    if not _files.is_local(options.output) or not _files.is_local(options.qa_dir):
+      raise UsageError('--qa-dir needs a local --output and a local --qa-dir')
+    options.qa_dir = os.path.abspath(options.qa_dir)
   if options.output == options.input or options.output.startswith(options.input + '/'):
     raise UsageError('--output must not be inside --input')
   existing = [
@@ -186,6 +190,8 @@ def run(argv: Sequence[str] | None = None) -> PipelineResult:
     )
   }
   outputs['summary'] = _write_summary(ingest, totals, seconds)
+  if ingest.qa_dir is not None:
+    outputs['qa'] = qa.write_qa(ingest.output, ingest.qa_dir)
   print(report.summary_text(totals, outputs, seconds))
   return result
 

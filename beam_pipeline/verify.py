@@ -1,0 +1,185 @@
+"""Check a pipeline output end to end: ``python -m beam_pipeline.verify OUT``.
+
+Re-reads every shard (one row group at a time), checks the schema, decodes
+every image and mask, and checks the counts against the reconciliation report
+and the run summary. Prints one line per check and exits 1 on any mismatch
+(2 if OUT is not a pipeline output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import hashlib
+import json
+import os
+import re
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from beam_pipeline import dataset, report
+from beam_pipeline import schema as s
+
+_MATCHED_DETAIL = re.compile(r'(\d+) slices')
+
+
+class _Checks:
+  """Collects named pass/fail results."""
+
+  def __init__(self):
+    self.failures: list[str] = []
+    self.lines: list[str] = []
+
+  def check(self, ok: bool, name: str, detail: str = '') -> None:
+    self.lines.append(
+      f'{"ok  " if ok else "FAIL"}  {name}' + (f': {detail}' if detail else '')
+    )
+    if not ok:
+      self.failures.append(name)
+
+
+def _row_problems(row: dict) -> list[str]:
+  """What is wrong with one slice row's image and masks (empty if nothing)."""
+  problems = []
+  shape = (row['rows'], row['columns']) + (
+    (row['samples_per_pixel'],) if row['samples_per_pixel'] > 1 else ()
+  )
+  try:
+    itemsize = np.dtype(row['pixel_dtype']).itemsize
+  except TypeError:
+    return [f'unknown pixel_dtype {row["pixel_dtype"]!r}']
+  if len(row['image']) != int(np.prod(shape)) * itemsize:
+    problems.append(
+      f'image holds {len(row["image"])} bytes, shape {shape} needs more/less'
+    )
+  elif hashlib.sha256(row['image']).hexdigest() != row['pixel_sha256']:
+    problems.append('image bytes do not match pixel_sha256')
+  pixels = row['rows'] * row['columns']
+  for kind in 'io':
+    data = row[f'{kind}_mask']
+    if data is None:
+      continue
+    if len(data) != (pixels + 7) // 8:
+      problems.append(f'{kind}_mask holds {len(data)} bytes, not {(pixels + 7) // 8}')
+      continue
+    bits = np.unpackbits(np.frombuffer(data, np.uint8))
+    if bits[pixels:].any():
+      problems.append(f'{kind}_mask has bits set past rows x columns')
+    if int(bits[:pixels].sum()) != row[f'{kind}_mask_pixels']:
+      problems.append(f'{kind}_mask does not hold {kind}_mask_pixels pixels')
+  return problems
+
+
+def verify(output: str) -> _Checks:
+  """Runs every check on ``output``.
+
+  Raises:
+    FileNotFoundError: ``output`` is not a pipeline output.
+  """
+  checks = _Checks()
+  summary_path = os.path.join(output, s.SUMMARY_FILE)
+  summary = None
+  if os.path.exists(summary_path):
+    with open(summary_path) as f:
+      summary = json.load(f)
+  checks.check(summary is not None, 'run completed', f'{summary_path} present')
+  counters = summary['counters'] if summary else {}
+
+  shards = sorted({path for path, _ in dataset.row_groups(output)})
+  for path in shards:
+    written = pq.read_schema(path)
+    checks.check(
+      written.equals(s.SLICE_SCHEMA, check_metadata=False),
+      f'schema of {os.path.basename(path)}',
+    )
+  rows = masks_i = masks_o = 0
+  keys = collections.Counter()
+  per_patient = collections.Counter()
+  bad_rows = []
+  for path in shards:
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
+      for row in batch.to_pylist():
+        rows += 1
+        masks_i += row['i_mask'] is not None
+        masks_o += row['o_mask'] is not None
+        keys[row['patient_id'], row['slice_index']] += 1
+        per_patient[row['patient_id']] += 1
+        problems = _row_problems(row)
+        if problems:
+          bad_rows.append(f'{row["patient_id"]}/{row["slice_index"]}: {problems[0]}')
+  checks.check(not bad_rows, 'images and masks decode', '; '.join(bad_rows[:5]))
+  duplicates = [k for k, n in keys.items() if n > 1]
+  checks.check(
+    not duplicates,
+    'no duplicate (patient_id, slice_index)',
+    ', '.join(map(str, duplicates[:5])),
+  )
+
+  def against_summary(name, found, counter):
+    if summary:
+      expected = counters.get(counter, 0)
+      checks.check(found == expected, name, f'{found} found, summary says {expected}')
+
+  against_summary('slice rows', rows, report.SLICES_WRITTEN)
+  against_summary('i masks', masks_i, report.I_MASKS_WRITTEN)
+  against_summary('o masks', masks_o, report.O_MASKS_WRITTEN)
+
+  reconciliation = dataset.read_reconciliation(output).to_pylist()
+  statuses = collections.Counter(r['status'] for r in reconciliation)
+  for status in s.STATUSES:
+    against_summary(
+      f'reconciliation {status}',
+      statuses[status],
+      report.reconciliation_counter(status),
+    )
+  errors = dataset.read_errors(output).to_pylist()
+  stages = collections.Counter(r['stage'] for r in errors)
+  for stage in s.STAGES:
+    against_summary(f'errors {stage}', stages[stage], report.error_counter(stage))
+
+  matched = {
+    r['patient_id']: r['detail'] for r in reconciliation if r['status'] == s.MATCHED
+  }
+  strays = sorted(set(per_patient) - set(matched))
+  checks.check(not strays, 'every written patient is matched', ', '.join(strays[:5]))
+  if summary and not summary.get('labeled_only'):
+    unused = collections.Counter(
+      r['patient_id']
+      for r in errors
+      if r['stage'] in (s.STAGE_DECODE, s.STAGE_READ) and r['path'].endswith('.dcm')
+    )
+    short = []
+    for pid, detail in matched.items():
+      listed = _MATCHED_DETAIL.match(detail)
+      if listed and int(listed.group(1)) != per_patient[pid] + unused[pid]:
+        short.append(
+          f'{pid}: {listed.group(1)} listed, {per_patient[pid]} written, '
+          f'{unused[pid]} in errors'
+        )
+    checks.check(
+      not short, 'every listed slice is written or in errors', '; '.join(short[:5])
+    )
+  return checks
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('output', help='a pipeline output folder')
+  args = parser.parse_args(argv)
+  try:
+    checks = verify(args.output)
+  except FileNotFoundError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  print('\n'.join(checks.lines))
+  if checks.failures:
+    print(f'{len(checks.failures)} check(s) failed: {", ".join(checks.failures)}')
+    return 1
+  print(f'all {len(checks.lines)} checks passed')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
