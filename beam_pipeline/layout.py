@@ -181,6 +181,10 @@ def parse_links(data: bytes) -> tuple[list[Link], list[LinkProblem]]:
         f'line {rows.line_num}: unreadable CSV ({e}); rows after it are not read',
       )
     )
+  if columns is not None and not links and not problems:
+    problems.append(
+      LinkProblem('', '', 'malformed_link', 'link.csv has a header and no rows')
+    )
   if columns is None:
     problems.append(
       LinkProblem('', '', 'malformed_link', 'link.csv has no header row and no links')
@@ -199,7 +203,7 @@ def classify_path(relative_path: str) -> DicomFile | ContourFile | StrayFile:
   """
   parts = relative_path.split('/')
   top = parts[0]
-  owner = parts[1] if len(parts) > 2 else ''
+  owner = owner_of(relative_path)
   if top == DICOM_DIR:
     if len(parts) != 3:
       return StrayFile(owner, relative_path, 'not at dicoms/<patient_id>/<n>.dcm')
@@ -232,6 +236,18 @@ def classify_path(relative_path: str) -> DicomFile | ContourFile | StrayFile:
       )
     return ContourFile(owner, match.group(2), int(match.group(1)), relative_path)
   return StrayFile('', relative_path, 'outside dicoms/ and contourfiles/')
+
+
+def owner_of(relative_path: str) -> str:
+  """The patient or original id a path below dicoms/ or contourfiles/ is under."""
+  parts = relative_path.split('/')
+  return parts[1] if len(parts) > 2 else ''
+
+
+def is_file_level(relative_path: str) -> bool:
+  """True where the layout expects files, not folders (or deeper)."""
+  parts = relative_path.split('/')
+  return len(parts) >= (3 if parts[0] == DICOM_DIR else 4)
 
 
 def contour_name(kind: str, slice_index: int) -> str:

@@ -38,6 +38,12 @@ class IngestOptions(PipelineOptions):
       'it, a non-empty --output is refused.',
     )
     parser.add_argument(
+      '--strict',
+      action='store_true',
+      help='Fail the run (exit 4) when any reconciliation problem or error '
+      'row is found; the dataset and reports are still written.',
+    )
+    parser.add_argument(
       '--labeled-only',
       dest='labeled_only',
       action='store_true',

@@ -5,8 +5,14 @@ Exit codes of ``main``:
   0  the run completed and every input was used;
   3  the run completed, and some inputs are in OUT/errors or OUT/reconciliation
      has problem rows (the good slices are written);
+  4  as 3, with --strict: the run counts as failed (the reports are written);
   2  invalid options or input (nothing was launched);
   1  the pipeline failed (crash): OUT/_SUMMARY.json is not written.
+
+The job writes into OUT/_incomplete/ and moves the finished dataset into
+place only when it succeeded, writing OUT/_SUMMARY.json last: a killed run
+leaves any previous dataset untouched, and OUT/_SUMMARY.json exists only
+beside a complete dataset.
 """
 
 from __future__ import annotations
@@ -42,13 +48,15 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_QUARANTINED = 3
+EXIT_STRICT = 4
 
-_OUTPUT_ENTRIES = (
-  s.SLICES_DIR,
-  s.RECONCILIATION_DIR,
-  s.ERRORS_DIR,
-  s.SUMMARY_FILE,
-)
+_DATA_ENTRIES = (s.SLICES_DIR, s.RECONCILIATION_DIR, s.ERRORS_DIR)
+_OUTPUT_ENTRIES = (*_DATA_ENTRIES, s.SUMMARY_FILE)
+
+
+def staging_path(output: str) -> str:
+  """Where a run writes before its dataset is moved into ``output``."""
+  return FileSystems.join(output, s.STAGING_DIR)
 
 
 def build_pipeline(p: beam.Pipeline, options: IngestOptions) -> None:
@@ -76,7 +84,7 @@ def build_pipeline(p: beam.Pipeline, options: IngestOptions) -> None:
     'slices': decoded.slices,
     'reconciliation': found['reconciliation'],
     'errors': errors,
-  } | 'Write' >> WriteDataset(options.output)
+  } | 'Write' >> WriteDataset(staging_path(options.output))
 
 
 def _absolute(path: str) -> str:
@@ -122,10 +130,36 @@ def resolve_paths(options: IngestOptions) -> None:
       f'({", ".join(os.path.basename(e) for e in existing)}); pass '
       '--overwrite to replace it, or choose another --output'
     )
-  if existing:
-    _LOG.info('--overwrite: deleting %s', ', '.join(existing))
-    # The summary goes first, so an interrupted run never looks complete.
-    FileSystems.delete(sorted(existing, key=lambda e: not e.endswith(s.SUMMARY_FILE)))
+  staging = staging_path(options.output)
+  if FileSystems.exists(staging):
+    _LOG.warning('removing %s, left by an interrupted run', staging)
+    FileSystems.delete([staging])
+
+
+def _publish(output: str) -> None:
+  """Moves the staged dataset into ``output``, replacing any previous one.
+
+  The old summary goes first and the new one is written after this, so a
+  crash part-way never leaves a dataset that looks complete.
+  """
+  staging = staging_path(output)
+  summary = FileSystems.join(output, s.SUMMARY_FILE)
+  if FileSystems.exists(summary):
+    FileSystems.delete([summary])
+  old = [
+    FileSystems.join(output, entry)
+    for entry in _DATA_ENTRIES
+    if FileSystems.exists(FileSystems.join(output, entry))
+  ]
+  if old:
+    FileSystems.delete(old)
+  staged = [m.path for m in FileSystems.match([staging + '/**'])[0].metadata_list]
+  targets = [output + path[len(staging) :] for path in staged]
+  if _files.is_local(output):  # object stores have no folders to make
+    for entry in _DATA_ENTRIES:
+      FileSystems.mkdirs(FileSystems.join(output, entry))
+  FileSystems.rename(staged, targets)
+  FileSystems.delete([staging])
 
 
 def counters(result: PipelineResult) -> dict[str, int]:
@@ -148,6 +182,8 @@ def _write_summary(
     'beam_version': beam.__version__,
     'input': options.input,
     'labeled_only': options.labeled_only,
+    'strict': options.strict,
+    'issues': report.issue_count(totals),
     'seconds': round(seconds, 3),
     'counters': dict(sorted(totals.items())),
   }
@@ -181,6 +217,7 @@ def run(argv: Sequence[str] | None = None) -> PipelineResult:
   result.wait_until_finish()
   seconds = time.monotonic() - start
   totals = counters(result)
+  _publish(ingest.output)
   outputs = {
     name: FileSystems.join(ingest.output, entry)
     for name, entry in (
@@ -222,5 +259,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f'error: the pipeline ended in state {result.state}', file=sys.stderr)
     return EXIT_FAILED
   if report.issue_count(counters(result)):
-    return EXIT_QUARANTINED
+    strict = PipelineOptions(argv).view_as(IngestOptions).strict
+    return EXIT_STRICT if strict else EXIT_QUARANTINED
   return EXIT_OK

@@ -19,6 +19,7 @@ SLICES_DIR = 'slices'
 RECONCILIATION_DIR = 'reconciliation'
 ERRORS_DIR = 'errors'
 SUMMARY_FILE = '_SUMMARY.json'
+STAGING_DIR = '_incomplete'
 
 # Reconciliation statuses, in the order the summary prints them.
 MATCHED = 'matched'

@@ -8,6 +8,7 @@ symlinks) lies outside that root.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
@@ -61,3 +62,43 @@ def read_input(root: str, relative: str) -> bytes:
     _check_inside(root, full_path)
   with FileSystems.open(full_path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
     return f.read()
+
+
+def walk_local(top: str) -> Iterator[tuple[str, str | None]]:
+  """Every entry below the local folder ``top`` that matters to a listing.
+
+  Yields (path, None) for each regular file (symlinks to files included: the
+  read checks where they lead), and (path, reason) for what cannot be used:
+  symlinked or unreadable folders, broken symlinks, FIFOs and other special
+  files (reading a FIFO would block forever). Iterative, so any depth is fine;
+  symlinked folders are never followed.
+  """
+  stack = [top]
+  while stack:
+    folder = stack.pop()
+    try:
+      entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as e:
+      yield folder, f'cannot list folder: {e.strerror or e}'
+      continue
+    if not entries and folder != top:
+      yield folder, 'empty folder'
+    for entry in entries:
+      try:
+        if entry.is_symlink():
+          if not os.path.exists(entry.path):
+            yield entry.path, 'broken symlink'
+          elif os.path.isdir(entry.path):
+            yield entry.path, 'symlinked folder, not followed'
+          elif os.path.isfile(entry.path):
+            yield entry.path, None
+          else:
+            yield entry.path, 'symlink to a special file'
+        elif entry.is_dir(follow_symlinks=False):
+          stack.append(entry.path)
+        elif entry.is_file(follow_symlinks=False):
+          yield entry.path, None
+        else:
+          yield entry.path, 'not a regular file (FIFO, socket or device)'
+      except OSError as e:
+        yield entry.path, f'cannot stat: {e.strerror or e}'

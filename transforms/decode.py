@@ -272,6 +272,12 @@ class DecodeSlicesFn(beam.DoFn):
     except DicomError as e:
       yield self._error(chunk, task.dicom_path, s.STAGE_DECODE, f'{e}{unused}')
       return None
+    except Exception as e:  # MemoryError or a decoder bug: this slice only.
+      _LOG.warning('%s: %s: %s', task.dicom_path, type(e).__name__, e)
+      yield self._error(
+        chunk, task.dicom_path, s.STAGE_DECODE, f'{type(e).__name__}: {e}{unused}'
+      )
+      return None
     pixel_columns, flags = quality.pixel_checks(
       image, meta['bits_stored'], meta['pixel_representation']
     )
@@ -295,10 +301,14 @@ class DecodeSlicesFn(beam.DoFn):
         continue
       try:
         vertices = masks.parse_contour(data)
+        mask = masks.rasterise(vertices, meta['rows'], meta['columns'])
       except ContourError as e:
         yield self._error(chunk, path, s.STAGE_CONTOUR, str(e))
         continue
-      mask = masks.rasterise(vertices, meta['rows'], meta['columns'])
+      except Exception as e:  # MemoryError or a rasteriser bug: this mask only.
+        _LOG.warning('%s: %s: %s', path, type(e).__name__, e)
+        yield self._error(chunk, path, s.STAGE_CONTOUR, f'{type(e).__name__}: {e}')
+        continue
       row[f'{kind}_mask'] = masks.pack_mask(mask)
       self._masks[kind].inc()
       contour_columns, contour_flags = quality.contour_checks(kind, vertices, mask)

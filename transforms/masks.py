@@ -21,6 +21,9 @@ from PIL import Image, ImageDraw
 from beam_pipeline.errors import ContourError
 
 MIN_VERTICES = 3
+# Far beyond any image; beyond it Pillow's fill slows down (seconds at 1e9) and
+# misbehaves (one pixel at 1e12), so such a contour is rejected instead.
+MAX_COORDINATE = 1e6
 
 
 def parse_contour(data: bytes) -> list[tuple[float, float]]:
@@ -56,6 +59,10 @@ def parse_contour(data: bytes) -> list[tuple[float, float]]:
       raise ContourError(f'line {number}: not a number: {line.strip()[:60]!r}') from e
     if not (math.isfinite(x) and math.isfinite(y)):
       raise ContourError(f'line {number}: not a finite number: {line.strip()!r}')
+    if abs(x) > MAX_COORDINATE or abs(y) > MAX_COORDINATE:
+      raise ContourError(
+        f'line {number}: coordinate beyond +-{MAX_COORDINATE:g}: {line.strip()[:60]!r}'
+      )
     vertices.append((x, y))
   if len(vertices) < MIN_VERTICES:
     raise ContourError(

@@ -11,6 +11,7 @@ row by original_id, then links meet DICOM files by patient_id.
 from __future__ import annotations
 
 import logging
+import os
 from typing import NamedTuple
 
 import apache_beam as beam
@@ -103,9 +104,15 @@ class _ClassifyFn(beam.DoFn):
   def setup(self):
     self._stray = Metrics.counter(NAMESPACE, 'stray_files')
 
-  def process(self, metadata):
-    relative = _files.relative_to(self._input_root, metadata.path)
-    found = layout.classify_path(relative)
+  def process(self, listed: tuple[str, str | None]):
+    path, problem = listed
+    relative = _files.relative_to(self._input_root, path)
+    if problem is not None:
+      if problem == _EMPTY_FOLDER and not layout.is_file_level(relative):
+        return  # an empty patient folder is reported by the joins, if linked
+      found = layout.StrayFile(layout.owner_of(relative), relative, problem)
+    else:
+      found = layout.classify_path(relative)
     if isinstance(found, layout.DicomFile):
       yield pvalue.TaggedOutput(self.DICOMS, found)
     elif isinstance(found, layout.ContourFile):
@@ -115,34 +122,54 @@ class _ClassifyFn(beam.DoFn):
       yield pvalue.TaggedOutput(
         ERRORS,
         s.error_row(
-          found.owner_id,
-          found.path,
-          s.STAGE_LIST,
-          f'stray file, not used: {found.reason}',
+          found.owner_id, found.path, s.STAGE_LIST, f'not used: {found.reason}'
         ),
       )
 
 
+_EMPTY_FOLDER = 'empty folder'
+
+
+def _walk_tops(root: str):
+  for top in (layout.DICOM_DIR, layout.CONTOUR_DIR):
+    folder = _files.join_path(root, top)
+    if os.path.isdir(folder):
+      yield from _files.walk_local(folder)
+
+
 class ListTree(beam.PTransform):
-  """Lists every file under dicoms/ and contourfiles/ and classifies it."""
+  """Lists every file under dicoms/ and contourfiles/ and classifies it.
+
+  Local trees are walked with os.scandir, which also reports what a glob
+  would silently skip (unreadable or symlinked folders, special files);
+  other file systems are listed with Beam's MatchAll.
+  """
 
   def __init__(self, input_root: str):
     super().__init__()
     self._input_root = input_root
 
   def expand(self, pbegin):
-    patterns = [
-      _files.join_path(self._input_root, top) + '/**'
-      for top in (layout.DICOM_DIR, layout.CONTOUR_DIR)
-    ]
-    return (
-      pbegin
-      | 'Patterns' >> beam.Create(patterns)
-      | 'MatchFiles' >> fileio.MatchAll()
-      | 'Classify'
-      >> beam.ParDo(_ClassifyFn(self._input_root)).with_outputs(
-        _ClassifyFn.DICOMS, _ClassifyFn.CONTOURS, ERRORS
+    root = self._input_root
+    if _files.is_local(root):
+      listed = (
+        pbegin | 'Root' >> beam.Create([root]) | 'Walk' >> beam.FlatMap(_walk_tops)
       )
+    else:
+      listed = (
+        pbegin
+        | 'Patterns'
+        >> beam.Create(
+          [
+            _files.join_path(root, top) + '/**'
+            for top in (layout.DICOM_DIR, layout.CONTOUR_DIR)
+          ]
+        )
+        | 'MatchFiles' >> fileio.MatchAll()
+        | 'Paths' >> beam.Map(lambda metadata: (metadata.path, None))
+      )
+    return listed | 'Classify' >> beam.ParDo(_ClassifyFn(root)).with_outputs(
+      _ClassifyFn.DICOMS, _ClassifyFn.CONTOURS, ERRORS
     )
 
 
