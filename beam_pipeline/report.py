@@ -76,17 +76,17 @@ class Progress:
     )
 
 
-_progress = None
+_progress: dict[str, Progress] = {}
 _progress_lock = threading.Lock()
 
 
-def progress() -> Progress:
-  """This process's Progress."""
-  global _progress
+def progress(run_id: str) -> Progress:
+  """This process's Progress for the run ``run_id`` (one per run and process)."""
   with _progress_lock:
-    if _progress is None:
-      _progress = Progress()
-    return _progress
+    if run_id not in _progress:
+      _progress.clear()  # a process serves one run at a time
+      _progress[run_id] = Progress()
+    return _progress[run_id]
 
 
 def summary_text(

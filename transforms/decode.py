@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import uuid
 import warnings
 from typing import NamedTuple
 
@@ -215,6 +216,8 @@ class DecodeSlicesFn(beam.DoFn):
       splits.DEFAULT_FRACTIONS
     ),
   ):
+    # Made here, on the launching machine, so every worker's copy shares it.
+    self._run_id = uuid.uuid4().hex
     self._input_root = input_root
     self._max_pixels = max_pixels
     self._split_fractions = split_fractions
@@ -229,7 +232,7 @@ class DecodeSlicesFn(beam.DoFn):
     }
     self._bytes = counter(report.SLICE_BYTES_READ)
     self._flags = {flag: counter(report.qa_counter(flag)) for flag in quality.QA_FLAGS}
-    self._progress = report.progress()
+    self._progress = report.progress(self._run_id)
 
   def process(self, chunk: SliceChunk):
     rows = []

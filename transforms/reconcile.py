@@ -107,13 +107,15 @@ class _ClassifyFn(beam.DoFn):
   def process(self, listed: tuple[str, str | None]):
     path, problem = listed
     relative = _files.relative_to(self._input_root, path)
-    if problem is not None:
-      if problem == _EMPTY_FOLDER and not layout.is_file_level(relative):
-        return  # an empty patient folder is reported by the joins, if linked
+    if problem == _EMPTY_FOLDER and not layout.is_file_level(relative):
+      found = None  # an empty patient folder is reported by the joins, if linked
+    elif problem is not None:
       found = layout.StrayFile(layout.owner_of(relative), relative, problem)
     else:
       found = layout.classify_path(relative)
-    if isinstance(found, layout.DicomFile):
+    if found is None:
+      pass
+    elif isinstance(found, layout.DicomFile):
       yield pvalue.TaggedOutput(self.DICOMS, found)
     elif isinstance(found, layout.ContourFile):
       yield pvalue.TaggedOutput(self.CONTOURS, found)

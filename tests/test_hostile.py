@@ -1,0 +1,429 @@
+"""Hostile and broken inputs: each is built here, run through the whole job, and
+must give exactly its row in the reports while every good slice still lands."""
+
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+from pydicom.data import get_testdata_file
+
+from beam_pipeline import layout, pipeline, sample
+from beam_pipeline import schema as s
+from beam_pipeline.dataset import open_dataset, read_errors, read_reconciliation
+from tests.conftest import reference_mask
+
+P1, O1 = 'SCD0000101', 'SC-HF-I-101'
+P2, O2 = 'SCD0000102', 'SC-HF-I-102'
+ROWS = COLUMNS = 16
+
+
+@pytest.fixture
+def base(tmp_path):
+  """A clean tree of two patients with three slices each: (root, manifest)."""
+  root = str(tmp_path / 'DATA')
+  manifest = sample.make_tree(
+    root, patients=2, slices=3, rows=ROWS, columns=COLUMNS, contour_every=1
+  )
+  return root, manifest
+
+
+def _run(root, out, *extra):
+  code = pipeline.main(['--input', root, '--output', out, *extra])
+  rows = open_dataset(out).to_table(columns=['patient_id', 'slice_index']).to_pylist()
+  return (
+    code,
+    sorted((r['patient_id'], r['slice_index']) for r in rows),
+    sorted(
+      (r['patient_id'], r['original_id'], r['status'])
+      for r in read_reconciliation(out).to_pylist()
+      if r['status'] != s.MATCHED
+    ),
+    sorted((r['path'], r['stage']) for r in read_errors(out).to_pylist()),
+  )
+
+
+def _write(root, relative, data):
+  path = os.path.join(root, *relative.split('/'))
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'wb') as f:
+    f.write(data if isinstance(data, bytes) else data.encode())
+  return path
+
+
+HEADER = 'patient_id,original_id\n'
+BOTH = f'{P1},{O1}\n{P2},{O2}\n'
+ALL_SLICES = [(p, k) for p in (P1, P2) for k in (1, 2, 3)]
+UNLINKED_BOTH = [
+  (P1, '', s.UNLINKED_DICOMS),
+  (P2, '', s.UNLINKED_DICOMS),
+  ('', O1, s.UNLINKED_CONTOURS),
+  ('', O2, s.UNLINKED_CONTOURS),
+]
+
+
+@pytest.mark.parametrize(
+  'content, slices, problems',
+  [
+    pytest.param(
+      b'', [], [('', '', s.MALFORMED_LINK)] + UNLINKED_BOTH, id='empty file'
+    ),
+    pytest.param(
+      HEADER.encode(),
+      [],
+      [('', '', s.MALFORMED_LINK)] + UNLINKED_BOTH,
+      id='header only',
+    ),
+    pytest.param(
+      ('pid,oid\n' + BOTH).encode(),
+      [],
+      [('', '', s.MALFORMED_LINK)] + UNLINKED_BOTH,
+      id='wrong header names',
+    ),
+    pytest.param(
+      f'patient_id,original_id,site\n{P1},{O1},A\n{P2},{O2},B\n'.encode(),
+      ALL_SLICES,
+      [],
+      id='extra columns',
+    ),
+    pytest.param(
+      f'\n{HEADER}\n\n{P1},{O1}\n\n{P2},{O2}\n\n'.encode(),
+      ALL_SLICES,
+      [],
+      id='blank lines',
+    ),
+    pytest.param(
+      f'"patient_id","original_id"\n"{P1}","{O1}"\n"{P2}",{O2}\n'.encode(),
+      ALL_SLICES,
+      [],
+      id='quoted fields',
+    ),
+    pytest.param(
+      f'\ufeff{HEADER}{BOTH}'.replace('\n', '\r\n').encode(),
+      ALL_SLICES,
+      [],
+      id='BOM and CRLF',
+    ),
+    pytest.param(
+      HEADER.encode() + f'{P1},{O1}\n'.encode() + b'SCD\xff\xfe02,' + O2.encode(),
+      ALL_SLICES[:3],
+      [
+        ('SCD\ufffd\ufffd02', O2, s.MALFORMED_LINK),
+        (P2, '', s.UNLINKED_DICOMS),
+        ('', O2, s.UNLINKED_CONTOURS),
+      ],
+      id='non-UTF-8 bytes',
+    ),
+    pytest.param(
+      f'{HEADER}{P1}\n{P2},{O2}\n'.encode(),
+      ALL_SLICES[3:],
+      [
+        (P1, '', s.MALFORMED_LINK),
+        (P1, '', s.UNLINKED_DICOMS),
+        ('', O1, s.UNLINKED_CONTOURS),
+      ],
+      id='row with one field',
+    ),
+    pytest.param(
+      f'{HEADER}{BOTH}{P1},{O1}\n'.encode(),
+      ALL_SLICES,
+      [(P1, O1, s.DUPLICATE_LINK)],
+      id='duplicate patient id',
+    ),
+    pytest.param(
+      f'{HEADER}{P1},{O1}\n{P2},{O1}\n'.encode(),
+      ALL_SLICES[:3],
+      [
+        (P2, O1, s.DUPLICATE_LINK),
+        (P2, '', s.UNLINKED_DICOMS),
+        ('', O2, s.UNLINKED_CONTOURS),
+      ],
+      id='two patients share an original_id',
+    ),
+  ],
+)
+def test_link_csv_variants(base, tmp_path, content, slices, problems, capsys):
+  root, _ = base
+  _write(root, layout.LINK_FILE, content)
+  code, written, found, errors = _run(root, str(tmp_path / 'OUT'))
+  assert written == sorted(slices)
+  assert found == sorted(problems)
+  assert errors == []
+  assert code == (pipeline.EXIT_QUARANTINED if problems else pipeline.EXIT_OK)
+  assert 'Traceback' not in capsys.readouterr().err
+
+
+class _OpenAudit:
+  """Records every path this process opens (Python's audit hook 'open')."""
+
+  paths: list[str] = []
+  active = False
+  installed = False
+
+  @classmethod
+  def hook(cls, event, args):
+    if cls.active and event == 'open' and isinstance(args[0], str):
+      cls.paths.append(os.path.realpath(args[0]))
+
+
+@pytest.fixture
+def open_audit():
+  if not _OpenAudit.installed:
+    sys.addaudithook(_OpenAudit.hook)
+    _OpenAudit.installed = True
+  _OpenAudit.paths = []
+  _OpenAudit.active = True
+  yield _OpenAudit.paths
+  _OpenAudit.active = False
+
+
+def test_ids_and_symlinks_never_lead_outside_the_input(base, tmp_path, open_audit):
+  root, _ = base
+  decoy = tmp_path / 'decoy'
+  sample.make_tree(str(decoy), patients=1, slices=1, rows=8, columns=8)
+  decoy_file = decoy / 'dicoms' / P1 / '1.dcm'
+  bad_ids = ['../decoy', '/etc', 'a/b', 'nul\0x', 'new\nline']
+  rows = ''.join('"{}",{}\n'.format(b, f'O-{n}') for n, b in enumerate(bad_ids))
+  _write(root, layout.LINK_FILE, HEADER + BOTH + rows)
+  os.symlink(decoy_file, os.path.join(root, 'dicoms', P1, '4.dcm'))
+  os.symlink(decoy / 'dicoms' / P1, os.path.join(root, 'dicoms', 'SCD0000999'))
+  open_audit.clear()  # from here on, only the job's own opens
+  code, written, found, errors = _run(root, str(tmp_path / 'OUT'))
+  assert written == ALL_SLICES
+  assert found == sorted((b, f'O-{n}', s.MALFORMED_LINK) for n, b in enumerate(bad_ids))
+  assert errors == sorted(
+    [('dicoms/SCD0000999', s.STAGE_LIST), (f'dicoms/{P1}/4.dcm', s.STAGE_READ)]
+  )
+  assert code == pipeline.EXIT_QUARANTINED
+  allowed = (os.path.realpath(root), os.path.realpath(tmp_path / 'OUT'))
+  decoy_opens = [p for p in open_audit if p.startswith(os.path.realpath(decoy))]
+  assert decoy_opens == []
+  assert not [p for p in open_audit if p.startswith('/etc/') and 'dicoms' in p]
+  assert any(p.startswith(allowed[0]) for p in open_audit)  # the hook does see reads
+
+
+def _dicom_bytes(tmp_path, **tags):
+  path = str(tmp_path / 'source.dcm')
+  sample.write_dicom(path, sample.expected_image('X', 1, ROWS, COLUMNS), 'X', 1)
+  import pydicom
+
+  ds = pydicom.dcmread(path)
+  for keyword, value in tags.items():
+    if value is None:
+      delattr(ds, keyword)
+    else:
+      setattr(ds, keyword, value)
+  ds.save_as(path)
+  with open(path, 'rb') as f:
+    return f.read()
+
+
+def test_broken_dicoms_are_each_one_error_row(base, tmp_path):
+  root, manifest = base
+  good = open(os.path.join(root, 'dicoms', P1, '1.dcm'), 'rb').read()
+  broken = {
+    4: b'',  # zero bytes
+    5: good[:200],  # truncated header
+    6: good[: len(good) - 100],  # truncated pixel data
+    7: b'patient notes\nnot an image\n',  # a text file named .dcm
+    8: open(get_testdata_file('no_meta.dcm'), 'rb').read(),  # no preamble
+    9: _dicom_bytes(tmp_path, PixelData=None),  # no PixelData
+    10: _dicom_bytes(tmp_path, Rows=None),  # no Rows
+    11: _dicom_bytes(tmp_path, Rows=65535, Columns=65535),  # claims 8 GiB
+    12: open(get_testdata_file('SC_rgb_rle_2frame.dcm'), 'rb').read(),  # multi-frame
+  }
+  for k, data in broken.items():
+    _write(root, f'dicoms/{P1}/{k}.dcm', data)
+  _write(
+    root, f'dicoms/{P1}/13.dcm', open(get_testdata_file('CT_small.dcm'), 'rb').read()
+  )
+  code, written, found, errors = _run(root, str(tmp_path / 'OUT'))
+  assert written == sorted(ALL_SLICES + [(P1, 13)])  # a CT slice is accepted
+  assert errors == sorted((f'dicoms/{P1}/{k}.dcm', s.STAGE_DECODE) for k in broken)
+  messages = {
+    r['path']: r['error'] for r in read_errors(str(tmp_path / 'OUT')).to_pylist()
+  }
+  assert 'max-pixels' in messages[f'dicoms/{P1}/11.dcm']
+  assert 'multi-frame' in messages[f'dicoms/{P1}/12.dcm']
+  assert 'DICM' in messages[f'dicoms/{P1}/8.dcm']
+  assert found == [] and code == pipeline.EXIT_QUARANTINED
+
+
+def test_a_huge_header_is_rejected_before_any_allocation(tmp_path):
+  import tracemalloc
+
+  from transforms.decode import decode_dicom
+
+  data = _dicom_bytes(tmp_path, Rows=65535, Columns=65535)
+  tracemalloc.start()
+  with pytest.raises(Exception, match='max-pixels'):
+    decode_dicom(data)
+  peak = tracemalloc.get_traced_memory()[1]
+  tracemalloc.stop()
+  assert peak < 50 * 2**20  # the image would need 8 GiB
+
+
+def _contour(vertices, newline='\n'):
+  return ''.join(f'{x} {y}{newline}' for x, y in vertices)
+
+
+def test_broken_contours_are_each_one_error_row_and_odd_good_ones_land(base, tmp_path):
+  root, manifest = base
+  i_dir, o_dir = f'contourfiles/{O1}/i-contours', f'contourfiles/{O1}/o-contours'
+  angles = np.linspace(0, 2 * np.pi, 1_000_000, endpoint=False)
+  million = list(zip(8 + 5 * np.cos(angles), 8 + 5 * np.sin(angles), strict=True))
+  outside = [(-20.0, -20.0), (40.0, -5.0), (8.0, 40.0)]
+  triangle = [(2.0, 2.0), (13.0, 3.0), (7.0, 12.0)]
+  bad = {
+    f'{i_dir}/{layout.contour_name("i", 1)}': '',
+    f'{o_dir}/{layout.contour_name("o", 1)}': '5 5\n',
+    f'{i_dir}/{layout.contour_name("i", 2)}': '5 5\n6 6\n',
+    f'{o_dir}/{layout.contour_name("o", 2)}': '5 5\n6 six\n7 7\n',
+    f'{i_dir}/{layout.contour_name("i", 3)}': '5 5\nnan 6\n7 7\n',
+    f'{o_dir}/{layout.contour_name("o", 3)}': '5 5\n6 inf\n7 7\n',
+  }
+  for relative, text in bad.items():
+    _write(root, relative, text)
+  good = {
+    (P2, 1, 'i'): outside,  # clipped like the reference
+    (P2, 2, 'o'): million,  # a million vertices
+    (P2, 3, 'i'): triangle,  # Windows line endings
+  }
+  _write(
+    root,
+    f'contourfiles/{O2}/i-contours/{layout.contour_name("i", 1)}',
+    _contour(outside),
+  )
+  _write(
+    root,
+    f'contourfiles/{O2}/o-contours/{layout.contour_name("o", 2)}',
+    _contour(million),
+  )
+  _write(
+    root,
+    f'contourfiles/{O2}/i-contours/{layout.contour_name("i", 3)}',
+    _contour(triangle, '\r\n'),
+  )
+  _write(root, f'{i_dir}/{layout.contour_name("i", 7)}', _contour(triangle))  # no 7.dcm
+  _write(root, f'{i_dir}/IM-0001-7-icontour.txt', _contour(triangle))  # bad name
+  out = str(tmp_path / 'OUT')
+  code, written, found, errors = _run(root, out)
+  assert written == ALL_SLICES
+  assert errors == sorted(
+    [(p, s.STAGE_CONTOUR) for p in bad]
+    + [(f'{i_dir}/IM-0001-7-icontour.txt', s.STAGE_LIST)]
+  )
+  assert found == [(P1, O1, s.CONTOUR_WITHOUT_DICOM)]
+  rows = {
+    (r['patient_id'], r['slice_index']): r
+    for r in open_dataset(out).to_table().to_pylist()
+  }
+  for k in (1, 2, 3):
+    assert rows[P1, k]['i_mask'] is None and rows[P1, k]['o_mask'] is None
+  for (pid, k, kind), vertices in good.items():
+    mask = np.unpackbits(np.frombuffer(rows[pid, k][f'{kind}_mask'], np.uint8))
+    want = reference_mask(vertices, ROWS, COLUMNS)
+    assert (mask[: ROWS * COLUMNS].reshape(ROWS, COLUMNS) == want).all()
+  assert 'i_vertices_outside' in rows[P2, 1]['qa_flags']
+  assert code == pipeline.EXIT_QUARANTINED
+
+
+def test_special_entries_in_the_tree(base, tmp_path):
+  root, _ = base
+  os.makedirs(os.path.join(root, 'dicoms', P1, '4.dcm'))  # a folder, not a file
+  os.mkfifo(os.path.join(root, 'dicoms', P1, '5.dcm'))  # would block a read
+  deep = os.path.join(root, 'dicoms', P2, *['d'] * 150)
+  os.makedirs(deep)
+  with open(os.path.join(deep, '1.dcm'), 'wb') as f:
+    f.write(b'deep')
+  os.symlink('/nonexistent/target', os.path.join(root, 'dicoms', P1, '6.dcm'))
+  code, written, found, errors = _run(root, str(tmp_path / 'OUT'))
+  assert written == ALL_SLICES
+  assert errors == sorted(
+    [
+      (f'dicoms/{P1}/4.dcm', s.STAGE_LIST),
+      (f'dicoms/{P1}/5.dcm', s.STAGE_LIST),
+      (f'dicoms/{P1}/6.dcm', s.STAGE_LIST),
+      ('/'.join(['dicoms', P2, *['d'] * 150, '1.dcm']), s.STAGE_LIST),
+    ]
+  )
+  assert code == pipeline.EXIT_QUARANTINED
+
+
+def test_many_patients_with_one_slice_each(tmp_path):
+  root = str(tmp_path / 'DATA')
+  manifest = sample.make_tree(
+    root, patients=10_000, slices=1, rows=4, columns=4, contour_every=1
+  )
+  code, written, found, errors = _run(root, str(tmp_path / 'OUT'))
+  assert code == pipeline.EXIT_OK
+  assert written == sorted(manifest.slices) and found == [] and errors == []
+
+
+def test_strict_fails_the_run_after_writing_the_reports(base, tmp_path):
+  root, _ = base
+  _write(root, f'dicoms/{P1}/4.dcm', b'')
+  code, written, found, errors = _run(root, str(tmp_path / 'OUT'), '--strict')
+  assert code == pipeline.EXIT_STRICT
+  assert written == ALL_SLICES and errors == [(f'dicoms/{P1}/4.dcm', s.STAGE_DECODE)]
+
+
+def test_an_exception_in_one_patient_is_contained(base, tmp_path, monkeypatch):
+  from transforms import decode
+
+  real = decode.decode_dicom
+
+  def failing(data, max_pixels):
+    meta, image = real(data, max_pixels)
+    if meta['study_instance_uid'] == sample._uid(P2, 'study', 1):
+      raise MemoryError('simulated out of memory')
+    return meta, image
+
+  monkeypatch.setattr(decode, 'decode_dicom', failing)
+  root, _ = base
+  code, written, found, errors = _run(root, str(tmp_path / 'OUT'))
+  assert written == ALL_SLICES[:3]
+  assert errors == [(f'dicoms/{P2}/{k}.dcm', s.STAGE_DECODE) for k in (1, 2, 3)]
+  messages = [r['error'] for r in read_errors(str(tmp_path / 'OUT')).to_pylist()]
+  assert all('MemoryError' in m for m in messages)
+  assert code == pipeline.EXIT_QUARANTINED
+
+
+def test_unreadable_files_and_folders(base, tmp_path):
+  """Permission denied, for real: as root, the job runs without the
+  capabilities that bypass file permissions (setpriv, from util-linux)."""
+  import subprocess
+
+  root, _ = base
+  os.chmod(os.path.join(root, 'dicoms', P1, '2.dcm'), 0)
+  os.chmod(os.path.join(root, 'dicoms', P2), 0)
+  prefix = []
+  if os.geteuid() == 0:
+    setpriv = shutil.which('setpriv')
+    assert setpriv, 'setpriv (util-linux) is needed to drop root file access'
+    prefix = [setpriv, '--bounding-set', '-dac_override,-dac_read_search', '--']
+  out = str(tmp_path / 'OUT')
+  script = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'run_pipeline.py')
+  done = subprocess.run(
+    [*prefix, sys.executable, script, '--input', root, '--output', out],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    cwd=str(tmp_path),
+  )
+  os.chmod(os.path.join(root, 'dicoms', P2), 0o755)  # let pytest clean up
+  assert done.returncode == pipeline.EXIT_QUARANTINED, done.stderr
+  assert 'Traceback' not in done.stderr
+  errors = sorted((r['path'], r['stage']) for r in read_errors(out).to_pylist())
+  assert errors == [
+    (f'dicoms/{P1}/2.dcm', s.STAGE_READ),
+    (f'dicoms/{P2}', s.STAGE_LIST),
+  ]
+  written = (
+    open_dataset(out).to_table(columns=['patient_id', 'slice_index']).to_pylist()
+  )
+  assert sorted((r['patient_id'], r['slice_index']) for r in written) == [
+    (P1, 1),
+    (P1, 3),
+  ]
