@@ -6,7 +6,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_pipeline import splits
 from beam_pipeline.errors import UsageError
-from transforms.decode import DEFAULT_MAX_PIXELS
+from transforms.decode import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_PIXELS
 
 DEFAULT_OUTPUT = 'output'
 DEFAULT_SAMPLE_DIR = 'sample_data'
@@ -65,6 +65,23 @@ class IngestOptions(PipelineOptions):
       'rejected from the header, before decoding (default: %(default)s).',
     )
     parser.add_argument(
+      '--decode-in-process',
+      dest='decode_in_process',
+      action='store_true',
+      help='Decode DICOM in the worker process itself. By default each worker '
+      'decodes in a child process, so a decoder crash or hang costs one slice '
+      '(an error row), not the run.',
+    )
+    parser.add_argument(
+      '--decode-timeout',
+      dest='decode_timeout',
+      type=float,
+      default=DEFAULT_DECODE_TIMEOUT,
+      help='Seconds one DICOM file may take to decode before it is given up '
+      '(an error row); not applied with --decode-in-process '
+      '(default: %(default)s).',
+    )
+    parser.add_argument(
       '--split',
       default=splits.DEFAULT_FRACTIONS,
       help='train,val,test fractions; each patient goes to one split by a '
@@ -92,6 +109,8 @@ class IngestOptions(PipelineOptions):
       raise UsageError(f'--chunk-size must be at least 1, got {self.chunk_size}')
     if self.max_pixels < 1:
       raise UsageError(f'--max-pixels must be at least 1, got {self.max_pixels}')
+    if self.decode_timeout <= 0:
+      raise UsageError(f'--decode-timeout must be positive, got {self.decode_timeout}')
     splits.parse_fractions(self.split)
     if not self.output:
       raise UsageError('--output must not be empty')

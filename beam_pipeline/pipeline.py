@@ -73,7 +73,11 @@ def build_pipeline(p: beam.Pipeline, options: IngestOptions) -> None:
     | 'DecodeSlices'
     >> beam.ParDo(
       DecodeSlicesFn(
-        options.input, options.max_pixels, splits.parse_fractions(options.split)
+        options.input,
+        options.max_pixels,
+        splits.parse_fractions(options.split),
+        isolate=not options.decode_in_process,
+        decode_timeout=options.decode_timeout,
       )
     ).with_outputs(DecodeSlicesFn.ERRORS, main='slices')
   )

@@ -369,25 +369,72 @@ def test_strict_fails_the_run_after_writing_the_reports(base, tmp_path):
   assert written == ALL_SLICES and errors == [(f'dicoms/{P1}/4.dcm', s.STAGE_DECODE)]
 
 
-def test_an_exception_in_one_patient_is_contained(base, tmp_path, monkeypatch):
-  from transforms import decode
+@pytest.mark.parametrize('isolate', [True, False], ids=['isolated', 'in-process'])
+def test_a_crash_hang_or_memory_error_costs_only_its_slice(tmp_path, isolate):
+  import apache_beam as beam
+  from apache_beam.testing.test_pipeline import TestPipeline
+  from apache_beam.testing.util import assert_that, equal_to
 
-  real = decode.decode_dicom
+  from tests import crashers
+  from transforms.decode import DecodeSlicesFn, SliceChunk, SliceTask
 
-  def failing(data, max_pixels):
-    meta, image = real(data, max_pixels)
-    if meta['study_instance_uid'] == sample._uid(P2, 'study', 1):
-      raise MemoryError('simulated out of memory')
-    return meta, image
-
-  monkeypatch.setattr(decode, 'decode_dicom', failing)
-  root, _ = base
-  code, written, found, errors = _run(root, str(tmp_path / 'OUT'))
-  assert written == ALL_SLICES[:3]
-  assert errors == [(f'dicoms/{P2}/{k}.dcm', s.STAGE_DECODE) for k in (1, 2, 3)]
-  messages = [r['error'] for r in read_errors(str(tmp_path / 'OUT')).to_pylist()]
-  assert all('MemoryError' in m for m in messages)
-  assert code == pipeline.EXIT_QUARANTINED
+  root = tmp_path / 'DATA'
+  faults = {2: crashers.MEMORY}
+  if isolate:  # in-process, a segfault or a hang would take the test down
+    faults.update({3: crashers.SEGFAULT, 5: crashers.HANG})
+  chunks = []
+  for pid in (P1, P2):
+    os.makedirs(root / 'dicoms' / pid)
+    tasks = []
+    for k in range(1, 7):
+      path = root / 'dicoms' / pid / f'{k}.dcm'
+      if pid == P1 and k in faults:
+        path.write_bytes(faults[k] + b' not a real file')
+      else:
+        sample.write_dicom(str(path), sample.expected_image(pid, k, 8, 8), pid, k)
+      tasks.append(SliceTask(k, f'dicoms/{pid}/{k}.dcm', None, None))
+    chunks.append(SliceChunk(pid, pid, 0, 1, tuple(tasks)))
+  decode = DecodeSlicesFn(
+    str(root), isolate=isolate, decode_timeout=3, decode_fn=crashers.misbehaving_decode
+  )
+  with TestPipeline() as p:
+    out = (
+      p
+      | beam.Create(chunks)
+      | beam.ParDo(decode).with_outputs(DecodeSlicesFn.ERRORS, main='slices')
+    )
+    written = out.slices | beam.FlatMap(
+      lambda t: zip(
+        t.column('patient_id').to_pylist(),
+        t.column('slice_index').to_pylist(),
+        strict=True,
+      )
+    )
+    assert_that(
+      written,
+      equal_to(
+        [
+          (pid, k)
+          for pid in (P1, P2)
+          for k in range(1, 7)
+          if pid == P2 or k not in faults
+        ]
+      ),
+      label='GoodSlicesLand',
+    )
+    reasons = {
+      2: 'MemoryError',
+      3: 'crashed (killed by signal SIGSEGV)',
+      5: 'timed out',
+    }
+    assert_that(
+      out[DecodeSlicesFn.ERRORS]
+      | beam.Map(
+        lambda r: (r['path'], r['stage'], reasons[int(r['path'][-5])] in r['error'])
+      ),
+      equal_to([(f'dicoms/{P1}/{k}.dcm', s.STAGE_DECODE, True) for k in faults]),
+      label='OneErrorEach',
+    )
 
 
 def test_unreadable_files_and_folders(base, tmp_path):

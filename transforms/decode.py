@@ -12,6 +12,7 @@ import logging
 import math
 import uuid
 import warnings
+from collections.abc import Callable
 from typing import NamedTuple
 
 import apache_beam as beam
@@ -27,11 +28,13 @@ from beam_pipeline import report, splits
 from beam_pipeline import schema as s
 from beam_pipeline.errors import ContourError, DicomError, UnsafePathError
 from transforms import _files, masks, quality
+from transforms._isolate import InProcessDecoder, IsolatedDecoder
 from transforms.reconcile import Patient
 
 _LOG = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS = 4096 * 4096
+DEFAULT_DECODE_TIMEOUT = 120.0
 
 
 class SliceTask(NamedTuple):
@@ -215,12 +218,27 @@ class DecodeSlicesFn(beam.DoFn):
     split_fractions: tuple[float, float, float] = splits.parse_fractions(
       splits.DEFAULT_FRACTIONS
     ),
+    isolate: bool = True,
+    decode_timeout: float = DEFAULT_DECODE_TIMEOUT,
+    decode_fn: Callable[[bytes, int], tuple[dict, np.ndarray]] = decode_dicom,
   ):
+    """Args:
+    input_root: the data tree; task paths are relative to it.
+    max_pixels: see :func:`decode_dicom`.
+    split_fractions: train/val/test fractions for the split column.
+    isolate: decode in a child process, so that a decoder crash or hang
+      costs one slice, not the worker (see transforms._isolate).
+    decode_timeout: seconds one file may take to decode when isolated.
+    decode_fn: the decoder; a module-level function.
+    """
     # Made here, on the launching machine, so every worker's copy shares it.
     self._run_id = uuid.uuid4().hex
     self._input_root = input_root
     self._max_pixels = max_pixels
     self._split_fractions = split_fractions
+    self._isolate = isolate
+    self._decode_timeout = decode_timeout
+    self._decode_fn = decode_fn
 
   def setup(self):
     counter = lambda name: Metrics.counter(report.NAMESPACE, name)  # noqa: E731
@@ -233,11 +251,23 @@ class DecodeSlicesFn(beam.DoFn):
     self._bytes = counter(report.SLICE_BYTES_READ)
     self._flags = {flag: counter(report.qa_counter(flag)) for flag in quality.QA_FLAGS}
     self._progress = report.progress(self._run_id)
+    if self._isolate:
+      self._decoder = IsolatedDecoder(
+        self._input_root, self._decode_fn, self._decode_timeout
+      )
+    else:
+      self._decoder = InProcessDecoder(self._input_root, self._decode_fn)
+
+  def teardown(self):
+    self._decoder.close()
 
   def process(self, chunk: SliceChunk):
     rows = []
-    for task in chunk.slices:
-      row = yield from self._decode(chunk, task)
+    outcomes = self._decoder.decode_all(
+      [task.dicom_path for task in chunk.slices], self._max_pixels
+    )
+    for task, outcome in zip(chunk.slices, outcomes, strict=True):
+      row = yield from self._slice_row(chunk, task, outcome)
       if row is not None:
         rows.append(row)
     done = int(chunk.chunk == chunk.chunks - 1)
@@ -260,27 +290,19 @@ class DecodeSlicesFn(beam.DoFn):
       yield self._error(chunk, path, s.STAGE_READ, f'cannot read: {e}{note}')
       return None
 
-  def _decode(self, chunk: SliceChunk, task: SliceTask):
+  def _slice_row(self, chunk: SliceChunk, task: SliceTask, outcome):
     """Yields error rows; returns the slice's row, or None if unusable."""
-    contours = [p for p in (task.i_contour, task.o_contour) if p]
-    unused = (
-      f' ({len(contours)} contour file(s) of this slice not used)' if contours else ''
-    )
-    data = yield from self._read(chunk, task.dicom_path, unused)
-    if data is None:
-      return None
-    self._bytes.inc(len(data))
-    try:
-      meta, image = decode_dicom(data, self._max_pixels)
-    except DicomError as e:
-      yield self._error(chunk, task.dicom_path, s.STAGE_DECODE, f'{e}{unused}')
-      return None
-    except Exception as e:  # MemoryError or a decoder bug: this slice only.
-      _LOG.warning('%s: %s: %s', task.dicom_path, type(e).__name__, e)
-      yield self._error(
-        chunk, task.dicom_path, s.STAGE_DECODE, f'{type(e).__name__}: {e}{unused}'
+    kind, payload = outcome
+    if kind != 'ok':
+      contours = [p for p in (task.i_contour, task.o_contour) if p]
+      unused = (
+        f' ({len(contours)} contour file(s) of this slice not used)' if contours else ''
       )
+      stage = s.STAGE_READ if kind == 'read_error' else s.STAGE_DECODE
+      yield self._error(chunk, task.dicom_path, stage, f'{payload}{unused}')
       return None
+    meta, image, size = payload
+    self._bytes.inc(size)
     pixel_columns, flags = quality.pixel_checks(
       image, meta['bits_stored'], meta['pixel_representation']
     )

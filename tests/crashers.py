@@ -1,0 +1,25 @@
+"""Decoders that misbehave on purpose, for the containment tests.
+
+They must be module-level functions: the isolated decoder imports them by name
+in its child process. A file whose bytes start with one of the markers below
+triggers the fault; anything else is decoded normally.
+"""
+
+import ctypes
+import time
+
+from transforms.decode import decode_dicom
+
+SEGFAULT = b'SEGFAULT'
+HANG = b'HANG'
+MEMORY = b'MEMORY'
+
+
+def misbehaving_decode(data: bytes, max_pixels: int):
+  if data.startswith(SEGFAULT):
+    ctypes.string_at(0)  # reads address 0: SIGSEGV
+  if data.startswith(HANG):
+    time.sleep(3600)
+  if data.startswith(MEMORY):
+    raise MemoryError('simulated out of memory')
+  return decode_dicom(data, max_pixels)

@@ -1,0 +1,169 @@
+"""Read and decode DICOM files, optionally in a child process.
+
+A C decoder that segfaults, or loops forever on a hostile file, would take the
+whole worker down with it. IsolatedDecoder hands each file's *path* to a
+long-lived child process, which reads and decodes it and sends back the image.
+Children come from a ``forkserver``: forked from a clean single-threaded
+server, so no thread or lock of the worker is inherited, and cheap to replace. A
+dead or silent child becomes a DicomError for that one slice, and a fresh
+child takes the rest.
+
+The child works ahead of the worker: up to WINDOW paths are in flight, so the
+child decodes the next slice while the worker rasterises the contours of the
+previous one. Requests are tiny (a path), so the pipe never blocks on them.
+
+Both classes yield, per path and in order, one of:
+  ('ok', (meta, image, bytes_read)), ('read_error', message) or
+  ('dicom_error', message).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+from collections.abc import Callable, Iterator
+
+from beam_pipeline.errors import DicomError, UnsafePathError
+from transforms import _files
+
+_LOG = logging.getLogger(__name__)
+
+WINDOW = 8
+
+Decoder = Callable[[bytes, int], tuple[dict, object]]
+Outcome = tuple[str, object]
+
+
+def read_and_decode(root: str, path: str, max_pixels: int, decode: Decoder) -> Outcome:
+  """Reads ``path`` under ``root`` and decodes it; never raises."""
+  try:
+    data = _files.read_input(root, path)
+  except (OSError, UnsafePathError) as e:
+    return 'read_error', f'cannot read: {e}'
+  try:
+    meta, image = decode(data, max_pixels)
+  except DicomError as e:
+    return 'dicom_error', str(e)
+  except Exception as e:  # MemoryError or a decoder bug: this slice only.
+    _LOG.warning('%s: %s: %s', path, type(e).__name__, e)
+    return 'dicom_error', f'{type(e).__name__}: {e}'
+  return 'ok', (meta, image, len(data))
+
+
+class InProcessDecoder:
+  """Reads and decodes in this process."""
+
+  def __init__(self, root: str, decode: Decoder):
+    self._root = root
+    self._decode = decode
+
+  def decode_all(self, paths: list[str], max_pixels: int) -> Iterator[Outcome]:
+    for path in paths:
+      yield read_and_decode(self._root, path, max_pixels, self._decode)
+
+  def close(self) -> None:
+    pass
+
+
+def _serve(conn, root: str, decode: Decoder) -> None:
+  """The child's loop: answer each request until told to stop (None)."""
+  signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+  while True:
+    request = conn.recv()
+    if request is None:
+      return
+    path, max_pixels = request
+    conn.send(read_and_decode(root, path, max_pixels, decode))
+
+
+def _describe_exit(code: int | None) -> str:
+  if code is not None and code < 0:
+    try:
+      return f'killed by signal {signal.Signals(-code).name}'
+    except ValueError:
+      return f'killed by signal {-code}'
+  return f'exit code {code}'
+
+
+class IsolatedDecoder:
+  """Reads and decodes in a child process; see the module docstring.
+
+  Args:
+    root: the input root.
+    decode: a module-level function (it is imported by name in the child).
+    timeout: seconds one file may take before the child is killed.
+  """
+
+  def __init__(self, root: str, decode: Decoder, timeout: float):
+    self._root = root
+    self._decode = decode
+    self._timeout = timeout
+    self._context = multiprocessing.get_context('forkserver')
+    self._process = None
+    self._conn = None
+
+  def _start(self) -> None:
+    parent, child = self._context.Pipe()
+    self._process = self._context.Process(
+      target=_serve,
+      args=(child, self._root, self._decode),
+      daemon=True,
+      name='slice-decoder',
+    )
+    self._process.start()
+    child.close()
+    self._conn = parent
+
+  def _discard(self) -> str:
+    """Kills the child (if alive) and says how it ended."""
+    self._process.kill()
+    self._process.join()
+    ended = _describe_exit(self._process.exitcode)
+    self._conn.close()
+    self._process = self._conn = None
+    return ended
+
+  def decode_all(self, paths: list[str], max_pixels: int) -> Iterator[Outcome]:
+    done = sent = 0
+    try:
+      while done < len(paths):
+        if self._process is None:
+          self._start()
+        try:
+          while sent < len(paths) and sent - done < WINDOW:
+            self._conn.send((paths[sent], max_pixels))
+            sent += 1
+          if not self._conn.poll(self._timeout):
+            self._discard()
+            outcome = 'dicom_error', f'decoder timed out after {self._timeout:g} s'
+          else:
+            outcome = self._conn.recv()
+        except (EOFError, OSError):
+          self._process.join(timeout=5)
+          ended = self._discard()
+          _LOG.warning(
+            'decoder process died on %s (%s); starting another', paths[done], ended
+          )
+          outcome = 'dicom_error', f'decoder process crashed ({ended})'
+        if self._process is None:
+          sent = done + 1  # what was in flight goes to the next child
+        done += 1
+        yield outcome
+    finally:
+      if self._process is not None and sent > done:
+        self._discard()  # abandoned part-way: never let stale answers through
+
+  def close(self) -> None:
+    if self._process is None:
+      return
+    try:
+      self._conn.send(None)
+      self._process.join(timeout=5)
+    except OSError:
+      pass
+    if self._process.is_alive():
+      self._process.kill()
+      self._process.join()
+    self._conn.close()
+    self._process = self._conn = None
