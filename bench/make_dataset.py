@@ -1,0 +1,94 @@
+"""Build a large data tree for benchmarks by replicating a base tree K times.
+
+    python bench/make_dataset.py bench/data/x20 --copies 20
+    python bench/make_dataset.py bench/data/mine --from /path/to/DATA --copies 5
+
+The base is either a real tree (--from) or one made by the project's generator
+at realistic size: 256 x 256 int16 slices, 230 slices and about 25 contour
+files per patient. Copy k of patient P is patient "K{k:03d}-P" (and original
+id "K{k:03d}-O"); files are hard links to the base where the file system
+allows, so 100k slices cost little disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import shutil
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from beam_pipeline import layout, sample  # noqa: E402
+
+
+def _link_or_copy(source: str, target: str) -> None:
+  try:
+    os.link(source, target)
+  except OSError:
+    shutil.copyfile(source, target)
+
+
+def _links(root: str) -> list[tuple[str, str]]:
+  with open(os.path.join(root, layout.LINK_FILE), 'rb') as f:
+    links, problems = layout.parse_links(f.read())
+  if problems:
+    print(
+      f'warning: {len(problems)} link.csv rows of the base are not used',
+      file=sys.stderr,
+    )
+  return [(link.patient_id, link.original_id) for link in links]
+
+
+def replicate(base: str, target: str, copies: int) -> int:
+  """Writes ``copies`` renamed copies of ``base`` under ``target``; returns slices."""
+  links = _links(base)
+  rows, slices = [], 0
+  for k in range(copies):
+    for pid, oid in links:
+      new_pid, new_oid = f'K{k:03d}-{pid}', f'K{k:03d}-{oid}'
+      rows.append((new_pid, new_oid))
+      for top, old, new in (
+        (layout.DICOM_DIR, pid, new_pid),
+        (layout.CONTOUR_DIR, oid, new_oid),
+      ):
+        source_dir = os.path.join(base, top, old)
+        for dirpath, _, files in os.walk(source_dir):
+          relative = os.path.relpath(dirpath, source_dir)
+          out_dir = os.path.normpath(os.path.join(target, top, new, relative))
+          os.makedirs(out_dir, exist_ok=True)
+          for name in files:
+            _link_or_copy(os.path.join(dirpath, name), os.path.join(out_dir, name))
+            slices += top == layout.DICOM_DIR
+  with open(os.path.join(target, layout.LINK_FILE), 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(layout.LINK_HEADER)
+    writer.writerows(rows)
+  return slices
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('target', help='folder to create (must not exist)')
+  parser.add_argument('--copies', type=int, default=1, help='K (default 1)')
+  parser.add_argument('--from', dest='base', help='a real tree to replicate')
+  parser.add_argument(
+    '--patients', type=int, default=5, help='patients in the generated base (default 5)'
+  )
+  args = parser.parse_args(argv)
+  if os.path.exists(args.target):
+    parser.error(f'{args.target} exists')
+  base = args.base
+  if base is None:
+    base = args.target.rstrip('/') + '.base'
+    if not os.path.exists(base):
+      sample.make_tree(
+        base, patients=args.patients, slices=230, rows=256, columns=256, contour_every=9
+      )
+  slices = replicate(base, args.target, args.copies)
+  print(f'{args.target}: {slices} slices ({args.copies} copies of {base})')
+
+
+if __name__ == '__main__':
+  main()
