@@ -104,6 +104,52 @@ def _value(ds: pydicom.Dataset, keyword: str, convert, count: int = 0):
     return None
 
 
+# Uncompressed transfer syntaxes and their byte order.
+_NATIVE_SYNTAXES = {
+  pydicom.uid.ExplicitVRLittleEndian: '<',
+  pydicom.uid.ImplicitVRLittleEndian: '<',
+  pydicom.uid.ExplicitVRBigEndian: '>',
+}
+
+
+def _native_pixels(
+  ds: pydicom.Dataset, rows: int, columns: int, samples: int
+) -> np.ndarray | None:
+  """The pixels of a common uncompressed image straight from the bytes.
+
+  Equal to ``ds.pixel_array`` (the tests prove it on every pydicom test file)
+  at a fraction of the cost: one frame, one sample, 8/16/32-bit integers;
+  unused high bits are masked (unsigned) or sign-extended (signed) exactly as
+  pydicom does. Anything else returns None and takes pydicom's decoder.
+  """
+  order = _NATIVE_SYNTAXES.get(ds.file_meta.get('TransferSyntaxUID'))
+  allocated = ds.get('BitsAllocated')
+  stored = ds.get('BitsStored') or allocated
+  signed = ds.get('PixelRepresentation')
+  if (
+    order is None
+    or samples != 1
+    or allocated not in (8, 16, 32)
+    or signed not in (0, 1)
+    or not 0 < stored <= allocated
+    or 'PixelData' not in ds
+    or (order == '>' and allocated == 8)  # OW words are swapped in pairs
+  ):
+    return None
+  dtype = np.dtype(f'{order}{"i" if signed else "u"}{allocated // 8}')
+  raw = ds.PixelData
+  if len(raw) < rows * columns * dtype.itemsize:
+    return None  # pydicom's decoder gives the precise error
+  image = np.frombuffer(raw, dtype, count=rows * columns).reshape(rows, columns)
+  image = image.astype(dtype.newbyteorder('<'))  # a copy: no reference to ds
+  unused = allocated - stored
+  if unused and signed:
+    image = (image << unused) >> unused
+  elif unused:
+    image &= (1 << stored) - 1
+  return image
+
+
 def decode_dicom(
   data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> tuple[dict, np.ndarray]:
@@ -157,7 +203,9 @@ def decode_dicom(
         f'--max-pixels {max_pixels}'
       )
     try:
-      image = ds.pixel_array
+      image = _native_pixels(ds, rows, columns, samples)
+      if image is None:
+        image = ds.pixel_array
     except Exception as e:  # Each pixel handler raises its own types.
       raise DicomError(f'pixel data cannot be decoded: {type(e).__name__}: {e}') from e
     expected = (rows, columns) if samples == 1 else (rows, columns, samples)
