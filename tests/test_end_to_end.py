@@ -120,6 +120,17 @@ def test_clean_tree_exits_zero_and_schema_is_the_contract(clean_tree, tmp_path):
     written = pa.parquet.read_schema(os.path.join(out, s.SLICES_DIR, name))
     assert written.equals(s.SLICE_SCHEMA, check_metadata=False)
     assert written.field('image').metadata[b'description']
+    metadata = pa.parquet.ParquetFile(os.path.join(out, s.SLICES_DIR, name)).metadata
+    for g in range(metadata.num_row_groups):
+      group = metadata.row_group(g)
+      assert 0 < group.num_rows <= 64  # one SliceChunk per row group
+      columns = {
+        group.column(c).path_in_schema: group.column(c)
+        for c in range(group.num_columns)
+      }
+      assert columns['image'].compression == 'LZ4'
+      assert columns['patient_id'].compression == 'ZSTD'
+      assert not columns['image'].is_stats_set and columns['slice_index'].is_stats_set
   assert read_errors(out).num_rows == 0
   assert {r['status'] for r in read_reconciliation(out).to_pylist()} == {s.MATCHED}
 

@@ -7,6 +7,7 @@ symlinks) lies outside that root.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
 
@@ -40,8 +41,13 @@ def relative_to(root: str, path: str) -> str:
   return path[len(prefix) :]
 
 
+@functools.lru_cache(maxsize=8)
+def _real_root(root: str) -> str:
+  return os.path.realpath(root)
+
+
 def _check_inside(root: str, full_path: str) -> None:
-  real_root = os.path.realpath(root)
+  real_root = _real_root(root)
   real = os.path.realpath(full_path)
   if os.path.commonpath([real_root, real]) != real_root:
     raise UnsafePathError(

@@ -1,12 +1,24 @@
 """Writing the dataset: slice shards, the reconciliation report, the errors table.
 
-All three go through Beam's Parquet sinks, which write temporary files and
-rename them when the write finalises, so a retried bundle leaves no duplicate.
+All three go through Beam file sinks, which write temporary files and rename
+them when the write finalises, so a retried bundle leaves no duplicate.
+
+The slices sink sets Parquet options per column (Beam's WriteToParquetBatched
+takes one codec for all): ``image`` is compressed with LZ4, which is about
+twice as fast as zstd here and still shrinks the dark background of MR images;
+every other column with zstd. Only string columns are dictionary-encoded, and
+only scalar columns carry min/max statistics (statistics on image bytes cost
+time and help no reader). Each Arrow table, one SliceChunk of one patient, is
+one row group.
 """
 
 from __future__ import annotations
 
 import apache_beam as beam
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io import filebasedsink
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.metrics import Metrics
 
 from beam_pipeline import report
@@ -14,6 +26,43 @@ from beam_pipeline import schema as s
 from transforms import _files
 
 CODEC = 'zstd'
+IMAGE_CODEC = 'lz4'
+_BINARY_COLUMNS = ('image', 'i_mask', 'o_mask')
+
+
+class _SliceSink(filebasedsink.FileBasedSink):
+  """Writes Arrow tables of slice rows to Parquet, with per-column options."""
+
+  def __init__(self, file_path_prefix: str, schema: pa.Schema):
+    super().__init__(
+      file_path_prefix,
+      coder=None,
+      file_name_suffix='.parquet',
+      mime_type='application/x-parquet',
+      compression_type=CompressionTypes.UNCOMPRESSED,
+    )
+    self._schema = schema
+
+  def open(self, temp_path):
+    handle = super().open(temp_path)
+    names = self._schema.names
+    strings = [f.name for f in self._schema if pa.types.is_string(f.type)]
+    writer = pq.ParquetWriter(
+      handle,
+      self._schema,
+      compression={**{name: CODEC for name in names}, 'image': IMAGE_CODEC},
+      use_dictionary=strings,
+      write_statistics=[name for name in names if name not in _BINARY_COLUMNS],
+    )
+    return handle, writer
+
+  def write_record(self, file_handle, table):
+    file_handle[1].write_table(table)
+
+  def close(self, file_handle):
+    handle, writer = file_handle
+    writer.close()
+    super().close(handle)
 
 
 class _CountFn(beam.DoFn):
@@ -74,11 +123,8 @@ class WriteDataset(beam.PTransform):
     self._output_root = output_root
 
   def expand(self, outputs):
-    slices = outputs['slices'] | 'WriteSlices' >> beam.io.WriteToParquetBatched(
-      _prefix(self._output_root, s.SLICES_DIR),
-      schema=s.SLICE_SCHEMA,
-      codec=CODEC,
-      file_name_suffix='.parquet',
+    slices = outputs['slices'] | 'WriteSlices' >> beam.io.Write(
+      _SliceSink(_prefix(self._output_root, s.SLICES_DIR), s.SLICE_SCHEMA)
     )
     reconciliation = outputs['reconciliation'] | 'Reconciliation' >> _WriteReport(
       self._output_root,
