@@ -20,7 +20,15 @@ from beam_pipeline import schema as s
 
 
 def _folder(output: str, name: str) -> str:
-  return os.path.join(output, name)
+  """``output/name``, which must exist.
+
+  Raises:
+    FileNotFoundError: ``output`` is not a pipeline output.
+  """
+  folder = os.path.join(output, name)
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f'{folder} not found: is {output} a pipeline output?')
+  return folder
 
 
 def open_dataset(output: str) -> pads.Dataset:
@@ -30,15 +38,11 @@ def open_dataset(output: str) -> pads.Dataset:
     FileNotFoundError: ``output`` holds no slices folder.
   """
   folder = _folder(output, s.SLICES_DIR)
-  if not os.path.isdir(folder):
-    raise FileNotFoundError(f'{folder} not found: is {output} a pipeline output?')
   return pads.dataset(folder, format='parquet', schema=s.SLICE_SCHEMA)
 
 
 def _read_report(output: str, name: str, schema: pa.Schema) -> pa.Table:
   folder = _folder(output, name)
-  if not os.path.isdir(folder):
-    raise FileNotFoundError(f'{folder} not found: is {output} a pipeline output?')
   files = sorted(
     os.path.join(folder, f) for f in os.listdir(folder) if f.endswith('.parquet')
   )
@@ -99,8 +103,6 @@ _DECODED = ('image', 'i_mask', 'o_mask')
 def row_groups(output: str) -> list[tuple[str, int]]:
   """Every (shard path, row group index) of the slices, in a stable order."""
   folder = _folder(output, s.SLICES_DIR)
-  if not os.path.isdir(folder):
-    raise FileNotFoundError(f'{folder} not found: is {output} a pipeline output?')
   groups = []
   for name in sorted(os.listdir(folder)):
     if name.endswith('.parquet'):

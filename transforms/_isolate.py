@@ -35,12 +35,17 @@ Decoder = Callable[[bytes, int], tuple[dict, object]]
 Outcome = tuple[str, object]
 
 
+def read_error(e: Exception) -> str:
+  """The errors-table message of an unreadable input."""
+  return f'cannot read: {e}'
+
+
 def read_and_decode(root: str, path: str, max_pixels: int, decode: Decoder) -> Outcome:
   """Reads ``path`` under ``root`` and decodes it; never raises."""
   try:
     data = _files.read_input(root, path)
   except (OSError, UnsafePathError) as e:
-    return 'read_error', f'cannot read: {e}'
+    return 'read_error', read_error(e)
   try:
     meta, image = decode(data, max_pixels)
   except DicomError as e:

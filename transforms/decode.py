@@ -27,7 +27,7 @@ from pydicom.errors import InvalidDicomError
 from beam_pipeline import report, splits
 from beam_pipeline import schema as s
 from beam_pipeline.errors import ContourError, DicomError, UnsafePathError
-from transforms import _files, masks, quality
+from transforms import _files, _isolate, masks, quality
 from transforms._isolate import InProcessDecoder, IsolatedDecoder
 from transforms.reconcile import Patient
 
@@ -330,12 +330,12 @@ class DecodeSlicesFn(beam.DoFn):
       self.ERRORS, s.error_row(chunk.patient_id, path, stage, message)
     )
 
-  def _read(self, chunk: SliceChunk, path: str, note: str = ''):
+  def _read(self, chunk: SliceChunk, path: str):
     """Yields an error row if unreadable; returns the bytes, or None."""
     try:
       return _files.read_input(self._input_root, path)
     except (OSError, UnsafePathError) as e:
-      yield self._error(chunk, path, s.STAGE_READ, f'cannot read: {e}{note}')
+      yield self._error(chunk, path, s.STAGE_READ, _isolate.read_error(e))
       return None
 
   def _slice_row(self, chunk: SliceChunk, task: SliceTask, outcome):
