@@ -31,7 +31,7 @@ from apache_beam.options.pipeline_options import (
   PipelineOptions,
   StandardOptions,
 )
-from apache_beam.runners.runner import PipelineResult
+from apache_beam.runners.runner import PipelineResult, PipelineState
 
 from beam_pipeline import layout, qa, report, sample, splits
 from beam_pipeline import schema as s
@@ -207,6 +207,7 @@ def run(argv: Sequence[str] | None = None) -> PipelineResult:
   standard = options.view_as(StandardOptions)
   if standard.runner is None:
     standard.runner = 'DirectRunner'
+  FileSystems.set_options(options)  # object stores need their options here too
   resolve_paths(ingest)
   _LOG.info(
     'reading %s, writing %s, runner %s',
@@ -219,6 +220,11 @@ def run(argv: Sequence[str] | None = None) -> PipelineResult:
   build_pipeline(p, ingest)
   result = p.run()
   result.wait_until_finish()
+  if result.state != PipelineState.DONE:
+    raise RuntimeError(
+      f'the pipeline ended in state {result.state}; nothing was published to '
+      f'{ingest.output}'
+    )
   seconds = time.monotonic() - start
   totals = counters(result)
   _publish(ingest.output)
@@ -258,9 +264,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_USAGE
   except Exception:
     _LOG.exception('the pipeline failed')
-    return EXIT_FAILED
-  if result.state != beam.runners.runner.PipelineState.DONE:
-    print(f'error: the pipeline ended in state {result.state}', file=sys.stderr)
     return EXIT_FAILED
   if report.issue_count(counters(result)):
     strict = PipelineOptions(argv).view_as(IngestOptions).strict

@@ -192,3 +192,15 @@ def test_command_line_runs_the_builtin_sample(tmp_path):
   assert rows == len(sample.make_tree(str(tmp_path / 'again')).slices)
   assert os.path.exists(tmp_path / 'sample_data' / 'link.csv')
   assert sorted(os.listdir(tmp_path)) == ['again', 'output', 'sample_data']
+
+
+def test_a_failing_pipeline_exits_one_and_publishes_nothing(
+  clean_tree, tmp_path, capsys
+):
+  root, _ = clean_tree
+  blocker = tmp_path / 'not-a-folder'
+  blocker.write_text('a file where the output folder should go')
+  code = _run(root, str(blocker / 'OUT'))
+  assert code == pipeline.EXIT_FAILED
+  assert 'the pipeline failed' in capsys.readouterr().err
+  assert blocker.read_text() == 'a file where the output folder should go'
