@@ -126,7 +126,7 @@ def resolve_paths(options: IngestOptions) -> None:
   existing = [
     FileSystems.join(options.output, entry)
     for entry in _OUTPUT_ENTRIES
-    if FileSystems.exists(FileSystems.join(options.output, entry))
+    if _files.exists(FileSystems.join(options.output, entry))
   ]
   if existing and not options.overwrite:
     raise UsageError(
@@ -135,9 +135,9 @@ def resolve_paths(options: IngestOptions) -> None:
       '--overwrite to replace it, or choose another --output'
     )
   staging = staging_path(options.output)
-  if FileSystems.exists(staging):
+  if _files.exists(staging):
     _LOG.warning('removing %s, left by an interrupted run', staging)
-    FileSystems.delete([staging])
+    _files.delete_tree(staging)
 
 
 def _publish(output: str) -> None:
@@ -150,20 +150,17 @@ def _publish(output: str) -> None:
   summary = FileSystems.join(output, s.SUMMARY_FILE)
   if FileSystems.exists(summary):
     FileSystems.delete([summary])
-  old = [
-    FileSystems.join(output, entry)
-    for entry in _DATA_ENTRIES
-    if FileSystems.exists(FileSystems.join(output, entry))
-  ]
-  if old:
-    FileSystems.delete(old)
-  staged = [m.path for m in FileSystems.match([staging + '/**'])[0].metadata_list]
+  for entry in _DATA_ENTRIES:
+    old = FileSystems.join(output, entry)
+    if _files.exists(old):
+      _files.delete_tree(old)
+  staged = _files.list_files(staging)
   targets = [output + path[len(staging) :] for path in staged]
   if _files.is_local(output):  # object stores have no folders to make
     for entry in _DATA_ENTRIES:
       FileSystems.mkdirs(FileSystems.join(output, entry))
   FileSystems.rename(staged, targets)
-  FileSystems.delete([staging])
+  _files.delete_tree(staging)
 
 
 def counters(result: PipelineResult) -> dict[str, int]:

@@ -108,3 +108,30 @@ def walk_local(top: str) -> Iterator[tuple[str, str | None]]:
           yield entry.path, 'not a regular file (FIFO, socket or device)'
       except OSError as e:
         yield entry.path, f'cannot stat: {e.strerror or e}'
+
+
+def _under(path: str) -> list[str]:
+  """Every file below ``path`` (a folder, or an object-store prefix)."""
+  return [
+    m.path for m in FileSystems.match([path.rstrip('/') + '/**'])[0].metadata_list
+  ]
+
+
+def exists(path: str) -> bool:
+  """True for a file, a folder, or an object-store prefix holding objects."""
+  return FileSystems.exists(path) or (not is_local(path) and bool(_under(path)))
+
+
+def delete_tree(path: str) -> None:
+  """Deletes a file or a folder; on object stores, every object under it."""
+  if is_local(path):
+    FileSystems.delete([path])
+    return
+  found = _under(path) + ([path] if FileSystems.exists(path) else [])
+  if found:
+    FileSystems.delete(found)
+
+
+def list_files(path: str) -> list[str]:
+  """Every file below ``path``."""
+  return _under(path)

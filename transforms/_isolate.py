@@ -40,12 +40,18 @@ def read_error(e: Exception) -> str:
   return f'cannot read: {e}'
 
 
-def read_and_decode(root: str, path: str, max_pixels: int, decode: Decoder) -> Outcome:
-  """Reads ``path`` under ``root`` and decodes it; never raises."""
+def read(root: str, path: str) -> tuple[bytes | None, Outcome | None]:
+  """(bytes, None), or (None, a read_error outcome); never raises."""
   try:
-    data = _files.read_input(root, path)
+    return _files.read_input(root, path), None
   except (OSError, UnsafePathError) as e:
-    return 'read_error', read_error(e)
+    return None, ('read_error', read_error(e))
+  except Exception as e:  # e.g. a file system without its options here
+    return None, ('read_error', read_error(f'{type(e).__name__}: {e}'))
+
+
+def decode_bytes(data: bytes, path: str, max_pixels: int, decode: Decoder) -> Outcome:
+  """Decodes one file's bytes; never raises."""
   try:
     meta, image = decode(data, max_pixels)
   except DicomError as e:
@@ -54,6 +60,12 @@ def read_and_decode(root: str, path: str, max_pixels: int, decode: Decoder) -> O
     _LOG.warning('%s: %s: %s', path, type(e).__name__, e)
     return 'dicom_error', f'{type(e).__name__}: {e}'
   return 'ok', (meta, image, len(data))
+
+
+def read_and_decode(root: str, path: str, max_pixels: int, decode: Decoder) -> Outcome:
+  """Reads ``path`` under ``root`` and decodes it; never raises."""
+  data, failed = read(root, path)
+  return failed or decode_bytes(data, path, max_pixels, decode)
 
 
 class InProcessDecoder:
@@ -72,14 +84,20 @@ class InProcessDecoder:
 
 
 def _serve(conn, root: str, decode: Decoder) -> None:
-  """The child's loop: answer each request until told to stop (None)."""
+  """The child's loop: answer each request until told to stop (None).
+
+  A request is (path, data, max_pixels): data None means "read it yourself".
+  """
   signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
   while True:
     request = conn.recv()
     if request is None:
       return
-    path, max_pixels = request
-    conn.send(read_and_decode(root, path, max_pixels, decode))
+    path, data, max_pixels = request
+    if data is None:
+      conn.send(read_and_decode(root, path, max_pixels, decode))
+    else:
+      conn.send(decode_bytes(data, path, max_pixels, decode))
 
 
 def _describe_exit(code: int | None) -> str:
@@ -130,6 +148,18 @@ class IsolatedDecoder:
     return ended
 
   def decode_all(self, paths: list[str], max_pixels: int) -> Iterator[Outcome]:
+    if _files.is_local(self._root):
+      yield from self._decode_local(paths, max_pixels)
+      return
+    # Other file systems are configured in the worker only: read here, send
+    # the bytes, one file in flight (large requests must not fill both pipes).
+    for path in paths:
+      data, failed = read(self._root, path)
+      yield failed or next(self._decode_local([path], max_pixels, data))
+
+  def _decode_local(
+    self, paths: list[str], max_pixels: int, data: bytes | None = None
+  ) -> Iterator[Outcome]:
     done = sent = 0
     try:
       while done < len(paths):
@@ -137,7 +167,7 @@ class IsolatedDecoder:
           self._start()
         try:
           while sent < len(paths) and sent - done < WINDOW:
-            self._conn.send((paths[sent], max_pixels))
+            self._conn.send((paths[sent], data, max_pixels))
             sent += 1
           if not self._conn.poll(self._timeout):
             self._discard()
