@@ -30,6 +30,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import (
   PipelineOptions,
   StandardOptions,
+  TestOptions,
 )
 from apache_beam.runners.runner import PipelineResult, PipelineState
 
@@ -193,6 +194,27 @@ def _write_summary(
   return path
 
 
+def _dry_run(options: PipelineOptions, ingest: IngestOptions) -> PipelineResult:
+  """Builds and translates the job (e.g. DataflowRunner --dry_run) without I/O.
+
+  Nothing is read, listed, generated or published: the input and output need
+  not exist, nor be reachable from here.
+  """
+  ingest.validate_ingest()
+  if ingest.input is None:
+    raise UsageError('--dry_run needs an explicit --input')
+  ingest.input = _absolute(ingest.input).rstrip('/')
+  ingest.output = _absolute(ingest.output).rstrip('/')
+  p = beam.Pipeline(options=options)
+  build_pipeline(p, ingest)
+  result = p.run()
+  print(
+    f'Dry run: the job graph for {ingest.input} was built and translated; '
+    'nothing was submitted, read or written.'
+  )
+  return result
+
+
 def run(argv: Sequence[str] | None = None) -> PipelineResult:
   """Parses options, runs the job, waits, prints the summary.
 
@@ -205,6 +227,8 @@ def run(argv: Sequence[str] | None = None) -> PipelineResult:
   if standard.runner is None:
     standard.runner = 'DirectRunner'
   FileSystems.set_options(options)  # object stores need their options here too
+  if options.view_as(TestOptions).dry_run:
+    return _dry_run(options, ingest)
   resolve_paths(ingest)
   _LOG.info(
     'reading %s, writing %s, runner %s',
@@ -262,6 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   except Exception:
     _LOG.exception('the pipeline failed')
     return EXIT_FAILED
+  if PipelineOptions(argv).view_as(TestOptions).dry_run:
+    return EXIT_OK
   if report.issue_count(counters(result)):
     strict = PipelineOptions(argv).view_as(IngestOptions).strict
     return EXIT_STRICT if strict else EXIT_QUARANTINED
