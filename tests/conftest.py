@@ -1,11 +1,39 @@
 """Shared test helpers: the reference rasteriser and generated trees."""
 
+import os
+import socket
+
 import numpy as np
 import PIL.Image
 import PIL.ImageDraw
+import pyarrow.parquet as pq
 import pytest
 
 from beam_pipeline import sample
+
+_SORT_KEYS = {
+  'slices': ('patient_id', 'slice_index'),
+  'reconciliation': ('patient_id', 'original_id', 'status', 'detail'),
+  'errors': ('path', 'stage', 'error'),
+}
+
+
+def dataset_tables(out):
+  """The three tables of a local pipeline output, each in a canonical row order."""
+  return {
+    name: sorted(
+      pq.read_table(os.path.join(out, name)).to_pylist(),
+      key=lambda r, keys=keys: tuple(str(r[k]) for k in keys),
+    )
+    for name, keys in _SORT_KEYS.items()
+  }
+
+
+def free_port() -> int:
+  """A TCP port nothing listens on, on 127.0.0.1."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
 
 
 def reference_mask(vertices, rows, columns):

@@ -12,10 +12,10 @@ import subprocess
 import sys
 import time
 
-import pyarrow.parquet as pq
 import pytest
 
 from beam_pipeline import pipeline, sample
+from tests.conftest import dataset_tables, free_port
 
 boto3 = pytest.importorskip('boto3')
 
@@ -25,11 +25,6 @@ KEYS = [
   '--s3_secret_access_key=test',
   '--s3_region_name=us-east-1',
 ]
-SORT_KEYS = {
-  'slices': ('patient_id', 'slice_index'),
-  'reconciliation': ('patient_id', 'original_id', 'status', 'detail'),
-  'errors': ('path', 'stage', 'error'),
-}
 
 
 @pytest.fixture(scope='module')
@@ -37,9 +32,7 @@ def s3_endpoint(tmp_path_factory):
   server = shutil.which('moto_server') or os.path.join(
     os.path.dirname(sys.executable), 'moto_server'
   )
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    port = s.getsockname()[1]
+  port = free_port()
   log = open(tmp_path_factory.mktemp('moto') / 'moto.log', 'w')
   process = subprocess.Popen(
     [server, '-H', '127.0.0.1', '-p', str(port)],
@@ -73,16 +66,6 @@ def _client(endpoint):
     aws_secret_access_key='test',
     region_name='us-east-1',
   )
-
-
-def _tables(out):
-  return {
-    name: sorted(
-      pq.read_table(os.path.join(out, name)).to_pylist(),
-      key=lambda r, keys=keys: tuple(str(r[k]) for k in keys),
-    )
-    for name, keys in SORT_KEYS.items()
-  }
 
 
 def test_s3_input_and_output_give_the_local_dataset(s3_endpoint, tmp_path):
@@ -124,4 +107,4 @@ def test_s3_input_and_output_give_the_local_dataset(s3_endpoint, tmp_path):
     target = downloaded / key[len('OUT/') :]
     target.parent.mkdir(parents=True, exist_ok=True)
     client.download_file(BUCKET, key, str(target))
-  assert _tables(str(downloaded)) == _tables(local)
+  assert dataset_tables(str(downloaded)) == dataset_tables(local)

@@ -14,23 +14,12 @@ import subprocess
 import sys
 import time
 
-import pyarrow.parquet as pq
 import pytest
 
 from beam_pipeline import pipeline, sample
+from tests.conftest import dataset_tables, free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SORT_KEYS = {
-  'slices': ('patient_id', 'slice_index'),
-  'reconciliation': ('patient_id', 'original_id', 'status', 'detail'),
-  'errors': ('path', 'stage', 'error'),
-}
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
 
 
 def _wait_for(port: int, process: subprocess.Popen, seconds: float = 90) -> None:
@@ -90,7 +79,7 @@ def services(tmp_path_factory):
     # The worker pools start SDK workers with the first `python` on PATH.
     'PATH': os.path.dirname(sys.executable) + os.pathsep + os.environ.get('PATH', ''),
   }
-  job_port, pool_ports = _free_port(), [_free_port(), _free_port()]
+  job_port, pool_ports = free_port(), [free_port(), free_port()]
   commands = [
     [
       sys.executable,
@@ -134,14 +123,6 @@ def services(tmp_path_factory):
       log.close()
 
 
-def _tables(out):
-  tables = {}
-  for name, keys in SORT_KEYS.items():
-    rows = pq.read_table(os.path.join(out, name)).to_pylist()
-    tables[name] = sorted(rows, key=lambda r: tuple(str(r[k]) for k in keys))
-  return tables
-
-
 @pytest.mark.parametrize('pool, extra', [(0, []), (1, ['--labeled-only'])])
 def test_portable_runner_gives_the_direct_runners_dataset(
   services, tmp_path, pool, extra
@@ -175,4 +156,4 @@ def test_portable_runner_gives_the_direct_runners_dataset(
   )
   assert done.returncode == 3, done.stderr[-3000:]
   assert 'Summary' in done.stdout
-  assert _tables(portable) == _tables(direct)
+  assert dataset_tables(portable) == dataset_tables(direct)
