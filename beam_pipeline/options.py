@@ -73,6 +73,14 @@ class IngestOptions(PipelineOptions):
       '(an error row), not the run.',
     )
     parser.add_argument(
+      '--decoders',
+      type=int,
+      default=1,
+      help='Decoder child processes per worker (isolated decoding only); each '
+      'decodes ahead while the worker rasterises and writes (default: '
+      '%(default)s).',
+    )
+    parser.add_argument(
       '--decode-timeout',
       dest='decode_timeout',
       type=float,
@@ -109,6 +117,8 @@ class IngestOptions(PipelineOptions):
       raise UsageError(f'--chunk-size must be at least 1, got {self.chunk_size}')
     if self.max_pixels < 1:
       raise UsageError(f'--max-pixels must be at least 1, got {self.max_pixels}')
+    if self.decoders < 1:
+      raise UsageError(f'--decoders must be at least 1, got {self.decoders}')
     if self.decode_timeout <= 0:
       raise UsageError(f'--decode-timeout must be positive, got {self.decode_timeout}')
     splits.parse_fractions(self.split)

@@ -79,6 +79,7 @@ def build_pipeline(p: beam.Pipeline, options: IngestOptions) -> None:
         splits.parse_fractions(options.split),
         isolate=not options.decode_in_process,
         decode_timeout=options.decode_timeout,
+        decoders=options.decoders,
       )
     ).with_outputs(DecodeSlicesFn.ERRORS, main='slices')
   )

@@ -138,7 +138,8 @@ def test_clean_tree_exits_zero_and_schema_is_the_contract(clean_tree, tmp_path):
 def test_labeled_only_keeps_only_contoured_slices(clean_tree, tmp_path):
   root, manifest = clean_tree
   out = str(tmp_path / 'OUT')
-  assert _run(root, out, '--labeled-only') == pipeline.EXIT_OK
+  # Two decoder children per worker: outcomes must still match their slices.
+  assert _run(root, out, '--labeled-only', '--decoders', '2') == pipeline.EXIT_OK
   rows = _check_slices(out, manifest, expect_labeled_only=True)
   assert 0 < len(rows) < len(manifest.slices)
 

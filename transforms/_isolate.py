@@ -202,3 +202,26 @@ class IsolatedDecoder:
       self._process.join()
     self._conn.close()
     self._process = self._conn = None
+
+
+class DecoderPool:
+  """Several decoders working at once; outcomes still come back in order.
+
+  Paths are dealt round-robin (path i to decoder i % n); each decoder keeps its
+  own requests in flight, so n children decode while the worker does the rest.
+  """
+
+  def __init__(self, decoders: list):
+    self._decoders = decoders
+
+  def decode_all(self, paths: list[str], max_pixels: int) -> Iterator[Outcome]:
+    n = len(self._decoders)
+    streams = [
+      d.decode_all(paths[k::n], max_pixels) for k, d in enumerate(self._decoders)
+    ]
+    for i in range(len(paths)):
+      yield next(streams[i % n])
+
+  def close(self) -> None:
+    for decoder in self._decoders:
+      decoder.close()

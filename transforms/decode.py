@@ -28,7 +28,7 @@ from beam_pipeline import report, splits
 from beam_pipeline import schema as s
 from beam_pipeline.errors import ContourError, DicomError, UnsafePathError
 from transforms import _files, _isolate, masks, quality
-from transforms._isolate import InProcessDecoder, IsolatedDecoder
+from transforms._isolate import DecoderPool, InProcessDecoder, IsolatedDecoder
 from transforms.reconcile import Patient
 
 _LOG = logging.getLogger(__name__)
@@ -269,6 +269,7 @@ class DecodeSlicesFn(beam.DoFn):
     isolate: bool = True,
     decode_timeout: float = DEFAULT_DECODE_TIMEOUT,
     decode_fn: Callable[[bytes, int], tuple[dict, np.ndarray]] = decode_dicom,
+    decoders: int = 1,
   ):
     """Args:
     input_root: the data tree; task paths are relative to it.
@@ -287,6 +288,7 @@ class DecodeSlicesFn(beam.DoFn):
     self._isolate = isolate
     self._decode_timeout = decode_timeout
     self._decode_fn = decode_fn
+    self._decoders = decoders
 
   def setup(self):
     counter = lambda name: Metrics.counter(report.NAMESPACE, name)  # noqa: E731
@@ -300,8 +302,11 @@ class DecodeSlicesFn(beam.DoFn):
     self._flags = {flag: counter(report.qa_counter(flag)) for flag in quality.QA_FLAGS}
     self._progress = report.progress(self._run_id)
     if self._isolate:
-      self._decoder = IsolatedDecoder(
-        self._input_root, self._decode_fn, self._decode_timeout
+      self._decoder = DecoderPool(
+        [
+          IsolatedDecoder(self._input_root, self._decode_fn, self._decode_timeout)
+          for _ in range(self._decoders)
+        ]
       )
     else:
       self._decoder = InProcessDecoder(self._input_root, self._decode_fn)
