@@ -26,8 +26,8 @@ from pydicom.errors import InvalidDicomError
 
 from beam_pipeline import report, splits
 from beam_pipeline import schema as s
-from beam_pipeline.errors import ContourError, DicomError, UnsafePathError
-from transforms import _files, _isolate, masks, quality
+from beam_pipeline.errors import ContourError, DicomError
+from transforms import _isolate, masks, quality
 from transforms._isolate import DecoderPool, InProcessDecoder, IsolatedDecoder
 from transforms.reconcile import Patient
 
@@ -337,11 +337,10 @@ class DecodeSlicesFn(beam.DoFn):
 
   def _read(self, chunk: SliceChunk, path: str):
     """Yields an error row if unreadable; returns the bytes, or None."""
-    try:
-      return _files.read_input(self._input_root, path)
-    except (OSError, UnsafePathError) as e:
-      yield self._error(chunk, path, s.STAGE_READ, _isolate.read_error(e))
-      return None
+    data, failed = _isolate.read(self._input_root, path)
+    if failed is not None:
+      yield self._error(chunk, path, s.STAGE_READ, failed[1])
+    return data
 
   def _slice_row(self, chunk: SliceChunk, task: SliceTask, outcome):
     """Yields error rows; returns the slice's row, or None if unusable."""
