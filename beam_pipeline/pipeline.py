@@ -250,14 +250,7 @@ def run(argv: Sequence[str] | None = None) -> PipelineResult:
   seconds = time.monotonic() - start
   totals = counters(result)
   _publish(ingest.output)
-  outputs = {
-    name: FileSystems.join(ingest.output, entry)
-    for name, entry in (
-      ('slices', s.SLICES_DIR),
-      ('reconciliation', s.RECONCILIATION_DIR),
-      ('errors', s.ERRORS_DIR),
-    )
-  }
+  outputs = {entry: FileSystems.join(ingest.output, entry) for entry in _DATA_ENTRIES}
   outputs['summary'] = _write_summary(ingest, totals, seconds)
   if ingest.qa_dir is not None:
     outputs['qa'] = qa.write_qa(ingest.output, ingest.qa_dir)
@@ -287,9 +280,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   except Exception:
     _LOG.exception('the pipeline failed')
     return EXIT_FAILED
-  if PipelineOptions(argv).view_as(TestOptions).dry_run:
+  options = PipelineOptions(argv)
+  if options.view_as(TestOptions).dry_run:
     return EXIT_OK
   if report.issue_count(counters(result)):
-    strict = PipelineOptions(argv).view_as(IngestOptions).strict
-    return EXIT_STRICT if strict else EXIT_QUARANTINED
+    return EXIT_STRICT if options.view_as(IngestOptions).strict else EXIT_QUARANTINED
   return EXIT_OK
