@@ -36,6 +36,10 @@ def _snapshot(out):
   return found
 
 
+def _files_under(folder):
+  return any(files for _, _, files in os.walk(folder))
+
+
 def _kill_half_way(args, out):
   """Starts the job, SIGKILLs its process group once it is writing, returns."""
   job = subprocess.Popen(
@@ -46,9 +50,8 @@ def _kill_half_way(args, out):
   )
   staging = os.path.join(out, s.STAGING_DIR)
   deadline = time.monotonic() + 120
-  while not os.path.exists(staging) and time.monotonic() < deadline:
-    time.sleep(0.05)
-  time.sleep(1.0)
+  while not _files_under(staging) and time.monotonic() < deadline:
+    time.sleep(0.01)  # killed as soon as the first shard is being written
   still_running = job.poll() is None
   os.killpg(job.pid, signal.SIGKILL)
   job.wait()

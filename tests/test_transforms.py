@@ -83,10 +83,12 @@ def test_plan_chunks_splits_in_order_and_filters_labeled():
   )
   patient = Patient('P', 'O', slices, contours)
   chunks = plan_chunks(patient, chunk_size=3)
-  assert [len(c.slices) for c in chunks] == [3, 3, 1]
+  assert [len(c.slices) for c in chunks] == [2, 2, 3]  # even, none over 3
   assert [(c.chunk, c.chunks) for c in chunks] == [(0, 3), (1, 3), (2, 3)]
   assert [t.slice_index for c in chunks for t in c.slices] == list(range(1, 8))
-  assert chunks[0].slices[2] == SliceTask(3, 'dicoms/P/3.dcm', 'c3', None)
+  assert chunks[1].slices[0] == SliceTask(3, 'dicoms/P/3.dcm', 'c3', None)
+  sizes = [len(c.slices) for c in plan_chunks(Patient('P', 'O', slices * 33, ()), 64)]
+  assert sizes == [57, 58, 58, 58] and sum(sizes) == 231
   labeled = plan_chunks(patient, chunk_size=3, labeled_only=True)
   assert [[t.slice_index for t in c.slices] for c in labeled] == [[3, 6]]
   assert plan_chunks(Patient('P', 'O', slices, ()), 3, labeled_only=True) == []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import stat
 from collections.abc import Iterator
 
 from apache_beam.io.filesystem import CompressionTypes
@@ -43,13 +44,26 @@ def relative_to(root: str, path: str) -> str:
 
 @functools.lru_cache(maxsize=8)
 def _real_root(root: str) -> str:
-  return os.path.realpath(root)
+  return os.path.realpath(root).rstrip('/') + '/'
+
+
+@functools.lru_cache(maxsize=4096)
+def _real_folder(folder: str) -> str:
+  return os.path.realpath(folder)
 
 
 def _check_inside(root: str, full_path: str) -> None:
-  real_root = _real_root(root)
-  real = os.path.realpath(full_path)
-  if os.path.commonpath([real_root, real]) != real_root:
+  """Raises UnsafePathError if ``full_path`` resolves outside ``root``.
+
+  Folders' real paths are cached (a tree's folders are few); the file itself
+  is resolved only when it is a symlink. Raises OSError if it does not exist.
+  """
+  folder, name = os.path.split(full_path)
+  if name in ('', '.', '..') or stat.S_ISLNK(os.lstat(full_path).st_mode):
+    real = os.path.realpath(full_path)
+  else:
+    real = os.path.join(_real_folder(folder), name)
+  if not real.startswith(_real_root(root)):
     raise UnsafePathError(
       f'resolves outside the input root (to {real}); symlinks leaving the '
       'input are not followed'
@@ -66,6 +80,8 @@ def read_input(root: str, relative: str) -> bytes:
   full_path = join_path(root, relative)
   if is_local(full_path):
     _check_inside(root, full_path)
+    with open(full_path, 'rb') as f:
+      return f.read()
   with FileSystems.open(full_path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
     return f.read()
 

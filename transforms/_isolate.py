@@ -25,7 +25,7 @@ import signal
 from collections.abc import Callable, Iterator
 
 from beam_pipeline.errors import DicomError, UnsafePathError
-from transforms import _files
+from transforms import _files, _malloc
 
 _LOG = logging.getLogger(__name__)
 
@@ -75,9 +75,15 @@ class InProcessDecoder:
     self._root = root
     self._decode = decode
 
-  def decode_all(self, paths: list[str], max_pixels: int) -> Iterator[Outcome]:
-    for path in paths:
-      yield read_and_decode(self._root, path, max_pixels, self._decode)
+  def decode_all(
+    self, paths: list[str], max_pixels: int, datas: list[bytes] | None = None
+  ) -> Iterator[Outcome]:
+    """Outcomes of ``paths``, in order; ``datas``: their bytes, if already read."""
+    for k, path in enumerate(paths):
+      if datas is None:
+        yield read_and_decode(self._root, path, max_pixels, self._decode)
+      else:
+        yield decode_bytes(datas[k], path, max_pixels, self._decode)
 
   def close(self) -> None:
     pass
@@ -89,6 +95,7 @@ def _serve(conn, root: str, decode: Decoder) -> None:
   A request is (path, data, max_pixels): data None means "read it yourself".
   """
   signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+  _malloc.keep_freed_memory()
   while True:
     request = conn.recv()
     if request is None:
@@ -147,14 +154,24 @@ class IsolatedDecoder:
     self._process = self._conn = None
     return ended
 
-  def decode_all(self, paths: list[str], max_pixels: int) -> Iterator[Outcome]:
+  def decode_all(
+    self, paths: list[str], max_pixels: int, datas: list[bytes] | None = None
+  ) -> Iterator[Outcome]:
+    """Outcomes of ``paths``, in order; ``datas``: their bytes, if already read.
+
+    Local files are read again by the child (from the page cache: cheaper
+    than sending them through the pipe).
+    """
     if _files.is_local(self._root):
       yield from self._decode_local(paths, max_pixels)
       return
     # Other file systems are configured in the worker only: read here, send
     # the bytes, one file in flight (large requests must not fill both pipes).
-    for path in paths:
-      data, failed = read(self._root, path)
+    for k, path in enumerate(paths):
+      if datas is None:
+        data, failed = read(self._root, path)
+      else:
+        data, failed = datas[k], None
       yield failed or next(self._decode_local([path], max_pixels, data))
 
   def _decode_local(
@@ -214,10 +231,13 @@ class DecoderPool:
   def __init__(self, decoders: list):
     self._decoders = decoders
 
-  def decode_all(self, paths: list[str], max_pixels: int) -> Iterator[Outcome]:
+  def decode_all(
+    self, paths: list[str], max_pixels: int, datas: list[bytes] | None = None
+  ) -> Iterator[Outcome]:
     n = len(self._decoders)
     streams = [
-      d.decode_all(paths[k::n], max_pixels) for k, d in enumerate(self._decoders)
+      d.decode_all(paths[k::n], max_pixels, None if datas is None else datas[k::n])
+      for k, d in enumerate(self._decoders)
     ]
     for i in range(len(paths)):
       yield next(streams[i % n])

@@ -7,6 +7,7 @@ decoded into one Arrow table, which becomes one Parquet row group.
 
 from __future__ import annotations
 
+import gc
 import io
 import logging
 import math
@@ -27,7 +28,7 @@ from pydicom.errors import InvalidDicomError
 from beam_pipeline import report, splits
 from beam_pipeline import schema as s
 from beam_pipeline.errors import ContourError, DicomError
-from transforms import _isolate, masks, quality
+from transforms import _isolate, _malloc, _native, masks, quality
 from transforms._isolate import DecoderPool, InProcessDecoder, IsolatedDecoder
 from transforms.reconcile import Patient
 
@@ -59,8 +60,11 @@ class SliceChunk(NamedTuple):
 def plan_chunks(
   patient: Patient, chunk_size: int, labeled_only: bool = False
 ) -> list[SliceChunk]:
-  """Splits a patient's slices into chunks, in slice order.
+  """Splits a patient's slices into chunks of nearly equal size, in slice order.
 
+  ``ceil(n / chunk_size)`` chunks whose sizes differ by at most one (230
+  slices at 64 make 57, 58, 57, 58, not 64, 64, 64, 38): runners deal work
+  items out by count, so even items keep every worker busy to the end.
   With ``labeled_only``, only slices with at least one contour file are kept;
   a patient without any then yields no chunk.
   """
@@ -77,14 +81,17 @@ def plan_chunks(
     for d in patient.slices
     if not labeled_only or d.slice_index in contours
   ]
+  if not tasks:
+    return []
   count = math.ceil(len(tasks) / chunk_size)
+  bounds = [k * len(tasks) // count for k in range(count + 1)]
   return [
     SliceChunk(
       patient.patient_id,
       patient.original_id,
       k,
       count,
-      tuple(tasks[k * chunk_size : (k + 1) * chunk_size]),
+      tuple(tasks[bounds[k] : bounds[k + 1]]),
     )
     for k in range(count)
   ]
@@ -115,39 +122,21 @@ _NATIVE_SYNTAXES = {
 def _native_pixels(
   ds: pydicom.Dataset, rows: int, columns: int, samples: int
 ) -> np.ndarray | None:
-  """The pixels of a common uncompressed image straight from the bytes.
-
-  Equal to ``ds.pixel_array`` (the tests prove it on every pydicom test file)
-  at a fraction of the cost: one frame, one sample, 8/16/32-bit integers;
-  unused high bits are masked (unsigned) or sign-extended (signed) exactly as
-  pydicom does. Anything else returns None and takes pydicom's decoder.
-  """
+  """The pixels of a common uncompressed image (see :func:`_native.pixels`),
+  or None for pydicom's decoder."""
   order = _NATIVE_SYNTAXES.get(ds.file_meta.get('TransferSyntaxUID'))
-  allocated = ds.get('BitsAllocated')
-  stored = ds.get('BitsStored') or allocated
-  signed = ds.get('PixelRepresentation')
-  if (
-    order is None
-    or samples != 1
-    or allocated not in (8, 16, 32)
-    or signed not in (0, 1)
-    or not 0 < stored <= allocated
-    or 'PixelData' not in ds
-    or (order == '>' and allocated == 8)  # OW words are swapped in pairs
-  ):
+  if order is None or 'PixelData' not in ds:
     return None
-  dtype = np.dtype(f'{order}{"i" if signed else "u"}{allocated // 8}')
-  raw = ds.PixelData
-  if len(raw) < rows * columns * dtype.itemsize:
-    return None  # pydicom's decoder gives the precise error
-  image = np.frombuffer(raw, dtype, count=rows * columns).reshape(rows, columns)
-  image = image.astype(dtype.newbyteorder('<'))  # a copy: no reference to ds
-  unused = allocated - stored
-  if unused and signed:
-    image = (image << unused) >> unused
-  elif unused:
-    image &= (1 << stored) - 1
-  return image
+  return _native.pixels(
+    ds.PixelData,
+    order,
+    rows,
+    columns,
+    samples,
+    ds.get('BitsAllocated'),
+    ds.get('BitsStored'),
+    ds.get('PixelRepresentation'),
+  )
 
 
 def decode_dicom(
@@ -291,6 +280,10 @@ class DecodeSlicesFn(beam.DoFn):
     self._decoders = decoders
 
   def setup(self):
+    _malloc.keep_freed_memory()
+    # The worker's long-lived objects (Beam, pydicom, pyarrow) need no more
+    # cycle collection: freezing them saves every later collection the walk.
+    gc.freeze()
     counter = lambda name: Metrics.counter(report.NAMESPACE, name)  # noqa: E731
     self._patients = counter(report.PATIENTS_DONE)
     self._slices = counter(report.SLICES_WRITTEN)
@@ -316,11 +309,10 @@ class DecodeSlicesFn(beam.DoFn):
 
   def process(self, chunk: SliceChunk):
     rows = []
-    outcomes = self._decoder.decode_all(
-      [task.dicom_path for task in chunk.slices], self._max_pixels
-    )
+    split = splits.assign_split(chunk.patient_id, self._split_fractions)
+    outcomes = self._decode_all([task.dicom_path for task in chunk.slices])
     for task, outcome in zip(chunk.slices, outcomes, strict=True):
-      row = yield from self._slice_row(chunk, task, outcome)
+      row = yield from self._slice_row(chunk, task, outcome, split)
       if row is not None:
         rows.append(row)
     done = int(chunk.chunk == chunk.chunks - 1)
@@ -329,6 +321,36 @@ class DecodeSlicesFn(beam.DoFn):
     self._progress.add(patients=done, slices=len(rows))
     if rows:
       yield pa.Table.from_pylist(rows, schema=s.SLICE_SCHEMA)
+
+  def _decode_all(self, paths: list[str]) -> list[_isolate.Outcome]:
+    """One outcome per path, in order (see transforms._isolate).
+
+    The native reader takes what it can here, in the worker; the rest goes to
+    pydicom, in the decoder child when isolated.
+    """
+    outcomes: list = [None] * len(paths)
+    rest, data_of_rest = [], []
+    for i, path in enumerate(paths):
+      data, failed = _isolate.read(self._input_root, path)
+      if failed is not None:
+        outcomes[i] = failed
+        continue
+      try:
+        fast = _native.decode(data, self._max_pixels)
+      except Exception:  # a bug in the fast path: let pydicom decide
+        _LOG.exception('native reader failed on %s', path)
+        fast = None
+      if fast is None:
+        rest.append(i)
+        data_of_rest.append(data)
+      else:
+        outcomes[i] = 'ok', (*fast, len(data))
+    decoded = self._decoder.decode_all(
+      [paths[i] for i in rest], self._max_pixels, data_of_rest
+    )
+    for i, outcome in zip(rest, decoded, strict=True):
+      outcomes[i] = outcome
+    return outcomes
 
   def _error(self, chunk, path, stage, message):
     return pvalue.TaggedOutput(
@@ -342,7 +364,7 @@ class DecodeSlicesFn(beam.DoFn):
       yield self._error(chunk, path, s.STAGE_READ, failed[1])
     return data
 
-  def _slice_row(self, chunk: SliceChunk, task: SliceTask, outcome):
+  def _slice_row(self, chunk: SliceChunk, task: SliceTask, outcome, split: str):
     """Yields error rows; returns the slice's row, or None if unusable."""
     kind, payload = outcome
     if kind != 'ok':
@@ -362,7 +384,7 @@ class DecodeSlicesFn(beam.DoFn):
       'patient_id': chunk.patient_id,
       'original_id': chunk.original_id,
       'slice_index': task.slice_index,
-      'split': splits.assign_split(chunk.patient_id, self._split_fractions),
+      'split': split,
       'dicom_path': task.dicom_path,
       **meta,
       **pixel_columns,

@@ -1,0 +1,314 @@
+"""A small reader for the common DICOM slice: uncompressed, little endian.
+
+pydicom builds a full Dataset (every element, converted) before we read twenty
+of them; on a 256 x 256 slice that is most of the decoding time. ``decode``
+walks the elements itself, keeps the raw bytes of the tags SLICE_SCHEMA needs,
+and takes the pixels with ``numpy.frombuffer``.
+
+It is a fast path, never a second opinion: it returns None for anything it is
+not sure to read exactly as ``decode.decode_dicom`` (pydicom) does, and the
+caller then uses pydicom, which also gives the precise error for a bad file.
+None is returned for: big-endian or compressed transfer syntaxes, elements
+that overrun the file, unknown or unexpected VRs, a repeated tag, sequences
+nested deeper than MAX_DEPTH, a value in a form pydicom might convert
+differently (multi-valued where one is expected, numbers outside a strict
+syntax), and every image decode_dicom would reject. tests/test_native.py
+compares both readers on pydicom's test files, generated trees and fuzzed
+bytes.
+
+It cannot crash or hang the worker: pure Python and numpy over bytes already
+in memory, every loop advances through the buffer or stops, and nothing is
+allocated beyond one copy of the pixels, so it runs in-process even when
+pydicom's decoders are isolated in a child (see transforms._isolate).
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+
+import numpy as np
+
+MAX_DEPTH = 8
+EXPLICIT_LE = '1.2.840.10008.1.2.1'
+IMPLICIT_LE = '1.2.840.10008.1.2'
+
+# VRs with a 2-byte reserved field and a 4-byte length in explicit VR.
+_LONG_VRS = frozenset(b'OB OD OF OL OV OW SQ SV UC UN UR UT UV'.split())
+_SHORT_VRS = frozenset(
+  b'AE AS AT CS DA DS DT FD FL IS LO LT PN SH SL SS ST TM UI UL US'.split()
+)
+_UNDEFINED = 0xFFFFFFFF
+_ITEM = 0xFFFEE000
+_ITEM_END = 0xFFFEE00D
+_SEQUENCE_END = 0xFFFEE0DD
+_PIXEL_DATA = 0x7FE00010
+_TRANSFER_SYNTAX = 0x00020010
+
+# tag -> (column or internal name, VR, kind, count); kind says how to convert.
+_TAGS = {
+  0x00080018: ('sop_instance_uid', b'UI', 'str', 0),
+  0x0020000E: ('series_instance_uid', b'UI', 'str', 0),
+  0x0020000D: ('study_instance_uid', b'UI', 'str', 0),
+  0x00080060: ('modality', b'CS', 'str', 0),
+  0x00200013: ('instance_number', b'IS', 'int', 0),
+  0x00280008: ('frames', b'IS', 'int', 0),
+  0x00280010: ('rows', b'US', 'us', 0),
+  0x00280011: ('columns', b'US', 'us', 0),
+  0x00280002: ('samples_per_pixel', b'US', 'us', 0),
+  0x00280004: ('photometric_interpretation', b'CS', 'str', 0),
+  0x00280100: ('bits_allocated', b'US', 'us', 0),
+  0x00280101: ('bits_stored', b'US', 'us', 0),
+  0x00280103: ('pixel_representation', b'US', 'us', 0),
+  0x00280030: ('pixel_spacing', b'DS', 'float', 2),
+  0x00180050: ('slice_thickness', b'DS', 'float', 0),
+  0x00201041: ('slice_location', b'DS', 'float', 0),
+  0x00200032: ('image_position_patient', b'DS', 'float', 3),
+  0x00200037: ('image_orientation_patient', b'DS', 'float', 6),
+  0x00281053: ('rescale_slope', b'DS', 'float', 0),
+  0x00281052: ('rescale_intercept', b'DS', 'float', 0),
+  0x00181060: ('trigger_time', b'DS', 'float', 0),
+  _PIXEL_DATA: ('pixels', None, 'bytes', 0),
+}
+_INT = re.compile(r' *[+-]?\d{1,9} *')
+_FLOAT = re.compile(r' *[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d{1,3})? *')
+_UNSURE = object()
+
+
+class _Unsupported(Exception):
+  """The file is not one this reader is sure to read like pydicom."""
+
+
+def _header(
+  data: bytes, pos: int, explicit: bool
+) -> tuple[int, bytes | None, int, int]:
+  """The element header at ``pos``: (tag, VR or None, value length, value pos)."""
+  if pos + 8 > len(data):
+    raise _Unsupported
+  group, number = struct.unpack_from('<HH', data, pos)
+  tag = group << 16 | number
+  if group == 0xFFFE or not explicit:  # item tags never carry a VR
+    (length,) = struct.unpack_from('<I', data, pos + 4)
+    return tag, None, length, pos + 8
+  vr = data[pos + 4 : pos + 6]
+  if vr in _SHORT_VRS:
+    (length,) = struct.unpack_from('<H', data, pos + 6)
+    return tag, vr, length, pos + 8
+  if vr in _LONG_VRS:
+    if pos + 12 > len(data):
+      raise _Unsupported
+    (length,) = struct.unpack_from('<I', data, pos + 8)
+    return tag, vr, length, pos + 12
+  raise _Unsupported
+
+
+def _skip_undefined(data: bytes, pos: int, explicit: bool, depth: int) -> int:
+  """Skips a sequence of undefined length starting at ``pos``; returns the end."""
+  if depth > MAX_DEPTH:
+    raise _Unsupported
+  while True:
+    tag, _, length, pos = _header(data, pos, explicit)
+    if tag == _SEQUENCE_END:
+      return pos
+    if tag != _ITEM:
+      raise _Unsupported
+    if length != _UNDEFINED:
+      pos += length
+      continue
+    while True:  # the item's elements, up to its delimiter
+      tag, vr, length, pos = _header(data, pos, explicit)
+      if tag == _ITEM_END:
+        break
+      if length == _UNDEFINED:
+        if vr not in (None, b'SQ', b'UN'):
+          raise _Unsupported
+        pos = _skip_undefined(data, pos, explicit and vr != b'UN', depth + 1)
+      else:
+        pos += length
+      if pos > len(data):
+        raise _Unsupported
+
+
+def _elements(data: bytes, pos: int, explicit: bool, end: int | None = None) -> dict:
+  """The raw values of _TAGS (tag -> (VR, bytes)) from ``pos`` to ``end``."""
+  found = {}
+  end = len(data) if end is None else end
+  while pos < end:
+    tag, vr, length, pos = _header(data, pos, explicit)
+    if length == _UNDEFINED:
+      if tag == _PIXEL_DATA or vr not in (None, b'SQ', b'UN'):
+        raise _Unsupported  # encapsulated pixels, or not a sequence
+      # An undefined-length UN holds a sequence in implicit VR (PS3.5 6.2.2).
+      pos = _skip_undefined(data, pos, explicit and vr != b'UN', 1)
+      continue
+    if pos + length > end:
+      raise _Unsupported
+    if tag in _TAGS:
+      if tag in found:
+        raise _Unsupported
+      found[tag] = vr, data[pos : pos + length]
+    pos += length
+  return found
+
+
+def _meta_group(data: bytes) -> tuple[str, int]:
+  """(transfer syntax UID, position of the data set) from the file meta."""
+  if len(data) < 132 or data[128:132] != b'DICM':
+    raise _Unsupported
+  pos = 132
+  syntax = None
+  while pos + 8 <= len(data) and data[pos : pos + 2] == b'\x02\x00':
+    tag, _, length, value = _header(data, pos, explicit=True)
+    if length == _UNDEFINED or value + length > len(data):
+      raise _Unsupported
+    if tag == _TRANSFER_SYNTAX:
+      syntax = data[value : value + length].decode('latin-1').rstrip(' \x00')
+    pos = value + length
+  if syntax not in (EXPLICIT_LE, IMPLICIT_LE):
+    raise _Unsupported
+  return syntax, pos
+
+
+def _convert(tag: int, vr: bytes | None, raw: bytes):
+  """A tag's value as decode_dicom returns it, None if empty, or _UNSURE."""
+  _, expected_vr, kind, count = _TAGS[tag]
+  if vr is not None and kind != 'bytes' and vr != expected_vr:
+    return _UNSURE
+  if kind == 'bytes':
+    return raw
+  if kind == 'us':
+    return struct.unpack('<H', raw)[0] if len(raw) == 2 else _UNSURE
+  text = raw.decode('latin-1').rstrip(' \x00')
+  if not text:
+    return None
+  values = text.split('\\')
+  if len(values) != max(count, 1):
+    return _UNSURE
+  if kind == 'str':
+    return text
+  pattern, convert = (_INT, int) if kind == 'int' else (_FLOAT, float)
+  if not all(pattern.fullmatch(v) for v in values):
+    return _UNSURE
+  converted = [convert(v) for v in values]
+  return converted if count else converted[0]
+
+
+def pixels(
+  raw: bytes,
+  order: str,
+  rows: int,
+  columns: int,
+  samples: int,
+  allocated: int | None,
+  stored: int | None,
+  signed: int | None,
+) -> np.ndarray | None:
+  """The image of one uncompressed frame straight from its bytes.
+
+  Equal to pydicom's ``pixel_array`` for one frame, one sample, 8/16/32-bit
+  integers; unused high bits are masked (unsigned) or sign-extended (signed)
+  exactly as pydicom does. Anything else returns None.
+
+  Args:
+    raw: the Pixel Data value.
+    order: '<' or '>', the transfer syntax's byte order.
+    rows, columns, samples: from the header.
+    allocated, stored, signed: BitsAllocated, BitsStored (None or 0 means
+      all allocated bits) and PixelRepresentation.
+  """
+  stored = stored or allocated
+  if (
+    samples != 1
+    or allocated not in (8, 16, 32)
+    or signed not in (0, 1)
+    or not 0 < stored <= allocated
+    or (order == '>' and allocated == 8)  # OW words are swapped in pairs
+  ):
+    return None
+  dtype = np.dtype(f'{order}{"i" if signed else "u"}{allocated // 8}')
+  if len(raw) < rows * columns * dtype.itemsize:
+    return None  # pydicom's decoder gives the precise error
+  image = np.frombuffer(raw, dtype, count=rows * columns).reshape(rows, columns)
+  image = image.astype(dtype.newbyteorder('<'))  # a copy: no reference to raw
+  unused = allocated - stored
+  if unused and signed:
+    image = (image << unused) >> unused
+  elif unused:
+    image &= (1 << stored) - 1
+  return image
+
+
+def decode(data: bytes, max_pixels: int) -> tuple[dict, np.ndarray] | None:
+  """(metadata, image) exactly as ``decode_dicom`` returns them, or None.
+
+  See the module docstring for when None is returned.
+  """
+  try:
+    syntax, pos = _meta_group(data)
+    explicit = syntax == EXPLICIT_LE
+    if not explicit and data[pos + 4 : pos + 6] in _SHORT_VRS | _LONG_VRS:
+      return None  # pydicom would read this "implicit" data set as explicit
+    found = _elements(data, pos, explicit)
+  except _Unsupported:
+    return None
+  values = {}
+  for tag, (vr, raw) in found.items():
+    value = _convert(tag, vr, raw)
+    if value is _UNSURE:
+      return None
+    values[_TAGS[tag][0]] = value
+  rows, columns = values.get('rows'), values.get('columns')
+  samples = values.get('samples_per_pixel') or 1
+  raw = values.pop('pixels', None)
+  if (
+    raw is None
+    or not rows
+    or not columns
+    or (values.pop('frames', None) or 1) != 1
+    or rows * columns * samples > max_pixels
+  ):
+    return None
+  image = pixels(
+    raw,
+    '<',
+    rows,
+    columns,
+    samples,
+    values.get('bits_allocated'),
+    values.get('bits_stored'),
+    values.get('pixel_representation'),
+  )
+  if image is None:
+    return None
+  meta = dict.fromkeys(_COLUMNS)
+  meta.update(values)
+  meta['transfer_syntax_uid'] = syntax
+  meta['samples_per_pixel'] = samples
+  meta['pixel_dtype'] = image.dtype.name
+  return meta, image
+
+
+_COLUMNS = (
+  'sop_instance_uid',
+  'series_instance_uid',
+  'study_instance_uid',
+  'modality',
+  'transfer_syntax_uid',
+  'instance_number',
+  'rows',
+  'columns',
+  'samples_per_pixel',
+  'photometric_interpretation',
+  'bits_allocated',
+  'bits_stored',
+  'pixel_representation',
+  'pixel_dtype',
+  'pixel_spacing',
+  'slice_thickness',
+  'slice_location',
+  'image_position_patient',
+  'image_orientation_patient',
+  'rescale_slope',
+  'rescale_intercept',
+  'trigger_time',
+)
