@@ -7,6 +7,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from beam_pipeline import splits
 from beam_pipeline.errors import UsageError
 from transforms.decode import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_PIXELS
+from transforms.write import DEFAULT_IMAGE_CODEC, IMAGE_CODECS
 
 DEFAULT_OUTPUT = 'output'
 DEFAULT_SAMPLE_DIR = 'sample_data'
@@ -57,6 +58,15 @@ class IngestOptions(PipelineOptions):
       help='Slices per work item and per Parquet row group (default: %(default)s).',
     )
     parser.add_argument(
+      '--image-codec',
+      dest='image_codec',
+      choices=IMAGE_CODECS,
+      default=DEFAULT_IMAGE_CODEC,
+      help='Parquet compression of the image column; every other column is '
+      'zstd. MR slices shrink to about 60%% with zstd, at more CPU than the '
+      'saved writing (BENCHMARKS.md) (default: %(default)s).',
+    )
+    parser.add_argument(
       '--max-pixels',
       dest='max_pixels',
       type=int,
@@ -68,9 +78,11 @@ class IngestOptions(PipelineOptions):
       '--decode-in-process',
       dest='decode_in_process',
       action='store_true',
-      help='Decode DICOM in the worker process itself. By default each worker '
-      'decodes in a child process, so a decoder crash or hang costs one slice '
-      '(an error row), not the run.',
+      help='Decode every DICOM in the worker process itself. By default '
+      'uncompressed slices are read in the worker by a small native reader and '
+      'the rest (compressed, unusual) are decoded by pydicom in a child '
+      'process, so a decoder crash or hang costs one slice (an error row), '
+      'not the run.',
     )
     parser.add_argument(
       '--decoders',

@@ -90,7 +90,7 @@ def build_pipeline(p: beam.Pipeline, options: IngestOptions) -> None:
     'slices': decoded.slices,
     'reconciliation': found['reconciliation'],
     'errors': errors,
-  } | 'Write' >> WriteDataset(staging_path(options.output))
+  } | 'Write' >> WriteDataset(staging_path(options.output), options.image_codec)
 
 
 def _absolute(path: str) -> str:

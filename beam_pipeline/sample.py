@@ -98,13 +98,28 @@ class Manifest:
 def expected_image(
   patient_id: str, slice_index: int, rows: int, columns: int
 ) -> np.ndarray:
-  """The known pixel values of a generated slice (int16, full 16-bit range)."""
+  """The known pixel values of a generated slice: a cardiac MR-like phantom.
+
+  Like a short-axis MR magnitude image (int16, 12-bit values): dark air with
+  Rician-like noise, an elliptic body, a bright blood pool inside a darker
+  myocardial ring where the generated contours lie (radii 0.12 and 0.22 of
+  the image), and noise everywhere. Its compressibility is that of real
+  slices, which the benchmark's Parquet sizes depend on.
+  """
   seed = zlib.crc32(f'{patient_id}/{slice_index}'.encode())
   rng = np.random.default_rng(seed)
-  noise = rng.integers(-1024, 3072, size=(rows, columns), dtype=np.int16)
   yy, xx = np.mgrid[0:rows, 0:columns]
-  disc = ((yy - rows / 2) ** 2 + (xx - columns / 2) ** 2) < (rows / 4) ** 2
-  return np.where(disc, noise // 2 + 1500, noise).astype(np.int16)
+  side = min(rows, columns)
+  radius = np.hypot(yy - rows / 2, xx - columns / 2) / side
+  body = ((xx - columns / 2) / (0.45 * columns)) ** 2 + (
+    (yy - rows / 2) / (0.35 * rows)
+  ) ** 2 < 1
+  level = np.where(body, 350.0 + 150.0 * (yy / rows), 0.0)
+  level = np.where(radius < 0.22, 250.0, level)  # myocardium
+  level = np.where(radius < 0.12, 900.0 + 30.0 * (slice_index % 7), level)  # blood
+  noise = rng.normal(0.0, 12.0, size=(rows, columns))
+  image = np.abs(level + noise)  # magnitude images are never negative
+  return np.clip(np.rint(image), 0, 4095).astype(np.int16)
 
 
 def polygon(

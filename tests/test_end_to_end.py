@@ -128,11 +128,28 @@ def test_clean_tree_exits_zero_and_schema_is_the_contract(clean_tree, tmp_path):
         group.column(c).path_in_schema: group.column(c)
         for c in range(group.num_columns)
       }
-      assert columns['image'].compression == 'LZ4'
+      assert columns['image'].compression == 'UNCOMPRESSED'  # see --image-codec
       assert columns['patient_id'].compression == 'ZSTD'
       assert not columns['image'].is_stats_set and columns['slice_index'].is_stats_set
   assert read_errors(out).num_rows == 0
   assert {r['status'] for r in read_reconciliation(out).to_pylist()} == {s.MATCHED}
+
+
+def test_image_codec_compresses_the_image_column_only(clean_tree, tmp_path):
+  root, manifest = clean_tree
+  out = str(tmp_path / 'OUT')
+  assert _run(root, out, '--image-codec', 'zstd') == pipeline.EXIT_OK
+  _check_slices(out, manifest)
+  for name in os.listdir(os.path.join(out, s.SLICES_DIR)):
+    group = pa.parquet.ParquetFile(os.path.join(out, s.SLICES_DIR, name)).metadata
+    codecs = {
+      group.row_group(0).column(c).path_in_schema: group.row_group(0).column(c)
+      for c in range(group.num_columns)
+    }
+    assert codecs['image'].compression == 'ZSTD'
+    assert (
+      codecs['image'].total_compressed_size < codecs['image'].total_uncompressed_size
+    )
 
 
 def test_labeled_only_keeps_only_contoured_slices(clean_tree, tmp_path):
