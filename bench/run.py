@@ -1,20 +1,24 @@
 """Benchmark: the pipeline against a plain script and a decode-only limit.
 
-    python bench/run.py --data bench/data/x20 --runs 3 [--write BENCHMARKS.md]
+    python bench/run.py --data bench/data/x100 --runs 3 [--write BENCHMARKS.md]
 
 Runs, on the same tree and in one invocation: the baseline (bench/baseline.py,
 sequential), the limit (bench/limit.py: decode only, one process per core) and
-the pipeline (run_pipeline.py) in the configurations below; each --runs times.
-Prints one table of medians: slices/s, wall seconds, peak RSS of the whole
-process tree, and the ratios against the baseline and the limit. Also the
-pipeline's fixed start-up cost (a 1-patient tree), its peak RSS on a 1x and a
-20x tree (--memory-base, --memory-big), and whether its output is the same
-whatever the number of workers.
+the pipeline (run_pipeline.py) in-process and with one worker process per
+core. Runs are interleaved (round 1 of every mode, then round 2, ...), each
+from the same state: previous output deleted, dirty pages synced, a short
+pause. Prints one table of medians: slices/s, wall seconds, peak RSS of the
+whole process tree, output size, and the ratios against the baseline and the
+limit (also per round, as machine load moves every figure). Also: the
+pipeline's fixed cost (a 1-patient tree), its peak RSS on a 1x and a 20x tree
+(--memory-base, --memory-big), whether its output is the same whatever the
+number of workers, and what writing new files costs on this machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import hashlib
 import os
 import platform
@@ -32,6 +36,7 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH)
 sys.path.insert(0, REPO)
 CORES = os.cpu_count() or 1
+PAUSE = 2.0  # seconds between runs
 
 from beam_pipeline import sample  # noqa: E402
 
@@ -57,6 +62,36 @@ def measure(command: list[str]) -> tuple[float, int]:
   return seconds, peak
 
 
+def settle(*paths: str) -> None:
+  """The same starting state for every run: outputs gone, disk synced, a pause."""
+  for path in paths:
+    shutil.rmtree(path, ignore_errors=True)
+  os.sync()
+  time.sleep(PAUSE)
+
+
+def size_of(path: str) -> int:
+  return sum(
+    os.path.getsize(os.path.join(d, name))
+    for d, _, files in os.walk(path)
+    for name in files
+  )
+
+
+def write_cost(scratch: str, mib: int = 1024) -> float:
+  """CPU seconds per MiB this process spends writing a new file of ``mib`` MiB."""
+  block = os.urandom(1 << 20)
+  path = os.path.join(scratch, 'write-probe')
+  settle()
+  before = psutil.Process().cpu_times()
+  with open(path, 'wb') as f:
+    for _ in range(mib):
+      f.write(block)
+  after = psutil.Process().cpu_times()
+  os.remove(path)
+  return (after.user + after.system - before.user - before.system) / mib
+
+
 def count_slices(data: str) -> int:
   return sum(
     1
@@ -79,53 +114,59 @@ def pipeline_command(data: str, out: str, extra: list[str]) -> list[str]:
   ]
 
 
-def modes(data: str, scratch: str) -> dict[str, list[str]]:
+def modes(data: str, scratch: str) -> dict[str, tuple[list[str], str | None]]:
+  """Each mode's command and the folder it writes (None: writes nothing)."""
+  out = {
+    name: os.path.join(scratch, name)
+    for name in ('baseline', 'in-process', 'processes')
+  }
   return {
-    'baseline (sequential script)': [
-      sys.executable,
-      os.path.join(BENCH, 'baseline.py'),
-      data,
-      os.path.join(scratch, 'baseline'),
-    ],
-    f'limit (decode only, {CORES} processes)': [
-      sys.executable,
-      os.path.join(BENCH, 'limit.py'),
-      data,
-      str(CORES),
-    ],
-    'pipeline, DirectRunner in-process': pipeline_command(
-      data, os.path.join(scratch, 'in-process'), ['--runner', 'DirectRunner']
+    'baseline (sequential script)': (
+      [sys.executable, os.path.join(BENCH, 'baseline.py'), data, out['baseline']],
+      out['baseline'],
     ),
-    f'pipeline, DirectRunner {CORES} processes': pipeline_command(
-      data,
-      os.path.join(scratch, 'processes'),
-      [
-        '--runner',
-        'DirectRunner',
-        '--direct_running_mode=multi_processing',
-        f'--direct_num_workers={CORES}',
-      ],
+    f'limit (decode only, {CORES} processes)': (
+      [sys.executable, os.path.join(BENCH, 'limit.py'), data, str(CORES)],
+      None,
+    ),
+    'pipeline, DirectRunner in-process': (
+      pipeline_command(data, out['in-process'], IN_PROCESS),
+      out['in-process'],
+    ),
+    f'pipeline, DirectRunner {CORES} processes': (
+      pipeline_command(data, out['processes'], PROCESSES),
+      out['processes'],
     ),
   }
 
 
+IN_PROCESS = ['--runner', 'DirectRunner']
+PROCESSES = [
+  '--runner',
+  'DirectRunner',
+  '--direct_running_mode=multi_processing',
+  f'--direct_num_workers={CORES}',
+]
+
+
 def fingerprint(out: str) -> list[tuple]:
-  """Every row's identity and content hashes, sorted."""
-  table = pq.read_table(
-    os.path.join(out, 'slices'),
-    columns=['patient_id', 'slice_index', 'image', 'i_mask', 'o_mask'],
-  )
+  """Every row's identity and content hashes, sorted; reads batch by batch."""
   digest = lambda b: hashlib.sha256(b).hexdigest() if b is not None else None  # noqa: E731
-  return sorted(
-    (
-      r['patient_id'],
-      r['slice_index'],
-      digest(r['image']),
-      digest(r['i_mask']),
-      digest(r['o_mask']),
-    )
-    for r in table.to_pylist()
-  )
+  rows = []
+  for shard in sorted(glob.glob(os.path.join(out, 'slices', '*.parquet'))):
+    columns = ['patient_id', 'slice_index', 'image', 'i_mask', 'o_mask']
+    for batch in pq.ParquetFile(shard).iter_batches(batch_size=256, columns=columns):
+      for r in batch.to_pylist():
+        rows.append(
+          (
+            r['patient_id'],
+            r['slice_index'],
+            digest(r['image']),
+            digest(r['i_mask']),
+            digest(r['o_mask']),
+          )
+        )
+  return sorted(rows)
 
 
 def main(argv=None) -> None:
@@ -137,46 +178,67 @@ def main(argv=None) -> None:
   parser.add_argument('--memory-base', help='a 1x tree for the memory comparison')
   parser.add_argument('--memory-big', help='a 20x tree for the memory comparison')
   parser.add_argument('--write', help='also write the report to this Markdown file')
+  parser.add_argument(
+    '--scratch', help='where outputs go (default: a new folder in the temp dir)'
+  )
   args = parser.parse_args(argv)
   slices = count_slices(args.data)
-  scratch = tempfile.mkdtemp(prefix='bench-')
+  scratch = tempfile.mkdtemp(prefix='bench-', dir=args.scratch)
   lines = []
 
   def say(text=''):
     print(text, flush=True)
     lines.append(text)
 
-  results = {}
-  for name, command in modes(args.data, scratch).items():
-    runs = [measure(command) for _ in range(args.runs)]
-    results[name] = (
-      statistics.median(r[0] for r in runs),
-      statistics.median(r[1] for r in runs),
-      [round(r[0], 1) for r in runs],
-    )
-    print(f'  {name}: {results[name][2]} s', flush=True)
-  baseline = slices / next(v[0] for k, v in results.items() if k.startswith('baseline'))
-  limit = slices / next(v[0] for k, v in results.items() if k.startswith('limit'))
+  all_modes = modes(args.data, scratch)
+  runs = {name: [] for name in all_modes}
+  sizes, prints = {}, {}
+  for round_ in range(args.runs):
+    for name, (command, out) in all_modes.items():
+      settle(*(out for _, out in all_modes.values() if out))
+      runs[name].append(measure(command))
+      if out and round_ == 0:
+        sizes[name] = size_of(out)
+        if name.startswith('pipeline'):
+          prints[name] = fingerprint(out)
+      print(f'  round {round_ + 1}: {name}: {runs[name][-1][0]:.1f} s', flush=True)
+  settle(*(out for _, out in all_modes.values() if out))
+  seconds = {name: [r[0] for r in measured] for name, measured in runs.items()}
+  baseline_name = next(n for n in all_modes if n.startswith('baseline'))
+  limit_name = next(n for n in all_modes if n.startswith('limit'))
+
+  def ratios(name: str, against: str) -> list[float]:
+    return [b / a for a, b in zip(seconds[name], seconds[against], strict=True)]
+
   say(
-    f'{slices} slices, {args.runs} runs each, medians. Machine: {CORES} cores, '
-    f'{psutil.virtual_memory().total / 2**30:.0f} GiB, '
+    f'{slices} slices, {args.runs} interleaved rounds, medians. Machine: {CORES} '
+    f'cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, '
     f'{platform.processor() or platform.machine()}, '
     f'Python {platform.python_version()}.'
   )
   say()
-  say('| mode | slices/s | wall s | peak RSS MiB | x baseline | x limit | runs (s) |')
-  say('| --- | ---: | ---: | ---: | ---: | ---: | --- |')
-  for name, (seconds, rss, runs) in results.items():
-    rate = slices / seconds
-    say(
-      f'| {name} | {rate:.0f} | {seconds:.1f} | {rss / 2**20:.0f} | '
-      f'{rate / baseline:.2f} | {rate / limit:.2f} | {runs} |'
-    )
-
-  say()
-  same = fingerprint(os.path.join(scratch, 'in-process')) == fingerprint(
-    os.path.join(scratch, 'processes')
+  say(
+    '| mode | slices/s | wall s | peak RSS MiB | output MiB | x baseline | x limit '
+    '| runs (s) |'
   )
+  say('| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |')
+  for name, measured in runs.items():
+    wall = statistics.median(seconds[name])
+    rss = statistics.median(r[1] for r in measured)
+    size = f'{sizes[name] / 2**20:.0f}' if name in sizes else '-'
+    say(
+      f'| {name} | {slices / wall:.0f} | {wall:.1f} | {rss / 2**20:.0f} | {size} | '
+      f'{statistics.median(ratios(name, baseline_name)):.2f} | '
+      f'{statistics.median(ratios(name, limit_name)):.2f} | '
+      f'{[round(x, 1) for x in seconds[name]]} |'
+    )
+  say()
+  say(
+    'x baseline and x limit are medians of the per-round ratios (each round '
+    'runs every mode back to back).'
+  )
+  pipelines = [n for n in prints]
+  same = all(prints[n] == prints[pipelines[0]] for n in pipelines)
   say(
     f'Output identical (rows, image and mask hashes) in-process and with {CORES} '
     f'worker processes: {"yes" if same else "NO"}.'
@@ -184,30 +246,37 @@ def main(argv=None) -> None:
 
   one = os.path.join(scratch, 'one-patient')
   sample.make_tree(one, patients=1, slices=230, rows=256, columns=256, contour_every=9)
-  startup = statistics.median(
-    measure(
-      pipeline_command(one, os.path.join(scratch, 'o1'), ['--runner', 'DirectRunner'])
-    )[0]
-    for _ in range(args.runs)
+  fixed = {}
+  for label, extra in (('in-process', IN_PROCESS), (f'{CORES} processes', PROCESSES)):
+    fixed[label] = []
+    for _ in range(args.runs):
+      settle(os.path.join(scratch, 'o1'))
+      command = pipeline_command(one, os.path.join(scratch, 'o1'), extra)
+      fixed[label].append(measure(command)[0])
+  say(
+    'Fixed cost, a 1-patient run (230 slices): '
+    + ', '.join(f'{statistics.median(v):.1f} s {k}' for k, v in fixed.items())
+    + '.'
   )
-  say(f'Fixed cost: a 1-patient run (230 slices) takes {startup:.1f} s in-process.')
+  say(
+    f'Writing a new 1 GiB file here costs {write_cost(scratch) * 1000:.2f} ms of '
+    'CPU per MiB (page cache, kernel time included).'
+  )
   if args.memory_base and args.memory_big:
-    small, big = (
-      statistics.median(
-        measure(
-          pipeline_command(
-            tree, os.path.join(scratch, 'mem'), ['--runner', 'DirectRunner']
-          )
-        )[1]
-        for _ in range(args.runs)
+    for label, extra in (('in-process', IN_PROCESS), (f'{CORES} processes', PROCESSES)):
+      peaks = []
+      for tree in (args.memory_base, args.memory_big):
+        samples_ = []
+        for _ in range(args.runs):
+          settle(os.path.join(scratch, 'mem'))
+          command = pipeline_command(tree, os.path.join(scratch, 'mem'), extra)
+          samples_.append(measure(command)[1])
+        peaks.append(statistics.median(samples_))
+      say(
+        f'Peak RSS, pipeline {label}: {count_slices(args.memory_base)} slices '
+        f'{peaks[0] / 2**20:.0f} MiB; {count_slices(args.memory_big)} slices '
+        f'{peaks[1] / 2**20:.0f} MiB; ratio {peaks[1] / peaks[0]:.2f}.'
       )
-      for tree in (args.memory_base, args.memory_big)
-    )
-    say(
-      f'Peak RSS, pipeline in-process: {count_slices(args.memory_base)} slices '
-      f'{small / 2**20:.0f} MiB; {count_slices(args.memory_big)} slices '
-      f'{big / 2**20:.0f} MiB; ratio {big / small:.2f}.'
-    )
   shutil.rmtree(scratch, ignore_errors=True)
   if args.write:
     with open(args.write, 'w') as f:
