@@ -17,6 +17,7 @@ setuptools.setup(
     'pyarrow>=17,<26',
     'pillow>=10,<13',
     'shapely>=2.0,<3',
+    'xxhash>=3.4,<4',
     'pylibjpeg>=2.0',
     'pylibjpeg-libjpeg>=2.1',
     'pylibjpeg-openjpeg>=2.3',

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = '1'
+SCHEMA_VERSION = '2'
 
 SLICES_DIR = 'slices'
 RECONCILIATION_DIR = 'reconciliation'
@@ -188,7 +188,12 @@ QUALITY_FIELDS = (
   ),
   _field('pixel_min', pa.float64(), 'smallest stored pixel value'),
   _field('pixel_max', pa.float64(), 'largest stored pixel value'),
-  _field('pixel_sha256', pa.string(), 'SHA-256 of the image bytes', False),
+  _field(
+    'pixel_xxh3',
+    pa.string(),
+    'XXH3-128 of the image bytes, 32 hex digits (xxhash.xxh3_128_hexdigest)',
+    False,
+  ),
   _field(
     'qa_flags',
     pa.list_(pa.string()),

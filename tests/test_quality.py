@@ -4,6 +4,7 @@ import time
 
 import numpy as np
 import pytest
+import xxhash
 
 from beam_pipeline import splits
 from beam_pipeline.errors import UsageError
@@ -80,9 +81,10 @@ def test_pixel_checks():
   image = np.arange(12, dtype=np.uint16).reshape(3, 4)
   columns, flags = quality.pixel_checks(image, bits_stored=12, pixel_representation=0)
   assert flags == [] and (columns['pixel_min'], columns['pixel_max']) == (0.0, 11.0)
-  assert len(columns['pixel_sha256']) == 64
+  assert columns['pixel_xxh3'] == xxhash.xxh3_128_hexdigest(image.tobytes())
+  assert len(columns['pixel_xxh3']) == 32
   other, _ = quality.pixel_checks(image + 1, 12, 0)
-  assert other['pixel_sha256'] != columns['pixel_sha256']
+  assert other['pixel_xxh3'] != columns['pixel_xxh3']
   _, flags = quality.pixel_checks(np.full((3, 3), 5000, np.uint16), 12, 0)
   assert flags == ['constant_image', 'pixels_out_of_range']
   signed = np.array([[-2048, 2047]], np.int16)
