@@ -10,7 +10,9 @@ at 0.2 ms per 256 x 256 slice, more than writing the saved bytes costs, and
 training reads them without decompressing; every other column with zstd.
 Only string columns are dictionary-encoded, and only scalar columns carry
 min/max statistics (statistics on image bytes cost time and help no reader).
-Each Arrow table, one SliceChunk of one patient, is one row group.
+Each Arrow table, one SliceChunk of one patient, is one row group. Local
+shards are written with O_DIRECT where the file system allows it
+(transforms/_direct.py).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from apache_beam.metrics import Metrics
 
 from beam_pipeline import report
 from beam_pipeline import schema as s
-from transforms import _files
+from transforms import _direct, _files
 
 CODEC = 'zstd'
 IMAGE_CODECS = ('none', 'lz4', 'snappy', 'zstd', 'gzip', 'brotli')
@@ -52,7 +54,10 @@ class _SliceSink(filebasedsink.FileBasedSink):
     self._image_codec = image_codec
 
   def open(self, temp_path):
-    handle = super().open(temp_path)
+    if _files.is_local(temp_path):  # around the page cache (see _direct)
+      handle = _direct.DirectFile(temp_path)
+    else:
+      handle = super().open(temp_path)
     names = self._schema.names
     strings = [f.name for f in self._schema if pa.types.is_string(f.type)]
     writer = pq.ParquetWriter(
