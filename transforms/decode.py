@@ -2,7 +2,9 @@
 
 A matched Patient fans out into SliceChunks of at most ``chunk_size`` slices
 (the only fan-out in the pipeline, so a Reshuffle follows it). Each chunk is
-decoded into one Arrow table, which becomes one Parquet row group.
+decoded into one Arrow table, which becomes one Parquet row group: common
+uncompressed slices by the native reader in the worker, the rest by pydicom
+(``decode_dicom``), isolated in a child process by default.
 """
 
 from __future__ import annotations
@@ -264,10 +266,11 @@ class DecodeSlicesFn(beam.DoFn):
     input_root: the data tree; task paths are relative to it.
     max_pixels: see :func:`decode_dicom`.
     split_fractions: train/val/test fractions for the split column.
-    isolate: decode in a child process, so that a decoder crash or hang
-      costs one slice, not the worker (see transforms._isolate).
+    isolate: decode with ``decode_fn`` in a child process, so that a decoder
+      crash or hang costs one slice, not the worker (see transforms._isolate).
     decode_timeout: seconds one file may take to decode when isolated.
-    decode_fn: the decoder; a module-level function.
+    decode_fn: the decoder of the files the native reader (transforms._native,
+      always in the worker) declines; a module-level function.
     """
     # Made here, on the launching machine, so every worker's copy shares it.
     self._run_id = uuid.uuid4().hex
