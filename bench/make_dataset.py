@@ -2,6 +2,8 @@
 
     python bench/make_dataset.py bench/data/x20 --copies 20
     python bench/make_dataset.py bench/data/mine --from /path/to/DATA --copies 5
+    python bench/make_dataset.py bench/data/hot --one-patient 5000 \
+        --from bench/data/x1.base
 
 The base is either a real tree (--from) or one made by the project's generator
 at realistic size: 256 x 256 int16 slices, 230 slices and about 25 contour
@@ -68,6 +70,36 @@ def replicate(base: str, target: str, copies: int) -> int:
   return slices
 
 
+def one_patient(base: str, target: str, slices: int) -> int:
+  """One patient of ``slices`` slices: the base's first patient, cycled.
+
+  Slice k is a hard link to the base slice ((k - 1) % n) + 1, with its
+  contour files, so a 5,000-slice patient costs little disk.
+  """
+  (pid, oid), *_ = _links(base)
+  names = os.listdir(os.path.join(base, layout.DICOM_DIR, pid))
+  count = max(int(name.split('.')[0]) for name in names)
+  os.makedirs(os.path.join(target, layout.DICOM_DIR, pid))
+  for k in range(1, slices + 1):
+    source = (k - 1) % count + 1
+    _link_or_copy(
+      os.path.join(base, layout.DICOM_DIR, pid, f'{source}.dcm'),
+      os.path.join(target, layout.DICOM_DIR, pid, f'{k}.dcm'),
+    )
+    for kind in ('i', 'o'):
+      name = layout.contour_name(kind, source)
+      path = os.path.join(base, layout.CONTOUR_DIR, oid, f'{kind}-contours', name)
+      if os.path.exists(path):
+        out = os.path.join(target, layout.CONTOUR_DIR, oid, f'{kind}-contours')
+        os.makedirs(out, exist_ok=True)
+        _link_or_copy(path, os.path.join(out, layout.contour_name(kind, k)))
+  with open(os.path.join(target, layout.LINK_FILE), 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(layout.LINK_HEADER)
+    writer.writerow((pid, oid))
+  return slices
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('target', help='folder to create (must not exist)')
@@ -75,6 +107,13 @@ def main(argv=None) -> None:
   parser.add_argument('--from', dest='base', help='a real tree to replicate')
   parser.add_argument(
     '--patients', type=int, default=5, help='patients in the generated base (default 5)'
+  )
+  parser.add_argument(
+    '--one-patient',
+    type=int,
+    metavar='N',
+    help='instead of copies: one patient of N slices (the memory test of a '
+    '"hot" patient)',
   )
   args = parser.parse_args(argv)
   if os.path.exists(args.target):
@@ -86,6 +125,10 @@ def main(argv=None) -> None:
       sample.make_tree(
         base, patients=args.patients, slices=230, rows=256, columns=256, contour_every=9
       )
+  if args.one_patient:
+    slices = one_patient(base, args.target, args.one_patient)
+    print(f'{args.target}: one patient of {slices} slices (cycled from {base})')
+    return
   slices = replicate(base, args.target, args.copies)
   print(f'{args.target}: {slices} slices ({args.copies} copies of {base})')
 

@@ -169,31 +169,13 @@ def fingerprint(out: str) -> list[tuple]:
   return sorted(rows)
 
 
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument(
-    '--data', required=True, help='tree to benchmark (>= 20,000 slices)'
-  )
-  parser.add_argument('--runs', type=int, default=3)
-  parser.add_argument('--memory-base', help='a 1x tree for the memory comparison')
-  parser.add_argument('--memory-big', help='a 20x tree for the memory comparison')
-  parser.add_argument('--write', help='also write the report to this Markdown file')
-  parser.add_argument(
-    '--scratch', help='where outputs go (default: a new folder in the temp dir)'
-  )
-  args = parser.parse_args(argv)
-  slices = count_slices(args.data)
-  scratch = tempfile.mkdtemp(prefix='bench-', dir=args.scratch)
-  lines = []
-
-  def say(text=''):
-    print(text, flush=True)
-    lines.append(text)
-
-  all_modes = modes(args.data, scratch)
+def _table(data: str, runs_per_mode: int, scratch: str, say) -> None:
+  """The main table: every mode, interleaved rounds, medians and ratios."""
+  slices = count_slices(data)
+  all_modes = modes(data, scratch)
   runs = {name: [] for name in all_modes}
   sizes, prints = {}, {}
-  for round_ in range(args.runs):
+  for round_ in range(runs_per_mode):
     for name, (command, out) in all_modes.items():
       settle(*(out for _, out in all_modes.values() if out))
       runs[name].append(measure(command))
@@ -211,7 +193,7 @@ def main(argv=None) -> None:
     return [b / a for a, b in zip(seconds[name], seconds[against], strict=True)]
 
   say(
-    f'{slices} slices, {args.runs} interleaved rounds, medians. Machine: {CORES} '
+    f'{slices} slices, {runs_per_mode} interleaved rounds, medians. Machine: {CORES} '
     f'cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, '
     f'{platform.processor() or platform.machine()}, '
     f'Python {platform.python_version()}.'
@@ -244,6 +226,52 @@ def main(argv=None) -> None:
     f'worker processes: {"yes" if same else "NO"}.'
   )
 
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--data', help='tree to benchmark (>= 20,000 slices)')
+  parser.add_argument('--runs', type=int, default=3)
+  parser.add_argument('--memory-base', help='a 1x tree for the memory comparison')
+  parser.add_argument('--memory-big', help='a 20x tree for the memory comparison')
+  parser.add_argument(
+    '--memory-hot',
+    help='a tree of one big patient (make_dataset.py --one-patient 5000), '
+    'compared with --memory-base',
+  )
+  parser.add_argument('--write', help='also write the report to this Markdown file')
+  parser.add_argument(
+    '--scratch', help='where outputs go (default: a new folder in the temp dir)'
+  )
+  args = parser.parse_args(argv)
+  scratch = tempfile.mkdtemp(prefix='bench-', dir=args.scratch)
+  lines = []
+
+  def say(text=''):
+    print(text, flush=True)
+    lines.append(text)
+
+  if args.data:
+    _table(args.data, args.runs, scratch, say)
+  _extras(args, scratch, say)
+  shutil.rmtree(scratch, ignore_errors=True)
+  if args.write:
+    with open(args.write, 'w') as f:
+      f.write('\n'.join(lines) + '\n')
+
+
+def _peak(tree: str, extra: list[str], runs: int, scratch: str) -> float:
+  """Median peak RSS of the pipeline's process tree on ``tree``."""
+  peaks = []
+  for _ in range(runs):
+    settle(os.path.join(scratch, 'mem'))
+    peaks.append(
+      measure(pipeline_command(tree, os.path.join(scratch, 'mem'), extra))[1]
+    )
+  return statistics.median(peaks)
+
+
+def _extras(args, scratch: str, say) -> None:
+  """Fixed cost, write cost and the memory comparisons."""
   one = os.path.join(scratch, 'one-patient')
   sample.make_tree(one, patients=1, slices=230, rows=256, columns=256, contour_every=9)
   fixed = {}
@@ -262,25 +290,24 @@ def main(argv=None) -> None:
     f'Writing a new 1 GiB file here costs {write_cost(scratch) * 1000:.2f} ms of '
     'CPU per MiB (page cache, kernel time included).'
   )
-  if args.memory_base and args.memory_big:
-    for label, extra in (('in-process', IN_PROCESS), (f'{CORES} processes', PROCESSES)):
-      peaks = []
-      for tree in (args.memory_base, args.memory_big):
-        samples_ = []
-        for _ in range(args.runs):
-          settle(os.path.join(scratch, 'mem'))
-          command = pipeline_command(tree, os.path.join(scratch, 'mem'), extra)
-          samples_.append(measure(command)[1])
-        peaks.append(statistics.median(samples_))
+  for label, extra in (('in-process', IN_PROCESS), (f'{CORES} processes', PROCESSES)):
+    if not args.memory_base:
+      break
+    small = _peak(args.memory_base, extra, args.runs, scratch)
+    base = f'{count_slices(args.memory_base)} slices {small / 2**20:.0f} MiB'
+    if args.memory_big:
+      big = _peak(args.memory_big, extra, args.runs, scratch)
       say(
-        f'Peak RSS, pipeline {label}: {count_slices(args.memory_base)} slices '
-        f'{peaks[0] / 2**20:.0f} MiB; {count_slices(args.memory_big)} slices '
-        f'{peaks[1] / 2**20:.0f} MiB; ratio {peaks[1] / peaks[0]:.2f}.'
+        f'Peak RSS, pipeline {label}: {base}; {count_slices(args.memory_big)} '
+        f'slices {big / 2**20:.0f} MiB; ratio {big / small:.2f}.'
       )
-  shutil.rmtree(scratch, ignore_errors=True)
-  if args.write:
-    with open(args.write, 'w') as f:
-      f.write('\n'.join(lines) + '\n')
+    if args.memory_hot:
+      hot = _peak(args.memory_hot, extra, args.runs, scratch)
+      say(
+        f'Peak RSS, pipeline {label}: {base}; one patient of '
+        f'{count_slices(args.memory_hot)} slices {hot / 2**20:.0f} MiB; ratio '
+        f'{hot / small:.2f}.'
+      )
 
 
 if __name__ == '__main__':
