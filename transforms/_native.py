@@ -70,8 +70,8 @@ _TAGS = {
   0x00181060: ('trigger_time', b'DS', 'float', 0),
   _PIXEL_DATA: ('pixels', None, 'bytes', 0),
 }
-_INT = re.compile(r' *[+-]?\d{1,9} *')
-_FLOAT = re.compile(r' *[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d{1,3})? *')
+_INT = re.compile(r' *[+-]?[0-9]{1,9} *')
+_FLOAT = re.compile(r' *[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]{1,3})? *')
 _UNSURE = object()
 
 
@@ -135,6 +135,8 @@ def _elements(data: bytes, pos: int, explicit: bool, end: int | None = None) -> 
   end = len(data) if end is None else end
   while pos < end:
     tag, vr, length, pos = _header(data, pos, explicit)
+    if tag >> 16 == 0xFFFE:
+      raise _Unsupported  # an item or delimiter outside any sequence
     if length == _UNDEFINED:
       if tag == _PIXEL_DATA or vr not in (None, b'SQ', b'UN'):
         raise _Unsupported  # encapsulated pixels, or not a sequence
