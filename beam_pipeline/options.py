@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from beam_pipeline import splits
+from beam_pipeline import report, splits
 from beam_pipeline.errors import UsageError
 from transforms.decode import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_PIXELS
 from transforms.write import DEFAULT_IMAGE_CODEC, IMAGE_CODECS
@@ -102,6 +102,14 @@ class IngestOptions(PipelineOptions):
       '(default: %(default)s).',
     )
     parser.add_argument(
+      '--progress-seconds',
+      dest='progress_seconds',
+      type=float,
+      default=report.PROGRESS_SECONDS,
+      help='Each worker logs a progress line (patients, slices, slices/s) at '
+      'most this often (default: %(default)s).',
+    )
+    parser.add_argument(
       '--split',
       default=splits.DEFAULT_FRACTIONS,
       help='train,val,test fractions; each patient goes to one split by a '
@@ -133,6 +141,10 @@ class IngestOptions(PipelineOptions):
       raise UsageError(f'--decoders must be at least 1, got {self.decoders}')
     if self.decode_timeout <= 0:
       raise UsageError(f'--decode-timeout must be positive, got {self.decode_timeout}')
+    if self.progress_seconds < 0:
+      raise UsageError(
+        f'--progress-seconds must not be negative, got {self.progress_seconds}'
+      )
     splits.parse_fractions(self.split)
     if not self.output:
       raise UsageError('--output must not be empty')

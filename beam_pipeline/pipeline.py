@@ -80,6 +80,7 @@ def build_pipeline(p: beam.Pipeline, options: IngestOptions) -> None:
         isolate=not options.decode_in_process,
         decode_timeout=options.decode_timeout,
         decoders=options.decoders,
+        progress_seconds=options.progress_seconds,
       )
     ).with_outputs(DecodeSlicesFn.ERRORS, main='slices')
   )
@@ -265,8 +266,10 @@ def _configure_logging() -> None:
     format='%(asctime)s %(levelname)s %(name)s: %(message)s',
     force=True,
   )
-  # Beam logs every stage at INFO; keep the console to our own lines.
+  # Beam logs every stage at INFO; keep the console to our own lines, also
+  # those of worker processes (progress), which Beam relays.
   logging.getLogger('apache_beam').setLevel(logging.WARNING)
+  report.show_worker_logs()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

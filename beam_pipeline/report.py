@@ -8,9 +8,13 @@ back when the run ends and prints the summary.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Mapping
+
+from apache_beam.portability.api import beam_fn_api_pb2
+from google.protobuf import text_format
 
 from beam_pipeline import schema as s
 
@@ -69,10 +73,11 @@ class Progress:
       elapsed = now - self._start
       patients, slices = self._patients, self._slices
     _LOG.info(
-      'progress: %d patients done, %d slices written, %.1f slices/s',
+      'progress: %d patients done, %d slices written, %.1f slices/s (process %d)',
       patients,
       slices,
       slices / elapsed if elapsed else 0.0,
+      os.getpid(),
     )
 
 
@@ -80,13 +85,50 @@ _progress: dict[str, Progress] = {}
 _progress_lock = threading.Lock()
 
 
-def progress(run_id: str) -> Progress:
+def progress(run_id: str, interval: float = PROGRESS_SECONDS) -> Progress:
   """This process's Progress for the run ``run_id`` (one per run and process)."""
   with _progress_lock:
     if run_id not in _progress:
       _progress.clear()  # a process serves one run at a time
-      _progress[run_id] = Progress()
+      _progress[run_id] = Progress(interval)
     return _progress[run_id]
+
+
+# The driver-side logger through which Beam's local job service relays the
+# log lines of worker processes (DirectRunner multi_processing, portable).
+WORKER_LOGGER = 'apache_beam.runners.portability.local_job_service'
+_OUR_PACKAGES = ('/beam_pipeline/', '/transforms/')
+
+
+class WorkerLogFilter(logging.Filter):
+  """Shows the project's own lines from worker processes; drops Beam's chatter.
+
+  The job service relays each worker line as ``'Worker: %s'`` with the text of
+  a LogEntry proto. Lines logged by our packages (progress, warnings about
+  inputs) are rewritten to their plain message; Beam's own worker lines pass
+  only from ERROR up (below that they are start-up notes such as
+  "Discarding unparseable args").
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.msg != 'Worker: %s' or len(record.args or ()) != 1:
+      return record.levelno >= logging.WARNING
+    try:
+      entry = text_format.Parse(record.args[0], beam_fn_api_pb2.LogEntry())
+    except text_format.ParseError:
+      return record.levelno >= logging.ERROR
+    if any(package in entry.log_location for package in _OUR_PACKAGES):
+      record.name, record.msg, record.args = 'worker', '%s', (entry.message,)
+      return True
+    return record.levelno >= logging.ERROR
+
+
+def show_worker_logs() -> None:
+  """Installs WorkerLogFilter on the job service's relay logger."""
+  logger = logging.getLogger(WORKER_LOGGER)
+  logger.setLevel(logging.INFO)
+  if not any(isinstance(f, WorkerLogFilter) for f in logger.filters):
+    logger.addFilter(WorkerLogFilter())
 
 
 def summary_text(

@@ -222,3 +222,27 @@ def test_a_failing_pipeline_exits_one_and_publishes_nothing(
   assert code == pipeline.EXIT_FAILED
   assert 'the pipeline failed' in capsys.readouterr().err
   assert blocker.read_text() == 'a file where the output folder should go'
+
+
+def test_worker_processes_report_progress_without_beams_chatter(
+  clean_tree, tmp_path, capsys
+):
+  root, manifest = clean_tree
+  out = str(tmp_path / 'OUT')
+  code = _run(
+    root,
+    out,
+    '--direct_running_mode=multi_processing',
+    '--direct_num_workers=2',
+    '--progress-seconds',
+    '0',
+  )
+  assert code == pipeline.EXIT_OK
+  _check_slices(out, manifest)
+  err = capsys.readouterr().err
+  progress = [line for line in err.splitlines() if ' INFO worker: progress: ' in line]
+  assert progress, err[-2000:]
+  written = max(int(line.split(' slices written')[0].split()[-1]) for line in progress)
+  assert 0 < written <= len(manifest.slices)
+  assert 'Discarding unparseable args' not in err
+  assert 'semi_persistent_directory' not in err

@@ -2,6 +2,8 @@
 
 import logging
 
+from apache_beam.portability.api import beam_fn_api_pb2
+
 from beam_pipeline import report
 from beam_pipeline import schema as s
 
@@ -40,3 +42,25 @@ def test_a_clean_run_has_no_issues():
   counters = {report.reconciliation_counter(s.MATCHED): 3, report.SLICES_WRITTEN: 9}
   assert report.issue_count(counters) == 0
   assert 'no issues' in report.summary_text(counters, {}, 1.0)
+
+
+def _relayed(message: str, location: str, level: int) -> logging.LogRecord:
+  """A worker's log line as Beam's job service relays it to the driver."""
+  entry = beam_fn_api_pb2.LogEntry(message=message, log_location=location)
+  return logging.LogRecord(
+    report.WORKER_LOGGER, level, 'x.py', 1, 'Worker: %s', (str(entry),), None
+  )
+
+
+def test_worker_lines_of_ours_are_shown_plainly_and_beams_chatter_dropped():
+  keep = report.WorkerLogFilter()
+  ours = _relayed('progress: "1" patient', '/x/beam_pipeline/report.py:70', 20)
+  assert keep.filter(ours) and ours.getMessage() == 'progress: "1" patient'
+  assert ours.name == 'worker'
+  warning = _relayed('dicoms/P/1.dcm: odd', '/x/transforms/decode.py:9', 30)
+  assert keep.filter(warning) and warning.getMessage() == 'dicoms/P/1.dcm: odd'
+  chatter = _relayed('Discarding unparseable args', '/x/apache_beam/a.py:3', 30)
+  assert not keep.filter(chatter)
+  assert keep.filter(_relayed('worker crashed', '/x/apache_beam/a.py:3', 40))
+  other = logging.LogRecord(report.WORKER_LOGGER, 20, 'x', 1, 'Grpc up', (), None)
+  assert not keep.filter(other)

@@ -261,6 +261,7 @@ class DecodeSlicesFn(beam.DoFn):
     decode_timeout: float = DEFAULT_DECODE_TIMEOUT,
     decode_fn: Callable[[bytes, int], tuple[dict, np.ndarray]] = decode_dicom,
     decoders: int = 1,
+    progress_seconds: float = report.PROGRESS_SECONDS,
   ):
     """Args:
     input_root: the data tree; task paths are relative to it.
@@ -269,6 +270,8 @@ class DecodeSlicesFn(beam.DoFn):
     isolate: decode with ``decode_fn`` in a child process, so that a decoder
       crash or hang costs one slice, not the worker (see transforms._isolate).
     decode_timeout: seconds one file may take to decode when isolated.
+    decoders: decoder children per worker (isolated only).
+    progress_seconds: at most one progress line per this many seconds.
     decode_fn: the decoder of the files the native reader (transforms._native,
       always in the worker) declines; a module-level function.
     """
@@ -281,6 +284,7 @@ class DecodeSlicesFn(beam.DoFn):
     self._decode_timeout = decode_timeout
     self._decode_fn = decode_fn
     self._decoders = decoders
+    self._progress_seconds = progress_seconds
 
   def setup(self):
     _malloc.keep_freed_memory()
@@ -296,7 +300,7 @@ class DecodeSlicesFn(beam.DoFn):
     }
     self._bytes = counter(report.SLICE_BYTES_READ)
     self._flags = {flag: counter(report.qa_counter(flag)) for flag in quality.QA_FLAGS}
-    self._progress = report.progress(self._run_id)
+    self._progress = report.progress(self._run_id, self._progress_seconds)
     if self._isolate:
       self._decoder = DecoderPool(
         [
