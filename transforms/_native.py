@@ -38,6 +38,7 @@ _LONG_VRS = frozenset(b'OB OD OF OL OV OW SQ SV UC UN UR UT UV'.split())
 _SHORT_VRS = frozenset(
   b'AE AS AT CS DA DS DT FD FL IS LO LT PN SH SL SS ST TM UI UL US'.split()
 )
+_VRS = _SHORT_VRS | _LONG_VRS
 _UNDEFINED = 0xFFFFFFFF
 _ITEM = 0xFFFEE000
 _ITEM_END = 0xFFFEE00D
@@ -248,7 +249,7 @@ def decode(data: bytes, max_pixels: int) -> tuple[dict, np.ndarray] | None:
   try:
     syntax, pos = _meta_group(data)
     explicit = syntax == EXPLICIT_LE
-    if not explicit and data[pos + 4 : pos + 6] in _SHORT_VRS | _LONG_VRS:
+    if not explicit and data[pos + 4 : pos + 6] in _VRS:
       return None  # pydicom would read this "implicit" data set as explicit
     found = _elements(data, pos, explicit)
   except _Unsupported:
