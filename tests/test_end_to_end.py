@@ -28,6 +28,13 @@ def _run(root, out, *extra):
   )
 
 
+def _column_chunks(group) -> dict:
+  """A Parquet row group's column chunks by column name."""
+  return {
+    group.column(c).path_in_schema: group.column(c) for c in range(group.num_columns)
+  }
+
+
 def _check_slices(out, manifest, expect_labeled_only=False, split=(0.8, 0.1, 0.1)):
   """Every expected slice is written once; every image and mask is exact."""
   rows = open_dataset(out).to_table().to_pylist()
@@ -124,10 +131,7 @@ def test_clean_tree_exits_zero_and_schema_is_the_contract(clean_tree, tmp_path):
     for g in range(metadata.num_row_groups):
       group = metadata.row_group(g)
       assert 0 < group.num_rows <= 64  # one SliceChunk per row group
-      columns = {
-        group.column(c).path_in_schema: group.column(c)
-        for c in range(group.num_columns)
-      }
+      columns = _column_chunks(group)
       assert columns['image'].compression == 'UNCOMPRESSED'  # see --image-codec
       assert columns['patient_id'].compression == 'ZSTD'
       assert not columns['image'].is_stats_set and columns['slice_index'].is_stats_set
@@ -141,11 +145,8 @@ def test_image_codec_compresses_the_image_column_only(clean_tree, tmp_path):
   assert _run(root, out, '--image-codec', 'zstd') == pipeline.EXIT_OK
   _check_slices(out, manifest)
   for name in os.listdir(os.path.join(out, s.SLICES_DIR)):
-    group = pa.parquet.ParquetFile(os.path.join(out, s.SLICES_DIR, name)).metadata
-    codecs = {
-      group.row_group(0).column(c).path_in_schema: group.row_group(0).column(c)
-      for c in range(group.num_columns)
-    }
+    metadata = pa.parquet.ParquetFile(os.path.join(out, s.SLICES_DIR, name)).metadata
+    codecs = _column_chunks(metadata.row_group(0))
     assert codecs['image'].compression == 'ZSTD'
     assert (
       codecs['image'].total_compressed_size < codecs['image'].total_uncompressed_size
