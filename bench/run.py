@@ -259,31 +259,36 @@ def main(argv=None) -> None:
       f.write('\n'.join(lines) + '\n')
 
 
+def _pipeline_runs(
+  tree: str, extra: list[str], runs: int, scratch: str
+) -> list[tuple[float, int]]:
+  """(wall seconds, peak RSS) of ``runs`` pipeline runs on ``tree``, each settled."""
+  out = os.path.join(scratch, 'extra-out')
+  measured = []
+  for _ in range(runs):
+    settle(out)
+    measured.append(measure(pipeline_command(tree, out, extra)))
+  return measured
+
+
 def _peak(tree: str, extra: list[str], runs: int, scratch: str) -> float:
   """Median peak RSS of the pipeline's process tree on ``tree``."""
-  peaks = []
-  for _ in range(runs):
-    settle(os.path.join(scratch, 'mem'))
-    peaks.append(
-      measure(pipeline_command(tree, os.path.join(scratch, 'mem'), extra))[1]
-    )
-  return statistics.median(peaks)
+  return statistics.median(r[1] for r in _pipeline_runs(tree, extra, runs, scratch))
 
 
 def _extras(args, scratch: str, say) -> None:
   """Fixed cost, write cost and the memory comparisons."""
   one = os.path.join(scratch, 'one-patient')
   sample.make_tree(one, patients=1, slices=230, rows=256, columns=256, contour_every=9)
-  fixed = {}
-  for label, extra in (('in-process', IN_PROCESS), (f'{CORES} processes', PROCESSES)):
-    fixed[label] = []
-    for _ in range(args.runs):
-      settle(os.path.join(scratch, 'o1'))
-      command = pipeline_command(one, os.path.join(scratch, 'o1'), extra)
-      fixed[label].append(measure(command)[0])
+  fixed = {
+    label: statistics.median(
+      r[0] for r in _pipeline_runs(one, extra, args.runs, scratch)
+    )
+    for label, extra in (('in-process', IN_PROCESS), (f'{CORES} processes', PROCESSES))
+  }
   say(
     'Fixed cost, a 1-patient run (230 slices): '
-    + ', '.join(f'{statistics.median(v):.1f} s {k}' for k, v in fixed.items())
+    + ', '.join(f'{seconds:.1f} s {label}' for label, seconds in fixed.items())
     + '.'
   )
   say(
