@@ -7,7 +7,8 @@ setuptools.setup(
   version='0.1.0',
   description='Cardiac-MRI DICOM and contour trees to a Parquet dataset, '
   'with Apache Beam.',
-  packages=['beam_pipeline', 'transforms'],
+  # Every package under the two top-level ones, so a new subpackage ships too.
+  packages=setuptools.find_packages(include=['beam_pipeline*', 'transforms*']),
   package_data={'beam_pipeline': ['py.typed'], 'transforms': ['py.typed']},
   python_requires='>=3.10',
   install_requires=[

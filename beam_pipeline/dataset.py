@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from beam_pipeline import schema as s
+from beam_pipeline.contract import schema as s
 
 
 def _folder(output: str, name: str) -> str:
@@ -97,7 +97,6 @@ def mask_of(row: dict, kind: str) -> np.ndarray | None:
 
 # Columns needed to decode image and masks, whatever the caller projects.
 _SHAPE_COLUMNS = ('rows', 'columns', 'samples_per_pixel', 'pixel_dtype')
-_DECODED = ('image', 'i_mask', 'o_mask')
 
 
 def row_groups(output: str) -> list[tuple[str, int]]:

@@ -1,150 +1,38 @@
-"""The pipeline's own options. Every standard Beam option passes through too."""
+"""IngestOptions: the pipeline's own options, as a Beam PipelineOptions view.
+
+The declarations live in ``beam_pipeline.arguments`` (Beam-free, so that
+``--help`` needs no Beam); every standard Beam option passes through too.
+"""
 
 from __future__ import annotations
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from beam_pipeline import report, splits
-from beam_pipeline.errors import UsageError
-from transforms.decode import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_PIXELS
-from transforms.write import DEFAULT_IMAGE_CODEC, IMAGE_CODECS
-
-DEFAULT_OUTPUT = 'output'
-DEFAULT_SAMPLE_DIR = 'sample_data'
-DEFAULT_CHUNK_SIZE = 64
+from beam_pipeline import arguments
+from beam_pipeline.contract import splits
+from transforms.settings import DecodeSettings
 
 
 class IngestOptions(PipelineOptions):
-  """Options of the cardiac-MRI ingestion pipeline."""
+  """Options of the cardiac-MRI ingestion pipeline; read with ``view_as``."""
 
   @classmethod
   def _add_argparse_args(cls, parser):
-    parser.add_argument(
-      '--input',
-      default=None,
-      help='Data tree holding link.csv, dicoms/ and contourfiles/ (a local '
-      'path, or any path Beam FileSystems reads). Without it the pipeline '
-      'runs on a small built-in sample generated into --sample-dir.',
-    )
-    parser.add_argument(
-      '--output',
-      default=DEFAULT_OUTPUT,
-      help='Where slices/, reconciliation/, errors/ and _SUMMARY.json are '
-      'written (default: %(default)s).',
-    )
-    parser.add_argument(
-      '--overwrite',
-      action='store_true',
-      help='Delete a dataset already in --output before writing. Without '
-      'it, a non-empty --output is refused.',
-    )
-    parser.add_argument(
-      '--strict',
-      action='store_true',
-      help='Fail the run (exit 4) when any reconciliation problem or error '
-      'row is found; the dataset and reports are still written.',
-    )
-    parser.add_argument(
-      '--labeled-only',
-      dest='labeled_only',
-      action='store_true',
-      help='Write only slices that have at least one contour file.',
-    )
-    parser.add_argument(
-      '--chunk-size',
-      dest='chunk_size',
-      type=int,
-      default=DEFAULT_CHUNK_SIZE,
-      help='Slices per work item and per Parquet row group (default: %(default)s).',
-    )
-    parser.add_argument(
-      '--image-codec',
-      dest='image_codec',
-      choices=IMAGE_CODECS,
-      default=DEFAULT_IMAGE_CODEC,
-      help='Parquet compression of the image column; every other column is '
-      'zstd. MR slices shrink to about 60%% with zstd, at more CPU than the '
-      'saved writing (BENCHMARKS.md) (default: %(default)s).',
-    )
-    parser.add_argument(
-      '--max-pixels',
-      dest='max_pixels',
-      type=int,
-      default=DEFAULT_MAX_PIXELS,
-      help='Largest rows x columns x samples per slice; larger images are '
-      'rejected from the header, before decoding (default: %(default)s).',
-    )
-    parser.add_argument(
-      '--decode-in-process',
-      dest='decode_in_process',
-      action='store_true',
-      help='Decode every DICOM in the worker process itself. By default '
-      'uncompressed slices are read in the worker by a small native reader and '
-      'the rest (compressed, unusual) are decoded by pydicom in a child '
-      'process, so a decoder crash or hang costs one slice (an error row), '
-      'not the run.',
-    )
-    parser.add_argument(
-      '--decoders',
-      type=int,
-      default=1,
-      help='Decoder child processes per worker (isolated decoding only); each '
-      'decodes ahead while the worker rasterises and writes (default: '
-      '%(default)s).',
-    )
-    parser.add_argument(
-      '--decode-timeout',
-      dest='decode_timeout',
-      type=float,
-      default=DEFAULT_DECODE_TIMEOUT,
-      help='Seconds one DICOM file may take to decode before it is given up '
-      '(an error row); not applied with --decode-in-process '
-      '(default: %(default)s).',
-    )
-    parser.add_argument(
-      '--progress-seconds',
-      dest='progress_seconds',
-      type=float,
-      default=report.PROGRESS_SECONDS,
-      help='Each worker logs a progress line (patients, slices, slices/s) at '
-      'most this often (default: %(default)s).',
-    )
-    parser.add_argument(
-      '--split',
-      default=splits.DEFAULT_FRACTIONS,
-      help='train,val,test fractions; each patient goes to one split by a '
-      'stable hash of its patient_id (default: %(default)s).',
-    )
-    parser.add_argument(
-      '--qa-dir',
-      dest='qa_dir',
-      default=None,
-      help='After the run, write one contact sheet PNG per patient and an '
-      'index.html with the quality flags here (reads the output back, so '
-      '--output must be a local path).',
-    )
-    parser.add_argument(
-      '--sample-dir',
-      dest='sample_dir',
-      default=DEFAULT_SAMPLE_DIR,
-      help='Where the built-in sample is generated when --input is not '
-      'given (default: %(default)s).',
-    )
+    arguments.add_arguments(parser)
 
   def validate_ingest(self) -> None:
     """Raises UsageError (a ValueError) on invalid values, before any launch."""
-    if self.chunk_size < 1:
-      raise UsageError(f'--chunk-size must be at least 1, got {self.chunk_size}')
-    if self.max_pixels < 1:
-      raise UsageError(f'--max-pixels must be at least 1, got {self.max_pixels}')
-    if self.decoders < 1:
-      raise UsageError(f'--decoders must be at least 1, got {self.decoders}')
-    if self.decode_timeout <= 0:
-      raise UsageError(f'--decode-timeout must be positive, got {self.decode_timeout}')
-    if self.progress_seconds < 0:
-      raise UsageError(
-        f'--progress-seconds must not be negative, got {self.progress_seconds}'
-      )
-    splits.parse_fractions(self.split)
-    if not self.output:
-      raise UsageError('--output must not be empty')
+    arguments.validate(self)
+
+  def decode_settings(self) -> DecodeSettings:
+    """The decode stage's settings from these options."""
+    return DecodeSettings(
+      chunk_size=self.chunk_size,
+      labeled_only=self.labeled_only,
+      max_pixels=self.max_pixels,
+      split_fractions=splits.parse_fractions(self.split),
+      isolate=not self.decode_in_process,
+      decode_timeout=self.decode_timeout,
+      decoders=self.decoders,
+      progress_seconds=self.progress_seconds,
+    )

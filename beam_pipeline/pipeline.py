@@ -1,32 +1,21 @@
 """Pipeline assembly: ``build_pipeline`` (the graph) and ``run`` (launch it).
 
-Exit codes of ``main``:
-
-  0  the run completed and every input was used;
-  3  the run completed, and some inputs are in OUT/errors or OUT/reconciliation
-     has problem rows (the good slices are written);
-  4  as 3, with --strict: the run counts as failed (the reports are written);
-  2  invalid options or input (nothing was launched);
-  1  the pipeline failed (crash): OUT/_SUMMARY.json is not written.
-
-The job writes into OUT/_incomplete/ and moves the finished dataset into
-place only when it succeeded, writing OUT/_SUMMARY.json last: a killed run
-leaves any previous dataset untouched, and OUT/_SUMMARY.json exists only
-beside a complete dataset.
+``run`` parses the options, checks the input and output before anything
+launches, runs the job into ``OUT/_incomplete/``, publishes the dataset only
+when the job succeeded (``beam_pipeline.publish``), writes ``_SUMMARY.json``
+last and prints the summary. The command line and its exit codes are
+``beam_pipeline.cli``'s.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import sys
 import time
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import (
   PipelineOptions,
   StandardOptions,
@@ -34,68 +23,48 @@ from apache_beam.options.pipeline_options import (
 )
 from apache_beam.runners.runner import PipelineResult, PipelineState
 
-from beam_pipeline import layout, qa, report, sample, splits
-from beam_pipeline import schema as s
-from beam_pipeline.errors import UsageError
+from beam_pipeline import publish, qa, sample, summary
+from beam_pipeline.contract import layout, metrics
+from beam_pipeline.contract.errors import UsageError
 from beam_pipeline.options import IngestOptions
-from transforms import _files
-from transforms.decode import DecodeSlicesFn, PlanChunksFn
+from transforms.decode import DecodeSlices
+from transforms.listing import ListTree, ReadLinks
 from transforms.reconcile import Reconcile
 from transforms.write import WriteDataset
 
 _LOG = logging.getLogger(__name__)
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_QUARANTINED = 3
-EXIT_STRICT = 4
-
-_DATA_ENTRIES = (s.SLICES_DIR, s.RECONCILIATION_DIR, s.ERRORS_DIR)
-_OUTPUT_ENTRIES = (*_DATA_ENTRIES, s.SUMMARY_FILE)
-
-
-def staging_path(output: str) -> str:
-  """Where a run writes before its dataset is moved into ``output``."""
-  return FileSystems.join(output, s.STAGING_DIR)
-
 
 def build_pipeline(p: beam.Pipeline, options: IngestOptions) -> None:
-  """Adds the whole job to ``p``: reconcile, decode, write.
+  """Adds the whole job to ``p``: read, reconcile, decode, write.
 
   ``options.input`` and ``options.output`` must already be absolute (see
-  :func:`resolve_paths`).
+  :func:`resolve_paths`); the job writes into the staging folder.
   """
-  found = p | 'Reconcile' >> Reconcile(options.input)
-  decoded = (
-    found['patients']
-    | 'PlanChunks' >> beam.ParDo(PlanChunksFn(options.chunk_size, options.labeled_only))
-    | 'FanOut' >> beam.Reshuffle()
-    | 'DecodeSlices'
-    >> beam.ParDo(
-      DecodeSlicesFn(
-        options.input,
-        options.max_pixels,
-        splits.parse_fractions(options.split),
-        isolate=not options.decode_in_process,
-        decode_timeout=options.decode_timeout,
-        decoders=options.decoders,
-        progress_seconds=options.progress_seconds,
-      )
-    ).with_outputs(DecodeSlicesFn.ERRORS, main='slices')
+  links = p | 'ReadLinks' >> ReadLinks(options.input)
+  files = p | 'ListTree' >> ListTree(options.input)
+  found = {
+    Reconcile.LINKS: links[ReadLinks.LINKS],
+    Reconcile.DICOMS: files[ListTree.DICOMS],
+    Reconcile.CONTOURS: files[ListTree.CONTOURS],
+  } | 'Reconcile' >> Reconcile()
+  decoded = found[Reconcile.PATIENTS] | 'Decode' >> DecodeSlices(
+    options.input, options.decode_settings()
   )
-  errors = (found['errors'], decoded[DecodeSlicesFn.ERRORS]) | (
-    'AllErrors' >> beam.Flatten()
-  )
+  reconciliation = (
+    links[ReadLinks.RECONCILIATION],
+    found[Reconcile.RECONCILIATION],
+  ) | 'AllReconciliation' >> beam.Flatten()
+  errors = (
+    links[ReadLinks.ERRORS],
+    files[ListTree.ERRORS],
+    decoded[DecodeSlices.ERRORS],
+  ) | 'AllErrors' >> beam.Flatten()
   _ = {
-    'slices': decoded.slices,
-    'reconciliation': found['reconciliation'],
-    'errors': errors,
-  } | 'Write' >> WriteDataset(staging_path(options.output), options.image_codec)
-
-
-def _absolute(path: str) -> str:
-  return path if not _files.is_local(path) else os.path.abspath(path)
+    WriteDataset.SLICES: decoded[DecodeSlices.SLICES],
+    WriteDataset.RECONCILIATION: reconciliation,
+    WriteDataset.ERRORS: errors,
+  } | 'Write' >> WriteDataset(publish.staging_path(options.output), options.image_codec)
 
 
 def resolve_paths(options: IngestOptions) -> None:
@@ -107,96 +76,43 @@ def resolve_paths(options: IngestOptions) -> None:
   """
   options.validate_ingest()
   if options.input is None:
-    options.input = _absolute(options.sample_dir)
+    options.input = publish.absolute(options.sample_dir)
     manifest = sample.make_builtin_sample(options.input)
     print(
       f'No --input given: generated the built-in sample at '
       f'{options.input} ({len(manifest.slices)} slices).'
     )
-  options.input = _absolute(options.input).rstrip('/')
-  options.output = _absolute(options.output).rstrip('/')
+  options.input = publish.absolute(options.input).rstrip('/')
+  options.output = publish.absolute(options.output).rstrip('/')
   link_file = FileSystems.join(options.input, layout.LINK_FILE)
   if not FileSystems.exists(link_file):
     raise UsageError(
       f'--input {options.input} is not a data tree: {link_file} not found'
     )
   if options.qa_dir is not None:
-    if not _files.is_local(options.output) or not _files.is_local(options.qa_dir):
+    if not layout.is_local(options.output) or not layout.is_local(options.qa_dir):
       raise UsageError('--qa-dir needs a local --output and a local --qa-dir')
-    options.qa_dir = os.path.abspath(options.qa_dir)
+    options.qa_dir = publish.absolute(options.qa_dir)
   if options.output == options.input or options.output.startswith(options.input + '/'):
     raise UsageError('--output must not be inside --input')
-  existing = [
-    FileSystems.join(options.output, entry)
-    for entry in _OUTPUT_ENTRIES
-    if _files.exists(FileSystems.join(options.output, entry))
-  ]
-  if existing and not options.overwrite:
-    raise UsageError(
-      f'--output {options.output} already holds a dataset '
-      f'({", ".join(os.path.basename(e) for e in existing)}); pass '
-      '--overwrite to replace it, or choose another --output'
-    )
-  staging = staging_path(options.output)
-  if _files.exists(staging):
-    _LOG.warning('removing %s, left by an interrupted run', staging)
-    _files.delete_tree(staging)
+  publish.prepare(options.output, options.overwrite)
 
 
-def _publish(output: str) -> None:
-  """Moves the staged dataset into ``output``, replacing any previous one.
+class Run(NamedTuple):
+  """A finished run: Beam's result, the project's counters and the options."""
 
-  The old summary goes first and the new one is written after this, so a
-  crash part-way never leaves a dataset that looks complete.
-  """
-  staging = staging_path(output)
-  summary = FileSystems.join(output, s.SUMMARY_FILE)
-  if FileSystems.exists(summary):
-    FileSystems.delete([summary])
-  for entry in _DATA_ENTRIES:
-    old = FileSystems.join(output, entry)
-    if _files.exists(old):
-      _files.delete_tree(old)
-  staged = _files.list_files(staging)
-  targets = [output + path[len(staging) :] for path in staged]
-  if _files.is_local(output):  # object stores have no folders to make
-    for entry in _DATA_ENTRIES:
-      FileSystems.mkdirs(FileSystems.join(output, entry))
-  FileSystems.rename(staged, targets)
-  _files.delete_tree(staging)
+  result: PipelineResult
+  counters: dict[str, int]
+  options: IngestOptions
+  dry_run: bool = False
+
+  @property
+  def issues(self) -> int:
+    """Reconciliation problems plus error rows (0 for a clean run)."""
+    return metrics.issue_count(self.counters)
 
 
-def counters(result: PipelineResult) -> dict[str, int]:
-  """The project's counters, summed over steps (committed where available)."""
-  totals: dict[str, int] = {}
-  query = result.metrics().query(MetricsFilter().with_namespace(report.NAMESPACE))
-  for counter in query['counters']:
-    value = counter.committed if counter.committed is not None else (counter.attempted)
-    name = counter.key.metric.name
-    totals[name] = totals.get(name, 0) + (value or 0)
-  return totals
-
-
-def _write_summary(
-  options: IngestOptions, totals: dict[str, int], seconds: float
-) -> str:
-  path = FileSystems.join(options.output, s.SUMMARY_FILE)
-  summary = {
-    'schema_version': s.SCHEMA_VERSION,
-    'beam_version': beam.__version__,
-    'input': options.input,
-    'labeled_only': options.labeled_only,
-    'strict': options.strict,
-    'issues': report.issue_count(totals),
-    'seconds': round(seconds, 3),
-    'counters': dict(sorted(totals.items())),
-  }
-  with FileSystems.create(path) as f:
-    f.write(json.dumps(summary, indent=2).encode() + b'\n')
-  return path
-
-
-def _dry_run(options: PipelineOptions, ingest: IngestOptions) -> PipelineResult:
+def _dry_run(options: PipelineOptions, ingest: IngestOptions) -> Run:
   """Builds and translates the job (e.g. DataflowRunner --dry_run) without I/O.
 
   Nothing is read, listed, generated or published: the input and output need
@@ -205,8 +121,8 @@ def _dry_run(options: PipelineOptions, ingest: IngestOptions) -> PipelineResult:
   ingest.validate_ingest()
   if ingest.input is None:
     raise UsageError('--dry_run needs an explicit --input')
-  ingest.input = _absolute(ingest.input).rstrip('/')
-  ingest.output = _absolute(ingest.output).rstrip('/')
+  ingest.input = publish.absolute(ingest.input).rstrip('/')
+  ingest.output = publish.absolute(ingest.output).rstrip('/')
   p = beam.Pipeline(options=options)
   build_pipeline(p, ingest)
   result = p.run()
@@ -214,14 +130,15 @@ def _dry_run(options: PipelineOptions, ingest: IngestOptions) -> PipelineResult:
     f'Dry run: the job graph for {ingest.input} was built and translated; '
     'nothing was submitted, read or written.'
   )
-  return result
+  return Run(result, {}, ingest, dry_run=True)
 
 
-def run(argv: Sequence[str] | None = None) -> PipelineResult:
-  """Parses options, runs the job, waits, prints the summary.
+def run(argv: Sequence[str] | None = None) -> Run:
+  """Parses options, runs the job, waits, publishes, prints the summary.
 
   Raises:
     UsageError: invalid options or input, before anything launches.
+    RuntimeError: the job did not finish DONE; nothing was published.
   """
   options = PipelineOptions(argv)
   ingest = options.view_as(IngestOptions)
@@ -233,10 +150,7 @@ def run(argv: Sequence[str] | None = None) -> PipelineResult:
     return _dry_run(options, ingest)
   resolve_paths(ingest)
   _LOG.info(
-    'reading %s, writing %s, runner %s',
-    ingest.input,
-    ingest.output,
-    standard.runner,
+    'reading %s, writing %s, runner %s', ingest.input, ingest.output, standard.runner
   )
   start = time.monotonic()
   p = beam.Pipeline(options=options)
@@ -249,43 +163,17 @@ def run(argv: Sequence[str] | None = None) -> PipelineResult:
       f'{ingest.output}'
     )
   seconds = time.monotonic() - start
-  totals = counters(result)
-  _publish(ingest.output)
-  outputs = {entry: FileSystems.join(ingest.output, entry) for entry in _DATA_ENTRIES}
-  outputs['summary'] = _write_summary(ingest, totals, seconds)
+  totals = summary.counters(result)
+  outputs = publish.publish(ingest.output)
+  outputs['summary'] = summary.write_summary(
+    ingest.output,
+    totals,
+    seconds,
+    input=ingest.input,
+    labeled_only=ingest.labeled_only,
+    strict=ingest.strict,
+  )
   if ingest.qa_dir is not None:
     outputs['qa'] = qa.write_qa(ingest.output, ingest.qa_dir)
-  print(report.summary_text(totals, outputs, seconds))
-  return result
-
-
-def _configure_logging() -> None:
-  logging.basicConfig(
-    level=logging.INFO,
-    stream=sys.stderr,
-    format='%(asctime)s %(levelname)s %(name)s: %(message)s',
-    force=True,
-  )
-  # Beam logs every stage at INFO; keep the console to our own lines, also
-  # those of worker processes (progress), which Beam relays.
-  logging.getLogger('apache_beam').setLevel(logging.WARNING)
-  report.show_worker_logs()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  """Command-line entry point; returns the exit code (see module docstring)."""
-  _configure_logging()
-  try:
-    result = run(argv)
-  except UsageError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return EXIT_USAGE
-  except Exception:
-    _LOG.exception('the pipeline failed')
-    return EXIT_FAILED
-  options = PipelineOptions(argv)
-  if options.view_as(TestOptions).dry_run:
-    return EXIT_OK
-  if report.issue_count(counters(result)):
-    return EXIT_STRICT if options.view_as(IngestOptions).strict else EXIT_QUARANTINED
-  return EXIT_OK
+  print(summary.summary_text(totals, outputs, seconds))
+  return Run(result, totals, ingest)

@@ -18,7 +18,8 @@ import sys
 
 import pyarrow.compute as pc
 
-from beam_pipeline import dataset, layout, render
+from beam_pipeline import dataset, render
+from beam_pipeline.contract import layout
 
 INDEX = 'index.html'
 

@@ -25,9 +25,9 @@ import pydicom.config
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 
-from beam_pipeline import layout
-from beam_pipeline import schema as s
-from beam_pipeline.errors import UsageError
+from beam_pipeline.contract import layout
+from beam_pipeline.contract import schema as s
+from beam_pipeline.contract.errors import UsageError
 
 MARKER_FILE = '.cardiac-mri-sample'
 UID_ROOT = '1.2.826.0.1.3680043.10.1011'

@@ -19,8 +19,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import xxhash
 
-from beam_pipeline import dataset, report
-from beam_pipeline import schema as s
+from beam_pipeline import dataset
+from beam_pipeline.contract import metrics
+from beam_pipeline.contract import schema as s
 
 _MATCHED_DETAIL = re.compile(r'(\d+) slices')
 
@@ -122,9 +123,9 @@ def verify(output: str) -> _Checks:
       expected = counters.get(counter, 0)
       checks.check(found == expected, name, f'{found} found, summary says {expected}')
 
-  against_summary('slice rows', rows, report.SLICES_WRITTEN)
-  against_summary('i masks', masks_i, report.I_MASKS_WRITTEN)
-  against_summary('o masks', masks_o, report.O_MASKS_WRITTEN)
+  against_summary('slice rows', rows, metrics.SLICES_WRITTEN)
+  against_summary('i masks', masks_i, metrics.I_MASKS_WRITTEN)
+  against_summary('o masks', masks_o, metrics.O_MASKS_WRITTEN)
 
   reconciliation = dataset.read_reconciliation(output).to_pylist()
   statuses = collections.Counter(r['status'] for r in reconciliation)
@@ -132,12 +133,12 @@ def verify(output: str) -> _Checks:
     against_summary(
       f'reconciliation {status}',
       statuses[status],
-      report.reconciliation_counter(status),
+      metrics.reconciliation_counter(status),
     )
   errors = dataset.read_errors(output).to_pylist()
   stages = collections.Counter(r['stage'] for r in errors)
   for stage in s.STAGES:
-    against_summary(f'errors {stage}', stages[stage], report.error_counter(stage))
+    against_summary(f'errors {stage}', stages[stage], metrics.error_counter(stage))
 
   matched = {
     r['patient_id']: r['detail'] for r in reconciliation if r['status'] == s.MATCHED

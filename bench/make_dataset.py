@@ -22,7 +22,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from beam_pipeline import layout, sample  # noqa: E402
+from beam_pipeline import sample  # noqa: E402
+from beam_pipeline.contract import layout  # noqa: E402
 
 
 def _link_or_copy(source: str, target: str) -> None:

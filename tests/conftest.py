@@ -1,46 +1,14 @@
-"""Shared test helpers: the reference rasteriser and generated trees."""
+"""Shared fixtures: generated trees and one pipeline output for the readers."""
 
-import os
-import socket
+from typing import NamedTuple
 
-import numpy as np
-import PIL.Image
-import PIL.ImageDraw
-import pyarrow.parquet as pq
 import pytest
 
-from beam_pipeline import sample
+from beam_pipeline import cli, sample
 
-_SORT_KEYS = {
-  'slices': ('patient_id', 'slice_index'),
-  'reconciliation': ('patient_id', 'original_id', 'status', 'detail'),
-  'errors': ('path', 'stage', 'error'),
-}
-
-
-def dataset_tables(out):
-  """The three tables of a local pipeline output, each in a canonical row order."""
-  return {
-    name: sorted(
-      pq.read_table(os.path.join(out, name)).to_pylist(),
-      key=lambda r, keys=keys: tuple(str(r[k]) for k in keys),
-    )
-    for name, keys in _SORT_KEYS.items()
-  }
-
-
-def free_port() -> int:
-  """A TCP port nothing listens on, on 127.0.0.1."""
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
-def reference_mask(vertices, rows, columns):
-  """The reference rasteriser, written exactly as users of this data know it."""
-  img = PIL.Image.new('L', (columns, rows), 0)
-  PIL.ImageDraw.Draw(img).polygon(vertices, outline=0, fill=1)
-  return np.array(img).astype(bool)
+# The image size of the shared output (``written``).
+WRITTEN_ROWS, WRITTEN_COLUMNS = 40, 48
+WRITTEN_SHAPE = (WRITTEN_ROWS, WRITTEN_COLUMNS)
 
 
 @pytest.fixture
@@ -59,3 +27,24 @@ def clean_tree(tmp_path):
   root = str(tmp_path / 'CLEAN')
   manifest = sample.make_tree(root, patients=3, slices=10, rows=32, columns=36)
   return root, manifest
+
+
+class Written(NamedTuple):
+  out: str
+  qa_dir: str
+  manifest: sample.Manifest
+
+
+@pytest.fixture(scope='session')
+def written(tmp_path_factory):
+  """One pipeline output (many row groups, QA pages) for the tests of what
+  reads it: the dataset reader, the torch adapter, inspect, qa and verify.
+  Tests that change it work on a copy."""
+  base = tmp_path_factory.mktemp('written')
+  root, out, qa_dir = str(base / 'DATA'), str(base / 'OUT'), str(base / 'QA')
+  manifest = sample.make_tree(
+    root, patients=6, slices=9, rows=WRITTEN_ROWS, columns=WRITTEN_COLUMNS
+  )
+  args = ['--input', root, '--output', out, '--chunk-size', '4', '--qa-dir', qa_dir]
+  assert cli.main(args) == cli.EXIT_OK
+  return Written(out, qa_dir, manifest)

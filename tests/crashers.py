@@ -8,7 +8,7 @@ triggers the fault; anything else is decoded normally.
 import ctypes
 import time
 
-from transforms.decode import decode_dicom
+from transforms.dicom import decode_dicom
 
 SEGFAULT = b'SEGFAULT'
 HANG = b'HANG'

@@ -2,7 +2,7 @@
 
 import pytest
 
-from beam_pipeline import pipeline
+from beam_pipeline import cli, pipeline
 
 pytest.importorskip('apache_beam.runners.dataflow.internal.apiclient')
 
@@ -18,26 +18,24 @@ ARGS = [
 
 
 def test_dataflow_dry_run_translates_every_stage(capsys):
-  result = pipeline.run(ARGS)
-  names = {
-    t.unique_name for t in result.job.proto_pipeline.components.transforms.values()
-  }
+  job = pipeline.run(ARGS).result.job
+  names = {t.unique_name for t in job.proto_pipeline.components.transforms.values()}
   for stage in (
-    'Reconcile/ReadLinks',
-    'Reconcile/ListTree',
+    'ReadLinks',
+    'ListTree',
     'Reconcile/JoinByOriginalId',
     'Reconcile/JoinByPatient',
-    'PlanChunks',
-    'FanOut',
-    'DecodeSlices',
+    'Decode/PlanChunks',
+    'Decode/FanOut',
+    'Decode/DecodeSlices',
     'Write/WriteSlices',
     'Write/Reconciliation',
     'Write/Errors',
   ):
     assert stage in names, stage
-  assert result.job.proto.name.startswith('beamapp-')
+  assert job.proto.name.startswith('beamapp-')
   assert 'nothing was submitted' in capsys.readouterr().out
 
 
 def test_dry_run_exits_zero_without_touching_the_paths():
-  assert pipeline.main(ARGS) == pipeline.EXIT_OK
+  assert cli.main(ARGS) == cli.EXIT_OK

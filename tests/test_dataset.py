@@ -5,19 +5,10 @@ import itertools
 import numpy as np
 import pytest
 
-from beam_pipeline import dataset, pipeline, sample, splits
-from tests.conftest import reference_mask
-
-
-@pytest.fixture(scope='module')
-def written(tmp_path_factory):
-  """A pipeline output with many row groups: (output, manifest)."""
-  base = tmp_path_factory.mktemp('dataset')
-  root, out = str(base / 'DATA'), str(base / 'OUT')
-  manifest = sample.make_tree(root, patients=6, slices=9, rows=20, columns=24)
-  code = pipeline.main(['--input', root, '--output', out, '--chunk-size', '4'])
-  assert code == pipeline.EXIT_OK
-  return out, manifest
+from beam_pipeline import dataset, sample
+from beam_pipeline.contract import splits
+from tests.conftest import WRITTEN_SHAPE
+from tests.helpers import reference_mask
 
 
 def _keys(batches):
@@ -29,7 +20,7 @@ def _keys(batches):
 
 
 def test_every_slice_once_per_epoch_and_orders_are_seeded(written):
-  out, manifest = written
+  out, manifest = written.out, written.manifest
   batches = list(dataset.iter_batches(out, batch_size=5, seed=1, epochs=2))
   keys = _keys(batches)
   n = len(manifest.slices)
@@ -44,7 +35,7 @@ def test_every_slice_once_per_epoch_and_orders_are_seeded(written):
 
 
 def test_drop_last_and_bad_batch_size(written):
-  out, manifest = written
+  out, manifest = written.out, written.manifest
   batches = list(dataset.iter_batches(out, batch_size=4, drop_last=True))
   assert {len(b['patient_id']) for b in batches} == {4}
   assert len(batches) == len(manifest.slices) // 4
@@ -53,29 +44,32 @@ def test_drop_last_and_bad_batch_size(written):
 
 
 def test_images_and_masks_are_stacked_exactly(written):
-  out, manifest = written
+  out, manifest = written.out, written.manifest
   for batch in dataset.iter_batches(out, batch_size=7, seed=3):
-    assert batch['image'].shape[1:] == (20, 24) and batch['image'].dtype == np.int16
+    assert (
+      batch['image'].shape[1:] == WRITTEN_SHAPE and batch['image'].dtype == np.int16
+    )
     for i, key in enumerate(
       zip(batch['patient_id'], batch['slice_index'], strict=True)
     ):
       expected = manifest.slices[key[0], int(key[1])]
       np.testing.assert_array_equal(
-        batch['image'][i], sample.expected_image(key[0], int(key[1]), 20, 24)
+        batch['image'][i],
+        sample.expected_image(key[0], int(key[1]), *WRITTEN_SHAPE),
       )
       for kind in 'io':
         vertices = getattr(expected, f'{kind}_vertices')
         assert batch[f'has_{kind}_mask'][i] == (vertices is not None)
         want = (
-          reference_mask(vertices, 20, 24)
+          reference_mask(vertices, *WRITTEN_SHAPE)
           if vertices is not None
-          else np.zeros((20, 24), bool)
+          else np.zeros(WRITTEN_SHAPE, bool)
         )
         np.testing.assert_array_equal(batch[f'{kind}_mask'][i], want)
 
 
 def test_projection_labeled_only_and_split(written):
-  out, manifest = written
+  out, manifest = written.out, written.manifest
   columns = ['patient_id', 'slice_index', 'split', 'i_mask']
   batches = list(
     dataset.iter_batches(out, batch_size=3, labeled_only=True, columns=columns)
@@ -92,7 +86,7 @@ def test_projection_labeled_only_and_split(written):
 
 
 def test_shuffle_buffer_bounds_what_is_held(written):
-  out, _ = written
+  out = written.out
   # With a buffer of one row, rows leave in row-group order: each row group
   # (one chunk of one patient) comes out as one contiguous run.
   rows = list(
@@ -103,7 +97,7 @@ def test_shuffle_buffer_bounds_what_is_held(written):
 
 
 def test_shards_partition_the_rows(written):
-  out, manifest = written
+  out, manifest = written.out, written.manifest
   parts = [
     _keys(dataset.iter_batches(out, batch_size=4, seed=9, shard=(i, 3)))
     for i in range(3)

@@ -10,8 +10,8 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from beam_pipeline import sample
-from beam_pipeline.errors import DicomError
-from transforms.decode import _native_pixels, decode_dicom
+from beam_pipeline.contract.errors import DicomError
+from transforms.dicom import decode_dicom, native_pixels
 
 
 def _read(name):
@@ -32,7 +32,7 @@ def _generated(tmp_path, leading_zero_uids=False, shape=(20, 30)):
 
 def test_generated_slice_round_trips_with_metadata(tmp_path):
   data, pixels = _generated(tmp_path)
-  meta, image = decode_dicom(data)
+  meta, image, _ = decode_dicom(data)
   np.testing.assert_array_equal(image, pixels)
   assert image.dtype == np.dtype('<i2') and image.flags.c_contiguous
   assert meta['rows'] == 20 and meta['columns'] == 30
@@ -48,7 +48,7 @@ def test_leading_zero_uids_are_kept_and_do_not_warn(tmp_path):
   data, _ = _generated(tmp_path, leading_zero_uids=True)
   with warnings.catch_warnings():
     warnings.simplefilter('error')
-    meta, _ = decode_dicom(data)
+    meta = decode_dicom(data).meta
   assert '.0' in meta['sop_instance_uid']
   components = meta['sop_instance_uid'].split('.')
   assert any(len(c) > 1 and c.startswith('0') for c in components)
@@ -65,16 +65,16 @@ def test_leading_zero_uids_are_kept_and_do_not_warn(tmp_path):
   ],
 )
 def test_lossless_syntaxes_equal_the_uncompressed_file(name):
-  _, reference = _decode('MR_small.dcm')
-  meta, image = _decode(name)
+  reference = _decode('MR_small.dcm').image
+  meta, image, _ = _decode(name)
   np.testing.assert_array_equal(image, reference)
   assert image.dtype.byteorder in '<=|' and meta['pixel_dtype'] == 'int16'
   assert image.tobytes() == reference.astype('<i2').tobytes()
 
 
 def test_jpeg_lossless_equals_rle_of_the_same_image():
-  _, rle = _decode('SC_rgb_rle.dcm')
-  meta, image = _decode('SC_rgb_jpeg_gdcm.dcm')  # JPEG Lossless, Process 14
+  rle = _decode('SC_rgb_rle.dcm').image
+  meta, image, _ = _decode('SC_rgb_jpeg_gdcm.dcm')  # JPEG Lossless, Process 14
   assert meta['samples_per_pixel'] == 3
   np.testing.assert_array_equal(image, rle)
 
@@ -88,15 +88,15 @@ def test_jpeg_lossless_equals_rle_of_the_same_image():
   ],
 )
 def test_lossy_syntaxes_are_close_to_the_lossless_image(name, tolerance):
-  _, rle = _decode('SC_rgb_rle.dcm')
-  meta, image = _decode(name)
+  rle = _decode('SC_rgb_rle.dcm').image
+  meta, image, _ = _decode(name)
   assert image.shape == rle.shape == (100, 100, 3)
   assert meta['rows'] == 100 and meta['samples_per_pixel'] == 3
   assert np.abs(image.astype(int) - rle.astype(int)).mean() < tolerance
 
 
 def test_non_mr_modality_is_accepted():
-  meta, image = _decode('693_J2KI.dcm')
+  meta, image, _ = _decode('693_J2KI.dcm')
   assert meta['modality'] == 'CT' and image.shape == (512, 512)
 
 
@@ -162,7 +162,7 @@ def test_native_fast_path_equals_pixel_array_on_every_pydicom_file():
     if int(ds.get('NumberOfFrames') or 1) != 1:
       continue
     samples = ds.get('SamplesPerPixel') or 1
-    fast = _native_pixels(ds, ds.Rows, ds.Columns, samples)
+    fast = native_pixels(ds, ds.Rows, ds.Columns, samples)
     if fast is None:
       continue
     np.testing.assert_array_equal(fast, reference, err_msg=path)
@@ -208,10 +208,10 @@ def test_native_fast_path_masks_and_sign_extends_like_pydicom(
     path, ds, implicit_vr=False, little_endian=order == '<', enforce_file_format=True
   )
   ds = pydicom.dcmread(path)
-  fast = _native_pixels(ds, 6, 7, 1)
+  fast = native_pixels(ds, 6, 7, 1)
   if order == '>' and allocated == 8:
     assert fast is None  # left to pydicom: its OW words are swapped in pairs
   else:
     np.testing.assert_array_equal(fast, ds.pixel_array)
-  meta, image = decode_dicom(open(path, 'rb').read())
+  meta, image, _ = decode_dicom(open(path, 'rb').read())
   np.testing.assert_array_equal(image, ds.pixel_array)

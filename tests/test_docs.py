@@ -1,9 +1,13 @@
-"""The README stays true: its commands and its schema table."""
+"""The README stays true: its commands, its column table and its statuses."""
 
 import os
 import re
 
-from beam_pipeline import schema as s
+import pyarrow as pa
+from pydicom import datadict
+
+from beam_pipeline.contract import columns
+from beam_pipeline.contract import schema as s
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,23 +38,46 @@ def test_readme_starts_with_install_and_run():
   assert first.endswith('python run_pipeline.py')
 
 
-def test_readme_documents_every_slice_column_with_its_type():
-  documented = {}
-  for names, kind in re.findall(
-    r'^\| (`\w+`(?:, `\w+`)*) \| ([^|]+) \|', _read('README.md'), flags=re.M
-  ):
-    for name in re.findall(r'`(\w+)`', names):
-      documented.setdefault(name, kind)
-  for field in s.SLICE_SCHEMA:
-    assert field.name in documented, field.name
-    kind = documented[field.name]
-    if field.type == 'int32':
-      assert kind.strip() == 'int32', field.name
-    elif field.type == 'string':
-      assert kind.strip() == 'string', field.name
-
-
 def test_readme_documents_every_status_and_stage():
   readme = _read('README.md')
   for name in (*s.STATUSES, *s.STAGES):
     assert f'| `{name}` |' in readme, name
+
+
+def test_readme_column_table_is_the_column_table():
+  readme = _read('README.md')
+  block = re.search(
+    r'<!-- slice columns:.*?-->\n(.*?)\n<!-- end of slice columns -->', readme, re.S
+  )
+  assert block, 'the generated slice-column block is missing from the README'
+  assert block.group(1) == columns.markdown_table(), (
+    'README out of date: paste the output of python -m beam_pipeline.contract.columns'
+  )
+
+
+def test_every_slice_column_is_in_the_schema_with_its_description():
+  assert [c.name for c in columns.SLICE_COLUMNS] == s.SLICE_SCHEMA.names
+  for column in columns.SLICE_COLUMNS:
+    field = s.SLICE_SCHEMA.field(column.name)
+    assert field.type == column.type and field.nullable == column.nullable
+    assert field.metadata[b'description'].decode() == column.description
+
+
+def test_header_columns_name_real_dicom_tags_keywords_and_vrs():
+  """Each header column's keyword, tag and VR agree with pydicom's dictionary
+  (PS3.6), and its Arrow type can hold that VR's values."""
+  kinds = {
+    'US': pa.types.is_integer,
+    'IS': pa.types.is_integer,
+    'DS': pa.types.is_floating,
+    'UI': pa.types.is_string,
+    'CS': pa.types.is_string,
+  }
+  for column in columns.HEADER_COLUMNS:
+    source = column.dicom
+    assert datadict.tag_for_keyword(source.keyword) == source.tag, column.name
+    assert datadict.dictionary_VR(source.tag) == source.vr, column.name
+    value_type = column.type.value_type if column.values else column.type
+    assert kinds[source.vr](value_type), column.name
+    multiplicity = datadict.dictionary_VM(source.tag)
+    assert multiplicity == (str(column.values) if column.values else '1'), column.name

@@ -9,21 +9,22 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from beam_pipeline import pipeline, sample, splits
-from beam_pipeline import schema as s
+from beam_pipeline import cli, sample
+from beam_pipeline.contract import schema as s
+from beam_pipeline.contract import splits
 from beam_pipeline.dataset import (
   mask_of,
   open_dataset,
   read_errors,
   read_reconciliation,
 )
-from tests.conftest import reference_mask
+from tests.helpers import reference_mask
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(root, out, *extra):
-  return pipeline.main(
+  return cli.main(
     ['--input', root, '--output', out, '--runner', 'DirectRunner', *extra]
   )
 
@@ -81,7 +82,7 @@ def _check_slices(out, manifest, expect_labeled_only=False, split=(0.8, 0.1, 0.1
 def test_every_quirk_is_reported_and_every_good_slice_lands(tree, tmp_path, capsys):
   root, manifest = tree
   out = str(tmp_path / 'OUT')
-  assert _run(root, out) == pipeline.EXIT_QUARANTINED
+  assert _run(root, out) == cli.EXIT_QUARANTINED
   rows = _check_slices(out, manifest)
   assert any(r[f'{k}_mask'] is not None for r in rows for k in 'io')
   reconciliation = read_reconciliation(out).to_pylist()
@@ -121,7 +122,7 @@ def test_no_identifying_tag_reaches_the_output(tree, tmp_path):
 def test_clean_tree_exits_zero_and_schema_is_the_contract(clean_tree, tmp_path):
   root, manifest = clean_tree
   out = str(tmp_path / 'OUT')
-  assert _run(root, out) == pipeline.EXIT_OK
+  assert _run(root, out) == cli.EXIT_OK
   _check_slices(out, manifest)
   for name in os.listdir(os.path.join(out, s.SLICES_DIR)):
     written = pa.parquet.read_schema(os.path.join(out, s.SLICES_DIR, name))
@@ -142,7 +143,7 @@ def test_clean_tree_exits_zero_and_schema_is_the_contract(clean_tree, tmp_path):
 def test_image_codec_compresses_the_image_column_only(clean_tree, tmp_path):
   root, manifest = clean_tree
   out = str(tmp_path / 'OUT')
-  assert _run(root, out, '--image-codec', 'zstd') == pipeline.EXIT_OK
+  assert _run(root, out, '--image-codec', 'zstd') == cli.EXIT_OK
   _check_slices(out, manifest)
   for name in os.listdir(os.path.join(out, s.SLICES_DIR)):
     metadata = pa.parquet.ParquetFile(os.path.join(out, s.SLICES_DIR, name)).metadata
@@ -157,7 +158,7 @@ def test_labeled_only_keeps_only_contoured_slices(clean_tree, tmp_path):
   root, manifest = clean_tree
   out = str(tmp_path / 'OUT')
   # Two decoder children per worker: outcomes must still match their slices.
-  assert _run(root, out, '--labeled-only', '--decoders', '2') == pipeline.EXIT_OK
+  assert _run(root, out, '--labeled-only', '--decoders', '2') == cli.EXIT_OK
   rows = _check_slices(out, manifest, expect_labeled_only=True)
   assert 0 < len(rows) < len(manifest.slices)
 
@@ -166,7 +167,7 @@ def test_small_chunks_and_another_split_give_the_same_rows(clean_tree, tmp_path)
   root, manifest = clean_tree
   out = str(tmp_path / 'OUT')
   code = _run(root, out, '--chunk-size', '1', '--split', '0.5,0.5,0')
-  assert code == pipeline.EXIT_OK
+  assert code == cli.EXIT_OK
   _check_slices(out, manifest, split=(0.5, 0.5, 0.0))
 
 
@@ -175,10 +176,10 @@ def test_existing_output_is_refused_then_replaced_with_overwrite(
 ):
   root, manifest = clean_tree
   out = str(tmp_path / 'OUT')
-  assert _run(root, out) == pipeline.EXIT_OK
-  assert _run(root, out) == pipeline.EXIT_USAGE
+  assert _run(root, out) == cli.EXIT_OK
+  assert _run(root, out) == cli.EXIT_USAGE
   assert '--overwrite' in capsys.readouterr().err
-  assert _run(root, out, '--overwrite') == pipeline.EXIT_OK
+  assert _run(root, out, '--overwrite') == cli.EXIT_OK
   _check_slices(out, manifest)  # exactly once each: no duplicate rows
 
 
@@ -190,8 +191,8 @@ def test_existing_output_is_refused_then_replaced_with_overwrite(
   ],
 )
 def test_invalid_usage_exits_two_before_launch(args, message, tmp_path, capsys):
-  code = pipeline.main([*args, '--output', str(tmp_path / 'OUT')])
-  assert code == pipeline.EXIT_USAGE
+  code = cli.main([*args, '--output', str(tmp_path / 'OUT')])
+  assert code == cli.EXIT_USAGE
   assert message in capsys.readouterr().err
   assert not os.path.exists(tmp_path / 'OUT')
 
@@ -220,7 +221,7 @@ def test_a_failing_pipeline_exits_one_and_publishes_nothing(
   blocker = tmp_path / 'not-a-folder'
   blocker.write_text('a file where the output folder should go')
   code = _run(root, str(blocker / 'OUT'))
-  assert code == pipeline.EXIT_FAILED
+  assert code == cli.EXIT_FAILED
   assert 'the pipeline failed' in capsys.readouterr().err
   assert blocker.read_text() == 'a file where the output folder should go'
 
@@ -238,7 +239,7 @@ def test_worker_processes_report_progress_without_beams_chatter(
     '--progress-seconds',
     '0',
   )
-  assert code == pipeline.EXIT_OK
+  assert code == cli.EXIT_OK
   _check_slices(out, manifest)
   err = capsys.readouterr().err
   progress = [line for line in err.splitlines() if ' INFO worker: progress: ' in line]

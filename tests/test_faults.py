@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from beam_pipeline import pipeline, sample, verify
-from beam_pipeline import schema as s
+from beam_pipeline import cli, sample, verify
+from beam_pipeline.contract import schema as s
 from beam_pipeline.dataset import open_dataset
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'run_pipeline.py')
@@ -65,7 +65,7 @@ def test_killed_first_run_looks_incomplete_and_a_rerun_completes(big_tree, tmp_p
   assert not os.path.exists(os.path.join(out, s.SUMMARY_FILE))
   assert not os.path.exists(os.path.join(out, s.SLICES_DIR))
   # The same command again: leftovers are cleared, the dataset is complete.
-  assert pipeline.main(['--input', root, '--output', out]) == pipeline.EXIT_OK
+  assert cli.main(['--input', root, '--output', out]) == cli.EXIT_OK
   assert not os.path.exists(os.path.join(out, s.STAGING_DIR))
   assert verify.verify(out).failures == []
   assert open_dataset(out).count_rows() == len(manifest.slices)
@@ -74,12 +74,12 @@ def test_killed_first_run_looks_incomplete_and_a_rerun_completes(big_tree, tmp_p
 def test_killed_overwrite_leaves_the_previous_dataset_intact(big_tree, tmp_path):
   root, manifest = big_tree
   out = str(tmp_path / 'OUT')
-  assert pipeline.main(['--input', root, '--output', out, '--labeled-only']) == 0
+  assert cli.main(['--input', root, '--output', out, '--labeled-only']) == 0
   before = _snapshot(out)
   _kill_half_way(['--input', root, '--output', out, '--overwrite'], out)
   after = {k: v for k, v in _snapshot(out).items() if not k.startswith(s.STAGING_DIR)}
   assert after == before
   assert verify.verify(out).failures == []
-  assert pipeline.main(['--input', root, '--output', out, '--overwrite']) == 0
+  assert cli.main(['--input', root, '--output', out, '--overwrite']) == 0
   assert verify.verify(out).failures == []
   assert open_dataset(out).count_rows() == len(manifest.slices)  # no mix, no duplicates

@@ -7,51 +7,15 @@ import numpy as np
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
-from pydicom.data import get_testdata_file
 
-from beam_pipeline import sample
-from beam_pipeline import schema as s
-from beam_pipeline.errors import DicomError
-from transforms.decode import DecodeSlicesFn, SliceChunk, SliceTask, decode_dicom
+from beam_pipeline.contract import schema as s
+from beam_pipeline.contract.errors import DicomError
+from tests.helpers import fuzz_seeds, mutate
+from transforms.chunks import SliceChunk, SliceTask
+from transforms.decode import DecodeSlicesFn
+from transforms.dicom import decode_dicom
 
 CASES = 400
-
-
-def _seeds(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp('fuzz') / 'seed.dcm')
-  sample.write_dicom(path, sample.expected_image('F', 1, 24, 24), 'F', 1)
-  names = [
-    'MR_small.dcm',
-    'MR_small_RLE.dcm',
-    'MR_small_jp2klossless.dcm',
-    'MR_small_jpeg_ls_lossless.dcm',
-    'MR_small_bigendian.dcm',
-    'SC_rgb_jpeg_dcmtk.dcm',
-  ]
-  seeds = [open(path, 'rb').read()]
-  seeds += [open(get_testdata_file(name), 'rb').read() for name in names]
-  return seeds
-
-
-def mutate(rng: np.random.Generator, seeds: list[bytes]) -> bytes:
-  """One mutation: truncate, flip bytes, splice two files, or insert noise."""
-  data = bytearray(seeds[int(rng.integers(len(seeds)))])
-  kind = int(rng.integers(4))
-  if kind == 0:
-    return bytes(data[: int(rng.integers(len(data)))])
-  if kind == 1:
-    for _ in range(int(rng.integers(1, 16))):
-      at = int(rng.integers(len(data)))
-      data[at] ^= 1 << int(rng.integers(8))
-    return bytes(data)
-  if kind == 2:
-    other = seeds[int(rng.integers(len(seeds)))]
-    return bytes(
-      data[: int(rng.integers(len(data)))] + other[int(rng.integers(len(other))) :]
-    )
-  at = int(rng.integers(len(data)))
-  noise = rng.integers(0, 256, int(rng.integers(1, 64)), dtype=np.uint8).tobytes()
-  return bytes(data[:at] + noise + data[at:])
 
 
 def _only_decode_stage(stages):
@@ -61,7 +25,7 @@ def _only_decode_stage(stages):
 @pytest.fixture(scope='module')
 def mutants(tmp_path_factory):
   rng = np.random.default_rng(20261123)
-  seeds = _seeds(tmp_path_factory)
+  seeds = fuzz_seeds(tmp_path_factory.mktemp('fuzz'))
   return [mutate(rng, seeds) for _ in range(CASES)]
 
 
@@ -69,7 +33,7 @@ def test_decode_yields_an_image_or_a_dicom_error(mutants):
   decoded = rejected = 0
   for data in mutants:
     try:
-      meta, image = decode_dicom(data)
+      meta, image, _ = decode_dicom(data)
     except DicomError as e:
       assert str(e)
       rejected += 1

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from pydicom.data import get_testdata_file
 
-from beam_pipeline import layout, pipeline, sample
-from beam_pipeline import schema as s
+from beam_pipeline import cli, sample
+from beam_pipeline.contract import layout
+from beam_pipeline.contract import schema as s
 from beam_pipeline.dataset import open_dataset, read_errors, read_reconciliation
-from tests.conftest import reference_mask
+from tests.helpers import reference_mask
 
 P1, O1 = 'SCD0000101', 'SC-HF-I-101'
 P2, O2 = 'SCD0000102', 'SC-HF-I-102'
@@ -43,7 +44,7 @@ def base(tmp_path):
 
 
 def _run(root, out, *extra):
-  code = pipeline.main(['--input', root, '--output', out, *extra])
+  code = cli.main(['--input', root, '--output', out, *extra])
   rows = open_dataset(out).to_table(columns=['patient_id', 'slice_index']).to_pylist()
   return (
     code,
@@ -163,7 +164,7 @@ def test_link_csv_variants(base, tmp_path, content, slices, problems):
   assert written == sorted(slices)
   assert found == sorted(problems)
   assert errors == []
-  assert code == (pipeline.EXIT_QUARANTINED if problems else pipeline.EXIT_OK)
+  assert code == (cli.EXIT_QUARANTINED if problems else cli.EXIT_OK)
 
 
 class _OpenAudit:
@@ -207,7 +208,7 @@ def test_ids_and_symlinks_never_lead_outside_the_input(base, tmp_path, open_audi
   assert errors == sorted(
     [('dicoms/SCD0000999', s.STAGE_LIST), (f'dicoms/{P1}/4.dcm', s.STAGE_READ)]
   )
-  assert code == pipeline.EXIT_QUARANTINED
+  assert code == cli.EXIT_QUARANTINED
   allowed = (os.path.realpath(root), os.path.realpath(tmp_path / 'OUT'))
   decoy_opens = [p for p in open_audit if p.startswith(os.path.realpath(decoy))]
   assert decoy_opens == []
@@ -259,13 +260,13 @@ def test_broken_dicoms_are_each_one_error_row(base, tmp_path):
   assert 'max-pixels' in messages[f'dicoms/{P1}/11.dcm']
   assert 'multi-frame' in messages[f'dicoms/{P1}/12.dcm']
   assert 'DICM' in messages[f'dicoms/{P1}/8.dcm']
-  assert found == [] and code == pipeline.EXIT_QUARANTINED
+  assert found == [] and code == cli.EXIT_QUARANTINED
 
 
 def test_a_huge_header_is_rejected_before_any_allocation(tmp_path):
   import tracemalloc
 
-  from transforms.decode import decode_dicom
+  from transforms.dicom import decode_dicom
 
   data = _dicom_bytes(tmp_path, Rows=65535, Columns=65535)
   tracemalloc.start()
@@ -338,7 +339,7 @@ def test_broken_contours_are_each_one_error_row_and_odd_good_ones_land(base, tmp
     want = reference_mask(vertices, ROWS, COLUMNS)
     assert (mask[: ROWS * COLUMNS].reshape(ROWS, COLUMNS) == want).all()
   assert 'i_vertices_outside' in rows[P2, 1]['qa_flags']
-  assert code == pipeline.EXIT_QUARANTINED
+  assert code == cli.EXIT_QUARANTINED
 
 
 def test_special_entries_in_the_tree(base, tmp_path):
@@ -360,7 +361,7 @@ def test_special_entries_in_the_tree(base, tmp_path):
       ('/'.join(['dicoms', P2, *['d'] * 150, '1.dcm']), s.STAGE_LIST),
     ]
   )
-  assert code == pipeline.EXIT_QUARANTINED
+  assert code == cli.EXIT_QUARANTINED
 
 
 def test_many_patients_with_one_slice_each(tmp_path):
@@ -369,7 +370,7 @@ def test_many_patients_with_one_slice_each(tmp_path):
     root, patients=10_000, slices=1, rows=4, columns=4, contour_every=1
   )
   code, written, found, errors = _run(root, str(tmp_path / 'OUT'))
-  assert code == pipeline.EXIT_OK
+  assert code == cli.EXIT_OK
   assert written == sorted(manifest.slices) and found == [] and errors == []
 
 
@@ -377,7 +378,7 @@ def test_strict_fails_the_run_after_writing_the_reports(base, tmp_path):
   root, _ = base
   _write(root, f'dicoms/{P1}/4.dcm', b'')
   code, written, found, errors = _run(root, str(tmp_path / 'OUT'), '--strict')
-  assert code == pipeline.EXIT_STRICT
+  assert code == cli.EXIT_STRICT
   assert written == ALL_SLICES and errors == [(f'dicoms/{P1}/4.dcm', s.STAGE_DECODE)]
 
 
@@ -388,7 +389,9 @@ def test_a_crash_hang_or_memory_error_costs_only_its_slice(tmp_path, isolate):
   from apache_beam.testing.util import assert_that, equal_to
 
   from tests import crashers
-  from transforms.decode import DecodeSlicesFn, SliceChunk, SliceTask
+  from transforms.chunks import SliceChunk, SliceTask
+  from transforms.decode import DecodeSlicesFn
+  from transforms.settings import DecodeSettings
 
   root = tmp_path / 'DATA'
   faults = {2: crashers.MEMORY}
@@ -407,7 +410,9 @@ def test_a_crash_hang_or_memory_error_costs_only_its_slice(tmp_path, isolate):
       tasks.append(SliceTask(k, f'dicoms/{pid}/{k}.dcm', None, None))
     chunks.append(SliceChunk(pid, pid, 0, 1, tuple(tasks)))
   decode = DecodeSlicesFn(
-    str(root), isolate=isolate, decode_timeout=3, decode_fn=crashers.misbehaving_decode
+    str(root),
+    DecodeSettings(isolate=isolate, decode_timeout=3),
+    decode_fn=crashers.misbehaving_decode,
   )
   with TestPipeline() as p:
     out = (
@@ -472,7 +477,7 @@ def test_unreadable_files_and_folders(base, tmp_path):
     cwd=str(tmp_path),
   )
   os.chmod(os.path.join(root, 'dicoms', P2), 0o755)  # let pytest clean up
-  assert done.returncode == pipeline.EXIT_QUARANTINED, done.stderr
+  assert done.returncode == cli.EXIT_QUARANTINED, done.stderr
   assert 'Traceback' not in done.stderr
   errors = sorted((r['path'], r['stage']) for r in read_errors(out).to_pylist())
   assert errors == [

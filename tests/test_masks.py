@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
+from beam_pipeline.contract.errors import ContourError
 from beam_pipeline.dataset import unpack_mask
-from beam_pipeline.errors import ContourError
-from tests.conftest import reference_mask
+from tests.helpers import reference_mask
 from transforms import masks
 
 

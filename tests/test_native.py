@@ -17,9 +17,10 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from beam_pipeline import sample
-from tests.test_fuzz import _seeds, mutate
+from tests.helpers import fuzz_seeds, mutate
 from transforms import _native
-from transforms.decode import DEFAULT_MAX_PIXELS, decode_dicom
+from transforms.dicom import decode_dicom
+from transforms.settings import DEFAULT_MAX_PIXELS
 
 
 def agree(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> bool:
@@ -27,8 +28,9 @@ def agree(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> bool:
   fast = _native.decode(data, max_pixels)
   if fast is None:
     return False
-  meta, image = decode_dicom(data, max_pixels)  # must not raise
-  fast_meta, fast_image = fast
+  meta, image, _ = decode_dicom(data, max_pixels)  # must not raise
+  fast_meta, fast_image, fast_size = fast
+  assert fast_size == len(data)
   assert fast_meta == meta
   assert {k: type(v) for k, v in fast_meta.items()} == {
     k: type(v) for k, v in meta.items()
@@ -88,7 +90,7 @@ def test_matches_pydicom_on_its_own_test_files():
 def test_declines_or_matches_on_fuzzed_bytes(tmp_path_factory):
   """Mutants of files it reads (and of compressed ones, which it must decline)."""
   rng = np.random.default_rng(7)
-  seeds = _seeds(tmp_path_factory) + [
+  seeds = fuzz_seeds(tmp_path_factory.mktemp('fuzz')) + [
     open(get_testdata_file(name), 'rb').read()
     for name in ('MR_small_implicit.dcm', 'CT_small.dcm', 'MR_small_padded.dcm')
   ]

@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from beam_pipeline import pipeline, sample
-from tests.conftest import dataset_tables, free_port
+from beam_pipeline import cli, sample
+from tests.helpers import dataset_tables, free_port
 
 boto3 = pytest.importorskip('boto3')
 
@@ -85,9 +85,7 @@ def test_s3_input_and_output_give_the_local_dataset(s3_endpoint, tmp_path):
       path = os.path.join(dirpath, name)
       client.upload_file(path, BUCKET, 'DATA/' + os.path.relpath(path, root))
   local = str(tmp_path / 'local')
-  assert (
-    pipeline.main(['--input', root, '--output', local]) == pipeline.EXIT_QUARANTINED
-  )
+  assert cli.main(['--input', root, '--output', local]) == cli.EXIT_QUARANTINED
   args = [
     '--input',
     f's3://{BUCKET}/DATA',
@@ -96,8 +94,8 @@ def test_s3_input_and_output_give_the_local_dataset(s3_endpoint, tmp_path):
     f'--s3_endpoint_url={s3_endpoint}',
     *KEYS,
   ]
-  assert pipeline.main(args) == pipeline.EXIT_QUARANTINED
-  assert pipeline.main(args) == pipeline.EXIT_USAGE  # a dataset is there now
+  assert cli.main(args) == cli.EXIT_QUARANTINED
+  assert cli.main(args) == cli.EXIT_USAGE  # a dataset is there now
   downloaded = tmp_path / 'downloaded'
   listing = client.list_objects_v2(Bucket=BUCKET, Prefix='OUT/')['Contents']
   keys = [o['Key'] for o in listing]

@@ -16,8 +16,8 @@ import time
 
 import pytest
 
-from beam_pipeline import pipeline, sample
-from tests.conftest import dataset_tables, free_port
+from beam_pipeline import cli, sample
+from tests.helpers import dataset_tables, free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -131,7 +131,7 @@ def test_portable_runner_gives_the_direct_runners_dataset(
   root = str(tmp_path / 'DATA')
   sample.make_tree(root, patients=3, slices=8, rows=24, columns=24, quirks=['all'])
   direct = str(tmp_path / 'direct')
-  assert pipeline.main(['--input', root, '--output', direct, *extra]) == 3
+  assert cli.main(['--input', root, '--output', direct, *extra]) == 3
   portable = str(tmp_path / 'portable')
   done = subprocess.run(
     [

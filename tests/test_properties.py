@@ -5,8 +5,8 @@ import string
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from beam_pipeline import layout
-from beam_pipeline.errors import ContourError
+from beam_pipeline.contract import layout
+from beam_pipeline.contract.errors import ContourError
 from transforms import masks
 
 _NUMBERISH = st.one_of(

@@ -10,21 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from beam_pipeline import inspect, pipeline, qa, render, sample, verify
-from beam_pipeline import schema as s
+from beam_pipeline import inspect, qa, render, verify
+from beam_pipeline.contract import schema as s
 from beam_pipeline.dataset import mask_of
-
-ROWS, COLUMNS = 40, 48
-
-
-@pytest.fixture(scope='module')
-def written(tmp_path_factory):
-  base = tmp_path_factory.mktemp('qa')
-  root, out = str(base / 'DATA'), str(base / 'OUT')
-  manifest = sample.make_tree(root, patients=3, slices=6, rows=ROWS, columns=COLUMNS)
-  code = pipeline.main(['--input', root, '--output', out, '--qa-dir', str(base / 'QA')])
-  assert code == pipeline.EXIT_OK
-  return out, str(base / 'QA'), manifest
+from tests.conftest import WRITTEN_COLUMNS, WRITTEN_ROWS
 
 
 def _labeled(manifest):
@@ -64,8 +53,10 @@ def test_inspect_draws_contours_on_the_mask_edges(written, tmp_path):
     == 0
   )
   picture = np.asarray(Image.open(png).convert('RGB'))
-  assert picture.shape[0] > 2 * ROWS and picture.shape[1] == 2 * COLUMNS  # + legend
-  drawn = picture[: 2 * ROWS : 2, ::2]  # one pixel per image pixel
+  assert (
+    picture.shape[0] > 2 * WRITTEN_ROWS and picture.shape[1] == 2 * WRITTEN_COLUMNS
+  )  # + legend
+  drawn = picture[: 2 * WRITTEN_ROWS : 2, ::2]  # one pixel per image pixel
   row = inspect.find_slice(out, e.patient_id, e.slice_index)
   inner, outer = _edge(mask_of(row, 'i')), _edge(mask_of(row, 'o'))
   assert inner.any() and outer.any()
@@ -158,7 +149,7 @@ def test_verify_passes_on_a_fresh_output(written, capsys):
 
 
 def test_verify_catches_a_duplicated_shard(written, tmp_path):
-  copy = _copy(written[0], tmp_path)
+  copy = _copy(written.out, tmp_path)
   folder = os.path.join(copy, s.SLICES_DIR)
   name = sorted(os.listdir(folder))[0]
   shutil.copy(os.path.join(folder, name), os.path.join(folder, 'extra-' + name))
@@ -169,7 +160,7 @@ def test_verify_catches_a_duplicated_shard(written, tmp_path):
 
 
 def test_verify_catches_a_corrupted_image(written, tmp_path):
-  copy = _copy(written[0], tmp_path)
+  copy = _copy(written.out, tmp_path)
   folder = os.path.join(copy, s.SLICES_DIR)
   path = os.path.join(folder, sorted(os.listdir(folder))[0])
   table = pq.read_table(path)
@@ -183,7 +174,7 @@ def test_verify_catches_a_corrupted_image(written, tmp_path):
 
 
 def test_verify_catches_missing_summary_and_lost_reports(written, tmp_path):
-  copy = _copy(written[0], tmp_path)
+  copy = _copy(written.out, tmp_path)
   with open(os.path.join(copy, s.SUMMARY_FILE)) as f:
     summary = json.load(f)
   summary['counters']['slices_written'] += 1

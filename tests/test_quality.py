@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import xxhash
 
-from beam_pipeline import splits
-from beam_pipeline.errors import UsageError
-from tests.conftest import reference_mask
+from beam_pipeline.contract import splits
+from beam_pipeline.contract.errors import UsageError
+from tests.helpers import reference_mask
 from transforms import quality
 
 SQUARE = [(10.0, 10.0), (30.0, 10.0), (30.0, 30.0), (10.0, 30.0)]

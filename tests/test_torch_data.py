@@ -3,20 +3,12 @@
 import numpy as np
 import pytest
 
-from beam_pipeline import pipeline, sample
+from beam_pipeline import sample
 
 torch = pytest.importorskip('torch')
 
 from beam_pipeline.torch_data import SliceDataset  # noqa: E402
-
-
-@pytest.fixture(scope='module')
-def written(tmp_path_factory):
-  base = tmp_path_factory.mktemp('torch')
-  root, out = str(base / 'DATA'), str(base / 'OUT')
-  manifest = sample.make_tree(root, patients=4, slices=6, rows=16, columns=12)
-  assert pipeline.main(['--input', root, '--output', out, '--chunk-size', '2']) == 0
-  return out, manifest
+from tests.conftest import WRITTEN_SHAPE  # noqa: E402
 
 
 def _keys(loader):
@@ -29,7 +21,7 @@ def _keys(loader):
 
 @pytest.mark.parametrize('workers', [0, 2])
 def test_dataloader_yields_each_slice_once_per_epoch(written, workers):
-  out, manifest = written
+  out, manifest = written.out, written.manifest
   ds = SliceDataset(out, seed=4)
   loader = torch.utils.data.DataLoader(ds, batch_size=5, num_workers=workers)
   first = _keys(loader)
@@ -40,14 +32,15 @@ def test_dataloader_yields_each_slice_once_per_epoch(written, workers):
 
 
 def test_tensors_hold_the_image_and_masks(written):
-  out, manifest = written
+  out, manifest = written.out, written.manifest
   batch = next(iter(torch.utils.data.DataLoader(SliceDataset(out), batch_size=24)))
-  assert batch['image'].dtype == torch.float32 and batch['image'].shape == (24, 16, 12)
+  assert batch['image'].dtype == torch.float32
+  assert batch['image'].shape == (24, *WRITTEN_SHAPE)
   assert batch['i_mask'].dtype == torch.bool
   for i, (pid, k) in enumerate(
     zip(batch['patient_id'], batch['slice_index'], strict=True)
   ):
-    expected = sample.expected_image(pid, int(k), 16, 12).astype(np.float32)
+    expected = sample.expected_image(pid, int(k), *WRITTEN_SHAPE).astype(np.float32)
     np.testing.assert_array_equal(batch['image'][i].numpy(), expected)
     labeled = manifest.slices[pid, int(k)].i_vertices is not None
     assert bool(batch['has_i_mask'][i]) == labeled

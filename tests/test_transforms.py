@@ -1,90 +1,135 @@
-"""The PTransforms and DoFns on a TestPipeline."""
+"""The composite transforms on a TestPipeline: ReadLinks and ListTree,
+Reconcile, DecodeSlices and WriteDataset, each on small inputs."""
 
 import os
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from beam_pipeline import layout, sample
-from beam_pipeline import schema as s
+from beam_pipeline import sample, summary
+from beam_pipeline.contract import metrics
+from beam_pipeline.contract import schema as s
+from beam_pipeline.contract.layout import ContourFile, DicomFile, Link, Patient
 from beam_pipeline.dataset import image_of, mask_of
-from tests.conftest import reference_mask
-from transforms.decode import DecodeSlicesFn, SliceChunk, SliceTask, plan_chunks
-from transforms.reconcile import Patient, Reconcile
+from tests.helpers import reference_mask
+from transforms.chunks import SliceTask, plan_chunks
+from transforms.decode import DecodeSlices
+from transforms.listing import ListTree, ReadLinks
+from transforms.reconcile import Reconcile
+from transforms.write import WriteDataset
 
 
 def _status(row):
   return row['patient_id'], row['original_id'], row['status']
 
 
-def test_reconcile_reports_every_mismatch(tree):
-  root, manifest = tree
-  matched = {
-    (pid, oid) for pid, oid, status in manifest.reconciliation if status == s.MATCHED
-  }
+def _reconcile(p, links, dicoms, contours):
+  """Reconcile applied to in-memory records."""
+  return {
+    Reconcile.LINKS: p | 'Links' >> beam.Create(links),
+    Reconcile.DICOMS: p | 'Dicoms' >> beam.Create(dicoms),
+    Reconcile.CONTOURS: p | 'Contours' >> beam.Create(contours),
+  } | Reconcile()
+
+
+def _dicom(pid, k):
+  return DicomFile(pid, k, f'dicoms/{pid}/{k}.dcm')
+
+
+def _contour(oid, kind, k):
+  return ContourFile(oid, kind, k, f'contourfiles/{oid}/{kind}-contours/{k}.txt')
+
+
+def test_reconcile_reports_each_status_and_carries_only_matched_patients():
+  links = [Link('P1', 'O1', 2), Link('P2', 'O2', 3), Link('P3', 'O3', 4)]
+  dicoms = [_dicom('P1', 2), _dicom('P1', 1), _dicom('P2', 1), _dicom('P9', 1)]
+  contours = [
+    _contour('O1', 'i', 1),
+    _contour('O1', 'o', 2),
+    _contour('O1', 'i', 5),  # no slice 5
+    _contour('O8', 'i', 1),  # no link names O8
+  ]
   with TestPipeline() as p:
-    found = p | Reconcile(root)
+    found = _reconcile(p, links, dicoms, contours)
     assert_that(
-      found['reconciliation'] | beam.Map(_status),
+      found[Reconcile.RECONCILIATION] | beam.Map(_status),
+      equal_to(
+        [
+          ('P1', 'O1', s.MATCHED),
+          ('P1', 'O1', s.CONTOUR_WITHOUT_DICOM),
+          ('P2', 'O2', s.MISSING_CONTOURS),
+          ('P2', 'O2', s.MATCHED),
+          ('P3', 'O3', s.MISSING_CONTOURS),
+          ('P3', 'O3', s.MISSING_DICOMS),
+          ('P9', '', s.UNLINKED_DICOMS),
+          ('', 'O8', s.UNLINKED_CONTOURS),
+        ]
+      ),
+      label='Reconciliation',
+    )
+    assert_that(
+      found[Reconcile.PATIENTS],
+      equal_to(
+        [
+          Patient(
+            'P1',
+            'O1',
+            (_dicom('P1', 1), _dicom('P1', 2)),
+            (_contour('O1', 'i', 1), _contour('O1', 'o', 2)),
+          ),
+          Patient('P2', 'O2', (_dicom('P2', 1),), ()),
+        ]
+      ),
+      label='Patients',
+    )
+
+
+def test_read_side_and_reconcile_report_every_quirk_of_a_tree(tree):
+  root, manifest = tree
+  matched = [
+    (pid, oid) for pid, oid, status in manifest.reconciliation if status == s.MATCHED
+  ]
+  with TestPipeline() as p:
+    links = p | ReadLinks(root)
+    files = p | ListTree(root)
+    found = {
+      Reconcile.LINKS: links[ReadLinks.LINKS],
+      Reconcile.DICOMS: files[ListTree.DICOMS],
+      Reconcile.CONTOURS: files[ListTree.CONTOURS],
+    } | Reconcile()
+    assert_that(
+      (links[ReadLinks.RECONCILIATION], found[Reconcile.RECONCILIATION])
+      | 'AllReconciliation' >> beam.Flatten()
+      | 'Statuses' >> beam.Map(_status),
       equal_to(manifest.reconciliation),
       label='Reconciliation',
     )
     assert_that(
-      found['errors'] | beam.Map(lambda r: (r['path'], r['stage'])),
+      (links[ReadLinks.ERRORS], files[ListTree.ERRORS])
+      | 'AllErrors' >> beam.Flatten()
+      | 'PathsAndStages' >> beam.Map(lambda r: (r['path'], r['stage'])),
       equal_to([e for e in manifest.errors if e[1] == s.STAGE_LIST]),
       label='Errors',
     )
     assert_that(
-      found['patients'] | beam.Map(lambda pt: (pt.patient_id, pt.original_id)),
+      found[Reconcile.PATIENTS] | beam.Map(lambda pt: (pt.patient_id, pt.original_id)),
       equal_to(matched),
       label='Patients',
     )
 
 
-def test_reconcile_carries_every_slice_and_contour_path(clean_tree):
-  root, manifest = clean_tree
-
-  def summarise(patient):
-    return (
-      patient.patient_id,
-      tuple(d.slice_index for d in patient.slices),
-      tuple(sorted((c.slice_index, c.kind) for c in patient.contours)),
-    )
-
-  expected = {}
-  for e in manifest.slices.values():
-    expected.setdefault(e.patient_id, ([], []))
-    expected[e.patient_id][0].append(e.slice_index)
-    expected[e.patient_id][1].extend(
-      (e.slice_index, kind)
-      for kind in 'io'
-      if getattr(e, f'{kind}_vertices') is not None
-    )
-  with TestPipeline() as p:
-    patients = (p | Reconcile(root))['patients']
-    assert_that(
-      patients | beam.Map(summarise),
-      equal_to(
-        [
-          (pid, tuple(sorted(idx)), tuple(sorted(cs)))
-          for pid, (idx, cs) in expected.items()
-        ]
-      ),
-    )
-
-
 def test_plan_chunks_splits_in_order_and_filters_labeled():
-  slices = tuple(layout.DicomFile('P', k, f'dicoms/P/{k}.dcm') for k in range(1, 8))
-  contours = (
-    layout.ContourFile('O', 'i', 3, 'c3'),
-    layout.ContourFile('O', 'o', 6, 'c6'),
-  )
+  slices = tuple(_dicom('P', k) for k in range(1, 8))
+  contours = (ContourFile('O', 'i', 3, 'c3'), ContourFile('O', 'o', 6, 'c6'))
   patient = Patient('P', 'O', slices, contours)
   chunks = plan_chunks(patient, chunk_size=3)
   assert [len(c.slices) for c in chunks] == [2, 2, 3]  # even, none over 3
   assert [(c.chunk, c.chunks) for c in chunks] == [(0, 3), (1, 3), (2, 3)]
+  assert [c.is_last for c in chunks] == [False, False, True]
   assert [t.slice_index for c in chunks for t in c.slices] == list(range(1, 8))
   assert chunks[1].slices[0] == SliceTask(3, 'dicoms/P/3.dcm', 'c3', None)
   sizes = [len(c.slices) for c in plan_chunks(Patient('P', 'O', slices * 33, ()), 64)]
@@ -94,8 +139,14 @@ def test_plan_chunks_splits_in_order_and_filters_labeled():
   assert plan_chunks(Patient('P', 'O', slices, ()), 3, labeled_only=True) == []
 
 
+def _decode(root, patients):
+  """DecodeSlices on in-memory Patients: (slices, errors) PCollections and p."""
+  p = TestPipeline()
+  out = p | beam.Create(patients) | DecodeSlices(str(root))
+  return p, out[DecodeSlices.SLICES], out[DecodeSlices.ERRORS]
+
+
 def test_decode_slices_writes_rows_and_dead_letters(tmp_path):
-  root = str(tmp_path)
   os.makedirs(tmp_path / 'dicoms' / 'P')
   pixels = sample.expected_image('P', 1, 24, 20)
   sample.write_dicom(str(tmp_path / 'dicoms/P/1.dcm'), pixels, 'P', 1)
@@ -103,47 +154,41 @@ def test_decode_slices_writes_rows_and_dead_letters(tmp_path):
   square = [(4.0, 4.0), (12.0, 4.0), (12.0, 16.0), (4.0, 16.0)]
   (tmp_path / 'good.txt').write_text(''.join(f'{x} {y}\n' for x, y in square))
   (tmp_path / 'bad.txt').write_text('1 2\n')
-  chunk = SliceChunk(
+  patient = Patient(
     'P',
     'O',
-    0,
-    1,
-    (
-      SliceTask(1, 'dicoms/P/1.dcm', 'good.txt', 'bad.txt'),
-      SliceTask(2, 'dicoms/P/2.dcm', None, None),
-      SliceTask(3, 'dicoms/P/3.dcm', None, None),
-    ),
+    (_dicom('P', 1), _dicom('P', 2), _dicom('P', 3)),
+    (ContourFile('O', 'i', 1, 'good.txt'), ContourFile('O', 'o', 1, 'bad.txt')),
   )
 
   def check(tables):
     assert len(tables) == 1
     (row,) = tables[0].to_pylist()
-    assert (row['patient_id'], row['slice_index']) == ('P', 1)
+    assert (row['patient_id'], row['original_id'], row['slice_index']) == ('P', 'O', 1)
     np.testing.assert_array_equal(image_of(row), pixels)
     np.testing.assert_array_equal(mask_of(row, 'i'), reference_mask(square, 24, 20))
-    assert mask_of(row, 'o') is None
+    assert mask_of(row, 'o') is None and row['i_vertex_count'] == 4
+    assert row['modality'] == 'MR' and row['pixel_dtype'] == 'int16'
 
-  with TestPipeline() as p:
-    out = (
-      p
-      | beam.Create([chunk])
-      | beam.ParDo(DecodeSlicesFn(root)).with_outputs(
-        DecodeSlicesFn.ERRORS, main='slices'
-      )
-    )
-    assert_that(out.slices, check, label='Slices')
-    assert_that(
-      out[DecodeSlicesFn.ERRORS]
-      | beam.Map(lambda r: (r['patient_id'], r['path'], r['stage'])),
-      equal_to(
-        [
-          ('P', 'bad.txt', s.STAGE_CONTOUR),
-          ('P', 'dicoms/P/2.dcm', s.STAGE_DECODE),
-          ('P', 'dicoms/P/3.dcm', s.STAGE_READ),
-        ]
-      ),
-      label='Errors',
-    )
+  p, slices, errors = _decode(tmp_path, [patient])
+  assert_that(slices, check, label='Slices')
+  assert_that(
+    errors | beam.Map(lambda r: (r['patient_id'], r['path'], r['stage'])),
+    equal_to(
+      [
+        ('P', 'bad.txt', s.STAGE_CONTOUR),
+        ('P', 'dicoms/P/2.dcm', s.STAGE_DECODE),
+        ('P', 'dicoms/P/3.dcm', s.STAGE_READ),
+      ]
+    ),
+    label='Errors',
+  )
+  result = p.run()
+  result.wait_until_finish()
+  counted = summary.counters(result)
+  assert counted[metrics.SLICES_WRITTEN] == 1 and counted[metrics.PATIENTS_DONE] == 1
+  assert counted[metrics.I_MASKS_WRITTEN] == 1
+  assert counted.get(metrics.O_MASKS_WRITTEN, 0) == 0
 
 
 def test_symlink_leaving_the_input_is_not_followed(tmp_path):
@@ -152,19 +197,78 @@ def test_symlink_leaving_the_input_is_not_followed(tmp_path):
   decoy = tmp_path / 'outside.dcm'
   sample.write_dicom(str(decoy), sample.expected_image('P', 1, 8, 8), 'P', 1)
   os.symlink(decoy, root / 'dicoms/P/1.dcm')
-  chunk = SliceChunk('P', 'O', 0, 1, (SliceTask(1, 'dicoms/P/1.dcm', None, None),))
-  with TestPipeline() as p:
-    out = (
-      p
-      | beam.Create([chunk])
-      | beam.ParDo(DecodeSlicesFn(str(root))).with_outputs(
-        DecodeSlicesFn.ERRORS, main='slices'
-      )
+  p, slices, errors = _decode(root, [Patient('P', 'O', (_dicom('P', 1),), ())])
+  assert_that(slices, equal_to([]), label='NoSlices')
+  assert_that(
+    errors | beam.Map(lambda r: (r['stage'], 'outside the input root' in r['error'])),
+    equal_to([(s.STAGE_READ, True)]),
+    label='Errors',
+  )
+  p.run().wait_until_finish()
+
+
+def _slice_table(patient_id, indices):
+  """A minimal Arrow table of slice rows (2 x 2 uint8 images)."""
+  rows = []
+  for k in indices:
+    image = np.full((2, 2), k, np.uint8)
+    rows.append(
+      {
+        'patient_id': patient_id,
+        'original_id': 'O' + patient_id,
+        'slice_index': k,
+        'split': 'train',
+        'dicom_path': f'dicoms/{patient_id}/{k}.dcm',
+        'rows': 2,
+        'columns': 2,
+        'samples_per_pixel': 1,
+        'pixel_dtype': 'uint8',
+        'image': image.tobytes(),
+        'pixel_xxh3': f'{k:032x}',
+        'qa_flags': [],
+      }
     )
-    assert_that(out.slices, equal_to([]), label='NoSlices')
-    assert_that(
-      out[DecodeSlicesFn.ERRORS]
-      | beam.Map(lambda r: (r['stage'], 'outside the input root' in r['error'])),
-      equal_to([(s.STAGE_READ, True)]),
-      label='Errors',
-    )
+  return pa.Table.from_pylist(rows, schema=s.SLICE_SCHEMA)
+
+
+def test_write_dataset_writes_three_tables_and_counts_the_reports(tmp_path):
+  out = str(tmp_path / 'OUT')
+  tables = [_slice_table('A', [1, 2, 3]), _slice_table('B', [1])]
+  reconciliation = [
+    s.reconciliation_row('A', 'OA', s.MATCHED, '3 slices'),
+    s.reconciliation_row('B', 'OB', s.MATCHED, '1 slice'),
+    s.reconciliation_row('C', 'OC', s.MISSING_DICOMS, 'line 4'),
+  ]
+  errors = [s.error_row('A', 'dicoms/A/9.dcm', s.STAGE_DECODE, 'truncated')]
+  p = TestPipeline()
+  written = {
+    WriteDataset.SLICES: p | 'Tables' >> beam.Create(tables),
+    WriteDataset.RECONCILIATION: p | 'Rec' >> beam.Create(reconciliation),
+    WriteDataset.ERRORS: p | 'Err' >> beam.Create(errors),
+  } | WriteDataset(out, image_codec='zstd')
+  assert_that(
+    written[WriteDataset.ERRORS] | beam.Map(os.path.relpath, out),
+    equal_to(['errors/part-00000-of-00001.parquet']),
+    label='ErrorsFile',
+  )
+  result = p.run()
+  result.wait_until_finish()
+
+  shards = [
+    pq.ParquetFile(os.path.join(out, 'slices', name))
+    for name in sorted(os.listdir(os.path.join(out, 'slices')))
+  ]
+  assert all(f.schema_arrow.equals(s.SLICE_SCHEMA) for f in shards)
+  groups = [f.metadata.row_group(g) for f in shards for g in range(f.num_row_groups)]
+  assert sorted(g.num_rows for g in groups) == [1, 3]  # one row group per table
+  image_chunk = (
+    shards[0].metadata.row_group(0).column(s.SLICE_SCHEMA.names.index('image'))
+  )
+  assert image_chunk.compression == 'ZSTD'
+  read_back = pq.read_table(os.path.join(out, 'reconciliation')).to_pylist()
+  assert sorted(map(_status, read_back)) == sorted(map(_status, reconciliation))
+  assert pq.read_table(os.path.join(out, 'errors')).to_pylist() == errors
+  counted = summary.counters(result)
+  assert counted[metrics.reconciliation_counter(s.MATCHED)] == 2
+  assert counted[metrics.reconciliation_counter(s.MISSING_DICOMS)] == 1
+  assert counted[metrics.error_counter(s.STAGE_DECODE)] == 1

@@ -1,8 +1,10 @@
-"""File access under the input root, through Beam's FileSystems.
+"""Reading and listing the input tree, through Beam's FileSystems.
 
 Every read goes through :func:`read_input`, which joins a path relative to the
 input root and, on local disks, refuses any file whose real location (after
-symlinks) lies outside that root.
+symlinks) lies outside that root. Local trees are listed by
+:func:`walk_local`. Nothing here writes: the output side is the write stage's
+and the application's.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ from collections.abc import Iterator
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from beam_pipeline.errors import UnsafePathError
+from beam_pipeline.contract import schema as s
+from beam_pipeline.contract.errors import UnsafePathError
+from beam_pipeline.contract.layout import is_local
+from transforms.outcomes import Failed
 
-
-def is_local(path: str) -> bool:
-  """True for a path on the local disk (no ``scheme://``)."""
-  return '://' not in path
+# The listing's reason for an empty folder (see walk_local).
+EMPTY_FOLDER = 'empty folder'
 
 
 def join_path(root: str, relative: str) -> str:
@@ -86,6 +89,16 @@ def read_input(root: str, relative: str) -> bytes:
     return f.read()
 
 
+def read_or_fail(root: str, relative: str) -> bytes | Failed:
+  """The file's bytes, or Failed (stage read) saying why not; never raises."""
+  try:
+    return read_input(root, relative)
+  except (OSError, UnsafePathError) as e:
+    return Failed(s.STAGE_READ, f'cannot read: {e}')
+  except Exception as e:  # e.g. a file system without its options here
+    return Failed(s.STAGE_READ, f'cannot read: {type(e).__name__}: {e}')
+
+
 def walk_local(top: str) -> Iterator[tuple[str, str | None]]:
   """Every entry below the local folder ``top`` that matters to a listing.
 
@@ -104,7 +117,7 @@ def walk_local(top: str) -> Iterator[tuple[str, str | None]]:
       yield folder, f'cannot list folder: {e.strerror or e}'
       continue
     if not entries and folder != top:
-      yield folder, 'empty folder'
+      yield folder, EMPTY_FOLDER
     for entry in entries:
       try:
         if entry.is_symlink():
@@ -124,30 +137,3 @@ def walk_local(top: str) -> Iterator[tuple[str, str | None]]:
           yield entry.path, 'not a regular file (FIFO, socket or device)'
       except OSError as e:
         yield entry.path, f'cannot stat: {e.strerror or e}'
-
-
-def _under(path: str) -> list[str]:
-  """Every file below ``path`` (a folder, or an object-store prefix)."""
-  return [
-    m.path for m in FileSystems.match([path.rstrip('/') + '/**'])[0].metadata_list
-  ]
-
-
-def exists(path: str) -> bool:
-  """True for a file, a folder, or an object-store prefix holding objects."""
-  return FileSystems.exists(path) or (not is_local(path) and bool(_under(path)))
-
-
-def delete_tree(path: str) -> None:
-  """Deletes a file or a folder; on object stores, every object under it."""
-  if is_local(path):
-    FileSystems.delete([path])
-    return
-  found = _under(path) + ([path] if FileSystems.exists(path) else [])
-  if found:
-    FileSystems.delete(found)
-
-
-def list_files(path: str) -> list[str]:
-  """Every file below ``path``."""
-  return _under(path)

@@ -5,16 +5,15 @@ whole worker down with it. IsolatedDecoder hands each file's *path* to a
 long-lived child process, which reads and decodes it and sends back the image.
 Children come from a ``forkserver``: forked from a clean single-threaded
 server, so no thread or lock of the worker is inherited, and cheap to replace. A
-dead or silent child becomes a DicomError for that one slice, and a fresh
-child takes the rest.
+dead or silent child becomes a Failed outcome (stage decode) for that one
+slice, and a fresh child takes the rest.
 
 The child works ahead of the worker: up to WINDOW paths are in flight, so the
 child decodes the next slice while the worker rasterises the contours of the
 previous one. Requests are tiny (a path), so the pipe never blocks on them.
 
-Both classes yield, per path and in order, one of:
-  ('ok', (meta, image, bytes_read)), ('read_error', message) or
-  ('dicom_error', message).
+Every decoder yields, per path and in order, a Decoded or a Failed
+(transforms.outcomes).
 """
 
 from __future__ import annotations
@@ -24,48 +23,36 @@ import multiprocessing
 import signal
 from collections.abc import Callable, Iterator
 
-from beam_pipeline.errors import DicomError, UnsafePathError
-from transforms import _files, _malloc
+from beam_pipeline.contract import schema as s
+from beam_pipeline.contract.errors import DicomError
+from beam_pipeline.contract.layout import is_local
+from transforms import _files, _tuning
+from transforms.outcomes import Decoded, Failed, Outcome
 
 _LOG = logging.getLogger(__name__)
 
 WINDOW = 8
 
-Decoder = Callable[[bytes, int], tuple[dict, object]]
-Outcome = tuple[str, object]
-
-
-def read_error(e: Exception) -> str:
-  """The errors-table message of an unreadable input."""
-  return f'cannot read: {e}'
-
-
-def read(root: str, path: str) -> tuple[bytes | None, Outcome | None]:
-  """(bytes, None), or (None, a read_error outcome); never raises."""
-  try:
-    return _files.read_input(root, path), None
-  except (OSError, UnsafePathError) as e:
-    return None, ('read_error', read_error(e))
-  except Exception as e:  # e.g. a file system without its options here
-    return None, ('read_error', read_error(f'{type(e).__name__}: {e}'))
+Decoder = Callable[[bytes, int], Decoded]
 
 
 def decode_bytes(data: bytes, path: str, max_pixels: int, decode: Decoder) -> Outcome:
   """Decodes one file's bytes; never raises."""
   try:
-    meta, image = decode(data, max_pixels)
+    return decode(data, max_pixels)
   except DicomError as e:
-    return 'dicom_error', str(e)
+    return Failed(s.STAGE_DECODE, str(e))
   except Exception as e:  # MemoryError or a decoder bug: this slice only.
     _LOG.warning('%s: %s: %s', path, type(e).__name__, e)
-    return 'dicom_error', f'{type(e).__name__}: {e}'
-  return 'ok', (meta, image, len(data))
+    return Failed(s.STAGE_DECODE, f'{type(e).__name__}: {e}')
 
 
 def read_and_decode(root: str, path: str, max_pixels: int, decode: Decoder) -> Outcome:
   """Reads ``path`` under ``root`` and decodes it; never raises."""
-  data, failed = read(root, path)
-  return failed or decode_bytes(data, path, max_pixels, decode)
+  data = _files.read_or_fail(root, path)
+  if isinstance(data, Failed):
+    return data
+  return decode_bytes(data, path, max_pixels, decode)
 
 
 class InProcessDecoder:
@@ -95,7 +82,7 @@ def _serve(conn, root: str, decode: Decoder) -> None:
   A request is (path, data, max_pixels): data None means "read it yourself".
   """
   signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
-  _malloc.keep_freed_memory()
+  _tuning.keep_freed_memory()
   while True:
     request = conn.recv()
     if request is None:
@@ -162,17 +149,17 @@ class IsolatedDecoder:
     Local files are read again by the child (from the page cache: cheaper
     than sending them through the pipe).
     """
-    if _files.is_local(self._root):
+    if is_local(self._root):
       yield from self._decode_local(paths, max_pixels)
       return
     # Other file systems are configured in the worker only: read here, send
     # the bytes, one file in flight (large requests must not fill both pipes).
     for k, path in enumerate(paths):
-      if datas is None:
-        data, failed = read(self._root, path)
+      data = _files.read_or_fail(self._root, path) if datas is None else datas[k]
+      if isinstance(data, Failed):
+        yield data
       else:
-        data, failed = datas[k], None
-      yield failed or next(self._decode_local([path], max_pixels, data))
+        yield next(self._decode_local([path], max_pixels, data))
 
   def _decode_local(
     self, paths: list[str], max_pixels: int, data: bytes | None = None
@@ -188,7 +175,9 @@ class IsolatedDecoder:
             sent += 1
           if not self._conn.poll(self._timeout):
             self._discard()
-            outcome = 'dicom_error', f'decoder timed out after {self._timeout:g} s'
+            outcome = Failed(
+              s.STAGE_DECODE, f'decoder timed out after {self._timeout:g} s'
+            )
           else:
             outcome = self._conn.recv()
         except (EOFError, OSError):
@@ -197,7 +186,7 @@ class IsolatedDecoder:
           _LOG.warning(
             'decoder process died on %s (%s); starting another', paths[done], ended
           )
-          outcome = 'dicom_error', f'decoder process crashed ({ended})'
+          outcome = Failed(s.STAGE_DECODE, f'decoder process crashed ({ended})')
         if self._process is None:
           sent = done + 1  # what was in flight goes to the next child
         done += 1

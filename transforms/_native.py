@@ -6,7 +6,7 @@ walks the elements itself, keeps the raw bytes of the tags SLICE_SCHEMA needs,
 and takes the pixels with ``numpy.frombuffer``.
 
 It is a fast path, never a second opinion: it returns None for anything it is
-not sure to read exactly as ``decode.decode_dicom`` (pydicom) does, and the
+not sure to read exactly as ``dicom.decode_dicom`` (pydicom) does, and the
 caller then uses pydicom, which also gives the precise error for a bad file.
 None is returned for: big-endian or compressed transfer syntaxes, elements
 that overrun the file, unknown or unexpected VRs, a repeated tag, sequences
@@ -29,6 +29,9 @@ import struct
 
 import numpy as np
 
+from beam_pipeline.contract.columns import HEADER_COLUMNS, METADATA_NAMES, PIXEL_DTYPE
+from transforms.outcomes import Decoded
+
 MAX_DEPTH = 8
 EXPLICIT_LE = '1.2.840.10008.1.2.1'
 IMPLICIT_LE = '1.2.840.10008.1.2'
@@ -46,31 +49,24 @@ _SEQUENCE_END = 0xFFFEE0DD
 _PIXEL_DATA = 0x7FE00010
 _TRANSFER_SYNTAX = 0x00020010
 
-# tag -> (column or internal name, VR, kind, count); kind says how to convert.
+# How a value of each VR is converted; a header column of any other VR makes
+# this reader decline the file (pydicom then reads it).
+_KIND_OF_VR = {b'US': 'us', b'IS': 'int', b'DS': 'float', b'UI': 'str', b'CS': 'str'}
+
+# tag -> (column or internal name, VR, kind, count), derived from the column
+# table; kind says how to convert. The transfer syntax comes from the file meta.
 _TAGS = {
-  0x00080018: ('sop_instance_uid', b'UI', 'str', 0),
-  0x0020000E: ('series_instance_uid', b'UI', 'str', 0),
-  0x0020000D: ('study_instance_uid', b'UI', 'str', 0),
-  0x00080060: ('modality', b'CS', 'str', 0),
-  0x00200013: ('instance_number', b'IS', 'int', 0),
-  0x00280008: ('frames', b'IS', 'int', 0),
-  0x00280010: ('rows', b'US', 'us', 0),
-  0x00280011: ('columns', b'US', 'us', 0),
-  0x00280002: ('samples_per_pixel', b'US', 'us', 0),
-  0x00280004: ('photometric_interpretation', b'CS', 'str', 0),
-  0x00280100: ('bits_allocated', b'US', 'us', 0),
-  0x00280101: ('bits_stored', b'US', 'us', 0),
-  0x00280103: ('pixel_representation', b'US', 'us', 0),
-  0x00280030: ('pixel_spacing', b'DS', 'float', 2),
-  0x00180050: ('slice_thickness', b'DS', 'float', 0),
-  0x00201041: ('slice_location', b'DS', 'float', 0),
-  0x00200032: ('image_position_patient', b'DS', 'float', 3),
-  0x00200037: ('image_orientation_patient', b'DS', 'float', 6),
-  0x00281053: ('rescale_slope', b'DS', 'float', 0),
-  0x00281052: ('rescale_intercept', b'DS', 'float', 0),
-  0x00181060: ('trigger_time', b'DS', 'float', 0),
-  _PIXEL_DATA: ('pixels', None, 'bytes', 0),
+  c.dicom.tag: (
+    c.name,
+    c.dicom.vr.encode(),
+    _KIND_OF_VR.get(c.dicom.vr.encode(), 'unsure'),
+    c.values,
+  )
+  for c in HEADER_COLUMNS
+  if not c.dicom.in_file_meta
 }
+_TAGS[0x00280008] = ('frames', b'IS', 'int', 0)  # NumberOfFrames: checked, not stored
+_TAGS[_PIXEL_DATA] = ('pixels', None, 'bytes', 0)
 _INT = re.compile(r' *[+-]?[0-9]{1,9} *')
 _FLOAT = re.compile(r' *[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]{1,3})? *')
 _UNSURE = object()
@@ -175,7 +171,7 @@ def _meta_group(data: bytes) -> tuple[str, int]:
 def _convert(tag: int, vr: bytes | None, raw: bytes):
   """A tag's value as decode_dicom returns it, None if empty, or _UNSURE."""
   _, expected_vr, kind, count = _TAGS[tag]
-  if vr is not None and kind != 'bytes' and vr != expected_vr:
+  if kind == 'unsure' or (vr is not None and kind != 'bytes' and vr != expected_vr):
     return _UNSURE
   if kind == 'bytes':
     return raw
@@ -241,8 +237,8 @@ def pixels(
   return image
 
 
-def decode(data: bytes, max_pixels: int) -> tuple[dict, np.ndarray] | None:
-  """(metadata, image) exactly as ``decode_dicom`` returns them, or None.
+def decode(data: bytes, max_pixels: int) -> Decoded | None:
+  """Decoded exactly as ``dicom.decode_dicom`` returns it, or None.
 
   See the module docstring for when None is returned.
   """
@@ -283,35 +279,9 @@ def decode(data: bytes, max_pixels: int) -> tuple[dict, np.ndarray] | None:
   )
   if image is None:
     return None
-  meta = dict.fromkeys(_COLUMNS)
+  meta = dict.fromkeys(METADATA_NAMES)
   meta.update(values)
   meta['transfer_syntax_uid'] = syntax
   meta['samples_per_pixel'] = samples
-  meta['pixel_dtype'] = image.dtype.name
-  return meta, image
-
-
-_COLUMNS = (
-  'sop_instance_uid',
-  'series_instance_uid',
-  'study_instance_uid',
-  'modality',
-  'transfer_syntax_uid',
-  'instance_number',
-  'rows',
-  'columns',
-  'samples_per_pixel',
-  'photometric_interpretation',
-  'bits_allocated',
-  'bits_stored',
-  'pixel_representation',
-  'pixel_dtype',
-  'pixel_spacing',
-  'slice_thickness',
-  'slice_location',
-  'image_position_patient',
-  'image_orientation_patient',
-  'rescale_slope',
-  'rescale_intercept',
-  'trigger_time',
-)
+  meta[PIXEL_DTYPE.name] = image.dtype.name
+  return Decoded(meta, image, len(data))

@@ -18,7 +18,7 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
-from beam_pipeline.errors import ContourError
+from beam_pipeline.contract.errors import ContourError
 
 MIN_VERTICES = 3
 # Far beyond any image; beyond it Pillow's fill slows down (seconds at 1e9) and

@@ -1,7 +1,8 @@
-"""Reconciliation: link.csv against the data tree, joined with CoGroupByKey.
+"""Reconciliation: link rows against the tree's files, joined with CoGroupByKey.
 
 Only ids and paths travel through the joins; pixels are read later, per
-patient, after the join (see ``transforms.decode``).
+patient, after the join (see ``transforms.decode``). The inputs come from
+``transforms.listing`` (or any source of the same records).
 
 The data tree keys DICOM folders by patient_id and contour folders by
 original_id, so there are two joins: contour files are attached to their link
@@ -10,33 +11,15 @@ row by original_id, then links meet DICOM files by patient_id.
 
 from __future__ import annotations
 
-import logging
-import os
+import operator
 from typing import NamedTuple
 
 import apache_beam as beam
 from apache_beam import pvalue
-from apache_beam.io import fileio
-from apache_beam.metrics import Metrics
 
-from beam_pipeline import layout
-from beam_pipeline import schema as s
-from beam_pipeline.report import NAMESPACE
-from transforms import _files
-
-_LOG = logging.getLogger(__name__)
-
-RECONCILIATION = 'reconciliation'
-ERRORS = 'errors'
-
-
-class Patient(NamedTuple):
-  """A matched patient: its slices and, per slice, its contour paths."""
-
-  patient_id: str
-  original_id: str
-  slices: tuple[layout.DicomFile, ...]  # sorted by slice_index
-  contours: tuple[layout.ContourFile, ...]  # only those with a slice
+from beam_pipeline.contract import layout
+from beam_pipeline.contract import schema as s
+from beam_pipeline.contract.layout import Patient
 
 
 class _Linked(NamedTuple):
@@ -44,137 +27,7 @@ class _Linked(NamedTuple):
   contours: tuple[layout.ContourFile, ...]
 
 
-class _ParseLinksFn(beam.DoFn):
-  """Reads link.csv; emits Links, and problems as tagged outputs."""
-
-  def __init__(self, input_root: str):
-    self._input_root = input_root
-
-  def process(self, relative_path: str):
-    try:
-      data = _files.read_input(self._input_root, relative_path)
-    except OSError as e:
-      yield pvalue.TaggedOutput(
-        ERRORS,
-        s.error_row('', relative_path, s.STAGE_LINKS, f'cannot read: {e}'),
-      )
-      return
-    links, problems = layout.parse_links(data)
-    _LOG.info('%s: %d links, %d problem rows', relative_path, len(links), len(problems))
-    yield from links
-    for problem in problems:
-      yield pvalue.TaggedOutput(
-        RECONCILIATION,
-        s.reconciliation_row(
-          problem.patient_id,
-          problem.original_id,
-          problem.status,
-          problem.detail,
-        ),
-      )
-
-
-class ReadLinks(beam.PTransform):
-  """link.csv as Links (main output) and reconciliation/error rows (tagged)."""
-
-  def __init__(self, input_root: str):
-    super().__init__()
-    self._input_root = input_root
-
-  def expand(self, pbegin):
-    return (
-      pbegin
-      | 'LinkFile' >> beam.Create([layout.LINK_FILE])
-      | 'ParseLinks'
-      >> beam.ParDo(_ParseLinksFn(self._input_root)).with_outputs(
-        RECONCILIATION, ERRORS, main='links'
-      )
-    )
-
-
-class _ClassifyFn(beam.DoFn):
-  """Sorts listed files into DICOM slices, contour files and stray files."""
-
-  DICOMS = 'dicoms'
-  CONTOURS = 'contours'
-
-  def __init__(self, input_root: str):
-    self._input_root = input_root
-
-  def setup(self):
-    self._stray = Metrics.counter(NAMESPACE, 'stray_files')
-
-  def process(self, listed: tuple[str, str | None]):
-    path, problem = listed
-    relative = _files.relative_to(self._input_root, path)
-    if problem == _EMPTY_FOLDER and not layout.is_file_level(relative):
-      found = None  # an empty patient folder is reported by the joins, if linked
-    elif problem is not None:
-      found = layout.StrayFile(layout.owner_of(relative), relative, problem)
-    else:
-      found = layout.classify_path(relative)
-    if found is None:
-      pass
-    elif isinstance(found, layout.DicomFile):
-      yield pvalue.TaggedOutput(self.DICOMS, found)
-    elif isinstance(found, layout.ContourFile):
-      yield pvalue.TaggedOutput(self.CONTOURS, found)
-    else:
-      self._stray.inc()
-      yield pvalue.TaggedOutput(
-        ERRORS,
-        s.error_row(
-          found.owner_id, found.path, s.STAGE_LIST, f'not used: {found.reason}'
-        ),
-      )
-
-
-_EMPTY_FOLDER = 'empty folder'
-
-
-def _walk_tops(root: str):
-  for top in (layout.DICOM_DIR, layout.CONTOUR_DIR):
-    folder = _files.join_path(root, top)
-    if os.path.isdir(folder):
-      yield from _files.walk_local(folder)
-
-
-class ListTree(beam.PTransform):
-  """Lists every file under dicoms/ and contourfiles/ and classifies it.
-
-  Local trees are walked with os.scandir, which also reports what a glob
-  would silently skip (unreadable or symlinked folders, special files);
-  other file systems are listed with Beam's MatchAll.
-  """
-
-  def __init__(self, input_root: str):
-    super().__init__()
-    self._input_root = input_root
-
-  def expand(self, pbegin):
-    root = self._input_root
-    if _files.is_local(root):
-      listed = (
-        pbegin | 'Root' >> beam.Create([root]) | 'Walk' >> beam.FlatMap(_walk_tops)
-      )
-    else:
-      listed = (
-        pbegin
-        | 'Patterns'
-        >> beam.Create(
-          [
-            _files.join_path(root, top) + '/**'
-            for top in (layout.DICOM_DIR, layout.CONTOUR_DIR)
-          ]
-        )
-        | 'MatchFiles' >> fileio.MatchAll()
-        | 'Paths' >> beam.Map(lambda metadata: (metadata.path, None))
-      )
-    return listed | 'Classify' >> beam.ParDo(_ClassifyFn(root)).with_outputs(
-      _ClassifyFn.DICOMS, _ClassifyFn.CONTOURS, ERRORS
-    )
-
-
+@beam.typehints.with_output_types(tuple[str, _Linked])
 class _AttachContoursFn(beam.DoFn):
   """One original_id: its link row (if any) and its contour files."""
 
@@ -184,7 +37,7 @@ class _AttachContoursFn(beam.DoFn):
     contours = tuple(sorted(grouped['contours']))
     if not links:
       yield pvalue.TaggedOutput(
-        RECONCILIATION,
+        Reconcile.RECONCILIATION,
         s.reconciliation_row(
           '',
           original_id,
@@ -199,6 +52,7 @@ class _AttachContoursFn(beam.DoFn):
     yield link.patient_id, _Linked(link, contours)
 
 
+@beam.typehints.with_output_types(Patient)
 class _MatchPatientsFn(beam.DoFn):
   """One patient_id: its link (with contours) and its DICOM files."""
 
@@ -260,54 +114,60 @@ class _MatchPatientsFn(beam.DoFn):
   @staticmethod
   def _row(patient_id, original_id, status, detail):
     return pvalue.TaggedOutput(
-      RECONCILIATION,
+      Reconcile.RECONCILIATION,
       s.reconciliation_row(patient_id, original_id, status, detail),
     )
 
 
-class Reconcile(beam.PTransform):
-  """link.csv and the data tree, reconciled.
+def _key_by(field: str, record: type) -> beam.PTransform:
+  """Records as (record.<field>, record): a str key, encoded deterministically."""
+  get = operator.attrgetter(field)
+  return beam.Map(lambda r: (get(r), r)).with_output_types(tuple[str, record])
 
-  Returns a dict of PCollections: ``patients`` (matched Patients),
-  ``reconciliation`` (report rows) and ``errors`` (dead-letter rows).
+
+class Reconcile(beam.PTransform):
+  """Link rows and the tree's files, reconciled.
+
+  Takes a dict of PCollections: LINKS (layout.Link), DICOMS
+  (layout.DicomFile) and CONTOURS (layout.ContourFile). Returns a dict:
+  PATIENTS (matched layout.Patients, ids and paths only) and RECONCILIATION
+  (report rows: one per matched patient and one per mismatch found).
   """
 
-  def __init__(self, input_root: str):
-    super().__init__()
-    self._input_root = input_root
+  LINKS = 'links'
+  DICOMS = 'dicoms'
+  CONTOURS = 'contours'
+  PATIENTS = 'patients'
+  RECONCILIATION = 'reconciliation'
 
-  def expand(self, pbegin):
-    links = pbegin | 'ReadLinks' >> ReadLinks(self._input_root)
-    tree = pbegin | 'ListTree' >> ListTree(self._input_root)
+  def expand(self, found):
     linked = (
       {
-        'links': links.links
-        | 'LinksByOriginalId' >> beam.Map(lambda link: (link.original_id, link)),
-        'contours': tree[_ClassifyFn.CONTOURS]
-        | 'ContoursByOriginalId' >> beam.Map(lambda c: (c.original_id, c)),
+        'links': found[self.LINKS]
+        | 'LinksByOriginalId' >> _key_by('original_id', layout.Link),
+        'contours': found[self.CONTOURS]
+        | 'ContoursByOriginalId' >> _key_by('original_id', layout.ContourFile),
       }
       | 'JoinByOriginalId' >> beam.CoGroupByKey()
       | 'AttachContours'
-      >> beam.ParDo(_AttachContoursFn()).with_outputs(RECONCILIATION, main='linked')
+      >> beam.ParDo(_AttachContoursFn()).with_outputs(
+        self.RECONCILIATION, main='linked'
+      )
     )
     matched = (
       {
         'linked': linked.linked,
-        'dicoms': tree[_ClassifyFn.DICOMS]
-        | 'DicomsByPatient' >> beam.Map(lambda d: (d.patient_id, d)),
+        'dicoms': found[self.DICOMS]
+        | 'DicomsByPatient' >> _key_by('patient_id', layout.DicomFile),
       }
       | 'JoinByPatient' >> beam.CoGroupByKey()
       | 'MatchPatients'
-      >> beam.ParDo(_MatchPatientsFn()).with_outputs(RECONCILIATION, main='patients')
+      >> beam.ParDo(_MatchPatientsFn()).with_outputs(
+        self.RECONCILIATION, main=self.PATIENTS
+      )
     )
     reconciliation = (
-      links[RECONCILIATION],
-      linked[RECONCILIATION],
-      matched[RECONCILIATION],
+      linked[self.RECONCILIATION],
+      matched[self.RECONCILIATION],
     ) | 'AllReconciliation' >> beam.Flatten()
-    errors = (links[ERRORS], tree[ERRORS]) | 'ListErrors' >> beam.Flatten()
-    return {
-      'patients': matched.patients,
-      'reconciliation': reconciliation,
-      'errors': errors,
-    }
+    return {self.PATIENTS: matched[self.PATIENTS], self.RECONCILIATION: reconciliation}

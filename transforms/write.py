@@ -24,14 +24,23 @@ from apache_beam.io import filebasedsink
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.metrics import Metrics
 
-from beam_pipeline import report
-from beam_pipeline import schema as s
+from beam_pipeline.contract import metrics
+from beam_pipeline.contract import schema as s
+from beam_pipeline.contract.layout import is_local
 from transforms import _direct, _files
+from transforms.settings import DEFAULT_IMAGE_CODEC
 
 CODEC = 'zstd'
-IMAGE_CODECS = ('none', 'lz4', 'snappy', 'zstd', 'gzip', 'brotli')
-DEFAULT_IMAGE_CODEC = 'none'
 _BINARY_COLUMNS = ('image', 'i_mask', 'o_mask')
+
+
+def _open_local_shard(path: str) -> _direct.DirectFile:
+  """A new local shard, written around the page cache (O_DIRECT) by a thread.
+
+  Buys what BENCHMARKS.md ("Process-wide tweaks") measures: the kernel no
+  longer copies every shard byte into newly allocated page-cache pages.
+  """
+  return _direct.DirectFile(path)
 
 
 class _SliceSink(filebasedsink.FileBasedSink):
@@ -54,8 +63,8 @@ class _SliceSink(filebasedsink.FileBasedSink):
     self._image_codec = image_codec
 
   def open(self, temp_path):
-    if _files.is_local(temp_path):  # around the page cache (see _direct)
-      handle = _direct.DirectFile(temp_path)
+    if is_local(temp_path):
+      handle = _open_local_shard(temp_path)
     else:
       handle = super().open(temp_path)
     names = self._schema.names
@@ -87,7 +96,7 @@ class _CountFn(beam.DoFn):
 
   def setup(self):
     self._counters = {
-      value: Metrics.counter(report.NAMESPACE, name)
+      value: Metrics.counter(metrics.NAMESPACE, name)
       for value, name in self._counter_names.items()
     }
 
@@ -125,11 +134,28 @@ class _WriteReport(beam.PTransform):
 
 
 class WriteDataset(beam.PTransform):
-  """Writes ``{'slices': tables, 'reconciliation': rows, 'errors': rows}``.
+  """Writes ``{SLICES: Arrow tables, RECONCILIATION: rows, ERRORS: rows}``.
 
   Slices go to ``OUT/slices/part-SSSSS-of-NNNNN.parquet``, one row group per
-  Arrow table (one SliceChunk); the two reports to one file each.
+  Arrow table (one SliceChunk); the two reports to one file each, counted by
+  status and by stage. Returns the written file names under the same keys.
   """
+
+  SLICES = 'slices'
+  RECONCILIATION = 'reconciliation'
+  ERRORS = 'errors'
+
+  # key -> (folder, schema, field counted, its values, counter name of a value)
+  _REPORTS = {
+    RECONCILIATION: (
+      s.RECONCILIATION_DIR,
+      s.RECONCILIATION_SCHEMA,
+      'status',
+      s.STATUSES,
+      metrics.reconciliation_counter,
+    ),
+    ERRORS: (s.ERRORS_DIR, s.ERROR_SCHEMA, 'stage', s.STAGES, metrics.error_counter),
+  }
 
   def __init__(self, output_root: str, image_codec: str = DEFAULT_IMAGE_CODEC):
     super().__init__()
@@ -137,27 +163,16 @@ class WriteDataset(beam.PTransform):
     self._image_codec = image_codec
 
   def expand(self, outputs):
-    slices = outputs['slices'] | 'WriteSlices' >> beam.io.Write(
-      _SliceSink(
-        _prefix(self._output_root, s.SLICES_DIR), s.SLICE_SCHEMA, self._image_codec
+    root = self._output_root
+    written = {
+      self.SLICES: outputs[self.SLICES]
+      | 'WriteSlices'
+      >> beam.io.Write(
+        _SliceSink(_prefix(root, s.SLICES_DIR), s.SLICE_SCHEMA, self._image_codec)
       )
-    )
-    reconciliation = outputs['reconciliation'] | 'Reconciliation' >> _WriteReport(
-      self._output_root,
-      s.RECONCILIATION_DIR,
-      s.RECONCILIATION_SCHEMA,
-      'status',
-      {status: report.reconciliation_counter(status) for status in s.STATUSES},
-    )
-    errors = outputs['errors'] | 'Errors' >> _WriteReport(
-      self._output_root,
-      s.ERRORS_DIR,
-      s.ERROR_SCHEMA,
-      'stage',
-      {stage: report.error_counter(stage) for stage in s.STAGES},
-    )
-    return {
-      'slices': slices,
-      'reconciliation': reconciliation,
-      'errors': errors,
     }
+    for key, (folder, schema, field, values, counter) in self._REPORTS.items():
+      written[key] = outputs[key] | key.capitalize() >> _WriteReport(
+        root, folder, schema, field, {value: counter(value) for value in values}
+      )
+    return written

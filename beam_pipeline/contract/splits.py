@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 
-from beam_pipeline.errors import UsageError
+from beam_pipeline.contract.errors import UsageError
 
 SPLITS = ('train', 'val', 'test')
 DEFAULT_FRACTIONS = '0.8,0.1,0.1'

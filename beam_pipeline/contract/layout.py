@@ -7,6 +7,10 @@ A data tree looks like this::
     DATA/contourfiles/<original_id>/i-contours/IM-0001-<nnnn>-icontour-manual.txt
     DATA/contourfiles/<original_id>/o-contours/IM-0001-<nnnn>-ocontour-manual.txt
 
+It also declares the records the stages hand each other (ids and paths only,
+never pixels): Link, DicomFile, ContourFile and StrayFile from the listing,
+Patient from the reconciliation.
+
 Everything here is pure: no I/O, so it is tested without a pipeline.
 """
 
@@ -16,6 +20,8 @@ import csv
 import io
 import re
 from typing import NamedTuple
+
+from beam_pipeline.contract.schema import DUPLICATE_LINK, MALFORMED_LINK
 
 LINK_FILE = 'link.csv'
 DICOM_DIR = 'dicoms'
@@ -44,7 +50,7 @@ class LinkProblem(NamedTuple):
 
   patient_id: str
   original_id: str
-  status: str  # 'malformed_link' or 'duplicate_link'
+  status: str  # MALFORMED_LINK or DUPLICATE_LINK
   detail: str
 
 
@@ -71,6 +77,20 @@ class StrayFile(NamedTuple):
   owner_id: str
   path: str
   reason: str
+
+
+class Patient(NamedTuple):
+  """A matched patient: its slices and, per slice, its contour paths."""
+
+  patient_id: str
+  original_id: str
+  slices: tuple[DicomFile, ...]  # sorted by slice_index
+  contours: tuple[ContourFile, ...]  # only those with a slice
+
+
+def is_local(path: str) -> bool:
+  """True for a path on the local disk (no ``scheme://``)."""
+  return '://' not in path
 
 
 def id_problem(value: str) -> str | None:
@@ -123,7 +143,7 @@ def parse_links(data: bytes) -> tuple[list[Link], list[LinkProblem]]:
             LinkProblem(
               '',
               '',
-              'malformed_link',
+              MALFORMED_LINK,
               f'line {line}: header {",".join(fields)!r} lacks {missing}; '
               f'expected "{",".join(LINK_HEADER)}"; no row can be read',
             )
@@ -137,7 +157,7 @@ def parse_links(data: bytes) -> tuple[list[Link], list[LinkProblem]]:
           LinkProblem(
             fields[0] if fields else '',
             '',
-            'malformed_link',
+            MALFORMED_LINK,
             f'line {line}: expected {max(pid_at, oid_at) + 1} fields, '
             f'got {len(fields)}',
           )
@@ -151,7 +171,7 @@ def parse_links(data: bytes) -> tuple[list[Link], list[LinkProblem]]:
       ]
       if reasons:
         problems.append(
-          LinkProblem(pid, oid, 'malformed_link', f'line {line}: ' + '; '.join(reasons))
+          LinkProblem(pid, oid, MALFORMED_LINK, f'line {line}: ' + '; '.join(reasons))
         )
         continue
       if pid in first_pid_line or oid in first_oid_line:
@@ -164,7 +184,7 @@ def parse_links(data: bytes) -> tuple[list[Link], list[LinkProblem]]:
           LinkProblem(
             pid,
             oid,
-            'duplicate_link',
+            DUPLICATE_LINK,
             f'line {line}: {earlier}; this row is not used',
           )
         )
@@ -177,17 +197,17 @@ def parse_links(data: bytes) -> tuple[list[Link], list[LinkProblem]]:
       LinkProblem(
         '',
         '',
-        'malformed_link',
+        MALFORMED_LINK,
         f'line {rows.line_num}: unreadable CSV ({e}); rows after it are not read',
       )
     )
   if columns is not None and not links and not problems:
     problems.append(
-      LinkProblem('', '', 'malformed_link', 'link.csv has a header and no rows')
+      LinkProblem('', '', MALFORMED_LINK, 'link.csv has a header and no rows')
     )
   if columns is None:
     problems.append(
-      LinkProblem('', '', 'malformed_link', 'link.csv has no header row and no links')
+      LinkProblem('', '', MALFORMED_LINK, 'link.csv has no header row and no links')
     )
   return links, problems
 

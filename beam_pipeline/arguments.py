@@ -1,0 +1,170 @@
+"""The pipeline's own command-line options: declarations, defaults, checks.
+
+Beam-free on purpose: ``--help`` is answered from here without importing
+Beam, pydicom or pyarrow (``beam_pipeline.cli``), and ``IngestOptions``
+(``beam_pipeline.options``) registers the same declarations with Beam.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from beam_pipeline.contract import splits
+from beam_pipeline.contract.errors import UsageError
+from transforms import settings
+
+DEFAULT_OUTPUT = 'output'
+DEFAULT_SAMPLE_DIR = 'sample_data'
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  """Declares the pipeline's own options on ``parser``."""
+  parser.add_argument(
+    '--input',
+    default=None,
+    help='Data tree holding link.csv, dicoms/ and contourfiles/ (a local '
+    'path, or any path Beam FileSystems reads). Without it the pipeline '
+    'runs on a small built-in sample generated into --sample-dir.',
+  )
+  parser.add_argument(
+    '--output',
+    default=DEFAULT_OUTPUT,
+    help='Where slices/, reconciliation/, errors/ and _SUMMARY.json are '
+    'written (default: %(default)s).',
+  )
+  parser.add_argument(
+    '--overwrite',
+    action='store_true',
+    help='Delete a dataset already in --output before writing. Without '
+    'it, a non-empty --output is refused.',
+  )
+  parser.add_argument(
+    '--strict',
+    action='store_true',
+    help='Fail the run (exit 4) when any reconciliation problem or error '
+    'row is found; the dataset and reports are still written.',
+  )
+  parser.add_argument(
+    '--labeled-only',
+    dest='labeled_only',
+    action='store_true',
+    help='Write only slices that have at least one contour file.',
+  )
+  parser.add_argument(
+    '--chunk-size',
+    dest='chunk_size',
+    type=int,
+    default=settings.DEFAULT_CHUNK_SIZE,
+    help='Slices per work item and per Parquet row group (default: %(default)s).',
+  )
+  parser.add_argument(
+    '--image-codec',
+    dest='image_codec',
+    choices=settings.IMAGE_CODECS,
+    default=settings.DEFAULT_IMAGE_CODEC,
+    help='Parquet compression of the image column; every other column is '
+    'zstd. MR slices shrink to about 60%% with zstd, at more CPU than the '
+    'saved writing (BENCHMARKS.md) (default: %(default)s).',
+  )
+  parser.add_argument(
+    '--max-pixels',
+    dest='max_pixels',
+    type=int,
+    default=settings.DEFAULT_MAX_PIXELS,
+    help='Largest rows x columns x samples per slice; larger images are '
+    'rejected from the header, before decoding (default: %(default)s).',
+  )
+  parser.add_argument(
+    '--decode-in-process',
+    dest='decode_in_process',
+    action='store_true',
+    help='Decode every DICOM in the worker process itself. By default '
+    'uncompressed slices are read in the worker by a small native reader and '
+    'the rest (compressed, unusual) are decoded by pydicom in a child '
+    'process, so a decoder crash or hang costs one slice (an error row), '
+    'not the run.',
+  )
+  parser.add_argument(
+    '--decoders',
+    type=int,
+    default=settings.DEFAULT_DECODERS,
+    help='Decoder child processes per worker (isolated decoding only); each '
+    'decodes ahead while the worker rasterises and writes (default: '
+    '%(default)s).',
+  )
+  parser.add_argument(
+    '--decode-timeout',
+    dest='decode_timeout',
+    type=float,
+    default=settings.DEFAULT_DECODE_TIMEOUT,
+    help='Seconds one DICOM file may take to decode before it is given up '
+    '(an error row); not applied with --decode-in-process '
+    '(default: %(default)s).',
+  )
+  parser.add_argument(
+    '--progress-seconds',
+    dest='progress_seconds',
+    type=float,
+    default=settings.DEFAULT_PROGRESS_SECONDS,
+    help='Each worker logs a progress line (patients, slices, slices/s) at '
+    'most this often (default: %(default)s).',
+  )
+  parser.add_argument(
+    '--split',
+    default=splits.DEFAULT_FRACTIONS,
+    help='train,val,test fractions; each patient goes to one split by a '
+    'stable hash of its patient_id (default: %(default)s).',
+  )
+  parser.add_argument(
+    '--qa-dir',
+    dest='qa_dir',
+    default=None,
+    help='After the run, write one contact sheet PNG per patient and an '
+    'index.html with the quality flags here (reads the output back, so '
+    '--output must be a local path).',
+  )
+  parser.add_argument(
+    '--sample-dir',
+    dest='sample_dir',
+    default=DEFAULT_SAMPLE_DIR,
+    help='Where the built-in sample is generated when --input is not '
+    'given (default: %(default)s).',
+  )
+
+
+def validate(values) -> None:
+  """Raises UsageError (a ValueError) on invalid values, before any launch.
+
+  Args:
+    values: the parsed options (IngestOptions or an argparse Namespace).
+  """
+  if values.chunk_size < 1:
+    raise UsageError(f'--chunk-size must be at least 1, got {values.chunk_size}')
+  if values.max_pixels < 1:
+    raise UsageError(f'--max-pixels must be at least 1, got {values.max_pixels}')
+  if values.decoders < 1:
+    raise UsageError(f'--decoders must be at least 1, got {values.decoders}')
+  if values.decode_timeout <= 0:
+    raise UsageError(f'--decode-timeout must be positive, got {values.decode_timeout}')
+  if values.progress_seconds < 0:
+    raise UsageError(
+      f'--progress-seconds must not be negative, got {values.progress_seconds}'
+    )
+  splits.parse_fractions(values.split)
+  if not values.output:
+    raise UsageError('--output must not be empty')
+
+
+def help_parser(prog: str = 'run_pipeline.py') -> argparse.ArgumentParser:
+  """A parser of the pipeline's own options, for ``--help``."""
+  parser = argparse.ArgumentParser(
+    prog=prog,
+    description='Turns a cardiac-MRI data tree (link.csv, dicoms/, '
+    'contourfiles/) into a Parquet dataset. With no options it runs on a '
+    'built-in sample.',
+    epilog='Every standard Apache Beam pipeline option passes through as well '
+    '(--runner, --direct_num_workers, --direct_running_mode, ...); see the '
+    "README's Options and Other runners sections.",
+  )
+  add_arguments(parser)
+  return parser

@@ -1,0 +1,58 @@
+"""Counter names, and what counts as an issue.
+
+All counters live in one Beam metrics namespace, NAMESPACE. The stages count
+what happens; the application reads the counters back when the run ends for
+the summary, ``_SUMMARY.json`` and the exit code; ``verify`` checks the
+output against them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from beam_pipeline.contract import schema as s
+
+NAMESPACE = 'cardiac_mri'
+
+PATIENTS_DONE = 'patients_done'
+SLICES_WRITTEN = 'slices_written'
+I_MASKS_WRITTEN = 'i_masks_written'
+O_MASKS_WRITTEN = 'o_masks_written'
+MASKS_WRITTEN = {'i': I_MASKS_WRITTEN, 'o': O_MASKS_WRITTEN}
+SLICE_BYTES_READ = 'dicom_bytes_read'
+STRAY_FILES = 'stray_files'
+
+_QA_PREFIX = 'qa_'
+
+
+def reconciliation_counter(status: str) -> str:
+  """The counter of reconciliation rows with ``status``."""
+  return f'reconciliation_{status}'
+
+
+def error_counter(stage: str) -> str:
+  """The counter of error rows of ``stage``."""
+  return f'errors_{stage}'
+
+
+def qa_counter(flag: str) -> str:
+  """The counter of slices that raised the quality flag ``flag``."""
+  return f'{_QA_PREFIX}{flag}'
+
+
+def qa_flag_counts(counters: Mapping[str, int]) -> dict[str, int]:
+  """{flag: slices} for every quality flag raised at least once."""
+  return {
+    name.removeprefix(_QA_PREFIX): n
+    for name, n in sorted(counters.items())
+    if name.startswith(_QA_PREFIX) and n
+  }
+
+
+def issue_count(counters: Mapping[str, int]) -> int:
+  """Reconciliation problems plus error rows: 0 for a clean run."""
+  return sum(
+    counters.get(reconciliation_counter(status), 0)
+    for status in s.STATUSES
+    if status != s.MATCHED
+  ) + sum(counters.get(error_counter(stage), 0) for stage in s.STAGES)

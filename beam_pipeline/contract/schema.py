@@ -1,0 +1,123 @@
+"""The output contract: the Arrow schemas of the three tables the pipeline writes.
+
+``OUT/slices/``          one row per decoded DICOM slice (SLICE_SCHEMA)
+``OUT/reconciliation/``  one row per matched patient and per problem found
+``OUT/errors/``          one row per input that could not be used
+
+Every field carries its description as field metadata (``description``), so
+the schema read back from any shard documents itself. The slice table's
+columns are declared in ``columns``; the README's tables are checked against
+these definitions by the tests.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from beam_pipeline.contract.columns import SLICE_COLUMNS, Column
+
+SCHEMA_VERSION = '2'
+
+SLICES_DIR = 'slices'
+RECONCILIATION_DIR = 'reconciliation'
+ERRORS_DIR = 'errors'
+SUMMARY_FILE = '_SUMMARY.json'
+STAGING_DIR = '_incomplete'
+
+# Reconciliation statuses, in the order the summary prints them.
+MATCHED = 'matched'
+MISSING_DICOMS = 'missing_dicoms'
+MISSING_CONTOURS = 'missing_contours'
+UNLINKED_DICOMS = 'unlinked_dicoms'
+UNLINKED_CONTOURS = 'unlinked_contours'
+CONTOUR_WITHOUT_DICOM = 'contour_without_dicom'
+DUPLICATE_LINK = 'duplicate_link'
+MALFORMED_LINK = 'malformed_link'
+STATUSES = (
+  MATCHED,
+  MISSING_DICOMS,
+  MISSING_CONTOURS,
+  UNLINKED_DICOMS,
+  UNLINKED_CONTOURS,
+  CONTOUR_WITHOUT_DICOM,
+  DUPLICATE_LINK,
+  MALFORMED_LINK,
+)
+
+# Stages of the errors table.
+STAGE_LINKS = 'links'
+STAGE_LIST = 'list'
+STAGE_READ = 'read'
+STAGE_DECODE = 'decode'
+STAGE_CONTOUR = 'contour'
+STAGES = (STAGE_LINKS, STAGE_LIST, STAGE_READ, STAGE_DECODE, STAGE_CONTOUR)
+
+
+def _field(
+  name: str, type_: pa.DataType, description: str, nullable: bool = True
+) -> pa.Field:
+  return Column(name, type_, description, nullable).field()
+
+
+# Derived from the column table (beam_pipeline.contract.columns).
+SLICE_SCHEMA = pa.schema(
+  [column.field() for column in SLICE_COLUMNS],
+  metadata={'cardiac_mri_schema_version': SCHEMA_VERSION},
+)
+
+RECONCILIATION_SCHEMA = pa.schema(
+  [
+    _field(
+      'patient_id',
+      pa.string(),
+      'patient_id (from link.csv, or the folder name for unlinked dicoms)',
+    ),
+    _field(
+      'original_id',
+      pa.string(),
+      'original_id (from link.csv, or the folder name for unlinked contours)',
+    ),
+    _field('status', pa.string(), 'one of: ' + ', '.join(STATUSES), False),
+    _field(
+      'detail',
+      pa.string(),
+      'what was found, with paths and line numbers',
+      False,
+    ),
+  ]
+)
+
+ERROR_SCHEMA = pa.schema(
+  [
+    _field(
+      'patient_id',
+      pa.string(),
+      'the patient (or original id) the input belongs to, if known',
+    ),
+    _field('path', pa.string(), 'the input, relative to --input', False),
+    _field('stage', pa.string(), 'one of: ' + ', '.join(STAGES), False),
+    _field('error', pa.string(), 'why the input could not be used', False),
+  ]
+)
+
+
+def reconciliation_row(
+  patient_id: str, original_id: str, status: str, detail: str
+) -> dict:
+  """A row of the reconciliation table."""
+  return {
+    'patient_id': patient_id,
+    'original_id': original_id,
+    'status': status,
+    'detail': detail,
+  }
+
+
+def error_row(patient_id: str, path: str, stage: str, error: str) -> dict:
+  """A row of the errors (dead-letter) table."""
+  return {
+    'patient_id': patient_id,
+    'path': path,
+    'stage': stage,
+    'error': error,
+  }

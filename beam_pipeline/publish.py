@@ -1,0 +1,103 @@
+"""The output side of a run: staging, the existing-output check, publishing.
+
+A run writes into ``OUT/_incomplete/`` and moves the finished dataset into
+place only when the pipeline succeeded, writing ``OUT/_SUMMARY.json`` last
+(``beam_pipeline.summary``): a killed run leaves any previous dataset
+untouched, and ``_SUMMARY.json`` exists only beside a complete dataset.
+Works on any Beam file system (local, ``s3://``, ``gs://``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from apache_beam.io.filesystems import FileSystems
+
+from beam_pipeline.contract import schema as s
+from beam_pipeline.contract.errors import UsageError
+from beam_pipeline.contract.layout import is_local
+
+_LOG = logging.getLogger(__name__)
+
+DATA_ENTRIES = (s.SLICES_DIR, s.RECONCILIATION_DIR, s.ERRORS_DIR)
+OUTPUT_ENTRIES = (*DATA_ENTRIES, s.SUMMARY_FILE)
+
+
+def staging_path(output: str) -> str:
+  """Where a run writes before its dataset is moved into ``output``."""
+  return FileSystems.join(output, s.STAGING_DIR)
+
+
+def _under(path: str) -> list[str]:
+  """Every file below ``path`` (a folder, or an object-store prefix)."""
+  return [
+    m.path for m in FileSystems.match([path.rstrip('/') + '/**'])[0].metadata_list
+  ]
+
+
+def exists(path: str) -> bool:
+  """True for a file, a folder, or an object-store prefix holding objects."""
+  return FileSystems.exists(path) or (not is_local(path) and bool(_under(path)))
+
+
+def delete_tree(path: str) -> None:
+  """Deletes a file or a folder; on object stores, every object under it."""
+  if is_local(path):
+    FileSystems.delete([path])
+    return
+  found = _under(path) + ([path] if FileSystems.exists(path) else [])
+  if found:
+    FileSystems.delete(found)
+
+
+def prepare(output: str, overwrite: bool) -> None:
+  """Checks that ``output`` may be written, and clears a stale staging folder.
+
+  Raises:
+    UsageError: ``output`` holds a dataset and ``overwrite`` is not set.
+  """
+  existing = [
+    entry for entry in OUTPUT_ENTRIES if exists(FileSystems.join(output, entry))
+  ]
+  if existing and not overwrite:
+    raise UsageError(
+      f'--output {output} already holds a dataset ({", ".join(existing)}); pass '
+      '--overwrite to replace it, or choose another --output'
+    )
+  staging = staging_path(output)
+  if exists(staging):
+    _LOG.warning('removing %s, left by an interrupted run', staging)
+    delete_tree(staging)
+
+
+def publish(output: str) -> dict[str, str]:
+  """Moves the staged dataset into ``output``, replacing any previous one.
+
+  The old summary goes first and the new one is written after this, so a
+  crash part-way never leaves a dataset that looks complete.
+
+  Returns:
+    {entry: its path} for each published table folder.
+  """
+  staging = staging_path(output)
+  summary = FileSystems.join(output, s.SUMMARY_FILE)
+  if FileSystems.exists(summary):
+    FileSystems.delete([summary])
+  for entry in DATA_ENTRIES:
+    old = FileSystems.join(output, entry)
+    if exists(old):
+      delete_tree(old)
+  staged = _under(staging)
+  targets = [output + path[len(staging) :] for path in staged]
+  if is_local(output):  # object stores have no folders to make
+    for entry in DATA_ENTRIES:
+      FileSystems.mkdirs(FileSystems.join(output, entry))
+  FileSystems.rename(staged, targets)
+  delete_tree(staging)
+  return {entry: FileSystems.join(output, entry) for entry in DATA_ENTRIES}
+
+
+def absolute(path: str) -> str:
+  """A local path made absolute; other file systems' paths as given."""
+  return os.path.abspath(path) if is_local(path) else path

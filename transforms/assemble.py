@@ -1,0 +1,114 @@
+"""One slice's output row from its decoded image and contour bytes (pure).
+
+No I/O and no Beam: the decode stage reads the files, and hands the outcome
+here; tests call these functions directly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import numpy as np
+
+from beam_pipeline.contract import schema as s
+from beam_pipeline.contract.errors import ContourError
+from transforms import masks, quality
+from transforms.chunks import SliceChunk, SliceTask
+from transforms.outcomes import Decoded, Failed
+
+_LOG = logging.getLogger(__name__)
+
+
+class SliceResult(NamedTuple):
+  """A slice's row of SLICE_SCHEMA, and error rows for contours it could not use."""
+
+  row: dict
+  errors: list[dict]
+
+
+class _Mask(NamedTuple):
+  vertices: list[tuple[float, float]]
+  mask: np.ndarray
+
+
+def _mask(path: str, data: bytes | Failed, rows: int, columns: int) -> _Mask | Failed:
+  """A contour file's polygon and mask, or Failed saying why not."""
+  if isinstance(data, Failed):
+    return data
+  try:
+    vertices = masks.parse_contour(data)
+    return _Mask(vertices, masks.rasterise(vertices, rows, columns))
+  except ContourError as e:
+    return Failed(s.STAGE_CONTOUR, str(e))
+  except Exception as e:  # MemoryError or a rasteriser bug: this mask only.
+    _LOG.warning('%s: %s: %s', path, type(e).__name__, e)
+    return Failed(s.STAGE_CONTOUR, f'{type(e).__name__}: {e}')
+
+
+def slice_row(
+  chunk: SliceChunk,
+  split: str,
+  task: SliceTask,
+  decoded: Decoded,
+  contours: Mapping[str, bytes | Failed],
+) -> SliceResult:
+  """The row of a decoded slice, with its masks and quality columns.
+
+  Args:
+    chunk: the slice's chunk (patient and original id).
+    split: the patient's split.
+    task: the slice.
+    decoded: its image and metadata.
+    contours: {kind: the contour file's bytes, or Failed if unreadable} for
+      each contour the task names.
+
+  Returns:
+    The row, and one error row per contour that could not be used (that
+    mask is then null; the slice is still written).
+  """
+  meta, image = decoded.meta, decoded.image
+  pixel_columns, flags = quality.pixel_checks(
+    image, meta['bits_stored'], meta['pixel_representation']
+  )
+  row = {
+    'patient_id': chunk.patient_id,
+    'original_id': chunk.original_id,
+    'slice_index': task.slice_index,
+    'split': split,
+    'dicom_path': task.dicom_path,
+    **meta,
+    **pixel_columns,
+    'image': image.tobytes(),
+    'i_mask': None,
+    'o_mask': None,
+  }
+  errors = []
+  drawn = {}
+  for kind, path in task.contour_paths().items():
+    found = _mask(path, contours[kind], meta['rows'], meta['columns'])
+    if isinstance(found, Failed):
+      errors.append(s.error_row(chunk.patient_id, path, found.stage, found.message))
+      continue
+    row[f'{kind}_mask'] = masks.pack_mask(found.mask)
+    contour_columns, contour_flags = quality.contour_checks(
+      kind, found.vertices, found.mask
+    )
+    row.update(contour_columns)
+    flags += contour_flags
+    drawn[kind] = found.mask
+  if len(drawn) == 2:
+    row['inner_in_outer'], nesting_flags = quality.nesting_check(drawn['i'], drawn['o'])
+    flags += nesting_flags
+  row['qa_flags'] = flags
+  return SliceResult(row, errors)
+
+
+def unusable_slice(chunk: SliceChunk, task: SliceTask, failed: Failed) -> dict:
+  """The error row of a slice whose file could not be read or decoded."""
+  contours = len(task.contour_paths())
+  unused = f' ({contours} contour file(s) of this slice not used)' if contours else ''
+  return s.error_row(
+    chunk.patient_id, task.dicom_path, failed.stage, f'{failed.message}{unused}'
+  )

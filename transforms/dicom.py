@@ -1,0 +1,165 @@
+"""One DICOM file's bytes to its metadata columns and image, with pydicom.
+
+``decode_dicom`` is pure (bytes in, Decoded out) and raises DicomError for a
+file that cannot be used. It decodes what the native reader
+(``transforms._native``) declines: compressed and unusual files. The
+metadata it extracts is derived from the column table
+(``beam_pipeline.contract.columns.HEADER_COLUMNS``).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+import pyarrow as pa
+import pydicom
+import pydicom.config
+from pydicom.errors import InvalidDicomError
+
+from beam_pipeline.contract.columns import HEADER_COLUMNS, PIXEL_DTYPE, Column
+from beam_pipeline.contract.errors import DicomError
+from transforms import _native
+from transforms.outcomes import Decoded
+from transforms.settings import DEFAULT_MAX_PIXELS
+
+# Uncompressed transfer syntaxes and their byte order.
+_NATIVE_SYNTAXES = {
+  pydicom.uid.ExplicitVRLittleEndian: '<',
+  pydicom.uid.ImplicitVRLittleEndian: '<',
+  pydicom.uid.ExplicitVRBigEndian: '>',
+}
+
+
+def _converter(column: Column) -> Callable:
+  """How a header value becomes the column's Python type (per value)."""
+  value_type = column.type.value_type if column.values else column.type
+  if pa.types.is_integer(value_type):
+    return int
+  if pa.types.is_floating(value_type):
+    return float
+  return str
+
+
+# (column name, keyword, in file meta, converter, values) per header column.
+_EXTRACTORS = tuple(
+  (c.name, c.dicom.keyword, c.dicom.in_file_meta, _converter(c), c.values)
+  for c in HEADER_COLUMNS
+)
+
+
+def _value(ds: pydicom.Dataset, keyword: str, convert, count: int = 0):
+  """A typed tag value, or None when absent, empty or malformed.
+
+  pydicom parses an element when it is first read, and a malformed one (an
+  unknown VR, a bad length) raises any of several types then: the column is
+  null, as for a value that does not convert.
+  """
+  try:
+    element = ds.get(keyword)
+    if element is None or element == '':
+      return None
+    if count:
+      values = [convert(v) for v in element]
+      return values if len(values) == count else None
+    return convert(element)
+  except Exception:  # see the docstring
+    return None
+
+
+def header_values(ds: pydicom.Dataset) -> dict:
+  """Every header column's typed value (None when absent or malformed)."""
+  return {
+    name: _value(ds.file_meta if meta else ds, keyword, convert, count)
+    for name, keyword, meta, convert, count in _EXTRACTORS
+  }
+
+
+def native_pixels(
+  ds: pydicom.Dataset, rows: int, columns: int, samples: int
+) -> np.ndarray | None:
+  """The pixels of a common uncompressed image (see :func:`_native.pixels`),
+  or None for pydicom's decoder."""
+  order = _NATIVE_SYNTAXES.get(ds.file_meta.get('TransferSyntaxUID'))
+  if order is None or 'PixelData' not in ds:
+    return None
+  return _native.pixels(
+    ds.PixelData,
+    order,
+    rows,
+    columns,
+    samples,
+    ds.get('BitsAllocated'),
+    ds.get('BitsStored'),
+    ds.get('PixelRepresentation'),
+  )
+
+
+def decode_dicom(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
+  """Decodes one single-frame DICOM file.
+
+  The file must start with the DICOM preamble and "DICM" prefix (pydicom's
+  ``force`` is not used: a file without them is rejected, not guessed at).
+  Compressed transfer syntaxes decode through pydicom's plugins.
+
+  Args:
+    data: the file's bytes.
+    max_pixels: the largest rows x columns x samples x frames accepted,
+      checked from the header before any pixel buffer is allocated.
+
+  Returns:
+    Decoded: the metadata columns, and pixel_array, unscaled, C-contiguous,
+    little-endian.
+
+  Raises:
+    DicomError: with the reason the file cannot be used.
+  """
+  # Real trees hold UIDs with leading-zero components; pydicom would warn
+  # once per file. Values are read as they are.
+  pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')
+    try:
+      ds = pydicom.dcmread(io.BytesIO(data))
+    except InvalidDicomError as e:
+      raise DicomError(
+        'not a DICOM file: no "DICM" prefix after the 128-byte preamble'
+      ) from e
+    except Exception as e:  # pydicom raises many types on corrupt headers.
+      raise DicomError(f'unreadable DICOM header: {type(e).__name__}: {e}') from e
+    missing = [k for k in ('Rows', 'Columns', 'PixelData') if k not in ds]
+    if missing:
+      raise DicomError(f'no {", ".join(missing)} in the dataset')
+    meta = header_values(ds)
+    rows, columns = meta['rows'], meta['columns']
+    samples = meta['samples_per_pixel'] = meta['samples_per_pixel'] or 1
+    frames = _value(ds, 'NumberOfFrames', int) or 1
+    if not rows or not columns:
+      raise DicomError(f'invalid image size {rows} x {columns}')
+    if frames != 1:
+      raise DicomError(
+        f'multi-frame image ({frames} frames); only single-frame slices are supported'
+      )
+    if rows * columns * samples > max_pixels:
+      raise DicomError(
+        f'image of {rows} x {columns} x {samples} samples exceeds '
+        f'--max-pixels {max_pixels}'
+      )
+    try:
+      image = native_pixels(ds, rows, columns, samples)
+      if image is None:
+        image = ds.pixel_array
+    except Exception as e:  # Each pixel handler raises its own types.
+      raise DicomError(f'pixel data cannot be decoded: {type(e).__name__}: {e}') from e
+    expected = (rows, columns) if samples == 1 else (rows, columns, samples)
+    if image.shape != expected:
+      raise DicomError(
+        f'decoded shape {image.shape} does not match the header {expected}'
+      )
+    image = np.ascontiguousarray(
+      image.astype(image.dtype.newbyteorder('<'), copy=False)
+    )
+    meta[PIXEL_DTYPE.name] = image.dtype.name
+  return Decoded(meta, image, len(data))

@@ -1,0 +1,159 @@
+"""The read side of reconciliation: link.csv and the data tree, as records.
+
+``ReadLinks`` reads link.csv, and ``ListTree`` lists every file under dicoms/
+and contourfiles/, classifying each by the input layout. Only ids and paths
+come out: Links, DicomFiles, ContourFiles, plus reconciliation rows for
+unusable link rows and error rows for unusable files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+
+import apache_beam as beam
+from apache_beam import pvalue
+from apache_beam.io import fileio
+from apache_beam.metrics import Metrics
+
+from beam_pipeline.contract import layout, metrics
+from beam_pipeline.contract import schema as s
+from transforms import _files
+from transforms.outcomes import Failed
+
+_LOG = logging.getLogger(__name__)
+
+
+class _ParseLinksFn(beam.DoFn):
+  """Reads link.csv; emits Links, and problems as tagged outputs."""
+
+  def __init__(self, input_root: str):
+    self._input_root = input_root
+
+  def process(self, relative_path: str) -> Iterator:
+    data = _files.read_or_fail(self._input_root, relative_path)
+    if isinstance(data, Failed):
+      yield pvalue.TaggedOutput(
+        ReadLinks.ERRORS,
+        s.error_row('', relative_path, s.STAGE_LINKS, data.message),
+      )
+    else:
+      yield from self._parsed(relative_path, data)
+
+  @staticmethod
+  def _parsed(relative_path: str, data: bytes) -> Iterator:
+    links, problems = layout.parse_links(data)
+    _LOG.info('%s: %d links, %d problem rows', relative_path, len(links), len(problems))
+    yield from links
+    for problem in problems:
+      yield pvalue.TaggedOutput(
+        ReadLinks.RECONCILIATION,
+        s.reconciliation_row(
+          problem.patient_id, problem.original_id, problem.status, problem.detail
+        ),
+      )
+
+
+class _FromTree(beam.PTransform):
+  """A transform that reads from the input tree at ``input_root``."""
+
+  def __init__(self, input_root: str):
+    super().__init__()
+    self._input_root = input_root
+
+
+class ReadLinks(_FromTree):
+  """link.csv as Links (LINKS), reconciliation rows and error rows."""
+
+  LINKS = 'links'
+  RECONCILIATION = 'reconciliation'
+  ERRORS = 'errors'
+
+  def expand(self, pbegin):
+    return (
+      pbegin
+      | 'LinkFile' >> beam.Create([layout.LINK_FILE])
+      | 'ParseLinks'
+      >> beam.ParDo(_ParseLinksFn(self._input_root)).with_outputs(
+        self.RECONCILIATION, self.ERRORS, main=self.LINKS
+      )
+    )
+
+
+@beam.typehints.with_input_types(tuple[str, str | None])
+class _ClassifyFn(beam.DoFn):
+  """Sorts listed files into DICOM slices, contour files and stray files."""
+
+  def __init__(self, input_root: str):
+    self._input_root = input_root
+
+  def setup(self):
+    self._stray = Metrics.counter(metrics.NAMESPACE, metrics.STRAY_FILES)
+
+  def process(self, listed: tuple[str, str | None]) -> Iterator:
+    path, problem = listed
+    relative = _files.relative_to(self._input_root, path)
+    if problem == _files.EMPTY_FOLDER and not layout.is_file_level(relative):
+      found = None  # an empty patient folder is reported by the joins, if linked
+    elif problem is not None:
+      found = layout.StrayFile(layout.owner_of(relative), relative, problem)
+    else:
+      found = layout.classify_path(relative)
+    if found is None:
+      pass
+    elif isinstance(found, layout.DicomFile):
+      yield pvalue.TaggedOutput(ListTree.DICOMS, found)
+    elif isinstance(found, layout.ContourFile):
+      yield pvalue.TaggedOutput(ListTree.CONTOURS, found)
+    else:
+      self._stray.inc()
+      yield pvalue.TaggedOutput(
+        ListTree.ERRORS,
+        s.error_row(
+          found.owner_id, found.path, s.STAGE_LIST, f'not used: {found.reason}'
+        ),
+      )
+
+
+def _walk_tops(root: str) -> Iterator[tuple[str, str | None]]:
+  for top in (layout.DICOM_DIR, layout.CONTOUR_DIR):
+    folder = _files.join_path(root, top)
+    if os.path.isdir(folder):
+      yield from _files.walk_local(folder)
+
+
+class ListTree(_FromTree):
+  """Lists every file under dicoms/ and contourfiles/ and classifies it.
+
+  Local trees are walked with os.scandir, which also reports what a glob
+  would silently skip (unreadable or symlinked folders, special files);
+  other file systems are listed with Beam's MatchAll.
+  """
+
+  DICOMS = 'dicoms'
+  CONTOURS = 'contours'
+  ERRORS = 'errors'
+
+  def expand(self, pbegin):
+    root = self._input_root
+    if layout.is_local(root):
+      listed = (
+        pbegin | 'Root' >> beam.Create([root]) | 'Walk' >> beam.FlatMap(_walk_tops)
+      )
+    else:
+      listed = (
+        pbegin
+        | 'Patterns'
+        >> beam.Create(
+          [
+            _files.join_path(root, top) + '/**'
+            for top in (layout.DICOM_DIR, layout.CONTOUR_DIR)
+          ]
+        )
+        | 'MatchFiles' >> fileio.MatchAll()
+        | 'Paths' >> beam.Map(lambda metadata: (metadata.path, None))
+      )
+    return listed | 'Classify' >> beam.ParDo(_ClassifyFn(root)).with_outputs(
+      self.DICOMS, self.CONTOURS, self.ERRORS
+    )

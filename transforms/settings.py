@@ -1,0 +1,48 @@
+"""The stages' settings and their defaults, in one light module.
+
+The command line (``beam_pipeline.options``) reads the defaults from here
+without importing Beam, pydicom or pyarrow, so ``--help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from beam_pipeline.contract import splits
+
+DEFAULT_CHUNK_SIZE = 64
+DEFAULT_MAX_PIXELS = 4096 * 4096
+DEFAULT_DECODE_TIMEOUT = 120.0
+DEFAULT_DECODERS = 1
+DEFAULT_PROGRESS_SECONDS = 5.0
+IMAGE_CODECS = ('none', 'lz4', 'snappy', 'zstd', 'gzip', 'brotli')
+DEFAULT_IMAGE_CODEC = 'none'
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSettings:
+  """How the decode stage works; pickled to every worker with its DoFns.
+
+  Attributes:
+    chunk_size: slices per work item and per Parquet row group.
+    labeled_only: keep only slices with at least one contour file.
+    max_pixels: the largest rows x columns x samples accepted, checked from
+      the header before any pixel buffer is allocated.
+    split_fractions: train/val/test fractions for the split column.
+    isolate: decode what the native reader declines in a child process, so a
+      decoder crash or hang costs one slice, not the worker.
+    decode_timeout: seconds one file may take to decode when isolated.
+    decoders: decoder children per worker (isolated only).
+    progress_seconds: at most one progress line per worker this often.
+  """
+
+  chunk_size: int = DEFAULT_CHUNK_SIZE
+  labeled_only: bool = False
+  max_pixels: int = DEFAULT_MAX_PIXELS
+  split_fractions: tuple[float, float, float] = splits.parse_fractions(
+    splits.DEFAULT_FRACTIONS
+  )
+  isolate: bool = True
+  decode_timeout: float = DEFAULT_DECODE_TIMEOUT
+  decoders: int = DEFAULT_DECODERS
+  progress_seconds: float = DEFAULT_PROGRESS_SECONDS
