@@ -1,18 +1,25 @@
 """Benchmark: the pipeline against a plain script and a decode-only limit.
 
     python bench/run.py --data bench/data/x100 --runs 3 [--write BENCHMARKS.md]
+    python bench/run.py --data bench/data/x20 --runs 3 --compare before=HEAD~1
 
 Runs, on the same tree and in one invocation: the baseline (bench/baseline.py,
 sequential), the limit (bench/limit.py: decode only, one process per core) and
 the pipeline (run_pipeline.py) in-process and with one worker process per
-core. Runs are interleaved (round 1 of every mode, then round 2, ...), each
-from the same state: previous output deleted, dirty pages synced, a short
-pause. Prints one table of medians: slices/s, wall seconds, peak RSS of the
-whole process tree, output size, and the ratios against the baseline and the
+core. Runs are interleaved (round 1 of every mode, then round 2, ...; every
+other round in reverse order), each from the same state: previous output
+deleted, dirty pages synced, a short pause. Prints one table of medians:
+slices/s, wall seconds, CPU seconds, peak RSS of the whole process tree,
+output size, and the ratios against the baseline and the
 limit (also per round, as machine load moves every figure). Also: the
 pipeline's fixed cost (a 1-patient tree), its peak RSS on a 1x and a 20x tree
 (--memory-base, --memory-big), whether its output is the same whatever the
 number of workers, and what writing new files costs on this machine.
+
+``--compare LABEL=REF`` runs another version (a git commit, unpacked into the
+scratch folder, or a folder holding a checkout) in both pipeline modes in the
+same interleaved rounds, and prints this version's speed against it: how a
+change is shown not to slow the pipeline down on a noisy machine.
 """
 
 from __future__ import annotations
@@ -22,12 +29,14 @@ import glob
 import hashlib
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from typing import NamedTuple
 
 import psutil
 import pyarrow.parquet as pq
@@ -41,10 +50,22 @@ PAUSE = 2.0  # seconds between runs
 from beam_pipeline import sample  # noqa: E402
 
 
-def measure(command: list[str]) -> tuple[float, int]:
-  """Runs ``command``; returns (wall seconds, peak RSS of its process tree)."""
+class Measured(NamedTuple):
+  seconds: float  # wall
+  peak: int  # peak RSS of the whole process tree, bytes
+  cpu: float  # user + system CPU seconds of the process and the descendants
+  # it waited for (the runner's worker processes)
+
+
+def measure(
+  command: list[str], env: dict | None = None, cwd: str | None = None
+) -> Measured:
+  """Runs ``command``; returns its wall time, peak RSS and CPU time."""
+  before = resource.getrusage(resource.RUSAGE_CHILDREN)
   start = time.perf_counter()
-  process = psutil.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  process = psutil.Popen(
+    command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=cwd
+  )
   peak = 0
   while process.poll() is None:
     rss = 0
@@ -59,7 +80,9 @@ def measure(command: list[str]) -> tuple[float, int]:
   err = process.stderr.read().decode(errors='replace')
   if process.returncode not in (0, 3):
     raise RuntimeError(f'{command} failed ({process.returncode}):\n{err[-3000:]}')
-  return seconds, peak
+  after = resource.getrusage(resource.RUSAGE_CHILDREN)
+  cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+  return Measured(seconds, peak, cpu)
 
 
 def settle(*paths: str) -> None:
@@ -101,10 +124,12 @@ def count_slices(data: str) -> int:
   )
 
 
-def pipeline_command(data: str, out: str, extra: list[str]) -> list[str]:
+def pipeline_command(
+  data: str, out: str, extra: list[str], repo: str = REPO
+) -> list[str]:
   return [
     sys.executable,
-    os.path.join(REPO, 'run_pipeline.py'),
+    os.path.join(repo, 'run_pipeline.py'),
     '--input',
     data,
     '--output',
@@ -114,30 +139,84 @@ def pipeline_command(data: str, out: str, extra: list[str]) -> list[str]:
   ]
 
 
-def modes(data: str, scratch: str) -> dict[str, tuple[list[str], str | None]]:
-  """Each mode's command and the folder it writes (None: writes nothing)."""
+def checkout(ref: str, scratch: str) -> str:
+  """A folder holding ``ref``: the folder itself, or the git commit unpacked."""
+  if os.path.isdir(ref):
+    return os.path.abspath(ref)
+  target = os.path.join(
+    scratch, 'ref-' + ''.join(c if c.isalnum() else '_' for c in ref)
+  )
+  os.makedirs(target)
+  archive = subprocess.run(
+    ['git', '-C', REPO, 'archive', ref], check=True, capture_output=True
+  ).stdout
+  subprocess.run(['tar', '-x', '-C', target], input=archive, check=True)
+  return target
+
+
+class Mode(NamedTuple):
+  command: list[str]
+  out: str | None  # the folder it writes, if any
+  env: dict | None = None
+  cwd: str | None = None
+
+  def measure(self) -> Measured:
+    return measure(self.command, self.env, self.cwd)
+
+
+def _in(repo: str, tweaks_off: str = '') -> dict:
+  """Where and how a pipeline version runs so that every process, its worker
+  processes too (``python -m`` puts the working folder first), imports it."""
+  env = {**os.environ, TWEAKS_OFF: tweaks_off}
+  if repo != REPO:
+    env['PYTHONPATH'] = repo
+  return {'env': env, 'cwd': repo}
+
+
+# transforms/_tuning.py's benchmark knob (read in every process of a run).
+TWEAKS_OFF = 'CARDIAC_MRI_TWEAKS_OFF'
+TWEAKS = ('malloc', 'direct')
+
+
+class Variant(NamedTuple):
+  """Another pipeline to run in the same rounds: a version, or this one with
+  process-wide tweaks left off (transforms/_tuning.py's benchmark knob)."""
+
+  repo: str
+  tweaks_off: str = ''
+
+
+def modes(
+  data: str, scratch: str, variants: dict[str, Variant] | None = None
+) -> dict[str, Mode]:
+  """Each mode's command, the folder it writes (None: writes nothing) and its
+  environment; ``variants`` adds both pipeline modes of each variant."""
   out = {
     name: os.path.join(scratch, name)
     for name in ('baseline', 'in-process', 'processes')
   }
-  return {
-    'baseline (sequential script)': (
+  found = {
+    'baseline (sequential script)': Mode(
       [sys.executable, os.path.join(BENCH, 'baseline.py'), data, out['baseline']],
       out['baseline'],
     ),
-    f'limit (decode only, {CORES} processes)': (
-      [sys.executable, os.path.join(BENCH, 'limit.py'), data, str(CORES)],
-      None,
-    ),
-    'pipeline, DirectRunner in-process': (
-      pipeline_command(data, out['in-process'], IN_PROCESS),
-      out['in-process'],
-    ),
-    f'pipeline, DirectRunner {CORES} processes': (
-      pipeline_command(data, out['processes'], PROCESSES),
-      out['processes'],
+    f'limit (decode only, {CORES} processes)': Mode(
+      [sys.executable, os.path.join(BENCH, 'limit.py'), data, str(CORES)], None
     ),
   }
+  for label, variant in {'': Variant(REPO), **(variants or {})}.items():
+    at = f' @{label}' if label else ''
+    for mode, extra, name in (
+      ('in-process', IN_PROCESS, 'in-process'),
+      (f'{CORES} processes', PROCESSES, 'processes'),
+    ):
+      folder = os.path.join(scratch, f'{name}{label}')
+      found[f'pipeline{at}, DirectRunner {mode}'] = Mode(
+        pipeline_command(data, folder, extra, variant.repo),
+        folder,
+        **_in(variant.repo, variant.tweaks_off),
+      )
+  return found
 
 
 IN_PROCESS = ['--runner', 'DirectRunner']
@@ -169,22 +248,29 @@ def fingerprint(out: str) -> list[tuple]:
   return sorted(rows)
 
 
-def _table(data: str, runs_per_mode: int, scratch: str, say) -> None:
+def _table(
+  data: str, runs_per_mode: int, scratch: str, say, variants: dict[str, Variant]
+) -> None:
   """The main table: every mode, interleaved rounds, medians and ratios."""
   slices = count_slices(data)
-  all_modes = modes(data, scratch)
+  all_modes = modes(data, scratch, variants)
+  outs = [mode.out for mode in all_modes.values() if mode.out]
   runs = {name: [] for name in all_modes}
   sizes, prints = {}, {}
   for round_ in range(runs_per_mode):
-    for name, (command, out) in all_modes.items():
-      settle(*(out for _, out in all_modes.values() if out))
-      runs[name].append(measure(command))
+    # ABBA order: every other round runs the modes backwards, so no mode
+    # always follows the same one (a run's cost depends on what ran before).
+    order = list(all_modes.items())
+    for name, mode in order if round_ % 2 == 0 else order[::-1]:
+      settle(*outs)
+      runs[name].append(mode.measure())
+      out = mode.out
       if out and round_ == 0:
         sizes[name] = size_of(out)
         if name.startswith('pipeline'):
           prints[name] = fingerprint(out)
       print(f'  round {round_ + 1}: {name}: {runs[name][-1][0]:.1f} s', flush=True)
-  settle(*(out for _, out in all_modes.values() if out))
+  settle(*outs)
   seconds = {name: [r[0] for r in measured] for name, measured in runs.items()}
   baseline_name = next(n for n in all_modes if n.startswith('baseline'))
   limit_name = next(n for n in all_modes if n.startswith('limit'))
@@ -200,16 +286,18 @@ def _table(data: str, runs_per_mode: int, scratch: str, say) -> None:
   )
   say()
   say(
-    '| mode | slices/s | wall s | peak RSS MiB | output MiB | x baseline | x limit '
-    '| runs (s) |'
+    '| mode | slices/s | wall s | CPU s | peak RSS MiB | output MiB | x baseline '
+    '| x limit | runs (s) |'
   )
-  say('| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |')
+  say('| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |')
   for name, measured in runs.items():
     wall = statistics.median(seconds[name])
-    rss = statistics.median(r[1] for r in measured)
+    cpu = statistics.median(r.cpu for r in measured)
+    rss = statistics.median(r.peak for r in measured)
     size = f'{sizes[name] / 2**20:.0f}' if name in sizes else '-'
     say(
-      f'| {name} | {slices / wall:.0f} | {wall:.1f} | {rss / 2**20:.0f} | {size} | '
+      f'| {name} | {slices / wall:.0f} | {wall:.1f} | {cpu:.1f} | {rss / 2**20:.0f} '
+      f'| {size} | '
       f'{statistics.median(ratios(name, baseline_name)):.2f} | '
       f'{statistics.median(ratios(name, limit_name)):.2f} | '
       f'{[round(x, 1) for x in seconds[name]]} |'
@@ -222,9 +310,25 @@ def _table(data: str, runs_per_mode: int, scratch: str, say) -> None:
   pipelines = [n for n in prints]
   same = all(prints[n] == prints[pipelines[0]] for n in pipelines)
   say(
-    f'Output identical (rows, image and mask hashes) in-process and with {CORES} '
-    f'worker processes: {"yes" if same else "NO"}.'
+    f'Output identical (rows, image and mask hashes) in every pipeline mode'
+    f'{" and variant" if variants else ""}: {"yes" if same else "NO"}.'
   )
+  cpus = {name: [r.cpu for r in measured] for name, measured in runs.items()}
+  for label in variants:
+    for mode in ('in-process', f'{CORES} processes'):
+      this, other = (
+        f'pipeline, DirectRunner {mode}',
+        f'pipeline @{label}, DirectRunner {mode}',
+      )
+      cpu_ratio = statistics.median(
+        b / a for a, b in zip(cpus[this], cpus[other], strict=True)
+      )
+      say(
+        f'This version against @{label}, {mode}: '
+        f'{statistics.median(ratios(this, other)):.2f}x the speed, '
+        f'{cpu_ratio:.2f}x less CPU (medians of per-round ratios; above 1 is '
+        'better).'
+      )
 
 
 def main(argv=None) -> None:
@@ -238,6 +342,20 @@ def main(argv=None) -> None:
     help='a tree of one big patient (make_dataset.py --one-patient 5000), '
     'compared with --memory-base',
   )
+  parser.add_argument(
+    '--compare',
+    action='append',
+    default=[],
+    metavar='LABEL=REF',
+    help='also run another version of the pipeline in the same rounds: a git '
+    'commit (e.g. before=HEAD~1) or a folder holding a checkout; repeatable',
+  )
+  parser.add_argument(
+    '--tweaks',
+    action='store_true',
+    help='also run this version with each process-wide tweak left off '
+    f'({", ".join(TWEAKS)}; see transforms/_tuning.py), in the same rounds',
+  )
   parser.add_argument('--write', help='also write the report to this Markdown file')
   parser.add_argument(
     '--scratch', help='where outputs go (default: a new folder in the temp dir)'
@@ -250,8 +368,16 @@ def main(argv=None) -> None:
     print(text, flush=True)
     lines.append(text)
 
+  variants = {}
+  for item in args.compare:
+    label, _, ref = item.partition('=')
+    if not ref:
+      parser.error(f'--compare {item!r}: expected LABEL=REF')
+    variants[label] = Variant(checkout(ref, scratch))
+  if args.tweaks:
+    variants.update({f'no-{name}': Variant(REPO, name) for name in TWEAKS})
   if args.data:
-    _table(args.data, args.runs, scratch, say)
+    _table(os.path.abspath(args.data), args.runs, scratch, say, variants)
   _extras(args, scratch, say)
   shutil.rmtree(scratch, ignore_errors=True)
   if args.write:

@@ -99,3 +99,18 @@ def test_a_failed_write_is_raised_and_the_file_closed(tmp_path, monkeypatch):
   f.close()  # once closed, closing again is a no-op
   with pytest.raises(OSError):
     os.fstat(fd)  # closed, not leaked
+
+
+def test_the_benchmark_knob_leaves_each_tweak_off(monkeypatch, tmp_path):
+  from transforms import _tuning, write
+
+  assert _tuning.keep_freed_memory()  # glibc here
+  shard = write._open_local_shard(str(tmp_path / 'direct'))
+  shard.close()
+  if not shard.direct:
+    pytest.skip(f'{tmp_path} refuses O_DIRECT')
+  monkeypatch.setenv(_tuning.TWEAKS_OFF, 'malloc,direct')
+  assert not _tuning.keep_freed_memory()
+  shard = write._open_local_shard(str(tmp_path / 'shard'))
+  shard.close()
+  assert not shard.direct

@@ -1,16 +1,28 @@
 """Process-wide tweaks a decoding worker makes once, in ``DoFn.setup``.
 
 Each is one named function whose docstring says what it buys, as measured in
-BENCHMARKS.md ("Process-wide tweaks"); one that stops paying there goes.
+BENCHMARKS.md ("Process-wide tweaks"); one that stops paying there goes (as
+gc.freeze() did: within 1 % at 23,000 slices).
+``bench/run.py --tweaks`` measures each by leaving it off through the
+CARDIAC_MRI_TWEAKS_OFF environment variable (a benchmark knob, e.g.
+``malloc,direct``; every process of a run reads it).
 """
 
 from __future__ import annotations
 
 import ctypes
-import gc
 import logging
+import os
 
 _LOG = logging.getLogger(__name__)
+
+TWEAKS_OFF = 'CARDIAC_MRI_TWEAKS_OFF'
+
+
+def enabled(tweak: str) -> bool:
+  """False when the benchmark knob leaves ``tweak`` off (see module docstring)."""
+  return tweak not in os.environ.get(TWEAKS_OFF, '').split(',')
+
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -26,13 +38,15 @@ def keep_freed_memory() -> bool:
   and Parquet pages). By default glibc serves blocks over 128 KiB with fresh
   mmap()s and trims the heap as soon as its top is free, so each slice's
   buffers come back as new pages, and every new page costs a page fault and a
-  zeroed page (on the benchmark machine about 2 ms per MiB: a third of the run,
-  BENCHMARKS.md). Raising both thresholds lets the next slice reuse the same
-  memory. The heap then stays at the run's peak instead of shrinking, which the
-  memory benchmark covers.
+  zeroed page. Raising both thresholds lets the next slice reuse the same
+  memory. Buys (BENCHMARKS.md, 23,000 slices, same run): 3 % less CPU
+  in-process and 5 % with 2 worker processes. The heap then stays at the
+  run's peak instead of shrinking, which the memory benchmark covers.
 
   Returns False where there is no glibc (musl, macOS): nothing to tune.
   """
+  if not enabled('malloc'):
+    return False
   try:
     mallopt = ctypes.CDLL(None).mallopt
   except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
@@ -44,12 +58,3 @@ def keep_freed_memory() -> bool:
   if not done:
     _LOG.debug('mallopt refused the thresholds')
   return bool(done)
-
-
-def freeze_startup_objects() -> None:
-  """Moves every object alive now out of the cyclic garbage collector's reach.
-
-  The worker's long-lived objects (Beam, pydicom, pyarrow modules) never
-  become garbage; once frozen, each later collection no longer walks them.
-  """
-  gc.freeze()

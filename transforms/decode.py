@@ -133,7 +133,6 @@ class DecodeSlicesFn(beam.DoFn):
 
   def setup(self):
     _tuning.keep_freed_memory()
-    _tuning.freeze_startup_objects()
     self._counters = _Counters()
     self._progress = _progress.progress(self._run_id, self._settings.progress_seconds)
     self._decoder = SliceDecoder(self._input_root, self._settings, self._decode_fn)
