@@ -15,120 +15,153 @@ from transforms import settings
 
 DEFAULT_OUTPUT = 'output'
 DEFAULT_SAMPLE_DIR = 'sample_data'
+HELP_BEAM = '--help-beam'
+
+
+# Option groups, in the order --help shows them.
+INPUT_OUTPUT = 'input and output'
+BEHAVIOUR = 'behaviour'
+PERFORMANCE = 'performance'
+QA = 'quality assurance'
+
+
+def _add(group, *flags: str, help: str, **kwargs) -> None:
+  """One option, its help ending with its default (``off`` for a switch)."""
+  if kwargs.get('action') == 'store_true':
+    shown = 'off'
+  elif kwargs.get('default') is None:
+    shown = 'none'
+  else:
+    shown = '%(default)s'
+  group.add_argument(*flags, help=f'{help} (default: {shown})', **kwargs)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  """Declares the pipeline's own options on ``parser``."""
-  parser.add_argument(
+  """Declares the pipeline's own options on ``parser``, in four groups."""
+  io = parser.add_argument_group(INPUT_OUTPUT)
+  _add(
+    io,
     '--input',
     default=None,
-    help='Data tree holding link.csv, dicoms/ and contourfiles/ (a local '
-    'path, or any path Beam FileSystems reads). Without it the pipeline '
-    'runs on a small built-in sample generated into --sample-dir.',
+    help='Data tree holding link.csv, dicoms/ and contourfiles/ (a local path, '
+    'or any path Beam FileSystems reads). Without it the pipeline runs on a '
+    'small built-in sample generated into --sample-dir.',
   )
-  parser.add_argument(
+  _add(
+    io,
     '--output',
     default=DEFAULT_OUTPUT,
-    help='Where slices/, reconciliation/, errors/ and _SUMMARY.json are '
-    'written (default: %(default)s).',
+    help='Where slices/, reconciliation/, errors/ and _SUMMARY.json are written.',
   )
-  parser.add_argument(
+  _add(
+    io,
     '--overwrite',
     action='store_true',
-    help='Delete a dataset already in --output before writing. Without '
-    'it, a non-empty --output is refused.',
+    help='Replace a dataset already in --output (the previous one stays intact '
+    'until the new one is complete). Without it, a non-empty --output is refused.',
   )
-  parser.add_argument(
-    '--strict',
-    action='store_true',
-    help='Fail the run (exit 4) when any reconciliation problem or error '
-    'row is found; the dataset and reports are still written.',
+  _add(
+    io,
+    '--sample-dir',
+    dest='sample_dir',
+    default=DEFAULT_SAMPLE_DIR,
+    help='Where the built-in sample is generated when --input is not given.',
   )
-  parser.add_argument(
+  behaviour = parser.add_argument_group(BEHAVIOUR)
+  _add(
+    behaviour,
     '--labeled-only',
     dest='labeled_only',
     action='store_true',
     help='Write only slices that have at least one contour file.',
   )
-  parser.add_argument(
-    '--chunk-size',
-    dest='chunk_size',
-    type=int,
-    default=settings.DEFAULT_CHUNK_SIZE,
-    help='Slices per work item and per Parquet row group (default: %(default)s).',
+  _add(
+    behaviour,
+    '--strict',
+    action='store_true',
+    help='Fail the run (exit 4) when any reconciliation problem or error row is '
+    'found; the dataset and reports are still written.',
   )
-  parser.add_argument(
-    '--image-codec',
-    dest='image_codec',
-    choices=settings.IMAGE_CODECS,
-    default=settings.DEFAULT_IMAGE_CODEC,
-    help='Parquet compression of the image column; every other column is '
-    'zstd. MR slices shrink to about 60%% with zstd, at more CPU than the '
-    'saved writing (BENCHMARKS.md) (default: %(default)s).',
+  _add(
+    behaviour,
+    '--split',
+    default=splits.DEFAULT_FRACTIONS,
+    help='train,val,test fractions; each patient goes to one split by a stable '
+    'hash of its patient_id.',
   )
-  parser.add_argument(
+  _add(
+    behaviour,
     '--max-pixels',
     dest='max_pixels',
     type=int,
     default=settings.DEFAULT_MAX_PIXELS,
     help='Largest rows x columns x samples per slice; larger images are '
-    'rejected from the header, before decoding (default: %(default)s).',
+    'rejected from the header, before decoding.',
   )
-  parser.add_argument(
+  performance = parser.add_argument_group(PERFORMANCE)
+  _add(
+    performance,
+    '--chunk-size',
+    dest='chunk_size',
+    type=int,
+    default=settings.DEFAULT_CHUNK_SIZE,
+    help='Slices per work item and per Parquet row group.',
+  )
+  _add(
+    performance,
+    '--image-codec',
+    dest='image_codec',
+    choices=settings.IMAGE_CODECS,
+    default=settings.DEFAULT_IMAGE_CODEC,
+    help='Parquet compression of the image column; every other column is zstd. '
+    'MR slices shrink to about 60%% with zstd, at more CPU than the saved '
+    'writing (BENCHMARKS.md).',
+  )
+  _add(
+    performance,
     '--decode-in-process',
     dest='decode_in_process',
     action='store_true',
     help='Decode every DICOM in the worker process itself. By default '
     'uncompressed slices are read in the worker by a small native reader and '
-    'the rest (compressed, unusual) are decoded by pydicom in a child '
-    'process, so a decoder crash or hang costs one slice (an error row), '
-    'not the run.',
+    'the rest (compressed, unusual) are decoded by pydicom in a child process, '
+    'so a decoder crash or hang costs one slice (an error row), not the run.',
   )
-  parser.add_argument(
+  _add(
+    performance,
     '--decoders',
     type=int,
     default=settings.DEFAULT_DECODERS,
     help='Decoder child processes per worker (isolated decoding only); each '
-    'decodes ahead while the worker rasterises and writes (default: '
-    '%(default)s).',
+    'decodes ahead while the worker rasterises and writes.',
   )
-  parser.add_argument(
+  _add(
+    performance,
     '--decode-timeout',
     dest='decode_timeout',
     type=float,
     default=settings.DEFAULT_DECODE_TIMEOUT,
-    help='Seconds one DICOM file may take to decode before it is given up '
-    '(an error row); not applied with --decode-in-process '
-    '(default: %(default)s).',
+    help='Seconds one DICOM file may take to decode before it is given up (an '
+    'error row); not applied with --decode-in-process.',
   )
-  parser.add_argument(
+  _add(
+    performance,
     '--progress-seconds',
     dest='progress_seconds',
     type=float,
     default=settings.DEFAULT_PROGRESS_SECONDS,
-    help='Each worker logs a progress line (patients, slices, slices/s) at '
-    'most this often (default: %(default)s).',
+    help='Each worker logs a progress line (patients, slices, slices/s) at most '
+    'this often.',
   )
-  parser.add_argument(
-    '--split',
-    default=splits.DEFAULT_FRACTIONS,
-    help='train,val,test fractions; each patient goes to one split by a '
-    'stable hash of its patient_id (default: %(default)s).',
-  )
-  parser.add_argument(
+  qa = parser.add_argument_group(QA)
+  _add(
+    qa,
     '--qa-dir',
     dest='qa_dir',
     default=None,
     help='After the run, write one contact sheet PNG per patient and an '
     'index.html with the quality flags here (reads the output back, so '
     '--output must be a local path).',
-  )
-  parser.add_argument(
-    '--sample-dir',
-    dest='sample_dir',
-    default=DEFAULT_SAMPLE_DIR,
-    help='Where the built-in sample is generated when --input is not '
-    'given (default: %(default)s).',
   )
 
 
@@ -156,15 +189,23 @@ def validate(values) -> None:
 
 
 def help_parser(prog: str = 'run_pipeline.py') -> argparse.ArgumentParser:
-  """A parser of the pipeline's own options, for ``--help``."""
+  """A parser of the pipeline's own options, for ``--help``: the four groups
+  first, then help itself."""
   parser = argparse.ArgumentParser(
     prog=prog,
+    add_help=False,
     description='Turns a cardiac-MRI data tree (link.csv, dicoms/, '
     'contourfiles/) into a Parquet dataset. With no options it runs on a '
     'built-in sample.',
     epilog='Every standard Apache Beam pipeline option passes through as well '
-    '(--runner, --direct_num_workers, --direct_running_mode, ...); see the '
-    "README's Options and Other runners sections.",
+    '(--runner, --direct_num_workers, --direct_running_mode, ...): '
+    f'{HELP_BEAM} lists them; the README\'s "Other runners" section shows '
+    'how to use them.',
   )
   add_arguments(parser)
+  help_group = parser.add_argument_group('help')
+  help_group.add_argument('-h', '--help', action='help', help='Show this help.')
+  help_group.add_argument(
+    HELP_BEAM, action='store_true', help="List Apache Beam's own pipeline options."
+  )
   return parser

@@ -34,6 +34,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   if '-h' in argv or '--help' in argv:
     arguments.help_parser().print_help()
     return EXIT_OK
+  if arguments.HELP_BEAM in argv:
+    from beam_pipeline import options
+
+    print("Apache Beam's pipeline options (every runner's; this pipeline's too):")
+    options.beam_parser().print_help()
+    return EXIT_OK
   from beam_pipeline import console, pipeline  # Beam: not needed for --help
 
   console.configure_logging()

@@ -6,10 +6,15 @@ The declarations live in ``beam_pipeline.arguments`` (Beam-free, so that
 
 from __future__ import annotations
 
+import argparse
+import difflib
+from collections.abc import Sequence
+
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_pipeline import arguments
 from beam_pipeline.contract import splits
+from beam_pipeline.contract.errors import UsageError
 from transforms.settings import DecodeSettings
 
 
@@ -36,3 +41,34 @@ class IngestOptions(PipelineOptions):
       decoders=self.decoders,
       progress_seconds=self.progress_seconds,
     )
+
+
+def beam_parser() -> argparse.ArgumentParser:
+  """The parser Beam builds from every registered PipelineOptions class (its
+  own, the runners', IngestOptions), as Beam itself parses a command line."""
+  captured = []
+  PipelineOptions([]).get_all_options(add_extra_args_fn=captured.append)
+  parser = captured[0]
+  parser.prog = 'run_pipeline.py'
+  parser.exit_on_error = False
+  return parser
+
+
+def check_known(argv: Sequence[str]) -> None:
+  """Raises UsageError for the first argument no options class knows, or a
+  value an option does not accept, naming the closest valid option."""
+  parser = beam_parser()
+  try:
+    _, unknown = parser.parse_known_args(list(argv))
+  except argparse.ArgumentError as e:
+    raise UsageError(str(e)) from e
+  if not unknown:
+    return
+  first = unknown[0]
+  if not first.startswith('-'):
+    raise UsageError(f'unexpected argument {first!r}: options take the form --name')
+  name = first.split('=', 1)[0]
+  known = [flag for action in parser._actions for flag in action.option_strings]
+  close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+  hint = f'; did you mean {close[0]}?' if close else '; --help lists the options'
+  raise UsageError(f'unknown option {name}{hint}')

@@ -26,7 +26,7 @@ from apache_beam.runners.runner import PipelineResult, PipelineState
 from beam_pipeline import publish, qa, sample, summary
 from beam_pipeline.contract import layout, metrics
 from beam_pipeline.contract.errors import UsageError
-from beam_pipeline.options import IngestOptions
+from beam_pipeline.options import IngestOptions, check_known
 from transforms.decode import DecodeSlices
 from transforms.listing import ListTree, ReadLinks
 from transforms.reconcile import Reconcile
@@ -137,9 +137,12 @@ def run(argv: Sequence[str] | None = None) -> Run:
   """Parses options, runs the job, waits, publishes, prints the summary.
 
   Raises:
-    UsageError: invalid options or input, before anything launches.
+    UsageError: an unknown option, invalid values or input, before anything
+      launches.
     RuntimeError: the job did not finish DONE; nothing was published.
   """
+  argv = list(argv or [])
+  check_known(argv)
   options = PipelineOptions(argv)
   ingest = options.view_as(IngestOptions)
   standard = options.view_as(StandardOptions)

@@ -81,3 +81,13 @@ def test_header_columns_name_real_dicom_tags_keywords_and_vrs():
     assert kinds[source.vr](value_type), column.name
     multiplicity = datadict.dictionary_VM(source.tag)
     assert multiplicity == (str(column.values) if column.values else '1'), column.name
+
+
+def test_readme_options_table_lists_every_option_of_the_pipeline():
+  from beam_pipeline import arguments
+
+  readme = _read('README.md')
+  for action in arguments.help_parser()._actions:
+    for flag in action.option_strings:
+      if flag.startswith('--') and flag not in ('--help', arguments.HELP_BEAM):
+        assert f'| `{flag}` |' in readme, flag
