@@ -16,7 +16,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from beam_pipeline import arguments
+from beam_pipeline import arguments, console
 from beam_pipeline.contract.errors import UsageError
 
 _LOG = logging.getLogger(__name__)
@@ -40,17 +40,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("Apache Beam's pipeline options (every runner's; this pipeline's too):")
     options.beam_parser().print_help()
     return EXIT_OK
-  from beam_pipeline import console, pipeline  # Beam: not needed for --help
+  log_file = console.configure_logging()
+  from beam_pipeline import pipeline  # Beam: loaded after logging is set up
 
-  console.configure_logging()
+  console.show_worker_logs()
   try:
     run = pipeline.run(argv)
   except UsageError as e:
     print(f'error: {e}', file=sys.stderr)
     return EXIT_USAGE
-  except Exception:
-    _LOG.exception('the pipeline failed')
+  except Exception as e:
+    _LOG.error('the pipeline failed', exc_info=True)
+    print(f'error: the pipeline failed: {_reason(e)}{_see(log_file)}', file=sys.stderr)
     return EXIT_FAILED
   if run.dry_run or not run.issues:
     return EXIT_OK
   return EXIT_STRICT if run.options.strict else EXIT_QUARANTINED
+
+
+def _reason(e: BaseException) -> str:
+  """One line: the innermost cause's type and message."""
+  while e.__cause__ is not None or e.__context__ is not None:
+    e = e.__cause__ or e.__context__
+  text = str(e).strip().splitlines()
+  return f'{type(e).__name__}: {text[0] if text else ""}'.rstrip(': ')
+
+
+def _see(log_file: str | None) -> str:
+  return f' (full traceback in {log_file})' if log_file else ''

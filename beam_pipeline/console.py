@@ -1,21 +1,31 @@
-"""What the console shows: our log lines and those of worker processes.
+"""What the console shows, and the run's log file, which keeps everything.
 
-Beam logs every stage at INFO; the console keeps to the project's own lines,
-also those of worker processes (progress), which Beam's job service relays.
+The console (stderr) gets the project's own lines from INFO up, also those of
+worker processes (progress), which Beam's job service relays, and no
+tracebacks: Beam's stage notes, its errors (the command line sums a failure up
+in one line) and import-time warnings of optional clients ("apitools not
+found ...") are not ours to show. Every line, tracebacks included, goes to the
+log file, whose path the command line prints when something fails.
+
+Importing this module does not import Beam, so logging is set up before Beam
+is loaded and its import-time lines land in the file, not on the console.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
-
-from apache_beam.portability.api import beam_fn_api_pb2
-from google.protobuf import text_format
+import tempfile
+import time
 
 # The driver-side logger through which Beam's local job service relays the
 # log lines of worker processes (DirectRunner multi_processing, portable).
 WORKER_LOGGER = 'apache_beam.runners.portability.local_job_service'
 _OUR_PACKAGES = ('/beam_pipeline/', '/transforms/')
+_OUR_LOGGERS = ('beam_pipeline', 'transforms', 'worker')
+LOG_DIR_VARIABLE = 'CARDIAC_MRI_LOG_DIR'
+_FORMAT = '%(asctime)s %(levelname)s %(name)s: %(message)s'
 
 
 class WorkerLogFilter(logging.Filter):
@@ -28,12 +38,20 @@ class WorkerLogFilter(logging.Filter):
   "Discarding unparseable args").
   """
 
+  def __init__(self):
+    super().__init__()
+    from apache_beam.portability.api import beam_fn_api_pb2
+    from google.protobuf import text_format
+
+    self._entry = beam_fn_api_pb2.LogEntry
+    self._text_format = text_format
+
   def filter(self, record: logging.LogRecord) -> bool:
     if record.msg != 'Worker: %s' or len(record.args or ()) != 1:
       return record.levelno >= logging.WARNING
     try:
-      entry = text_format.Parse(record.args[0], beam_fn_api_pb2.LogEntry())
-    except text_format.ParseError:
+      entry = self._text_format.Parse(record.args[0], self._entry())
+    except self._text_format.ParseError:
       return record.levelno >= logging.ERROR
     if any(package in entry.log_location for package in _OUR_PACKAGES):
       record.name, record.msg, record.args = 'worker', '%s', (entry.message,)
@@ -49,13 +67,43 @@ def show_worker_logs() -> None:
     logger.addFilter(WorkerLogFilter())
 
 
-def configure_logging() -> None:
-  """INFO lines of the project on stderr; Beam's own from WARNING up."""
-  logging.basicConfig(
-    level=logging.INFO,
-    stream=sys.stderr,
-    format='%(asctime)s %(levelname)s %(name)s: %(message)s',
-    force=True,
+def _ours(record: logging.LogRecord) -> bool:
+  """The console's rule: our own lines, without tracebacks (those are in the
+  log file, as is everything Beam and other libraries log)."""
+  return record.name.split('.')[0] in _OUR_LOGGERS and not record.exc_info
+
+
+def log_path() -> str:
+  """A new log file's path: $CARDIAC_MRI_LOG_DIR, else the temp folder."""
+  folder = os.environ.get(LOG_DIR_VARIABLE) or os.path.join(
+    tempfile.gettempdir(), 'cardiac-mri-logs'
   )
-  logging.getLogger('apache_beam').setLevel(logging.WARNING)
-  show_worker_logs()
+  stamp = time.strftime('%Y%m%d-%H%M%S')
+  return os.path.join(folder, f'run-{stamp}-{os.getpid()}.log')
+
+
+def configure_logging(path: str | None = None) -> str | None:
+  """Console and log-file handlers on the root logger.
+
+  Returns:
+    The log file's path, or None if it cannot be created (then only the
+    console is used).
+  """
+  console = logging.StreamHandler(sys.stderr)
+  console.setLevel(logging.INFO)
+  console.addFilter(_ours)
+  console.setFormatter(logging.Formatter(_FORMAT))
+  handlers: list[logging.Handler] = [console]
+  path = path or log_path()
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    log_file = logging.FileHandler(path, encoding='utf-8', delay=True)
+  except OSError:
+    path = None
+  else:
+    log_file.setLevel(logging.INFO)
+    log_file.setFormatter(logging.Formatter(_FORMAT))
+    handlers.append(log_file)
+  logging.basicConfig(level=logging.INFO, handlers=handlers, force=True)
+  logging.captureWarnings(True)
+  return path

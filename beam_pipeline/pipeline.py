@@ -23,7 +23,7 @@ from apache_beam.options.pipeline_options import (
 )
 from apache_beam.runners.runner import PipelineResult, PipelineState
 
-from beam_pipeline import publish, qa, sample, summary
+from beam_pipeline import arguments, publish, qa, sample, summary
 from beam_pipeline.contract import layout, metrics
 from beam_pipeline.contract.errors import UsageError
 from beam_pipeline.options import IngestOptions, check_known
@@ -75,8 +75,15 @@ def resolve_paths(options: IngestOptions) -> None:
       and --overwrite is not set.
   """
   options.validate_ingest()
+  overwrite = options.overwrite
   if options.input is None:
     options.input = publish.absolute(options.sample_dir)
+    # The default output of the built-in sample is the sample's to replace:
+    # the quick start can run again. Any other output needs --overwrite.
+    overwrite = overwrite or (
+      options.output == arguments.DEFAULT_OUTPUT
+      and publish.made_from(publish.absolute(options.output)) == options.input
+    )
     manifest = sample.make_builtin_sample(options.input)
     print(
       f'No --input given: generated the built-in sample at '
@@ -95,7 +102,33 @@ def resolve_paths(options: IngestOptions) -> None:
     options.qa_dir = publish.absolute(options.qa_dir)
   if options.output == options.input or options.output.startswith(options.input + '/'):
     raise UsageError('--output must not be inside --input')
-  publish.prepare(options.output, options.overwrite)
+  publish.prepare(options.output, overwrite)
+
+
+def _runner(options: PipelineOptions):
+  """The runner to launch: for the DirectRunner (the default), its FnApiRunner
+  engine, built as the DirectRunner builds it.
+
+  Beam's DirectRunner first tries the Prism runner, which downloads a binary:
+  offline it fails (leaving an empty beam-temp* folder behind) and falls back
+  to the FnApiRunner; online it would run on Prism, which was never measured
+  here. Choosing the engine directly makes a run the same everywhere. Any
+  other runner, PrismRunner included, is used as given.
+  """
+  standard = options.view_as(StandardOptions)
+  if standard.runner not in (None, 'DirectRunner'):
+    return None
+  from apache_beam.portability.api import beam_provision_api_pb2
+  from apache_beam.runners.portability.fn_api_runner import fn_runner
+  from apache_beam.runners.portability.portable_runner import JobServiceHandle
+
+  standard.runner = 'DirectRunner'
+  encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
+  return fn_runner.FnApiRunner(
+    provision_info=fn_runner.ExtendedProvisionInfo(
+      beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded)
+    )
+  )
 
 
 class Run(NamedTuple):
@@ -146,17 +179,16 @@ def run(argv: Sequence[str] | None = None) -> Run:
   options = PipelineOptions(argv)
   ingest = options.view_as(IngestOptions)
   standard = options.view_as(StandardOptions)
-  if standard.runner is None:
-    standard.runner = 'DirectRunner'
   FileSystems.set_options(options)  # object stores need their options here too
   if options.view_as(TestOptions).dry_run:
     return _dry_run(options, ingest)
   resolve_paths(ingest)
+  runner = _runner(options)
   _LOG.info(
     'reading %s, writing %s, runner %s', ingest.input, ingest.output, standard.runner
   )
   start = time.monotonic()
-  p = beam.Pipeline(options=options)
+  p = beam.Pipeline(runner=runner, options=options)
   build_pipeline(p, ingest)
   result = p.run()
   result.wait_until_finish()

@@ -9,6 +9,7 @@ Works on any Beam file system (local, ``s3://``, ``gs://``).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -49,6 +50,16 @@ def delete_tree(path: str) -> None:
   found = _under(path) + ([path] if FileSystems.exists(path) else [])
   if found:
     FileSystems.delete(found)
+
+
+def made_from(output: str) -> str | None:
+  """The --input recorded in ``output``'s _SUMMARY.json, or None."""
+  path = FileSystems.join(output, s.SUMMARY_FILE)
+  try:
+    with FileSystems.open(path) as f:
+      return json.loads(f.read()).get('input')
+  except Exception:  # absent, unreadable or not ours: nothing is known
+    return None
 
 
 def prepare(output: str, overwrite: bool) -> None:

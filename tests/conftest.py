@@ -1,14 +1,28 @@
 """Shared fixtures: generated trees and one pipeline output for the readers."""
 
+import os
 from typing import NamedTuple
 
 import pytest
 
-from beam_pipeline import cli, sample
+from beam_pipeline import cli, console, sample
 
 # The image size of the shared output (``written``).
 WRITTEN_ROWS, WRITTEN_COLUMNS = 40, 48
 WRITTEN_SHAPE = (WRITTEN_ROWS, WRITTEN_COLUMNS)
+
+
+@pytest.fixture(scope='session', autouse=True)
+def log_dir(tmp_path_factory):
+  """Runs' log files go to the session's temp folder (subprocesses too)."""
+  folder = str(tmp_path_factory.mktemp('logs'))
+  previous = os.environ.get(console.LOG_DIR_VARIABLE)
+  os.environ[console.LOG_DIR_VARIABLE] = folder
+  yield folder
+  if previous is None:
+    del os.environ[console.LOG_DIR_VARIABLE]
+  else:
+    os.environ[console.LOG_DIR_VARIABLE] = previous
 
 
 @pytest.fixture

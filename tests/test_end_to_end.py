@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow as pa
@@ -19,8 +17,6 @@ from beam_pipeline.dataset import (
   read_reconciliation,
 )
 from tests.helpers import reference_mask
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(root, out, *extra):
@@ -197,32 +193,21 @@ def test_invalid_usage_exits_two_before_launch(args, message, tmp_path, capsys):
   assert not os.path.exists(tmp_path / 'OUT')
 
 
-def test_command_line_runs_the_builtin_sample(tmp_path):
-  """`python run_pipeline.py` with no arguments, as the README's first command."""
-  done = subprocess.run(
-    [sys.executable, os.path.join(REPO, 'run_pipeline.py')],
-    cwd=tmp_path,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
-  assert done.returncode == 0, done.stderr
-  assert 'Summary' in done.stdout and 'Traceback' not in done.stderr
-  rows = open_dataset(str(tmp_path / 'output')).count_rows()
-  assert rows == len(sample.make_tree(str(tmp_path / 'again')).slices)
-  assert os.path.exists(tmp_path / 'sample_data' / 'link.csv')
-  assert sorted(os.listdir(tmp_path)) == ['again', 'output', 'sample_data']
-
-
 def test_a_failing_pipeline_exits_one_and_publishes_nothing(
-  clean_tree, tmp_path, capsys
+  clean_tree, tmp_path, capsys, log_dir
 ):
   root, _ = clean_tree
   blocker = tmp_path / 'not-a-folder'
   blocker.write_text('a file where the output folder should go')
   code = _run(root, str(blocker / 'OUT'))
   assert code == cli.EXIT_FAILED
-  assert 'the pipeline failed' in capsys.readouterr().err
+  err = capsys.readouterr().err
+  (line,) = [x for x in err.splitlines() if x.startswith('error: ')]
+  assert line.startswith('error: the pipeline failed: NotADirectoryError: ')
+  assert 'Traceback' not in err
+  log_file = line.rsplit('full traceback in ', 1)[1].rstrip(')')
+  assert os.path.dirname(log_file) == log_dir
+  assert 'Traceback' in open(log_file).read()
   assert blocker.read_text() == 'a file where the output folder should go'
 
 
