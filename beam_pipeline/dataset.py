@@ -9,6 +9,7 @@ for row in ds.to_table(filter=pc.field('patient_id') == 'SCD0000101').to_pylist(
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -17,6 +18,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from beam_pipeline.contract import schema as s
+from beam_pipeline.contract import splits
 
 
 def _folder(output: str, name: str) -> str:
@@ -139,6 +141,7 @@ def shuffled_rows(
   the dataset. The order depends only on (seed, epoch) and the dataset.
 
   Args:
+    split: only rows of this split; warns (UserWarning) when it holds none.
     shard: (index, count): yield only this share of the row groups, so that
       ``count`` readers (e.g. DataLoader workers) together yield each row once.
   """
@@ -151,17 +154,27 @@ def shuffled_rows(
     extra += ['i_mask', 'o_mask'] if labeled_only else []
     extra += ['split'] if split is not None else []
     wanted = list(dict.fromkeys([*columns, *extra]))
+  if split is not None and split not in splits.SPLITS:
+    raise ValueError(f'split must be one of {", ".join(splits.SPLITS)}, got {split!r}')
   buffer: list[dict] = []
+  kept = 0
   for g in order:
     path, index = groups[g]
     table = pq.ParquetFile(path).read_row_group(index, columns=wanted)
     for row in _keep(table, labeled_only, split).to_pylist():
+      kept += 1
       buffer.append(row)
       if len(buffer) >= shuffle_buffer:
         pick = int(rng.integers(len(buffer)))
         buffer[pick], buffer[-1] = buffer[-1], buffer[pick]
         yield buffer.pop()
   rng.shuffle(buffer)
+  if split is not None and not kept and shard[1] == 1:
+    warnings.warn(
+      f'split {split!r} holds no slices in {output}: no patient hashed into it '
+      "(the run summary's splits line shows each split's patients)",
+      stacklevel=3,
+    )
   yield from buffer
 
 
@@ -230,7 +243,8 @@ def iter_batches(
     seed: the same seed gives the same order; each epoch has its own order.
     epochs: how many passes; every selected slice appears once per epoch.
     labeled_only: only slices with at least one mask.
-    split: only slices of this split ('train', 'val' or 'test').
+    split: only slices of this split ('train', 'val' or 'test'); warns
+      (UserWarning) when it holds none.
     columns: the columns to return (default all); only these (and what is
       needed to decode them) are read from disk.
     shuffle_buffer: rows held for shuffling (memory bound; 1 = no shuffle

@@ -210,5 +210,11 @@ def run(argv: Sequence[str] | None = None) -> Run:
   )
   if ingest.qa_dir is not None:
     outputs['qa'] = qa.write_qa(ingest.output, ingest.qa_dir)
-  print(summary.summary_text(totals, outputs, seconds))
+  print(
+    summary.summary_text(
+      totals, outputs, seconds, output=ingest.output, split=ingest.split
+    )
+  )
+  for empty in summary.empty_splits(totals):
+    _LOG.warning('split %s is empty at --split %s', empty, ingest.split)
   return Run(result, totals, ingest)

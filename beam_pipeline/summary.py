@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from collections.abc import Mapping
 
 import apache_beam as beam
@@ -10,7 +11,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.runners.runner import PipelineResult
 
-from beam_pipeline.contract import metrics
+from beam_pipeline.contract import metrics, splits
 from beam_pipeline.contract import schema as s
 
 
@@ -56,10 +57,49 @@ def write_summary(
   return path
 
 
+def _plural(n: int, word: str) -> str:
+  return f'{n} {word}' if n == 1 else f'{n} {word}s'
+
+
+def split_line(counters: Mapping[str, int]) -> str:
+  """Patients and slices per split, e.g. ``train: 4 patients, 920 slices; ...``."""
+  parts = []
+  for split in splits.SPLITS:
+    patients = counters.get(metrics.split_patients_counter(split), 0)
+    slices = counters.get(metrics.split_slices_counter(split), 0)
+    parts.append(f'{split}: {_plural(patients, "patient")}, {_plural(slices, "slice")}')
+  return '; '.join(parts)
+
+
+def empty_splits(counters: Mapping[str, int]) -> list[str]:
+  """The splits that got no slice (while some other split got slices)."""
+  written = {s: counters.get(metrics.split_slices_counter(s), 0) for s in splits.SPLITS}
+  if not any(written.values()):
+    return []
+  return [split for split, n in written.items() if n == 0]
+
+
+def problems_command(output: str) -> str:
+  """The command that lists a run's quarantined inputs."""
+  return f'python -m beam_pipeline.problems {shlex.quote(output)}'
+
+
 def summary_text(
-  counters: Mapping[str, int], outputs: Mapping[str, str], seconds: float
+  counters: Mapping[str, int],
+  outputs: Mapping[str, str],
+  seconds: float,
+  output: str | None = None,
+  split: str | None = None,
 ) -> str:
-  """The end-of-run summary printed on stdout."""
+  """The end-of-run summary printed on stdout.
+
+  Args:
+    counters: the run's counters.
+    outputs: {name: path} of what was written.
+    seconds: the run's wall time.
+    output: the output root, for the command that lists quarantined inputs.
+    split: the --split fractions, named in the warning about an empty split.
+  """
   slices = counters.get(metrics.SLICES_WRITTEN, 0)
   lines = [
     'Summary',
@@ -91,6 +131,19 @@ def summary_text(
     '  quality flags      '
     + (', '.join(f'{flag}: {n}' for flag, n in flags.items()) or 'none')
   )
+  lines.append(f'  splits             {split_line(counters)}')
+  for empty in empty_splits(counters):
+    at = f' at --split {split}' if split else ''
+    lines.append(
+      f'  warning            split {empty} is empty: no patient hashed into it'
+      f'{at}; more patients or other fractions fill it'
+    )
+  issues = metrics.issue_count(counters)
+  if issues and output:
+    lines.append(
+      f'  quarantined        {_plural(issues, "problem row")}; list them with: '
+      f'{problems_command(output)}'
+    )
   for name, path in outputs.items():
     lines.append(f'  {name:<18} {path}')
   return '\n'.join(lines)

@@ -1,6 +1,7 @@
 """The dataset reader: decoding, seeded shuffled batches, splits, projection."""
 
 import itertools
+import warnings
 
 import numpy as np
 import pytest
@@ -80,9 +81,12 @@ def test_projection_labeled_only_and_split(written):
   )
   fractions = splits.parse_fractions(splits.DEFAULT_FRACTIONS)
   for name in splits.SPLITS:
-    got = _keys(dataset.iter_batches(out, batch_size=8, split=name, columns=columns))
     want = [k for k in manifest.slices if splits.assign_split(k[0], fractions) == name]
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter('always')
+      got = _keys(dataset.iter_batches(out, batch_size=8, split=name, columns=columns))
     assert sorted(got) == sorted(want)
+    assert bool(caught) == (not want)  # a warning exactly when the split is empty
 
 
 def test_shuffle_buffer_bounds_what_is_held(written):

@@ -8,9 +8,11 @@ import pyarrow as pa
 import pytest
 
 from beam_pipeline import cli, sample
+from beam_pipeline import problems as problems_tool
 from beam_pipeline.contract import schema as s
 from beam_pipeline.contract import splits
 from beam_pipeline.dataset import (
+  iter_batches,
   mask_of,
   open_dataset,
   read_errors,
@@ -98,6 +100,38 @@ def test_every_quirk_is_reported_and_every_good_slice_lands(tree, tmp_path, caps
   printed = capsys.readouterr().out
   assert f'slices written     {len(manifest.slices)}' in printed
   assert 'missing_dicoms: 1' in printed and 'contour: 2' in printed
+  problems = [r for r in manifest.reconciliation if r[2] != s.MATCHED]
+  count = len(problems) + len(manifest.errors)
+  command = f'python -m beam_pipeline.problems {out}'
+  assert (
+    f'quarantined        {count} problem rows; list them with: {command}' in printed
+  )
+  assert problems_tool.main([out]) == 1  # the printed command, run
+  listed = capsys.readouterr().out.splitlines()
+  assert len(listed) == count + 1 and listed[-1].startswith(f'{count} problem rows')
+  assert sorted(
+    line.split('\t')[2] for line in listed if line.startswith('errors')
+  ) == (sorted(path for path, _ in manifest.errors))
+
+
+def test_patients_and_slices_per_split_and_an_empty_split_warns(
+  clean_tree, tmp_path, capsys
+):
+  root, manifest = clean_tree
+  out = str(tmp_path / 'OUT')
+  assert _run(root, out, '--split', '1,0,0') == cli.EXIT_OK
+  printed = capsys.readouterr().out
+  patients = len({e.patient_id for e in manifest.slices.values()})
+  assert (
+    f'splits             train: {patients} patients, {len(manifest.slices)} '
+    'slices; val: 0 patients, 0 slices; test: 0 patients, 0 slices'
+  ) in printed
+  for empty in ('val', 'test'):
+    assert f'warning            split {empty} is empty' in printed
+  with pytest.warns(UserWarning, match="split 'val' holds no slices"):
+    assert list(iter_batches(out, batch_size=4, split='val')) == []
+  with pytest.raises(ValueError, match='split must be one of'):
+    list(iter_batches(out, batch_size=4, split='valid'))
 
 
 def test_no_identifying_tag_reaches_the_output(tree, tmp_path):

@@ -66,3 +66,24 @@ def test_worker_lines_of_ours_are_shown_plainly_and_beams_chatter_dropped():
   assert keep.filter(_relayed('worker crashed', '/x/apache_beam/a.py:3', 40))
   other = logging.LogRecord(console.WORKER_LOGGER, 20, 'x', 1, 'Grpc up', (), None)
   assert not keep.filter(other)
+
+
+def test_summary_shows_each_split_and_warns_of_an_empty_one():
+  counters = {
+    metrics.split_patients_counter('train'): 4,
+    metrics.split_slices_counter('train'): 920,
+    metrics.split_patients_counter('test'): 1,
+    metrics.split_slices_counter('test'): 1,
+    metrics.reconciliation_counter(s.MISSING_DICOMS): 2,
+  }
+  text = summary.summary_text(counters, {}, 1.0, output='/o u t', split='0.8,0.1,0.1')
+  assert (
+    'splits             train: 4 patients, 920 slices; val: 0 patients, 0 slices; '
+    'test: 1 patient, 1 slice'
+  ) in text
+  assert 'split val is empty: no patient hashed into it at --split 0.8,0.1,0.1' in text
+  assert 'split test is empty' not in text
+  assert (
+    "2 problem rows; list them with: python -m beam_pipeline.problems '/o u t'" in text
+  )
+  assert summary.empty_splits({}) == []  # nothing written: no split to blame

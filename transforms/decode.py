@@ -96,6 +96,19 @@ class _Counters:
     self.bytes = counter(metrics.SLICE_BYTES_READ)
     self.masks = {kind: counter(name) for kind, name in metrics.MASKS_WRITTEN.items()}
     self.flags = {f: counter(metrics.qa_counter(f)) for f in quality.QA_FLAGS}
+    self.split_patients = {
+      s: counter(metrics.split_patients_counter(s)) for s in splits.SPLITS
+    }
+    self.split_slices = {
+      s: counter(metrics.split_slices_counter(s)) for s in splits.SPLITS
+    }
+
+  def chunk_done(self, chunk: SliceChunk, split: str, rows: int) -> None:
+    done = int(chunk.is_last)
+    self.patients.inc(done)
+    self.split_patients[split].inc(done)
+    self.slices.inc(rows)
+    self.split_slices[split].inc(rows)
 
   def written(self, decoded: Decoded, result: SliceResult) -> None:
     self.bytes.inc(decoded.size)
@@ -157,8 +170,7 @@ class DecodeSlicesFn(beam.DoFn):
         yield pvalue.TaggedOutput(self.ERRORS, error)
       self._counters.written(outcome, result)
       rows.append(result.row)
-    self._counters.patients.inc(int(chunk.is_last))
-    self._counters.slices.inc(len(rows))
+    self._counters.chunk_done(chunk, split, len(rows))
     self._progress.add(patients=int(chunk.is_last), slices=len(rows))
     if rows:
       yield pa.Table.from_pylist(rows, schema=s.SLICE_SCHEMA)

@@ -35,6 +35,16 @@ def error_counter(stage: str) -> str:
   return f'errors_{stage}'
 
 
+def split_patients_counter(split: str) -> str:
+  """The counter of patients done in ``split``."""
+  return f'patients_{split}'
+
+
+def split_slices_counter(split: str) -> str:
+  """The counter of slices written in ``split``."""
+  return f'slices_{split}'
+
+
 def qa_counter(flag: str) -> str:
   """The counter of slices that raised the quality flag ``flag``."""
   return f'{_QA_PREFIX}{flag}'
