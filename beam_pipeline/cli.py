@@ -5,7 +5,9 @@
      has problem rows (the good slices are written);
   4  as 3, with --strict: the run counts as failed (the reports are written);
   2  invalid options or input (nothing was launched);
-  1  the pipeline failed (crash): OUT/_SUMMARY.json is not written.
+  1  the pipeline failed (crash): OUT/_SUMMARY.json is not written;
+  130, 143  interrupted by SIGINT (Ctrl-C) or SIGTERM: nothing is published
+     (an interrupt during publishing waits for it to finish).
 
 ``--help`` is answered before Beam, pydicom or pyarrow are imported.
 """
@@ -16,7 +18,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from beam_pipeline import arguments, console
+from beam_pipeline import arguments, console, interrupts
 from beam_pipeline.contract.errors import UsageError
 
 _LOG = logging.getLogger(__name__)
@@ -41,21 +43,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     options.beam_parser().print_help()
     return EXIT_OK
   log_file = console.configure_logging()
-  from beam_pipeline import pipeline  # Beam: loaded after logging is set up
-
-  console.show_worker_logs()
+  interrupts.handle_signals()
   try:
-    run = pipeline.run(argv)
+    run = _run(argv)
   except UsageError as e:
     print(f'error: {e}', file=sys.stderr)
     return EXIT_USAGE
-  except Exception as e:
+  except (interrupts.Interrupted, Exception) as e:
+    stop = interrupts.interrupted_by(e)
+    if stop is not None:
+      _LOG.info('interrupted by %s', stop, exc_info=True)  # the log file only
+      interrupts.stop_descendants()
+      print(_interrupted(stop), file=sys.stderr)
+      return stop.exit_code
     _LOG.error('the pipeline failed', exc_info=True)
     print(f'error: the pipeline failed: {_reason(e)}{_see(log_file)}', file=sys.stderr)
     return EXIT_FAILED
   if run.dry_run or not run.issues:
     return EXIT_OK
   return EXIT_STRICT if run.options.strict else EXIT_QUARANTINED
+
+
+def entry() -> int:
+  """``python run_pipeline.py`` and the console command: main() with the
+  descriptor-level stderr of child processes routed to the log file."""
+  argv = sys.argv[1:]
+  if not any(a in argv for a in ('-h', '--help', arguments.HELP_BEAM)):
+    console.route_child_stderr()
+  return main(argv)
+
+
+def _run(argv: list[str]):
+  from beam_pipeline import pipeline  # Beam: loaded after logging is set up
+
+  console.show_worker_logs()
+  return pipeline.run(argv)
+
+
+def _interrupted(e: interrupts.Interrupted) -> str:
+  if e.published:
+    return f'interrupted ({e}) after the new dataset was published; it is complete'
+  return f'interrupted ({e}): nothing published, previous dataset untouched'
 
 
 def _reason(e: BaseException) -> str:

@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 import time
 
 # The driver-side logger through which Beam's local job service relays the
@@ -106,4 +107,44 @@ def configure_logging(path: str | None = None) -> str | None:
     handlers.append(log_file)
   logging.basicConfig(level=logging.INFO, handlers=handlers, force=True)
   logging.captureWarnings(True)
+  threading.excepthook = _log_thread_exception
   return path
+
+
+def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
+  """An exception that ends a thread (Beam's, when a run is stopped) goes to
+  the log file, not to the console."""
+  if args.exc_type is SystemExit:
+    return
+  logging.getLogger('threads').error(
+    'exception in thread %s',
+    args.thread.name if args.thread else '?',
+    exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+  )
+
+
+def route_child_stderr() -> None:
+  """Points file descriptor 2 at a pipe whose lines go to the log file, and
+  keeps the console for this process's own writes (``sys.stderr``).
+
+  Processes the run starts inherit descriptor 2: Beam's worker processes
+  print their own tracebacks there when Ctrl-C reaches the whole process
+  group, and C libraries write notes there. Those lines belong in the log
+  file. For the command line only (not for ``main()`` called in a process
+  that has its own use of descriptor 2, such as a test runner).
+  """
+  console_fd = os.dup(2)
+  read_fd, write_fd = os.pipe()
+  os.dup2(write_fd, 2)
+  os.close(write_fd)
+  sys.stderr = open(console_fd, 'w', buffering=1, encoding='utf-8', errors='replace')
+  threading.Thread(
+    target=_copy_to_log, args=(read_fd,), name='child-stderr', daemon=True
+  ).start()
+
+
+def _copy_to_log(read_fd: int) -> None:
+  log = logging.getLogger('stderr')
+  with open(read_fd, encoding='utf-8', errors='replace') as lines:
+    for line in lines:
+      log.info('%s', line.rstrip('\n'))

@@ -23,7 +23,7 @@ from apache_beam.options.pipeline_options import (
 )
 from apache_beam.runners.runner import PipelineResult, PipelineState
 
-from beam_pipeline import arguments, publish, qa, sample, summary
+from beam_pipeline import arguments, interrupts, publish, qa, sample, summary
 from beam_pipeline.contract import layout, metrics
 from beam_pipeline.contract.errors import UsageError
 from beam_pipeline.options import IngestOptions, check_known
@@ -199,15 +199,16 @@ def run(argv: Sequence[str] | None = None) -> Run:
     )
   seconds = time.monotonic() - start
   totals = summary.counters(result)
-  outputs = publish.publish(ingest.output)
-  outputs['summary'] = summary.write_summary(
-    ingest.output,
-    totals,
-    seconds,
-    input=ingest.input,
-    labeled_only=ingest.labeled_only,
-    strict=ingest.strict,
-  )
+  with interrupts.deferred():  # all of the new dataset, or the old one
+    outputs = publish.publish(ingest.output)
+    outputs['summary'] = summary.write_summary(
+      ingest.output,
+      totals,
+      seconds,
+      input=ingest.input,
+      labeled_only=ingest.labeled_only,
+      strict=ingest.strict,
+    )
   if ingest.qa_dir is not None:
     outputs['qa'] = qa.write_qa(ingest.output, ingest.qa_dir)
   print(

@@ -83,3 +83,57 @@ def test_killed_overwrite_leaves_the_previous_dataset_intact(big_tree, tmp_path)
   assert cli.main(['--input', root, '--output', out, '--overwrite']) == 0
   assert verify.verify(out).failures == []
   assert open_dataset(out).count_rows() == len(manifest.slices)  # no mix, no duplicates
+
+
+def _remaining(group: int) -> list[str]:
+  """The processes still in a process group."""
+  found = subprocess.run(['pgrep', '-g', str(group)], capture_output=True, text=True)
+  return found.stdout.split()
+
+
+MULTI = ['--direct_running_mode=multi_processing', '--direct_num_workers=2']
+
+
+@pytest.mark.parametrize(
+  'extra, signum, to_group',
+  [
+    ([], signal.SIGINT, True),  # Ctrl-C in a terminal: the whole group
+    (MULTI, signal.SIGINT, True),  # ... worker processes get it too
+    (MULTI, signal.SIGTERM, False),  # a supervisor stopping the job's pid
+  ],
+  ids=['ctrl-c', 'ctrl-c-workers', 'sigterm-workers'],
+)
+def test_an_interrupt_is_one_line_and_leaves_nothing_running(
+  big_tree, tmp_path, extra, signum, to_group
+):
+  root, _ = big_tree
+  out = str(tmp_path / 'OUT')
+  assert cli.main(['--input', root, '--output', out, '--labeled-only']) == 0
+  before = _snapshot(out)
+  job = subprocess.Popen(
+    [sys.executable, SCRIPT, '--input', root, '--output', out, '--overwrite', *extra],
+    start_new_session=True,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  staging = os.path.join(out, s.STAGING_DIR)
+  deadline = time.monotonic() + 120
+  while not _files_under(staging) and time.monotonic() < deadline:
+    time.sleep(0.01)
+  assert job.poll() is None, 'the job ended before it could be interrupted'
+  if to_group:
+    os.killpg(job.pid, signum)
+  else:
+    os.kill(job.pid, signum)
+  _, err = job.communicate(timeout=60)
+  assert job.returncode == 128 + signum, err
+  assert 'Traceback' not in err
+  name = signal.Signals(signum).name
+  assert err.splitlines()[-1] == (
+    f'interrupted ({name}): nothing published, previous dataset untouched'
+  )
+  time.sleep(0.5)
+  assert _remaining(job.pid) == []  # no worker or decoder left behind
+  after = {k: v for k, v in _snapshot(out).items() if not k.startswith(s.STAGING_DIR)}
+  assert after == before
