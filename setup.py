@@ -22,5 +22,6 @@ setuptools.setup(
     'pylibjpeg>=2.0',
     'pylibjpeg-libjpeg>=2.1',
     'pylibjpeg-openjpeg>=2.3',
+    'tqdm>=4.66,<5',
   ],
 )

@@ -67,6 +67,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     default=DEFAULT_SAMPLE_DIR,
     help='Where the built-in sample is generated when --input is not given.',
   )
+  _add(
+    io,
+    '--skip-space-check',
+    dest='skip_space_check',
+    action='store_true',
+    help='Launch even when the estimated dataset size exceeds the free space '
+    'at a local --output (the estimate assumes an uncompressed image column).',
+  )
   behaviour = parser.add_argument_group(BEHAVIOUR)
   _add(
     behaviour,
@@ -150,8 +158,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     dest='progress_seconds',
     type=float,
     default=settings.DEFAULT_PROGRESS_SECONDS,
-    help='Each worker logs a progress line (patients, slices, slices/s) at most '
-    'this often.',
+    help='Seconds between two progress lines (slices done of the total, '
+    'slices/s, ETA) when stderr is not a terminal; a terminal gets one live '
+    'bar instead.',
   )
   qa = parser.add_argument_group(QA)
   _add(

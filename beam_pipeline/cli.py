@@ -87,9 +87,14 @@ def _interrupted(e: interrupts.Interrupted) -> str:
 
 
 def _reason(e: BaseException) -> str:
-  """One line: the innermost cause's type and message."""
+  """One line: the innermost cause's type and message; an OSError that names
+  its file is preferred to a deeper one that does not."""
+  chain = [e]
   while e.__cause__ is not None or e.__context__ is not None:
     e = e.__cause__ or e.__context__
+    chain.append(e)
+  named = [x for x in chain if isinstance(x, OSError) and x.filename is not None]
+  e = named[-1] if named else chain[-1]
   text = str(e).strip().splitlines()
   return f'{type(e).__name__}: {text[0] if text else ""}'.rstrip(': ')
 

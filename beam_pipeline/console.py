@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 
 # The driver-side logger through which Beam's local job service relays the
 # log lines of worker processes (DirectRunner multi_processing, portable).
@@ -83,6 +84,28 @@ def log_path() -> str:
   return os.path.join(folder, f'run-{stamp}-{os.getpid()}.log')
 
 
+_live_writer: Callable[[str], None] | None = None
+
+
+def set_live_writer(writer: Callable[[str], None] | None) -> None:
+  """While a live progress bar is drawn, console lines go through ``writer``
+  (which prints them above the bar); None restores plain writes."""
+  global _live_writer
+  _live_writer = writer
+
+
+class _ConsoleHandler(logging.StreamHandler):
+  def emit(self, record: logging.LogRecord) -> None:
+    writer = _live_writer
+    if writer is None:
+      super().emit(record)
+      return
+    try:
+      writer(self.format(record))
+    except Exception:
+      self.handleError(record)
+
+
 def configure_logging(path: str | None = None) -> str | None:
   """Console and log-file handlers on the root logger.
 
@@ -90,7 +113,7 @@ def configure_logging(path: str | None = None) -> str | None:
     The log file's path, or None if it cannot be created (then only the
     console is used).
   """
-  console = logging.StreamHandler(sys.stderr)
+  console = _ConsoleHandler(sys.stderr)
   console.setLevel(logging.INFO)
   console.addFilter(_ours)
   console.setFormatter(logging.Formatter(_FORMAT))

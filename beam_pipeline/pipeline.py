@@ -9,6 +9,8 @@ last and prints the summary. The command line and its exit codes are
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -17,13 +19,23 @@ from typing import NamedTuple
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import (
+  DirectOptions,
   PipelineOptions,
   StandardOptions,
   TestOptions,
 )
 from apache_beam.runners.runner import PipelineResult, PipelineState
 
-from beam_pipeline import arguments, interrupts, publish, qa, sample, summary
+from beam_pipeline import (
+  arguments,
+  interrupts,
+  preflight,
+  progress,
+  publish,
+  qa,
+  sample,
+  summary,
+)
 from beam_pipeline.contract import layout, metrics
 from beam_pipeline.contract.errors import UsageError
 from beam_pipeline.options import IngestOptions, check_known
@@ -35,11 +47,15 @@ from transforms.write import WriteDataset
 _LOG = logging.getLogger(__name__)
 
 
-def build_pipeline(p: beam.Pipeline, options: IngestOptions) -> None:
+def build_pipeline(
+  p: beam.Pipeline, options: IngestOptions, progress_dir: str | None = None
+) -> None:
   """Adds the whole job to ``p``: read, reconcile, decode, write.
 
   ``options.input`` and ``options.output`` must already be absolute (see
-  :func:`resolve_paths`); the job writes into the staging folder.
+  :func:`resolve_paths`); the job writes into the staging folder. With
+  ``progress_dir`` (a local runner), workers keep their counts there for
+  ``beam_pipeline.progress``.
   """
   links = p | 'ReadLinks' >> ReadLinks(options.input)
   files = p | 'ListTree' >> ListTree(options.input)
@@ -48,8 +64,9 @@ def build_pipeline(p: beam.Pipeline, options: IngestOptions) -> None:
     Reconcile.DICOMS: files[ListTree.DICOMS],
     Reconcile.CONTOURS: files[ListTree.CONTOURS],
   } | 'Reconcile' >> Reconcile()
+  settings = dataclasses.replace(options.decode_settings(), progress_dir=progress_dir)
   decoded = found[Reconcile.PATIENTS] | 'Decode' >> DecodeSlices(
-    options.input, options.decode_settings()
+    options.input, settings
   )
   reconciliation = (
     links[ReadLinks.RECONCILIATION],
@@ -67,12 +84,15 @@ def build_pipeline(p: beam.Pipeline, options: IngestOptions) -> None:
   } | 'Write' >> WriteDataset(publish.staging_path(options.output), options.image_codec)
 
 
-def resolve_paths(options: IngestOptions) -> None:
+def resolve_paths(options: IngestOptions) -> bool:
   """Makes --input/--output absolute, generating the sample if --input is unset.
 
+  Returns:
+    Whether a dataset in --output may be replaced (--overwrite, or the default
+    output of the built-in sample).
+
   Raises:
-    UsageError: the input is not a data tree, or the output holds a dataset
-      and --overwrite is not set.
+    UsageError: the input is not a data tree, or the output is inside it.
   """
   options.validate_ingest()
   overwrite = options.overwrite
@@ -102,7 +122,29 @@ def resolve_paths(options: IngestOptions) -> None:
     options.qa_dir = publish.absolute(options.qa_dir)
   if options.output == options.input or options.output.startswith(options.input + '/'):
     raise UsageError('--output must not be inside --input')
-  publish.prepare(options.output, overwrite)
+  return overwrite
+
+
+_DIRECT_FLAGS = ('--direct_running_mode', '--direct_num_workers')
+
+
+def choose_direct_mode(
+  options: PipelineOptions, argv: Sequence[str], found: preflight.Survey | None
+) -> str:
+  """Sets the DirectRunner's mode from the slice count, unless the command
+  line chose it; returns the runner's description for the first log line."""
+  standard = options.view_as(StandardOptions)
+  if standard.runner not in (None, 'DirectRunner'):
+    return standard.runner if isinstance(standard.runner, str) else 'a custom runner'
+  direct = options.view_as(DirectOptions)
+  given = [a.replace('-', '_').split('=')[0] for a in argv]
+  if any(flag.replace('-', '_') in given for flag in _DIRECT_FLAGS):
+    workers = direct.direct_num_workers
+    return f'DirectRunner, {direct.direct_running_mode} x{workers} (as given)'
+  mode = preflight.choose_direct_mode(found, preflight.cores())
+  direct.direct_running_mode = mode.running_mode
+  direct.direct_num_workers = mode.workers
+  return f'DirectRunner, {mode.describe()}'
 
 
 def _runner(options: PipelineOptions):
@@ -129,6 +171,28 @@ def _runner(options: PipelineOptions):
       beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded)
     )
   )
+
+
+@contextlib.contextmanager
+def _naming_output(output: str):
+  """A job failing on an OSError that names no file (a full disk, a quota, a
+  file size limit, a read-only remount; the inputs' errors are rows, not
+  failures) is re-raised naming the staging folder it was writing."""
+  try:
+    yield
+  except Exception as e:
+    cause, chain = e, []
+    while cause is not None:
+      chain.append(cause)
+      cause = cause.__cause__ or cause.__context__
+    if any(isinstance(x, OSError) and x.filename is not None for x in chain):
+      raise
+    unnamed = [x for x in chain if isinstance(x, OSError)]
+    if not unnamed:
+      raise
+    raise OSError(
+      unnamed[-1].errno, unnamed[-1].strerror, publish.staging_path(output)
+    ) from e
 
 
 class Run(NamedTuple):
@@ -178,20 +242,26 @@ def run(argv: Sequence[str] | None = None) -> Run:
   check_known(argv)
   options = PipelineOptions(argv)
   ingest = options.view_as(IngestOptions)
-  standard = options.view_as(StandardOptions)
   FileSystems.set_options(options)  # object stores need their options here too
   if options.view_as(TestOptions).dry_run:
     return _dry_run(options, ingest)
-  resolve_paths(ingest)
-  runner = _runner(options)
-  _LOG.info(
-    'reading %s, writing %s, runner %s', ingest.input, ingest.output, standard.runner
-  )
+  publish.check_replaceable(ingest.output, resolve_paths(ingest))
+  found = preflight.survey(ingest.input)
+  needed = found.dataset_bytes(ingest.labeled_only) if found else None
+  preflight.check_output(ingest.output, needed, not ingest.skip_space_check)
+  described = choose_direct_mode(options, argv, found)
+  _LOG.info('reading %s, writing %s; runner %s', ingest.input, ingest.output, described)
+  publish.clear_staging(ingest.output)
+  runner = _runner(options)  # None: not the DirectRunner, no shared folder
   start = time.monotonic()
   p = beam.Pipeline(runner=runner, options=options)
-  build_pipeline(p, ingest)
-  result = p.run()
-  result.wait_until_finish()
+  total = found.rows(ingest.labeled_only) if found and found.complete else None
+  shown = progress.Reporter(total, ingest.progress_seconds)
+  with shown if runner is not None else contextlib.nullcontext() as reporter:
+    build_pipeline(p, ingest, reporter.folder if reporter else None)
+    with _naming_output(ingest.output):
+      result = p.run()
+      result.wait_until_finish()
   if result.state != PipelineState.DONE:
     raise RuntimeError(
       f'the pipeline ended in state {result.state}; nothing was published to '

@@ -62,12 +62,8 @@ def made_from(output: str) -> str | None:
     return None
 
 
-def prepare(output: str, overwrite: bool) -> None:
-  """Checks that ``output`` may be written, and clears a stale staging folder.
-
-  Raises:
-    UsageError: ``output`` holds a dataset and ``overwrite`` is not set.
-  """
+def check_replaceable(output: str, overwrite: bool) -> None:
+  """Raises UsageError if ``output`` holds a dataset and ``overwrite`` is unset."""
   existing = [
     entry for entry in OUTPUT_ENTRIES if exists(FileSystems.join(output, entry))
   ]
@@ -76,6 +72,10 @@ def prepare(output: str, overwrite: bool) -> None:
       f'--output {output} already holds a dataset ({", ".join(existing)}); pass '
       '--overwrite to replace it, or choose another --output'
     )
+
+
+def clear_staging(output: str) -> None:
+  """Deletes a staging folder left by an interrupted run."""
   staging = staging_path(output)
   if exists(staging):
     _LOG.warning('removing %s, left by an interrupted run', staging)

@@ -1,14 +1,22 @@
 """The command line, run as a user runs it: the real entry point in a
 subprocess, its exit code, its output and the files it leaves."""
 
+import ctypes
+import fcntl
 import os
+import pty
 import re
+import resource
+import signal
+import struct
 import subprocess
 import sys
+import termios
 
 import pytest
 
-from beam_pipeline import arguments, cli, console
+from beam_pipeline import arguments, cli, console, preflight, sample
+from tests.helpers import dataset_tables
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,7 +51,7 @@ def test_run_pipeline_help_exits_zero():
   assert done.returncode == 0 and '--labeled-only' in done.stdout, done.stderr
 
 
-def _cli(tmp_path, *args, env=None):
+def _cli(tmp_path, *args, env=None, preexec_fn=None):
   """The real entry point, run in ``tmp_path``: (exit code, stdout, stderr)."""
   done = subprocess.run(
     [sys.executable, os.path.join(REPO, 'run_pipeline.py'), *args],
@@ -52,6 +60,7 @@ def _cli(tmp_path, *args, env=None):
     text=True,
     timeout=300,
     env=env,
+    preexec_fn=preexec_fn,
   )
   return done.returncode, done.stdout, done.stderr
 
@@ -157,3 +166,177 @@ def test_the_console_shows_our_lines_and_the_log_file_keeps_everything(tmp_path)
   for text in ('apitools not found', 'Running stage 12', 'reading DATA'):
     assert text in kept
   assert 'Traceback' in kept and 'ZeroDivisionError' in kept
+
+
+@pytest.mark.parametrize(
+  'output, expected',
+  [
+    ('a_file', 'is a file, not a folder'),
+    ('a_file/OUT', 'a_file is a file, not a folder'),
+    ('/proc/cardiac-mri/OUT', 'is not writable: No such file or directory'),
+  ],
+)
+def test_an_output_that_cannot_be_a_folder_is_refused_before_anything_runs(
+  tmp_path, output, expected
+):
+  sample.make_tree(str(tmp_path / 'DATA'), patients=1, slices=2, rows=8, columns=8)
+  (tmp_path / 'a_file').write_text('kept')
+  code, out, err = _cli(tmp_path, '--input', 'DATA', '--output', output)
+  assert code == cli.EXIT_USAGE, err
+  (line,) = err.splitlines()
+  assert line.startswith('error: --output ') and expected in line, line
+  assert (tmp_path / 'a_file').read_text() == 'kept'
+  assert sorted(os.listdir(tmp_path)) == ['DATA', 'a_file']
+
+
+def _without_root_powers():
+  """For a child of root: drops the capabilities that let root write into a
+  folder without write permission (the bounding set, so they are gone after
+  exec), so the permission bits count as they would for a user."""
+  if os.geteuid() != 0:
+    return
+  libc = ctypes.CDLL(None, use_errno=True)
+  for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+    if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+      raise OSError(ctypes.get_errno(), 'prctl(PR_CAPBSET_DROP)')
+
+
+def test_an_output_without_write_permission_is_refused_before_anything_runs(tmp_path):
+  sample.make_tree(str(tmp_path / 'DATA'), patients=1, slices=2, rows=8, columns=8)
+  locked = tmp_path / 'locked'
+  locked.mkdir()
+  locked.chmod(0o555)
+  try:
+    for output in ('locked', 'locked/OUT'):
+      code, _, err = _cli(
+        tmp_path, '--input', 'DATA', '--output', output, preexec_fn=_without_root_powers
+      )
+      assert code == cli.EXIT_USAGE, err
+      (line,) = err.splitlines()
+      assert 'is not writable: Permission denied' in line, line
+    assert os.listdir(locked) == []
+  finally:
+    locked.chmod(0o755)
+
+
+def test_a_dataset_larger_than_the_free_space_is_refused_unless_told(tmp_path):
+  """The estimate is checked against the real free space: one 4096 x 4096
+  slice, hard-linked until the dataset would not fit, while the files
+  themselves take one slice's room."""
+  root = tmp_path / 'DATA'
+  sample.make_tree(str(root), patients=1, slices=1, rows=4096, columns=4096)
+  found = preflight.survey(str(root))
+  assert found.bytes_per_slice > 4096 * 4096 * 2  # the image, masks and the rest
+  free = preflight.shutil.disk_usage(tmp_path).free
+  copies = free // found.bytes_per_slice + 2
+  assert copies < 200_000, f'{free} bytes free: too many links to make'
+  folder = root / 'dicoms' / os.listdir(root / 'dicoms')[0]
+  for n in range(2, copies + 1):
+    os.link(folder / '1.dcm', folder / f'{n}.dcm')
+  code, _, err = _cli(tmp_path, '--input', 'DATA', '--output', 'OUT')
+  assert code == cli.EXIT_USAGE, err
+  (line,) = err.splitlines()
+  assert 'the dataset needs about' in line and '--skip-space-check' in line, line
+  assert not (tmp_path / 'OUT').exists()
+  code, _, err = _cli(
+    tmp_path, '--input', 'DATA', '--output', 'OUT', '--skip-space-check', '--help'
+  )
+  assert code == cli.EXIT_OK  # the option exists (a real run would fill the disk)
+
+
+def test_a_write_failing_mid_run_names_the_file_and_keeps_the_previous_dataset(
+  tmp_path,
+):
+  """A file size limit (RLIMIT_FSIZE, as a full disk does) makes the slice
+  shards fail to write while the run is under way."""
+  sample.make_tree(str(tmp_path / 'DATA'), patients=2, slices=24, rows=256, columns=256)
+  code, _, err = _cli(tmp_path, '--input', 'DATA', '--output', 'OUT')
+  assert code == cli.EXIT_OK, err
+  before = dataset_tables(str(tmp_path / 'OUT'))
+
+  def limit_file_size():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() fails with EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
+
+  code, _, err = _cli(
+    tmp_path,
+    '--input',
+    'DATA',
+    '--output',
+    'OUT',
+    '--overwrite',
+    preexec_fn=limit_file_size,
+  )
+  assert code == cli.EXIT_FAILED
+  line = err.splitlines()[-1]
+  assert line.startswith('error: the pipeline failed: OSError: [Errno 27]'), err
+  assert str(tmp_path / 'OUT' / '_incomplete') in line and 'full traceback in' in line
+  assert 'Traceback' not in err
+  assert dataset_tables(str(tmp_path / 'OUT')) == before
+
+
+def test_the_first_log_line_names_the_runner_mode_and_explicit_options_win(tmp_path):
+  sample.make_tree(str(tmp_path / 'DATA'), patients=1, slices=3, rows=8, columns=8)
+  code, _, err = _cli(tmp_path, '--input', 'DATA', '--output', 'A')
+  assert code == cli.EXIT_OK, err
+  first = err.splitlines()[0]
+  assert 'runner DirectRunner, in-process (3 slices < ' in first, first
+  code, _, err = _cli(
+    tmp_path,
+    '--input',
+    'DATA',
+    '--output',
+    'B',
+    '--direct_running_mode=multi_processing',
+    '--direct_num_workers=2',
+  )
+  assert code == cli.EXIT_OK, err
+  first = err.splitlines()[0]
+  assert 'runner DirectRunner, multi_processing x2 (as given)' in first, first
+  assert dataset_tables(str(tmp_path / 'A')) == dataset_tables(str(tmp_path / 'B'))
+
+
+def _on_a_terminal(tmp_path, *args) -> tuple[int, str]:
+  """The entry point with stderr on a pseudo-terminal of 120 x 40: (exit
+  code, what the terminal received)."""
+  master, child = pty.openpty()
+  fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack('HHHH', 40, 120, 0, 0))
+  process = subprocess.Popen(
+    [sys.executable, os.path.join(REPO, 'run_pipeline.py'), *args],
+    cwd=tmp_path,
+    stdout=subprocess.DEVNULL,
+    stderr=child,
+  )
+  os.close(child)
+  received = []
+  while True:
+    try:
+      data = os.read(master, 65536)
+    except OSError:  # EIO: the child closed the terminal
+      break
+    if not data:
+      break
+    received.append(data)
+  os.close(master)
+  return process.wait(timeout=300), b''.join(received).decode('utf-8', 'replace')
+
+
+def test_progress_is_a_live_bar_on_a_terminal_and_lines_with_totals_otherwise(
+  tmp_path,
+):
+  manifest = sample.make_tree(
+    str(tmp_path / 'DATA'), patients=3, slices=40, rows=64, columns=64
+  )
+  total = len(manifest.slices)
+  code, shown = _on_a_terminal(tmp_path, '--input', 'DATA', '--output', 'A')
+  assert code == cli.EXIT_OK, shown
+  assert '\r' in shown and f'{total}/{total} [' in shown, shown  # tqdm's bar
+  assert '100%|' in shown and 'slices/s' in shown and '3 patients done' in shown
+  assert 'beam_pipeline.progress' not in shown  # the bar replaces the lines
+  first = shown.splitlines()[0]
+  assert 'INFO beam_pipeline.pipeline: reading ' in first  # log lines stay whole
+  code, _, err = _cli(tmp_path, '--input', 'DATA', '--output', 'B')
+  assert code == cli.EXIT_OK, err
+  lines = [x for x in err.splitlines() if 'INFO beam_pipeline.progress: ' in x]
+  assert f'progress: {total}/{total} slices (100%), ' in lines[-1], err
+  assert '\r' not in err

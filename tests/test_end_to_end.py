@@ -1,5 +1,6 @@
 """The whole job through main(), on generated trees, read back exactly."""
 
+import errno
 import json
 import os
 
@@ -18,7 +19,8 @@ from beam_pipeline.dataset import (
   read_errors,
   read_reconciliation,
 )
-from tests.helpers import reference_mask
+from tests.helpers import dataset_tables, reference_mask
+from transforms import write
 
 
 def _run(root, out, *extra):
@@ -228,21 +230,31 @@ def test_invalid_usage_exits_two_before_launch(args, message, tmp_path, capsys):
 
 
 def test_a_failing_pipeline_exits_one_and_publishes_nothing(
-  clean_tree, tmp_path, capsys, log_dir
+  clean_tree, tmp_path, capsys, log_dir, monkeypatch
 ):
+  """A write that fails mid-run (the disk fills) is one line naming the file
+  and the cause; the previous dataset stays as it was."""
   root, _ = clean_tree
-  blocker = tmp_path / 'not-a-folder'
-  blocker.write_text('a file where the output folder should go')
-  code = _run(root, str(blocker / 'OUT'))
+  out = tmp_path / 'OUT'
+  assert _run(root, str(out)) == cli.EXIT_OK
+  before = dataset_tables(str(out))
+
+  def disk_full(self, file_handle, table):
+    raise OSError(errno.ENOSPC, 'No space left on device')
+
+  monkeypatch.setattr(write._SliceSink, 'write_record', disk_full)
+  capsys.readouterr()
+  code = _run(root, str(out), '--overwrite')
   assert code == cli.EXIT_FAILED
   err = capsys.readouterr().err
   (line,) = [x for x in err.splitlines() if x.startswith('error: ')]
-  assert line.startswith('error: the pipeline failed: NotADirectoryError: ')
+  expected = 'error: the pipeline failed: OSError: [Errno 28] No space left on device: '
+  assert line.startswith(expected + repr(str(out / '_incomplete'))[:-1]), line
   assert 'Traceback' not in err
   log_file = line.rsplit('full traceback in ', 1)[1].rstrip(')')
   assert os.path.dirname(log_file) == log_dir
   assert 'Traceback' in open(log_file).read()
-  assert blocker.read_text() == 'a file where the output folder should go'
+  assert dataset_tables(str(out)) == before
 
 
 def test_worker_processes_report_progress_without_beams_chatter(
@@ -261,9 +273,10 @@ def test_worker_processes_report_progress_without_beams_chatter(
   assert code == cli.EXIT_OK
   _check_slices(out, manifest)
   err = capsys.readouterr().err
-  progress = [line for line in err.splitlines() if ' INFO worker: progress: ' in line]
-  assert progress, err[-2000:]
-  written = max(int(line.split(' slices written')[0].split()[-1]) for line in progress)
-  assert 0 < written <= len(manifest.slices)
+  progress = [x for x in err.splitlines() if 'INFO beam_pipeline.progress: ' in x]
+  total = len(manifest.slices)
+  assert f'progress: {total}/{total} slices (100%)' in progress[-1], err[-2000:]
+  done = [int(line.split('progress: ')[-1].split('/')[0]) for line in progress]
+  assert done == sorted(done)  # the two processes' counts, summed
   assert 'Discarding unparseable args' not in err
   assert 'semi_persistent_directory' not in err

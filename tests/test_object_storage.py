@@ -106,3 +106,22 @@ def test_s3_input_and_output_give_the_local_dataset(s3_endpoint, tmp_path):
     target.parent.mkdir(parents=True, exist_ok=True)
     client.download_file(BUCKET, key, str(target))
   assert dataset_tables(str(downloaded)) == dataset_tables(local)
+
+
+def test_an_unreachable_bucket_is_one_line_and_exit_two_before_anything_runs(
+  s3_endpoint, tmp_path, capsys
+):
+  root = str(tmp_path / 'DATA')
+  sample.make_tree(root, patients=1, slices=2, rows=8, columns=8)
+  args = [
+    '--input',
+    root,
+    '--output',
+    's3://no-such-bucket/OUT',
+    f'--s3_endpoint_url={s3_endpoint}',
+    *KEYS,
+  ]
+  assert cli.main(args) == cli.EXIT_USAGE
+  (line,) = capsys.readouterr().err.splitlines()
+  assert line.startswith('error: --output s3://no-such-bucket/OUT is not writable')
+  assert 'NoSuchBucket' in line or 'does not exist' in line, line

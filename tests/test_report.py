@@ -1,11 +1,13 @@
 """Progress lines, the summary and the exit-code rule."""
 
 import logging
+import os
 
 from apache_beam.portability.api import beam_fn_api_pb2
 
-from beam_pipeline import console, summary
+from beam_pipeline import console, progress, summary
 from beam_pipeline.contract import metrics
+from beam_pipeline.contract import progress as counts
 from beam_pipeline.contract import schema as s
 from transforms import _progress
 
@@ -19,7 +21,7 @@ def test_progress_logs_at_most_once_per_interval(caplog):
   progress = _progress.Progress(interval=0)
   progress.add(patients=1, slices=10)
   progress.add(patients=1, slices=5)
-  assert caplog.messages[-1].startswith('progress: 2 patients done, 15 slices written')
+  assert caplog.messages[-1].startswith('progress: 2 patients done, 15 slices done')
   assert 'slices/s' in caplog.messages[-1]
 
 
@@ -87,3 +89,40 @@ def test_summary_shows_each_split_and_warns_of_an_empty_one():
     "2 problem rows; list them with: python -m beam_pipeline.problems '/o u t'" in text
   )
   assert summary.empty_splits({}) == []  # nothing written: no split to blame
+
+
+def test_a_progress_line_has_the_total_the_rate_and_the_eta():
+  assert progress.line(1080, 1140, 2112.4, 4) == (
+    'progress: 1,080/1,140 slices (95%), 2,112 slices/s, ETA 0:00, 4 patients done'
+  )
+  assert progress.line(10, 1000, 2.0, 0).split(', ')[2] == 'ETA 8:15'
+  assert progress.line(10, None, 2.0, 1) == (
+    'progress: 10 slices, 2 slices/s, 1 patients done'
+  )
+  unknown_rate = progress.line(10, 20, None, 1)
+  assert unknown_rate == 'progress: 10/20 slices (50%), 1 patients done'
+  assert progress.eta_text(3 * 3600 + 2 * 60 + 10) == '3:02:10'
+
+
+def test_the_launcher_sums_the_count_files_of_every_worker_process(tmp_path, caplog):
+  """Two processes' count files (one half-written, which is skipped) sum into
+  the launcher's line; the folder is gone afterwards."""
+  caplog.set_level(logging.INFO, logger='beam_pipeline.progress')
+  with progress.Reporter(total=30, interval=3600, live=False) as reporter:
+    folder = reporter.folder
+    with open(os.path.join(folder, '101.count'), 'w') as f:
+      f.write('12 1\n')
+    with open(os.path.join(folder, '102.count'), 'w') as f:
+      f.write('18 2\n')
+    with open(os.path.join(folder, '103.count.tmp'), 'w') as f:
+      f.write('99 9\n')
+  assert caplog.messages[-1] == 'progress: 30/30 slices (100%), 3 patients done'
+  assert not os.path.exists(folder)
+
+
+def test_a_worker_writes_its_counts_where_the_launcher_reads_them(tmp_path):
+  worker = _progress.Progress(interval=3600, folder=str(tmp_path))
+  worker.add(patients=1, slices=7)
+  worker.add(slices=5)
+  worker.flush()
+  assert counts.read_counts(str(tmp_path)) == (12, 1)

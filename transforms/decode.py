@@ -147,8 +147,13 @@ class DecodeSlicesFn(beam.DoFn):
   def setup(self):
     _tuning.keep_freed_memory()
     self._counters = _Counters()
-    self._progress = _progress.progress(self._run_id, self._settings.progress_seconds)
+    self._progress = _progress.progress(
+      self._run_id, self._settings.progress_seconds, self._settings.progress_dir
+    )
     self._decoder = SliceDecoder(self._input_root, self._settings, self._decode_fn)
+
+  def finish_bundle(self):
+    self._progress.flush()
 
   def teardown(self):
     self._decoder.close()
@@ -171,7 +176,7 @@ class DecodeSlicesFn(beam.DoFn):
       self._counters.written(outcome, result)
       rows.append(result.row)
     self._counters.chunk_done(chunk, split, len(rows))
-    self._progress.add(patients=int(chunk.is_last), slices=len(rows))
+    self._progress.add(patients=int(chunk.is_last), slices=len(chunk.slices))
     if rows:
       yield pa.Table.from_pylist(rows, schema=s.SLICE_SCHEMA)
 

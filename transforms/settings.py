@@ -34,6 +34,8 @@ class DecodeSettings:
     decode_timeout: seconds one file may take to decode when isolated.
     decoders: decoder children per worker (isolated only).
     progress_seconds: at most one progress line per worker this often.
+    progress_dir: a local folder where each worker process keeps its counts
+      for the launcher's progress line (None: workers log their own lines).
   """
 
   chunk_size: int = DEFAULT_CHUNK_SIZE
@@ -46,3 +48,4 @@ class DecodeSettings:
   decode_timeout: float = DEFAULT_DECODE_TIMEOUT
   decoders: int = DEFAULT_DECODERS
   progress_seconds: float = DEFAULT_PROGRESS_SECONDS
+  progress_dir: str | None = None

@@ -17,6 +17,8 @@ shards are written with O_DIRECT where the file system allows it
 
 from __future__ import annotations
 
+import contextlib
+
 import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -64,6 +66,10 @@ class _SliceSink(filebasedsink.FileBasedSink):
     self._image_codec = image_codec
 
   def open(self, temp_path):
+    with _naming(temp_path):
+      return self._open(temp_path)
+
+  def _open(self, temp_path):
     if is_local(temp_path):
       handle = _open_local_shard(temp_path)
     else:
@@ -77,15 +83,30 @@ class _SliceSink(filebasedsink.FileBasedSink):
       use_dictionary=strings,
       write_statistics=[name for name in names if name not in _BINARY_COLUMNS],
     )
-    return handle, writer
+    return handle, writer, temp_path
 
   def write_record(self, file_handle, table):
-    file_handle[1].write_table(table)
+    handle, writer, path = file_handle
+    with _naming(path):
+      writer.write_table(table)
 
   def close(self, file_handle):
-    handle, writer = file_handle
-    writer.close()
-    super().close(handle)
+    handle, writer, path = file_handle
+    with _naming(path):
+      writer.close()
+      super().close(handle)
+
+
+@contextlib.contextmanager
+def _naming(path: str):
+  """Re-raises an OSError that names no file (a full disk, a file size limit)
+  with ``path``, so the one-line failure says where it happened."""
+  try:
+    yield
+  except OSError as e:
+    if e.filename is not None:
+      raise
+    raise OSError(e.errno, e.strerror or str(e), path) from e
 
 
 class _CountFn(beam.DoFn):
