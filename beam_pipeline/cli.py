@@ -10,10 +10,14 @@
      (an interrupt during publishing waits for it to finish).
 
 ``--help`` is answered before Beam, pydicom or pyarrow are imported.
+
+The console command ``cardiac-mri`` (installed by setup.py) runs the pipeline
+and its tools: ``cardiac-mri run|inspect|qa|verify|sample|problems ...``.
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
 import sys
 from collections.abc import Sequence
@@ -34,7 +38,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   """Runs the pipeline from command-line arguments; returns the exit code."""
   argv = list(sys.argv[1:] if argv is None else argv)
   if '-h' in argv or '--help' in argv:
-    arguments.help_parser().print_help()
+    command = sys.argv[0] if sys.argv[0].startswith('cardiac-mri') else ''
+    arguments.help_parser(command or 'run_pipeline.py').print_help()
     return EXIT_OK
   if arguments.HELP_BEAM in argv:
     from beam_pipeline import options
@@ -64,13 +69,70 @@ def main(argv: Sequence[str] | None = None) -> int:
   return EXIT_STRICT if run.options.strict else EXIT_QUARANTINED
 
 
-def entry() -> int:
-  """``python run_pipeline.py`` and the console command: main() with the
+def entry(argv: Sequence[str] | None = None) -> int:
+  """``python run_pipeline.py`` and ``cardiac-mri run``: main() with the
   descriptor-level stderr of child processes routed to the log file."""
-  argv = sys.argv[1:]
+  argv = list(sys.argv[1:] if argv is None else argv)
   if not any(a in argv for a in ('-h', '--help', arguments.HELP_BEAM)):
     console.route_child_stderr()
   return main(argv)
+
+
+# The console command: `cardiac-mri COMMAND ...` (setup.py's entry point).
+COMMANDS = {
+  'run': 'run the pipeline (the options of run_pipeline.py; --help lists them)',
+  'inspect': 'draw one slice with its contours to a PNG',
+  'qa': 'write the QA page: overlays, flags and contact sheets',
+  'verify': 'check an output: shards, schema, row counts, hashes',
+  'sample': 'generate a synthetic data tree (the test-data generator)',
+  'problems': 'list the inputs a run quarantined',
+}
+
+
+def _usage() -> str:
+  width = max(len(name) for name in COMMANDS)
+  lines = [f'  {name:<{width}}  {text}' for name, text in COMMANDS.items()]
+  return (
+    'usage: cardiac-mri COMMAND [ARGS]\n\ncommands:\n'
+    + '\n'.join(lines)
+    + '\n\n`cardiac-mri COMMAND --help` describes one.'
+  )
+
+
+def _tool(name: str):
+  """The main(argv) of a command other than run (imported when chosen)."""
+  if name == 'inspect':
+    from beam_pipeline import inspect as tool
+  elif name == 'qa':
+    from beam_pipeline import qa as tool
+  elif name == 'verify':
+    from beam_pipeline import verify as tool
+  elif name == 'sample':
+    from beam_pipeline import sample as tool
+  else:
+    from beam_pipeline import problems as tool
+  return tool.main
+
+
+def command(argv: Sequence[str] | None = None) -> int:
+  """``cardiac-mri COMMAND [ARGS]``: the pipeline and its tools, one command."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if not argv or argv[0] in ('-h', '--help'):
+    print(_usage(), file=sys.stdout if argv else sys.stderr)
+    return EXIT_OK if argv else EXIT_USAGE
+  name, rest = argv[0], argv[1:]
+  if name not in COMMANDS:
+    close = difflib.get_close_matches(name, COMMANDS, n=1)
+    hint = f'; did you mean {close[0]}?' if close else ''
+    print(
+      f'error: unknown command {name!r}{hint} (commands: {", ".join(COMMANDS)})',
+      file=sys.stderr,
+    )
+    return EXIT_USAGE
+  sys.argv[0] = f'cardiac-mri {name}'  # argparse's usage lines name the command
+  if name == 'run':
+    return entry(rest)
+  return _tool(name)(rest) or EXIT_OK
 
 
 def _run(argv: list[str]):

@@ -16,6 +16,7 @@ INNER_COLOUR = (255, 40, 40)  # red
 OUTER_COLOUR = (0, 200, 255)  # cyan
 _BACKGROUND = (16, 16, 16)
 _TEXT = (235, 235, 235)
+_FLAG_TEXT = (255, 120, 120)
 _LEGEND_HEIGHT = 16
 
 
@@ -67,17 +68,23 @@ def legend(row: dict) -> str:
 
 
 def with_caption(picture: Image.Image, text: str) -> Image.Image:
-  """``picture`` above a strip holding ``text``."""
+  """``picture`` above a strip holding ``text`` (one line per ``\n``)."""
+  lines = text.split('\n')
   framed = Image.new(
-    'RGB', (picture.width, picture.height + _LEGEND_HEIGHT), _BACKGROUND
+    'RGB',
+    (picture.width, picture.height + _LEGEND_HEIGHT * len(lines)),
+    _BACKGROUND,
   )
   framed.paste(picture, (0, 0))
-  ImageDraw.Draw(framed).text((3, picture.height + 2), text, fill=_TEXT)
+  draw = ImageDraw.Draw(framed)
+  for n, line in enumerate(lines):
+    top = picture.height + 2 + n * _LEGEND_HEIGHT
+    draw.text((3, top), line, fill=_FLAG_TEXT if n else _TEXT)
   return framed
 
 
 def contact_sheet(rows: list[dict], per_row: int = 6, tile: int = 160) -> Image.Image:
-  """A grid of overlays, each captioned with its slice index and flag count."""
+  """A grid of overlays, each captioned with its slice index and its flags."""
   tiles = []
   for row in rows:
     picture = overlay(row)
@@ -87,9 +94,11 @@ def contact_sheet(rows: list[dict], per_row: int = 6, tile: int = 160) -> Image.
       picture = picture.resize(
         (picture.width * factor, picture.height * factor), Image.Resampling.NEAREST
       )
-    flags = len(row.get('qa_flags') or [])
-    caption = f'slice {row["slice_index"]}' + (f'  {flags} flag(s)' if flags else '')
-    tiles.append(with_caption(picture, caption))
+    # The tile names its flags, one per line below the slice number.
+    flags = list(row.get('qa_flags') or [])
+    tiles.append(
+      with_caption(picture, '\n'.join([f'slice {row["slice_index"]}', *flags]))
+    )
   if not tiles:
     return with_caption(Image.new('RGB', (tile, tile), _BACKGROUND), 'no labeled slice')
   width = max(t.width for t in tiles)

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import os
 import shutil
+import sys
 import zlib
 from collections.abc import Iterable
 
@@ -424,7 +425,7 @@ def make_builtin_sample(root: str) -> Manifest:
   return make_tree(root, patients=3, slices=24, rows=128, columns=128)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('root', help='folder to create (must be empty)')
   parser.add_argument('--patients', type=int, default=3)
@@ -439,20 +440,25 @@ def main(argv=None) -> None:
     help=f'any of {", ".join(QUIRKS)}, or all',
   )
   args = parser.parse_args(argv)
-  manifest = make_tree(
-    args.root,
-    args.patients,
-    args.slices,
-    args.rows,
-    args.columns,
-    args.contour_every,
-    args.quirks,
-  )
+  try:
+    manifest = make_tree(
+      args.root,
+      args.patients,
+      args.slices,
+      args.rows,
+      args.columns,
+      args.contour_every,
+      args.quirks,
+    )
+  except (ValueError, OSError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
   print(
     f'{args.root}: {len(manifest.slices)} slices, '
     f'{sum(e.labeled for e in manifest.slices.values())} labeled'
   )
+  return 0
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(main())

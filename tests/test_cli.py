@@ -7,12 +7,14 @@ import os
 import pty
 import re
 import resource
+import shutil
 import signal
 import struct
 import subprocess
 import sys
 import termios
 
+import pyarrow.parquet as pq
 import pytest
 
 from beam_pipeline import arguments, cli, console, preflight, sample
@@ -340,3 +342,79 @@ def test_progress_is_a_live_bar_on_a_terminal_and_lines_with_totals_otherwise(
   lines = [x for x in err.splitlines() if 'INFO beam_pipeline.progress: ' in x]
   assert f'progress: {total}/{total} slices (100%), ' in lines[-1], err
   assert '\r' not in err
+
+
+def _command():
+  """The installed console command (setup.py's entry point)."""
+  found = shutil.which('cardiac-mri') or os.path.join(
+    os.path.dirname(sys.executable), 'cardiac-mri'
+  )
+  if not os.path.exists(found):
+    if os.environ.get('CI'):
+      pytest.fail('cardiac-mri is not installed; requirements*.txt install it (-e .)')
+    pytest.skip('cardiac-mri is not installed: pip install -e .')
+  return found
+
+
+def _cardiac_mri(tmp_path, *args):
+  done = subprocess.run(
+    [_command(), *args], cwd=tmp_path, capture_output=True, text=True, timeout=300
+  )
+  return done.returncode, done.stdout, done.stderr
+
+
+def test_the_console_command_lists_its_commands_and_refuses_unknown_ones(tmp_path):
+  code, out, err = _cardiac_mri(tmp_path)
+  assert code == cli.EXIT_USAGE and 'usage: cardiac-mri COMMAND' in err
+  code, out, _ = _cardiac_mri(tmp_path, '--help')
+  assert code == cli.EXIT_OK
+  for name in ('run', 'inspect', 'qa', 'verify', 'sample', 'problems'):
+    assert f'\n  {name} ' in out, name
+  code, _, err = _cardiac_mri(tmp_path, 'inspekt')
+  assert code == cli.EXIT_USAGE
+  (line,) = err.splitlines()
+  assert line.startswith("error: unknown command 'inspekt'; did you mean inspect?")
+  code, out, _ = _cardiac_mri(tmp_path, 'run', '--help')
+  assert code == cli.EXIT_OK and out.startswith('usage: cardiac-mri run ')
+  code, _, err = _cardiac_mri(tmp_path, 'run', '--labelled-only')
+  assert code == cli.EXIT_USAGE and 'did you mean --labeled-only?' in err
+  assert os.listdir(tmp_path) == []
+
+
+def test_every_tool_runs_through_the_console_command(tmp_path):
+  code, out, err = _cardiac_mri(
+    tmp_path, 'sample', 'DATA', '--patients', '2', '--slices', '6'
+  )
+  assert code == 0 and 'DATA: 12 slices' in out, err
+  code, _, err = _cardiac_mri(tmp_path, 'sample', 'DATA')
+  assert code == cli.EXIT_USAGE and err.strip() == 'error: DATA is not empty'
+  code, out, err = _cardiac_mri(tmp_path, 'run', '--input', 'DATA', '--output', 'OUT')
+  assert code == cli.EXIT_OK and 'Summary' in out, err
+  table = pq.read_table(
+    tmp_path / 'OUT' / 'slices', columns=['patient_id', 'original_id', 'slice_index']
+  ).to_pylist()
+  first = min(table, key=lambda r: (r['patient_id'], r['slice_index']))
+  # inspect takes the original_id (the contour folder's name) too
+  code, out, err = _cardiac_mri(
+    tmp_path,
+    'inspect',
+    'OUT',
+    '--patient',
+    first['original_id'],
+    '--slice',
+    str(first['slice_index']),
+  )
+  png = tmp_path / f'{first["patient_id"]}-{first["slice_index"]}.png'
+  assert code == 0 and png.exists(), err
+  code, _, err = _cardiac_mri(
+    tmp_path, 'inspect', 'OUT', '--patient', 'P9', '--slice', '1'
+  )
+  assert code == cli.EXIT_USAGE
+  for r in table:
+    assert f'{r["patient_id"]} ({r["original_id"]})' in err
+  code, out, err = _cardiac_mri(tmp_path, 'verify', 'OUT')
+  assert code == 0 and 'checks passed' in out, out + err
+  code, out, _ = _cardiac_mri(tmp_path, 'problems', 'OUT')
+  assert code == 0 and '0 problem rows' in out
+  code, out, err = _cardiac_mri(tmp_path, 'qa', 'OUT', 'QA')
+  assert code == 0 and (tmp_path / 'QA' / 'index.html').exists(), err

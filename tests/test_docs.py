@@ -8,6 +8,7 @@ from pydicom import datadict
 
 from beam_pipeline.contract import columns
 from beam_pipeline.contract import schema as s
+from beam_pipeline.contract.flags import FLAGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,3 +92,15 @@ def test_readme_options_table_lists_every_option_of_the_pipeline():
     for flag in action.option_strings:
       if flag.startswith('--') and flag not in ('--help', arguments.HELP_BEAM):
         assert f'| `{flag}` |' in readme, flag
+
+
+def test_readme_flag_table_names_every_quality_flag_and_no_other():
+  readme = _read('README.md')
+  section = readme.split('### Quality checks', 1)[1].split('\n\n| flag |', 1)[1]
+  table = section.split('\n\n', 1)[0]
+  named = set(
+    re.findall(
+      r'`([a-z_]+)`', ''.join(line.split('|')[1] for line in table.splitlines()[2:])
+    )
+  )
+  assert named == set(FLAGS)

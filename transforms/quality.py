@@ -23,22 +23,12 @@ import numpy as np
 import shapely
 import xxhash
 
+from beam_pipeline.contract.flags import FLAGS
+
 INNER_IN_OUTER_MIN = 0.99
 AREA_TOLERANCE = 0.1
 
-QA_FLAGS = (
-  'i_area_mismatch',
-  'i_empty_mask',
-  'i_self_intersecting',
-  'i_vertices_outside',
-  'o_area_mismatch',
-  'o_empty_mask',
-  'o_self_intersecting',
-  'o_vertices_outside',
-  'inner_outside_outer',
-  'constant_image',
-  'pixels_out_of_range',
-)
+QA_FLAGS = tuple(FLAGS)  # names and meanings: beam_pipeline.contract.flags
 
 
 def polygon_area(vertices: np.ndarray) -> float:

@@ -18,8 +18,7 @@ FLAGS: dict[str, str] = {
   'o_empty_mask': 'the outer polygon fills no pixel',
   'o_self_intersecting': 'two edges of the outer polygon cross',
   'o_vertices_outside': 'an outer vertex lies outside the image (clipped)',
-  'inner_outside_outer': 'less than 99 % of the inner mask lies inside the '
-  'outer mask',
+  'inner_outside_outer': 'less than 99 % of the inner mask lies inside the outer mask',
   'constant_image': 'every pixel has the same value',
   'pixels_out_of_range': 'a value does not fit bits_stored with the sign of '
   'pixel_representation',
