@@ -418,3 +418,28 @@ def test_every_tool_runs_through_the_console_command(tmp_path):
   assert code == 0 and '0 problem rows' in out
   code, out, err = _cardiac_mri(tmp_path, 'qa', 'OUT', 'QA')
   assert code == 0 and (tmp_path / 'QA' / 'index.html').exists(), err
+
+
+def test_above_the_crossover_the_run_uses_one_worker_process_per_core(tmp_path):
+  """A tree one slice above this machine's crossover (hard links of one small
+  slice) runs with worker processes, chosen by the pipeline; one core stays
+  in-process."""
+  root = tmp_path / 'DATA'
+  sample.make_tree(str(root), patients=1, slices=1, rows=8, columns=8, contour_every=1)
+  cores = preflight.cores()
+  workers = min(cores, preflight.MAX_WORKERS)
+  slices = int(preflight.crossover(workers)) + 1 if workers > 1 else 50
+  assert slices < 40_000
+  folder = root / 'dicoms' / os.listdir(root / 'dicoms')[0]
+  for n in range(2, slices + 1):
+    os.link(folder / '1.dcm', folder / f'{n}.dcm')
+  code, out, err = _cli(tmp_path, '--input', 'DATA', '--output', 'OUT')
+  assert code == cli.EXIT_OK, err
+  first = err.splitlines()[0]
+  if workers > 1:
+    assert (
+      f'runner DirectRunner, {workers} worker processes ({slices:,} slices >= ' in first
+    )
+  else:
+    assert 'runner DirectRunner, in-process (' in first and ', 1 core)' in first
+  assert f'slices written     {slices}' in out
