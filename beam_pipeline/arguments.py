@@ -195,6 +195,18 @@ def validate(values) -> None:
   splits.parse_fractions(values.split)
   if not values.output:
     raise UsageError('--output must not be empty')
+  for flag in ('input', 'output', 'sample_dir', 'qa_dir'):
+    path = getattr(values, flag)
+    try:
+      (path or '').encode('utf-8')
+    except UnicodeEncodeError:
+      shown = path.encode('utf-8', 'surrogateescape').decode(
+        'utf-8', 'backslashreplace'
+      )
+      raise UsageError(
+        f'--{flag.replace("_", "-")} {shown} is not valid UTF-8: rename it, or '
+        'use a link with a UTF-8 name'
+      ) from None
 
 
 def help_parser(prog: str = 'run_pipeline.py') -> argparse.ArgumentParser:

@@ -89,6 +89,7 @@ _OURS = re.compile(
     (['--chunk-size', 'many'], "argument --chunk-size: invalid int value: 'many'"),
     (['--image-codec', 'jpeg'], "argument --image-codec: invalid choice: 'jpeg'"),
     (['stray'], "unexpected argument 'stray'"),
+    (['--input', '/tmp/\udcffDATA'], '--input /tmp/\\xffDATA is not valid UTF-8'),
   ],
 )
 def test_a_mistyped_option_is_one_line_and_exit_two_before_anything_runs(

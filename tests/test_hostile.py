@@ -491,3 +491,36 @@ def test_unreadable_files_and_folders(base, tmp_path):
     (P1, 1),
     (P1, 3),
   ]
+
+
+@pytest.mark.parametrize(
+  'relative, shown',
+  [
+    (b'dicoms/SCD0000101/\xff\xfe.dcm', 'dicoms/SCD0000101/\\xff\\xfe.dcm'),
+    (b'dicoms/SCD0000101/4\xe9.dcm', 'dicoms/SCD0000101/4\\xe9.dcm'),
+    (b'dicoms/\xe9t\xe9/1.dcm', 'dicoms/\\xe9t\\xe9'),  # the folder, not entered
+    (b'dicoms/SCD0000102/\x80/1.dcm', 'dicoms/SCD0000102/\\x80'),
+    (
+      b'contourfiles/SC-HF-I-101/i-contours/IM-0001-0001-icontour-manual\xc3(.txt',
+      'contourfiles/SC-HF-I-101/i-contours/IM-0001-0001-icontour-manual\\xc3(.txt',
+    ),
+    (b'\xff\xff/x.dcm', None),  # outside dicoms/ and contourfiles/: never listed
+  ],
+)
+def test_a_name_that_is_not_utf8_is_one_list_row_and_the_run_goes_on(
+  base, tmp_path, relative, shown
+):
+  root, _ = base
+  path = os.fsencode(root) + b'/' + relative
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'wb') as f:
+    f.write(b'not a dicom')
+  code, written, found, errors = _run(root, str(tmp_path / 'OUT'))
+  assert written == ALL_SLICES and found == []
+  if shown is None:
+    assert code == cli.EXIT_OK and errors == []
+    return
+  assert code == cli.EXIT_QUARANTINED
+  assert errors == [(shown, s.STAGE_LIST)]
+  (row,) = read_errors(str(tmp_path / 'OUT')).to_pylist()
+  assert 'not valid UTF-8' in row['error']

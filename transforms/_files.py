@@ -24,6 +24,7 @@ from transforms.outcomes import Failed
 
 # The listing's reason for an empty folder (see walk_local).
 EMPTY_FOLDER = 'empty folder'
+NOT_UTF8 = 'name is not valid UTF-8 (shown with \\x escapes)'
 
 
 def join_path(root: str, relative: str) -> str:
@@ -99,14 +100,30 @@ def read_or_fail(root: str, relative: str) -> bytes | Failed:
     return Failed(s.STAGE_READ, f'cannot read: {type(e).__name__}: {e}')
 
 
+def _is_utf8(name: str) -> bool:
+  """False for a name whose bytes are not UTF-8 (os gives them as surrogates)."""
+  try:
+    name.encode('utf-8')
+  except UnicodeEncodeError:
+    return False
+  return True
+
+
+def shown_path(path: str) -> str:
+  """``path`` as UTF-8 text: bytes that are not UTF-8 become ``\\xNN``."""
+  return os.fsencode(path).decode('utf-8', 'backslashreplace')
+
+
 def walk_local(top: str) -> Iterator[tuple[str, str | None]]:
   """Every entry below the local folder ``top`` that matters to a listing.
 
   Yields (path, None) for each regular file (symlinks to files included: the
   read checks where they lead), and (path, reason) for what cannot be used:
   symlinked or unreadable folders, broken symlinks, FIFOs and other special
-  files (reading a FIFO would block forever). Iterative, so any depth is fine;
-  symlinked folders are never followed.
+  files (reading a FIFO would block forever), and files or folders whose name
+  is not UTF-8 (any name the file system holds; the path is shown with
+  ``\\xNN`` escapes and a folder is not entered). Iterative, so any depth is
+  fine; symlinked folders are never followed.
   """
   stack = [top]
   while stack:
@@ -119,6 +136,9 @@ def walk_local(top: str) -> Iterator[tuple[str, str | None]]:
     if not entries and folder != top:
       yield folder, EMPTY_FOLDER
     for entry in entries:
+      if not _is_utf8(entry.name):  # the rows that name it must be UTF-8 text
+        yield shown_path(entry.path), NOT_UTF8
+        continue
       try:
         if entry.is_symlink():
           if not os.path.exists(entry.path):
