@@ -1,7 +1,8 @@
 """Pipeline assembly: ``build_pipeline`` (the graph) and ``run`` (launch it).
 
 ``run`` parses the options, checks the input and output before anything
-launches, runs the job into ``OUT/_incomplete/``, publishes the dataset only
+launches, takes the output's lock (``beam_pipeline.lock``), runs the job into
+its own ``OUT/_incomplete-<run id>/``, publishes the dataset only
 when the job succeeded (``beam_pipeline.publish``), writes ``_SUMMARY.json``
 last and prints the summary. The command line and its exit codes are
 ``beam_pipeline.cli``'s.
@@ -29,6 +30,7 @@ from apache_beam.runners.runner import PipelineResult, PipelineState
 from beam_pipeline import (
   arguments,
   interrupts,
+  lock,
   preflight,
   progress,
   publish,
@@ -48,14 +50,17 @@ _LOG = logging.getLogger(__name__)
 
 
 def build_pipeline(
-  p: beam.Pipeline, options: IngestOptions, progress_dir: str | None = None
+  p: beam.Pipeline,
+  options: IngestOptions,
+  progress_dir: str | None = None,
+  run_id: str = 'dry-run',
 ) -> None:
   """Adds the whole job to ``p``: read, reconcile, decode, write.
 
   ``options.input`` and ``options.output`` must already be absolute (see
   :func:`resolve_paths`); the job writes into the staging folder. With
   ``progress_dir`` (a local runner), workers keep their counts there for
-  ``beam_pipeline.progress``.
+  ``beam_pipeline.progress``. ``run_id`` names the run's staging folder.
   """
   links = p | 'ReadLinks' >> ReadLinks(options.input)
   files = p | 'ListTree' >> ListTree(options.input)
@@ -81,7 +86,9 @@ def build_pipeline(
     WriteDataset.SLICES: decoded[DecodeSlices.SLICES],
     WriteDataset.RECONCILIATION: reconciliation,
     WriteDataset.ERRORS: errors,
-  } | 'Write' >> WriteDataset(publish.staging_path(options.output), options.image_codec)
+  } | 'Write' >> WriteDataset(
+    publish.staging_path(options.output, run_id), options.image_codec
+  )
 
 
 def resolve_paths(options: IngestOptions) -> bool:
@@ -174,7 +181,7 @@ def _runner(options: PipelineOptions):
 
 
 @contextlib.contextmanager
-def _naming_output(output: str):
+def _naming_output(staging: str):
   """A job failing on an OSError that names no file (a full disk, a quota, a
   file size limit, a read-only remount; the inputs' errors are rows, not
   failures) is re-raised naming the staging folder it was writing."""
@@ -190,9 +197,7 @@ def _naming_output(output: str):
     unnamed = [x for x in chain if isinstance(x, OSError)]
     if not unnamed:
       raise
-    raise OSError(
-      unnamed[-1].errno, unnamed[-1].strerror, publish.staging_path(output)
-    ) from e
+    raise OSError(unnamed[-1].errno, unnamed[-1].strerror, staging) from e
 
 
 class Run(NamedTuple):
@@ -245,10 +250,26 @@ def run(argv: Sequence[str] | None = None) -> Run:
   FileSystems.set_options(options)  # object stores need their options here too
   if options.view_as(TestOptions).dry_run:
     return _dry_run(options, ingest)
-  publish.check_replaceable(ingest.output, resolve_paths(ingest))
+  overwrite = resolve_paths(ingest)
+  publish.check_replaceable(ingest.output, overwrite)
   found = preflight.survey(ingest.input)
   needed = found.dataset_bytes(ingest.labeled_only) if found else None
   preflight.check_output(ingest.output, needed, not ingest.skip_space_check)
+  run_id = lock.new_run_id()
+  with lock.hold(ingest.output, run_id):
+    publish.check_replaceable(ingest.output, overwrite)  # again, under the lock
+    return _launch(options, argv, ingest, found, run_id)
+
+
+def _launch(
+  options: PipelineOptions,
+  argv: list[str],
+  ingest: IngestOptions,
+  found: preflight.Survey | None,
+  run_id: str,
+) -> Run:
+  """Runs the job into its own staging folder and publishes it (the caller
+  holds the output's lock)."""
   described = choose_direct_mode(options, argv, found)
   _LOG.info('reading %s, writing %s; runner %s', ingest.input, ingest.output, described)
   publish.clear_staging(ingest.output)
@@ -258,8 +279,8 @@ def run(argv: Sequence[str] | None = None) -> Run:
   total = found.rows(ingest.labeled_only) if found and found.complete else None
   shown = progress.Reporter(total, ingest.progress_seconds)
   with shown if runner is not None else contextlib.nullcontext() as reporter:
-    build_pipeline(p, ingest, reporter.folder if reporter else None)
-    with _naming_output(ingest.output):
+    build_pipeline(p, ingest, reporter.folder if reporter else None, run_id)
+    with _naming_output(publish.staging_path(ingest.output, run_id)):
       result = p.run()
       result.wait_until_finish()
   if result.state != PipelineState.DONE:
@@ -270,7 +291,7 @@ def run(argv: Sequence[str] | None = None) -> Run:
   seconds = time.monotonic() - start
   totals = summary.counters(result)
   with interrupts.deferred():  # all of the new dataset, or the old one
-    outputs = publish.publish(ingest.output)
+    outputs = publish.publish(ingest.output, run_id)
     outputs['summary'] = summary.write_summary(
       ingest.output,
       totals,

@@ -1,6 +1,6 @@
 """The output side of a run: staging, the existing-output check, publishing.
 
-A run writes into ``OUT/_incomplete/`` and moves the finished dataset into
+A run writes into ``OUT/_incomplete-<run id>/`` and moves the finished dataset into
 place only when the pipeline succeeded, writing ``OUT/_SUMMARY.json`` last
 (``beam_pipeline.summary``): a killed run leaves any previous dataset
 untouched, and ``_SUMMARY.json`` exists only beside a complete dataset.
@@ -25,9 +25,10 @@ DATA_ENTRIES = (s.SLICES_DIR, s.RECONCILIATION_DIR, s.ERRORS_DIR)
 OUTPUT_ENTRIES = (*DATA_ENTRIES, s.SUMMARY_FILE)
 
 
-def staging_path(output: str) -> str:
-  """Where a run writes before its dataset is moved into ``output``."""
-  return FileSystems.join(output, s.STAGING_DIR)
+def staging_path(output: str, run_id: str) -> str:
+  """Where the run ``run_id`` writes before its dataset is moved into
+  ``output``: a folder of its own, so no run can publish another's files."""
+  return FileSystems.join(output, f'{s.STAGING_DIR}-{run_id}')
 
 
 def _under(path: str) -> list[str]:
@@ -75,14 +76,28 @@ def check_replaceable(output: str, overwrite: bool) -> None:
 
 
 def clear_staging(output: str) -> None:
-  """Deletes a staging folder left by an interrupted run."""
-  staging = staging_path(output)
-  if exists(staging):
+  """Deletes the staging folders left by interrupted runs (call it holding
+  the output's lock: no other run is writing then)."""
+  if is_local(output):
+    names = os.listdir(output) if os.path.isdir(output) else []
+    left = sorted(
+      {os.path.join(output, n) for n in names if n.startswith(s.STAGING_DIR)}
+    )
+  else:
+    prefix = output.rstrip('/') + '/'
+    left = sorted(
+      {
+        prefix + path[len(prefix) :].split('/', 1)[0]
+        for path in _under(output)
+        if path[len(prefix) :].startswith(s.STAGING_DIR)
+      }
+    )
+  for staging in left:
     _LOG.warning('removing %s, left by an interrupted run', staging)
     delete_tree(staging)
 
 
-def publish(output: str) -> dict[str, str]:
+def publish(output: str, run_id: str) -> dict[str, str]:
   """Moves the staged dataset into ``output``, replacing any previous one.
 
   The old summary goes first and the new one is written after this, so a
@@ -91,7 +106,7 @@ def publish(output: str) -> dict[str, str]:
   Returns:
     {entry: its path} for each published table folder.
   """
-  staging = staging_path(output)
+  staging = staging_path(output, run_id)
   summary = FileSystems.join(output, s.SUMMARY_FILE)
   if FileSystems.exists(summary):
     FileSystems.delete([summary])

@@ -1,17 +1,20 @@
 """Faults and re-runs: a run killed half-way, then run again."""
 
 import hashlib
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
-from beam_pipeline import cli, sample, verify
+from beam_pipeline import cli, lock, publish, sample, verify
 from beam_pipeline.contract import schema as s
 from beam_pipeline.dataset import open_dataset
+from tests.helpers import dataset_tables
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'run_pipeline.py')
 
@@ -36,8 +39,24 @@ def _snapshot(out):
   return found
 
 
-def _files_under(folder):
-  return any(files for _, _, files in os.walk(folder))
+def _staging_has_files(out):
+  """True once a run's staging folder (OUT/_incomplete-<run id>/) holds a file."""
+  names = os.listdir(out) if os.path.isdir(out) else []
+  return any(
+    files
+    for name in names
+    if name.startswith(s.STAGING_DIR)
+    for _, _, files in os.walk(os.path.join(out, name))
+  )
+
+
+def _published(out):
+  """The snapshot of what a run publishes: no staging folder, no lock file."""
+  return {
+    k: v
+    for k, v in _snapshot(out).items()
+    if not k.startswith(s.STAGING_DIR) and k != lock.LOCK_FILE
+  }
 
 
 def _kill_half_way(args, out):
@@ -48,9 +67,8 @@ def _kill_half_way(args, out):
     stdout=subprocess.DEVNULL,
     stderr=subprocess.DEVNULL,
   )
-  staging = os.path.join(out, s.STAGING_DIR)
   deadline = time.monotonic() + 120
-  while not _files_under(staging) and time.monotonic() < deadline:
+  while not _staging_has_files(out) and time.monotonic() < deadline:
     time.sleep(0.01)  # killed as soon as the first shard is being written
   still_running = job.poll() is None
   os.killpg(job.pid, signal.SIGKILL)
@@ -66,7 +84,8 @@ def test_killed_first_run_looks_incomplete_and_a_rerun_completes(big_tree, tmp_p
   assert not os.path.exists(os.path.join(out, s.SLICES_DIR))
   # The same command again: leftovers are cleared, the dataset is complete.
   assert cli.main(['--input', root, '--output', out]) == cli.EXIT_OK
-  assert not os.path.exists(os.path.join(out, s.STAGING_DIR))
+  assert not [n for n in os.listdir(out) if n.startswith(s.STAGING_DIR)]
+  assert not os.path.exists(os.path.join(out, lock.LOCK_FILE))  # taken over, released
   assert verify.verify(out).failures == []
   assert open_dataset(out).count_rows() == len(manifest.slices)
 
@@ -77,7 +96,7 @@ def test_killed_overwrite_leaves_the_previous_dataset_intact(big_tree, tmp_path)
   assert cli.main(['--input', root, '--output', out, '--labeled-only']) == 0
   before = _snapshot(out)
   _kill_half_way(['--input', root, '--output', out, '--overwrite'], out)
-  after = {k: v for k, v in _snapshot(out).items() if not k.startswith(s.STAGING_DIR)}
+  after = _published(out)
   assert after == before
   assert verify.verify(out).failures == []
   assert cli.main(['--input', root, '--output', out, '--overwrite']) == 0
@@ -117,9 +136,8 @@ def test_an_interrupt_is_one_line_and_leaves_nothing_running(
     stderr=subprocess.PIPE,
     text=True,
   )
-  staging = os.path.join(out, s.STAGING_DIR)
   deadline = time.monotonic() + 120
-  while not _files_under(staging) and time.monotonic() < deadline:
+  while not _staging_has_files(out) and time.monotonic() < deadline:
     time.sleep(0.01)
   assert job.poll() is None, 'the job ended before it could be interrupted'
   if to_group:
@@ -135,5 +153,92 @@ def test_an_interrupt_is_one_line_and_leaves_nothing_running(
   )
   time.sleep(0.5)
   assert _remaining(job.pid) == []  # no worker or decoder left behind
-  after = {k: v for k, v in _snapshot(out).items() if not k.startswith(s.STAGING_DIR)}
+  after = _published(out)
   assert after == before
+
+
+@pytest.fixture(scope='module')
+def other_tree(tmp_path_factory):
+  """A second, different tree: a mix of two runs would show in the rows."""
+  root = str(tmp_path_factory.mktemp('other') / 'DATA')
+  sample.make_tree(root, patients=12, slices=40, rows=64, columns=64, contour_every=4)
+  return root
+
+
+@pytest.fixture(scope='module')
+def references(big_tree, other_tree, tmp_path_factory):
+  """One full run of each tree, alone: what a finished race must equal."""
+  base = tmp_path_factory.mktemp('references')
+  found = {}
+  for name, root in (('big', big_tree[0]), ('other', other_tree)):
+    out = str(base / name)
+    assert cli.main(['--input', root, '--output', out]) == cli.EXIT_OK
+    found[name] = dataset_tables(out)
+  return found
+
+
+def _start(root, out, extra):
+  return subprocess.Popen(
+    [sys.executable, SCRIPT, '--input', root, '--output', out, '--overwrite', *extra],
+    start_new_session=True,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+
+
+@pytest.mark.parametrize('delay', [0.0, 0.5, 3.0])
+@pytest.mark.parametrize(
+  'first, second',
+  [([], []), (MULTI, []), ([], MULTI)],
+  ids=['in-process', 'workers-first', 'workers-second'],
+)
+def test_two_runs_into_one_output_never_mix_and_the_loser_changes_nothing(
+  big_tree, other_tree, references, tmp_path, delay, first, second
+):
+  """Two runs of different trees into one --output, the second started
+  ``delay`` s after the first: one refuses (exit 2, one line naming the
+  holder) or they run one after the other; the dataset is always one whole
+  run's, and nothing of a staging folder or the lock is left."""
+  out = str(tmp_path / 'OUT')
+  assert cli.main(['--input', other_tree, '--output', out]) == cli.EXIT_OK
+  one = _start(big_tree[0], out, first)
+  time.sleep(delay)
+  two = _start(other_tree, out, second)
+  results = []
+  for job in (one, two):
+    _, err = job.communicate(timeout=300)
+    results.append((job.returncode, err))
+  for code, err in results:
+    assert code in (cli.EXIT_OK, cli.EXIT_USAGE), err
+    if code == cli.EXIT_USAGE:
+      (line,) = err.splitlines()
+      assert 'is in use by another run (pid ' in line, line
+      assert f'{lock.LOCK_FILE}); wait for it to finish' in line
+  assert cli.EXIT_OK in [code for code, _ in results]
+  final = dataset_tables(out)
+  assert final in (references['big'], references['other'])
+  with open(os.path.join(out, s.SUMMARY_FILE)) as f:
+    made_from = json.load(f)['input']
+  assert final == references['big' if made_from == big_tree[0] else 'other']
+  assert sorted(os.listdir(out)) == sorted(publish.OUTPUT_ENTRIES)
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_warning(big_tree, tmp_path):
+  root, manifest = big_tree
+  out = str(tmp_path / 'OUT')
+  _kill_half_way(['--input', root, '--output', out], out)
+  with open(os.path.join(out, lock.LOCK_FILE)) as f:
+    left = json.load(f)
+  assert left['host'] == socket.gethostname() and left['pid'] > 0
+  done = subprocess.run(
+    [sys.executable, SCRIPT, '--input', root, '--output', out],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert done.returncode == cli.EXIT_OK, done.stderr
+  warning = [x for x in done.stderr.splitlines() if 'taking over the lock' in x]
+  assert len(warning) == 1 and f'pid {left["pid"]} on {left["host"]}' in warning[0]
+  assert open_dataset(out).count_rows() == len(manifest.slices)
+  assert sorted(os.listdir(out)) == sorted(publish.OUTPUT_ENTRIES)
