@@ -524,3 +524,26 @@ def test_a_name_that_is_not_utf8_is_one_list_row_and_the_run_goes_on(
   assert errors == [(shown, s.STAGE_LIST)]
   (row,) = read_errors(str(tmp_path / 'OUT')).to_pylist()
   assert 'not valid UTF-8' in row['error']
+
+
+def test_the_reconciliation_says_what_happened_to_a_patient_without_contours(
+  base, tmp_path
+):
+  """A patient without contours whose slice files are all empty: the
+  reconciliation row states the facts it knows (slice files, no masks) and
+  claims nothing about writing; the errors hold each file."""
+  root, _ = base
+  shutil.rmtree(os.path.join(root, 'contourfiles', O2))
+  for k in (1, 2, 3):
+    _write(root, f'dicoms/{P2}/{k}.dcm', b'')
+  out = str(tmp_path / 'OUT')
+  code, written, found, errors = _run(root, out)
+  assert written == [(P1, k) for k in (1, 2, 3)]
+  assert found == [(P2, O2, s.MISSING_CONTOURS)]
+  (row,) = [
+    r for r in read_reconciliation(out).to_pylist() if r['status'] != s.MATCHED
+  ]
+  assert row['detail'].endswith('; its 3 slice files have no masks'), row
+  assert 'written' not in row['detail']
+  assert errors == [(f'dicoms/{P2}/{k}.dcm', s.STAGE_DECODE) for k in (1, 2, 3)]
+  assert code == cli.EXIT_QUARANTINED

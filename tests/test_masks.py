@@ -23,15 +23,26 @@ def test_parse_real_format_with_any_line_ending():
   [
     ('1 2\n3 4\n', '2 vertices'),
     ('', '0 vertices'),
-    ('1 2\n3 x\n5 6\n', 'not a number'),
+    ('1 2\n3 x\n5 6\n', 'not a plain decimal or scientific number'),
     ('1 2\n3 4 5\n5 6\n', 'expected "x y"'),
-    ('1 2\nnan 4\n5 6\n', 'not a finite number'),
-    ('1 2\n3 inf\n5 6\n', 'not a finite number'),
+    ('1 2\nnan 4\n5 6\n', 'not a plain decimal'),
+    ('1 2\n3 inf\n5 6\n', 'not a plain decimal'),
+    ('1 2\n3 Infinity\n5 6\n', 'not a plain decimal'),
+    ('1 2\n1_30.50 4\n5 6\n', 'not a plain decimal'),  # float() takes it
+    ('1 2\n0x1p3 4\n5 6\n', 'not a plain decimal'),
+    ('1 2\n3 4e\n5 6\n', 'not a plain decimal'),
+    ('1 2\n3 ١٢\n5 6\n', 'ASCII'),  # float() takes Arabic-Indic digits
+    ('1 2\n3 1e999\n5 6\n', 'not a finite number'),
   ],
 )
 def test_parse_rejects(text, reason):
   with pytest.raises(ContourError, match=reason):
     masks.parse_contour(text.encode())
+
+
+def test_parse_accepts_plain_decimal_and_scientific_notation():
+  text = b'120 -3.5\n.5 +7.\n1.2e2 1E-3\n'
+  assert masks.parse_contour(text) == [(120.0, -3.5), (0.5, 7.0), (120.0, 0.001)]
 
 
 def test_parse_rejects_binary():

@@ -14,6 +14,7 @@ equal to the reference" then holds by construction, edge pixels included.
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -24,6 +25,11 @@ MIN_VERTICES = 3
 # Far beyond any image; beyond it Pillow's fill slows down (seconds at 1e9) and
 # misbehaves (one pixel at 1e12), so such a contour is rejected instead.
 MAX_COORDINATE = 1e6
+
+
+# What a coordinate may look like: 120, -3.5, .5, 120.50, 1.2e2, 1E-3. Not
+# Python's other float spellings (1_30.5, nan, inf, infinity, 0x1p3).
+_NUMBER = re.compile(r'[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?')
 
 
 def parse_contour(data: bytes) -> list[tuple[float, float]]:
@@ -53,12 +59,14 @@ def parse_contour(data: bytes) -> list[tuple[float, float]]:
       continue
     if len(fields) != 2:
       raise ContourError(f'line {number}: expected "x y", got {line.strip()[:60]!r}')
-    try:
-      x, y = float(fields[0]), float(fields[1])
-    except ValueError as e:
-      raise ContourError(f'line {number}: not a number: {line.strip()[:60]!r}') from e
-    if not (math.isfinite(x) and math.isfinite(y)):
-      raise ContourError(f'line {number}: not a finite number: {line.strip()!r}')
+    if not (_NUMBER.fullmatch(fields[0]) and _NUMBER.fullmatch(fields[1])):
+      raise ContourError(
+        f'line {number}: not a plain decimal or scientific number: '
+        f'{line.strip()[:60]!r}'
+      )
+    x, y = float(fields[0]), float(fields[1])
+    if not (math.isfinite(x) and math.isfinite(y)):  # 1e999 overflows
+      raise ContourError(f'line {number}: not a finite number: {line.strip()[:60]!r}')
     if abs(x) > MAX_COORDINATE or abs(y) > MAX_COORDINATE:
       raise ContourError(
         f'line {number}: coordinate beyond +-{MAX_COORDINATE:g}: {line.strip()[:60]!r}'

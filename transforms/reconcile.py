@@ -78,7 +78,7 @@ class _MatchPatientsFn(beam.DoFn):
         s.MISSING_CONTOURS,
         f'line {link.line}: no contour files under '
         f'{layout.CONTOUR_DIR}/{original_id}/'
-        + (f'; its {len(dicoms)} slices are written unlabeled' if dicoms else ''),
+        + (f'; its {len(dicoms)} slice files have no masks' if dicoms else ''),
       )
     if not dicoms:
       yield self._row(
