@@ -540,10 +540,44 @@ def test_the_reconciliation_says_what_happened_to_a_patient_without_contours(
   code, written, found, errors = _run(root, out)
   assert written == [(P1, k) for k in (1, 2, 3)]
   assert found == [(P2, O2, s.MISSING_CONTOURS)]
-  (row,) = [
-    r for r in read_reconciliation(out).to_pylist() if r['status'] != s.MATCHED
-  ]
+  (row,) = [r for r in read_reconciliation(out).to_pylist() if r['status'] != s.MATCHED]
   assert row['detail'].endswith('; its 3 slice files have no masks'), row
   assert 'written' not in row['detail']
   assert errors == [(f'dicoms/{P2}/{k}.dcm', s.STAGE_DECODE) for k in (1, 2, 3)]
+  assert code == cli.EXIT_QUARANTINED
+
+
+def test_pixel_data_that_disagrees_with_its_header_is_one_decode_row_each(
+  base, tmp_path
+):
+  """Through the whole job (native reader in the worker, pydicom isolated in a
+  child): data longer or shorter than the header, and encapsulated items
+  under an uncompressed syntax, are each one decode row with the numbers;
+  nothing of theirs is written."""
+  import struct
+
+  root, _ = base
+  image = ROWS * COLUMNS * 2
+  item = b'\xfe\xff\x00\xe0'
+  cases = {
+    1: (b'\x01\x00' * (image // 2 + 3), '6 more than the header describes'),
+    2: (b'\x01\x00' * (image // 2 - 4), f'pixel data holds {image - 8} bytes'),
+    3: (
+      item
+      + struct.pack('<I', 0)
+      + item
+      + struct.pack('<I', image - 16)
+      + b'\x05\x00' * ((image - 16) // 2),
+      'encapsulated (fragmented) pixel data',
+    ),
+  }
+  for k, (raw, _) in cases.items():
+    _write(root, f'dicoms/{P1}/{k}.dcm', _dicom_bytes(tmp_path, PixelData=raw))
+  out = str(tmp_path / 'OUT')
+  code, written, found, errors = _run(root, out)
+  assert written == [(P2, k) for k in (1, 2, 3)]
+  assert errors == [(f'dicoms/{P1}/{k}.dcm', s.STAGE_DECODE) for k in cases]
+  reasons = {r['path']: r['error'] for r in read_errors(out).to_pylist()}
+  for k, (_, expected) in cases.items():
+    assert expected in reasons[f'dicoms/{P1}/{k}.dcm'], reasons
   assert code == cli.EXIT_QUARANTINED

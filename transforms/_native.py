@@ -192,6 +192,62 @@ def _convert(tag: int, vr: bytes | None, raw: bytes):
   return converted if count else converted[0]
 
 
+def _is_item_chain(raw: bytes) -> bool:
+  """True when ``raw`` parses whole as encapsulated items: (FFFE,E000) items
+  end to end, optionally closed by a sequence delimiter. Real pixels that
+  merely begin with those four bytes do not chain to the exact end."""
+  pos = 0
+  while pos + 8 <= len(raw):
+    group, element, length = struct.unpack_from('<HHI', raw, pos)
+    tag = group << 16 | element
+    if tag == _SEQUENCE_END:
+      return length == 0 and pos + 8 == len(raw)
+    if tag != _ITEM or length == _UNDEFINED:
+      return False
+    pos += 8 + length
+  return pos == len(raw) and pos > 0
+
+
+def length_problem(
+  raw: bytes,
+  rows: int,
+  columns: int,
+  samples: int,
+  allocated: int | None,
+  frames: int = 1,
+  undefined_length: bool = False,
+) -> str | None:
+  """Why uncompressed Pixel Data does not hold exactly the image its header
+  describes, or None when it does.
+
+  The value must be rows x columns x samples x frames x BitsAllocated bits,
+  rounded up to whole bytes, plus at most the one padding byte that makes an
+  odd length even. Encapsulated (fragmented) data, which belongs only to
+  compressed transfer syntaxes, is refused whether its length is undefined
+  or it hides behind a defined one.
+  """
+  if undefined_length or _is_item_chain(raw):
+    return (
+      'encapsulated (fragmented) pixel data under an uncompressed transfer '
+      'syntax: its item tags would be read as pixels'
+    )
+  if not allocated or allocated < 1:
+    return f'BitsAllocated is {allocated!r}: the pixel data size is unknown'
+  expected = (rows * columns * samples * frames * allocated + 7) // 8
+  described = (
+    f'{rows} x {columns} x {samples} sample(s) x {frames} frame(s) x '
+    f'{allocated} bits = {expected} bytes'
+  )
+  if len(raw) < expected:
+    return f'pixel data holds {len(raw)} bytes; the header describes {described}'
+  if len(raw) > expected + expected % 2:
+    return (
+      f'pixel data holds {len(raw)} bytes, {len(raw) - expected} more than the '
+      f'header describes ({described}); at most 1 byte of padding is allowed'
+    )
+  return None
+
+
 def pixels(
   raw: bytes,
   order: str,
@@ -225,8 +281,8 @@ def pixels(
   ):
     return None
   dtype = np.dtype(f'{order}{"i" if signed else "u"}{allocated // 8}')
-  if len(raw) < rows * columns * dtype.itemsize:
-    return None  # pydicom's decoder gives the precise error
+  if length_problem(raw, rows, columns, samples, allocated):
+    return None  # decode_dicom gives the error, with the numbers
   image = np.frombuffer(raw, dtype, count=rows * columns).reshape(rows, columns)
   image = image.astype(dtype.newbyteorder('<'))  # a copy: no reference to raw
   unused = allocated - stored

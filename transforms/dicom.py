@@ -31,6 +31,9 @@ _NATIVE_SYNTAXES = {
   pydicom.uid.ImplicitVRLittleEndian: '<',
   pydicom.uid.ExplicitVRBigEndian: '>',
 }
+# Pixel Data stored as is (deflate compresses the data set, not the pixels):
+# its length must match the header exactly (see _native.length_problem).
+_UNCOMPRESSED = {*_NATIVE_SYNTAXES, pydicom.uid.DeflatedExplicitVRLittleEndian}
 
 
 def _converter(column: Column) -> Callable:
@@ -147,6 +150,18 @@ def decode_dicom(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
         f'image of {rows} x {columns} x {samples} samples exceeds '
         f'--max-pixels {max_pixels}'
       )
+    if ds.file_meta.get('TransferSyntaxUID') in _UNCOMPRESSED:
+      problem = _native.length_problem(
+        ds.PixelData or b'',  # an empty value reads as None
+        rows,
+        columns,
+        samples,
+        _value(ds, 'BitsAllocated', int),
+        frames,
+        ds['PixelData'].is_undefined_length,
+      )
+      if problem:
+        raise DicomError(problem)
     try:
       image = native_pixels(ds, rows, columns, samples)
       if image is None:
