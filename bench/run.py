@@ -219,7 +219,9 @@ def modes(
   return found
 
 
-IN_PROCESS = ['--runner', 'DirectRunner']
+# Explicit: without a mode option the pipeline picks one itself from the
+# slice count (beam_pipeline/preflight.py), which is not what a row names.
+IN_PROCESS = ['--runner', 'DirectRunner', '--direct_running_mode=in_memory']
 PROCESSES = [
   '--runner',
   'DirectRunner',
