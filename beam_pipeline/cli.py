@@ -23,7 +23,7 @@ import sys
 from collections.abc import Sequence
 
 from beam_pipeline import arguments, console, interrupts
-from beam_pipeline.contract.errors import UsageError
+from beam_pipeline.contract.errors import UsageError, causes
 
 _LOG = logging.getLogger(__name__)
 
@@ -151,10 +151,7 @@ def _interrupted(e: interrupts.Interrupted) -> str:
 def _reason(e: BaseException) -> str:
   """One line: the innermost cause's type and message; an OSError that names
   its file is preferred to a deeper one that does not."""
-  chain = [e]
-  while e.__cause__ is not None or e.__context__ is not None:
-    e = e.__cause__ or e.__context__
-    chain.append(e)
+  chain = causes(e)
   named = [x for x in chain if isinstance(x, OSError) and x.filename is not None]
   e = named[-1] if named else chain[-1]
   text = str(e).strip().splitlines()

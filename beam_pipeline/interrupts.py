@@ -19,6 +19,8 @@ import threading
 import time
 from collections.abc import Iterator
 
+from beam_pipeline.contract.errors import causes
+
 _HANDLED = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -137,10 +139,4 @@ def stop_descendants(grace: float = 3.0) -> int:
 def interrupted_by(e: BaseException) -> Interrupted | None:
   """The Interrupted behind ``e``: runners wrap what a DoFn raised, and the
   signal handler runs wherever the main thread is, often inside a DoFn."""
-  seen = set()
-  while e is not None and id(e) not in seen:
-    if isinstance(e, Interrupted):
-      return e
-    seen.add(id(e))
-    e = e.__cause__ or e.__context__
-  return None
+  return next((x for x in causes(e) if isinstance(x, Interrupted)), None)

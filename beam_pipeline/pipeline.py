@@ -39,7 +39,7 @@ from beam_pipeline import (
   summary,
 )
 from beam_pipeline.contract import layout, metrics
-from beam_pipeline.contract.errors import UsageError
+from beam_pipeline.contract.errors import UsageError, causes
 from beam_pipeline.options import IngestOptions, check_known
 from transforms.decode import DecodeSlices
 from transforms.listing import ListTree, ReadLinks
@@ -188,10 +188,7 @@ def _naming_output(staging: str):
   try:
     yield
   except Exception as e:
-    cause, chain = e, []
-    while cause is not None:
-      chain.append(cause)
-      cause = cause.__cause__ or cause.__context__
+    chain = causes(e)
     if any(isinstance(x, OSError) and x.filename is not None for x in chain):
       raise
     unnamed = [x for x in chain if isinstance(x, OSError)]

@@ -24,7 +24,7 @@ import uuid
 from typing import NamedTuple
 
 from beam_pipeline.contract import layout
-from beam_pipeline.contract.errors import UsageError
+from beam_pipeline.contract.errors import UsageError, causes
 
 _LOG = logging.getLogger(__name__)
 
@@ -217,8 +217,7 @@ def _check_remote(output: str) -> None:
 
 def _cause(e: BaseException) -> str:
   """The innermost cause of ``e`` in one line."""
-  while e.__cause__ is not None or e.__context__ is not None:
-    e = e.__cause__ or e.__context__
+  e = causes(e)[-1]
   if isinstance(e, OSError) and e.strerror:
     return e.strerror
   text = str(e).strip().splitlines()

@@ -21,5 +21,15 @@ class UnsafePathError(InputError):
   """A path resolves outside the input root (for example through a symlink)."""
 
 
+def causes(e: BaseException) -> list[BaseException]:
+  """``e`` and what it was raised from or during, outermost first (runners
+  wrap what a DoFn raised); a cycle in the chain ends it."""
+  chain: list[BaseException] = []
+  while e is not None and all(e is not seen for seen in chain):
+    chain.append(e)
+    e = e.__cause__ or e.__context__
+  return chain
+
+
 class UsageError(ValueError):
   """Invalid options or input tree, found before anything launches."""
