@@ -4,10 +4,17 @@ ds = open_dataset('output')
 for row in ds.to_table(filter=pc.field('patient_id') == 'SCD0000101').to_pylist():
     image = image_of(row)                  # (rows, columns) numpy array
     inner = mask_of(row, 'i')              # bool array, or None
+
+Every reader here first checks the folder against its ``_SUMMARY.json``: a
+missing summary (the run never completed), a missing, extra or resized file,
+or an altered summary raise ``DatasetError``. The training readers
+(``shuffled_rows``, ``iter_batches``) also hash each shard the first time a
+process opens it, and every page's checksum is verified as it is read.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 
@@ -17,8 +24,13 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from beam_pipeline.contract import digests, splits
 from beam_pipeline.contract import schema as s
-from beam_pipeline.contract import splits
+
+
+class DatasetError(ValueError):
+  """The folder is not a complete, unaltered pipeline output: no summary, or
+  a file missing, extra, resized or changed against the summary's digests."""
 
 
 def _folder(output: str, name: str) -> str:
@@ -33,33 +45,163 @@ def _folder(output: str, name: str) -> str:
   return folder
 
 
+def read_summary(output: str) -> dict:
+  """``_SUMMARY.json``, checked against its own digest.
+
+  Raises:
+    DatasetError: it is missing (the run never completed), unreadable, altered
+      or from a version that recorded no file digests.
+  """
+  path = os.path.join(output, s.SUMMARY_FILE)
+  try:
+    with open(path, 'rb') as f:
+      summary = json.loads(f.read())
+  except FileNotFoundError:
+    raise DatasetError(
+      f'{path} not found: no run completed into {output} (a dataset is '
+      'complete only once its summary is written)'
+    ) from None
+  except (OSError, ValueError) as e:  # ValueError: not JSON, not UTF-8
+    raise DatasetError(f'{path} is unreadable: {e}') from None
+  if not isinstance(summary, dict) or digests.FILES not in summary:
+    raise DatasetError(f'{path} lists no file digests: re-run the pipeline')
+  if summary.get(digests.SUMMARY_DIGEST) != digests.of_summary(summary):
+    raise DatasetError(f'{path} was altered: its content does not match its digest')
+  return summary
+
+
+def _tables_files(output: str) -> set[str]:
+  """Every Parquet file under the three table folders, relative to output."""
+  found = set()
+  for entry in (s.SLICES_DIR, s.RECONCILIATION_DIR, s.ERRORS_DIR):
+    folder = _folder(output, entry)
+    found |= {f'{entry}/{n}' for n in os.listdir(folder) if n.endswith('.parquet')}
+  return found
+
+
+def file_problems(output: str, summary: dict, full: bool) -> list[str]:
+  """What differs between the files on disk and the summary's record: missing,
+  extra and resized files, and with ``full`` changed content (each file is
+  read and hashed). Empty when the dataset is as written."""
+  recorded = summary[digests.FILES]
+  present = _tables_files(output)
+  problems = [f'{name} is missing' for name in sorted(set(recorded) - present)]
+  problems += [
+    f"{name} is not one of the run's files" for name in sorted(present - set(recorded))
+  ]
+  for name in sorted(present & set(recorded)):
+    path = os.path.join(output, name)
+    size = os.path.getsize(path)
+    expected = recorded[name]
+    if size != expected['bytes']:
+      problems.append(f'{name} holds {size} bytes, the run wrote {expected["bytes"]}')
+    elif full and _digest(path) != expected[digests.ALGORITHM]:
+      problems.append(f'{name} was altered: its content does not match its digest')
+  return problems
+
+
+def _digest(path: str) -> str:
+  with open(path, 'rb') as f:
+    return digests.of_stream(f)[1]
+
+
+def check(output: str, full: bool = False) -> dict:
+  """Checks ``output`` against its summary and returns the summary.
+
+  Args:
+    full: also hash every file (reads the whole dataset); otherwise only the
+      set of files and their sizes are compared.
+
+  Raises:
+    FileNotFoundError: ``output`` is not a pipeline output.
+    DatasetError: see :func:`read_summary` and :func:`file_problems`.
+  """
+  _folder(output, s.SLICES_DIR)
+  summary = read_summary(output)
+  problems = file_problems(output, summary, full)
+  if problems:
+    more = f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''
+    raise DatasetError(
+      f'{output} is not the dataset its run wrote: {problems[0]}{more}; '
+      f'python -m beam_pipeline.verify {output} lists every problem'
+    )
+  return summary
+
+
+# Shards whose digest this process has checked: {(path, size, mtime): True}.
+_VERIFIED: dict[tuple[str, int, int], bool] = {}
+
+
+def _open_shard(path: str, summary: dict) -> pq.ParquetFile:
+  """A slice shard, hashed against the summary the first time this process
+  opens it, read with page checksums verified."""
+  stat = os.stat(path)
+  key = (path, stat.st_size, stat.st_mtime_ns)
+  if key not in _VERIFIED:
+    name = f'{s.SLICES_DIR}/{os.path.basename(path)}'
+    if _digest(path) != summary[digests.FILES][name][digests.ALGORITHM]:
+      raise DatasetError(f'{path} was altered: its content does not match its digest')
+    _VERIFIED[key] = True
+  return pq.ParquetFile(path, page_checksum_verification=True)
+
+
+def _parquet_format() -> pads.ParquetFileFormat:
+  return pads.ParquetFileFormat(
+    default_fragment_scan_options=pads.ParquetFragmentScanOptions(
+      page_checksum_verification=True
+    )
+  )
+
+
 def open_dataset(output: str) -> pads.Dataset:
   """The slices of a pipeline output folder, as a pyarrow Dataset.
 
+  The files are checked against the summary (set and sizes; ``check(output,
+  full=True)`` hashes them too) and every page's checksum is verified as it is
+  read.
+
   Raises:
     FileNotFoundError: ``output`` holds no slices folder.
+    DatasetError: a file is missing, extra or resized, or the summary is.
   """
-  folder = _folder(output, s.SLICES_DIR)
-  return pads.dataset(folder, format='parquet', schema=s.SLICE_SCHEMA)
+  summary = check(output)
+  shards = sorted(n for n in summary[digests.FILES] if n.startswith(s.SLICES_DIR + '/'))
+  return pads.dataset(
+    [os.path.join(output, n) for n in shards],
+    format=_parquet_format(),
+    schema=s.SLICE_SCHEMA,
+  )
 
 
 def _read_report(output: str, name: str, schema: pa.Schema) -> pa.Table:
-  folder = _folder(output, name)
-  files = sorted(
-    os.path.join(folder, f) for f in os.listdir(folder) if f.endswith('.parquet')
-  )
+  summary = check(output)
+  files = sorted(n for n in summary[digests.FILES] if n.startswith(name + '/'))
   if not files:
     return schema.empty_table()
-  return pa.concat_tables(pq.read_table(f, schema=schema) for f in files)
+  tables = []
+  for n in files:
+    path = os.path.join(output, n)
+    if _digest(path) != summary[digests.FILES][n][digests.ALGORITHM]:
+      raise DatasetError(f'{path} was altered: its content does not match its digest')
+    tables.append(pq.read_table(path, schema=schema, page_checksum_verification=True))
+  return pa.concat_tables(tables)
 
 
 def read_reconciliation(output: str) -> pa.Table:
-  """The reconciliation report (patient_id, original_id, status, detail)."""
+  """The reconciliation report (patient_id, original_id, status, detail).
+
+  Raises:
+    DatasetError: the dataset is not as its run wrote it (see :func:`check`).
+  """
   return _read_report(output, s.RECONCILIATION_DIR, s.RECONCILIATION_SCHEMA)
 
 
 def read_errors(output: str) -> pa.Table:
-  """The dead-letter table (patient_id, path, stage, error)."""
+  """The dead-letter table (patient_id, path, stage, error).
+
+  Raises:
+    DatasetError: the dataset is not as its run wrote it (see :func:`check`).
+  """
   return _read_report(output, s.ERRORS_DIR, s.ERROR_SCHEMA)
 
 
@@ -102,12 +244,19 @@ _SHAPE_COLUMNS = ('rows', 'columns', 'samples_per_pixel', 'pixel_dtype')
 
 
 def row_groups(output: str) -> list[tuple[str, int]]:
-  """Every (shard path, row group index) of the slices, in a stable order."""
-  folder = _folder(output, s.SLICES_DIR)
+  """Every (shard path, row group index) of the slices, in a stable order.
+
+  Raises:
+    DatasetError: the dataset is not as its run wrote it (see :func:`check`).
+  """
+  return _row_groups(output, check(output))
+
+
+def _row_groups(output: str, summary: dict) -> list[tuple[str, int]]:
   groups = []
-  for name in sorted(os.listdir(folder)):
-    if name.endswith('.parquet'):
-      path = os.path.join(folder, name)
+  for name in sorted(summary[digests.FILES]):
+    if name.startswith(s.SLICES_DIR + '/'):
+      path = os.path.join(output, name)
       groups += [(path, i) for i in range(pq.ParquetFile(path).num_row_groups)]
   return groups
 
@@ -146,7 +295,8 @@ def shuffled_rows(
       ``count`` readers (e.g. DataLoader workers) together yield each row once.
   """
   rng = np.random.default_rng([seed, epoch])
-  groups = row_groups(output)
+  summary = check(output)
+  groups = _row_groups(output, summary)
   order = rng.permutation(len(groups))[shard[0] :: shard[1]]
   wanted = None
   if columns is not None:
@@ -160,7 +310,7 @@ def shuffled_rows(
   kept = 0
   for g in order:
     path, index = groups[g]
-    table = pq.ParquetFile(path).read_row_group(index, columns=wanted)
+    table = _open_shard(path, summary).read_row_group(index, columns=wanted)
     for row in _keep(table, labeled_only, split).to_pylist():
       kept += 1
       buffer.append(row)

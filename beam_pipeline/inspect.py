@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         f'error: {why_missing(args.output, args.patient, args.slice)}', file=sys.stderr
       )
       return 2
-  except FileNotFoundError as e:
+  except (FileNotFoundError, dataset.DatasetError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   out = args.out or f'{row["patient_id"]}-{row["slice_index"]}.png'

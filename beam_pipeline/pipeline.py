@@ -288,11 +288,13 @@ def _launch(
   seconds = time.monotonic() - start
   totals = summary.counters(result)
   with interrupts.deferred():  # all of the new dataset, or the old one
+    files = publish.take_manifests(ingest.output, run_id)
     outputs = publish.publish(ingest.output, run_id)
     outputs['summary'] = summary.write_summary(
       ingest.output,
       totals,
       seconds,
+      files,
       input=ingest.input,
       labeled_only=ingest.labeled_only,
       strict=ingest.strict,

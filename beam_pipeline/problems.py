@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   try:
     lines = problem_lines(args.output)
-  except FileNotFoundError as e:
+  except (FileNotFoundError, dataset.DatasetError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   for line in lines:

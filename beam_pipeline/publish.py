@@ -15,6 +15,7 @@ import os
 
 from apache_beam.io.filesystems import FileSystems
 
+from beam_pipeline.contract import digests
 from beam_pipeline.contract import schema as s
 from beam_pipeline.contract.errors import UsageError
 from beam_pipeline.contract.layout import is_local
@@ -95,6 +96,21 @@ def clear_staging(output: str) -> None:
   for staging in left:
     _LOG.warning('removing %s, left by an interrupted run', staging)
     delete_tree(staging)
+
+
+def take_manifests(output: str, run_id: str) -> dict[str, dict]:
+  """The staged files' sizes and digests, {path relative to the output:
+  entry}, from the manifest each table's sink wrote; the manifests are
+  removed, so only the summary records them."""
+  staging = staging_path(output, run_id)
+  files = {}
+  for entry in DATA_ENTRIES:
+    path = FileSystems.join(staging, entry, digests.MANIFEST_FILE)
+    with FileSystems.open(path) as f:
+      manifest = json.loads(f.read())
+    FileSystems.delete([path])
+    files.update({f'{entry}/{name}': v for name, v in sorted(manifest.items())})
+  return files
 
 
 def publish(output: str, run_id: str) -> dict[str, str]:

@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   try:
     index = write_qa(args.output, args.qa_dir)
-  except FileNotFoundError as e:
+  except (FileNotFoundError, dataset.DatasetError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   print(f'QA written: {index}')

@@ -11,7 +11,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.runners.runner import PipelineResult
 
-from beam_pipeline.contract import metrics, splits
+from beam_pipeline.contract import digests, metrics, splits
 from beam_pipeline.contract import schema as s
 
 
@@ -30,6 +30,7 @@ def write_summary(
   output: str,
   totals: Mapping[str, int],
   seconds: float,
+  files: Mapping[str, dict],
   **settings,
 ) -> str:
   """Writes ``OUT/_SUMMARY.json`` (last: it marks the dataset complete).
@@ -38,6 +39,7 @@ def write_summary(
     output: the output root.
     totals: the run's counters.
     seconds: the run's wall time.
+    files: {path relative to ``output``: size and digest} of every file.
     settings: recorded as they are (input, labeled_only, strict).
 
   Returns:
@@ -51,7 +53,9 @@ def write_summary(
     'issues': metrics.issue_count(totals),
     'seconds': round(seconds, 3),
     'counters': dict(sorted(totals.items())),
+    digests.FILES: dict(sorted(files.items())),
   }
+  summary[digests.SUMMARY_DIGEST] = digests.of_summary(summary)
   with FileSystems.create(path) as f:
     f.write(json.dumps(summary, indent=2).encode() + b'\n')
   return path

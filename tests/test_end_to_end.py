@@ -242,7 +242,7 @@ def test_a_failing_pipeline_exits_one_and_publishes_nothing(
   def disk_full(self, file_handle, table):
     raise OSError(errno.ENOSPC, 'No space left on device')
 
-  monkeypatch.setattr(write._SliceSink, 'write_record', disk_full)
+  monkeypatch.setattr(write._ParquetSink, 'write_record', disk_full)
   capsys.readouterr()
   code = _run(root, str(out), '--overwrite')
   assert code == cli.EXIT_FAILED

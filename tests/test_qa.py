@@ -301,6 +301,7 @@ def test_verify_catches_a_duplicated_shard(written, tmp_path):
   name = sorted(os.listdir(folder))[0]
   shutil.copy(os.path.join(folder, name), os.path.join(folder, 'extra-' + name))
   failures = verify.verify(copy).failures
+  assert 'files match the summary' in failures
   assert (
     'no duplicate (patient_id, slice_index)' in failures and 'slice rows' in failures
   )
@@ -317,7 +318,10 @@ def test_verify_catches_a_corrupted_image(written, tmp_path):
     table.schema.get_field_index('image'), s.SLICE_SCHEMA.field('image'), [images]
   )
   pq.write_table(table, path)
-  assert verify.verify(copy).failures == ['images and masks decode']
+  assert verify.verify(copy).failures == [
+    'files match the summary',
+    'images and masks decode',
+  ]
 
 
 def test_verify_catches_missing_summary_and_lost_reports(written, tmp_path):
@@ -327,7 +331,9 @@ def test_verify_catches_missing_summary_and_lost_reports(written, tmp_path):
   summary['counters']['slices_written'] += 1
   with open(os.path.join(copy, s.SUMMARY_FILE), 'w') as f:
     json.dump(summary, f)
-  assert verify.verify(copy).failures == ['slice rows']
+  checks = verify.verify(copy)
+  assert checks.failures == ['run completed']
+  assert 'was altered' in checks.lines[0]
   shutil.rmtree(os.path.join(copy, s.RECONCILIATION_DIR))
   os.makedirs(os.path.join(copy, s.RECONCILIATION_DIR))
   os.remove(os.path.join(copy, s.SUMMARY_FILE))

@@ -1,32 +1,38 @@
 """Writing the dataset: slice shards, the reconciliation report, the errors table.
 
-All three go through Beam file sinks, which write temporary files and rename
-them when the write finalises, so a retried bundle leaves no duplicate.
+All three go through one Beam file sink (``_ParquetSink``), which writes
+temporary files and renames them when the write finalises, so a retried
+bundle leaves no duplicate.
 
-The slices sink sets Parquet options per column (Beam's WriteToParquetBatched
-takes one codec for all): ``image`` is stored uncompressed by default
+Parquet options are set per leaf column (Beam's WriteToParquet takes one
+codec for all, and list columns are named by their leaf, e.g.
+``pixel_spacing.list.element``): ``image`` is stored uncompressed by default
 (``--image-codec``): MR slices are noisy, zstd shrinks them only to about 60 %
 at 0.2 ms per 256 x 256 slice, more than writing the saved bytes costs, and
 training reads them without decompressing; every other column with zstd.
-Only string columns are dictionary-encoded, and only scalar columns carry
-min/max statistics (statistics on image bytes cost time and help no reader).
-Each Arrow table, one SliceChunk of one patient, is one row group. Local
-shards are written with O_DIRECT where the file system allows it
-(transforms/_direct.py).
+Only string columns are dictionary-encoded, all but the image and mask bytes
+carry min/max statistics (on those they cost time and help no reader),
+and every page carries a CRC checksum that readers verify. Each file is
+hashed as it is written; the run summary lists every file's size and digest
+(``beam_pipeline.contract.digests``). Each Arrow table, one SliceChunk of one
+patient, is one row group. Local shards are written with O_DIRECT where the
+file system allows it (transforms/_direct.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 
 import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io import filebasedsink
 from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from beam_pipeline.contract import metrics
+from beam_pipeline.contract import digests, metrics
 from beam_pipeline.contract import schema as s
 from beam_pipeline.contract.layout import is_local
 from transforms import _direct, _files, _tuning
@@ -34,6 +40,8 @@ from transforms.settings import DEFAULT_IMAGE_CODEC
 
 CODEC = 'zstd'
 _BINARY_COLUMNS = ('image', 'i_mask', 'o_mask')
+_REPORT_BATCH = 4096  # report rows per write
+_SIDECAR = '.digest.json'  # beside each temporary file: its size and digest
 
 
 def _open_local_shard(path: str) -> _direct.DirectFile:
@@ -46,19 +54,99 @@ def _open_local_shard(path: str) -> _direct.DirectFile:
   return _direct.DirectFile(path, direct=_tuning.enabled('direct'))
 
 
-class _SliceSink(filebasedsink.FileBasedSink):
-  """Writes Arrow tables of slice rows to Parquet, with per-column options."""
+def leaf_paths(schema: pa.Schema) -> dict[str, list[str]]:
+  """{column: its Parquet leaf paths}: ``pixel_spacing`` is stored as
+  ``pixel_spacing.list.element``, and Parquet's per-column options name
+  leaves (a top-level name of a list column silently matches nothing)."""
+  buffer = pa.BufferOutputStream()
+  pq.write_table(schema.empty_table(), buffer)
+  parquet_schema = pq.read_metadata(buffer.getvalue()).schema
+  leaves: dict[str, list[str]] = {name: [] for name in schema.names}
+  for i in range(len(parquet_schema)):
+    path = parquet_schema.column(i).path
+    leaves[path.split('.', 1)[0]].append(path)
+  return leaves
+
+
+def writer_options(schema: pa.Schema, image_codec: str | None = None) -> dict:
+  """ParquetWriter options, per leaf: ``CODEC`` everywhere but ``image``
+  (``image_codec``); dictionaries for strings; statistics for all but the
+  image and mask bytes; a CRC checksum on every page."""
+  leaves = leaf_paths(schema)
+  compression = {}
+  dictionary, statistics = [], []
+  for f in schema:
+    nested = pa.types.is_list(f.type) or pa.types.is_fixed_size_list(f.type)
+    value = f.type.value_type if nested else f.type
+    for path in leaves[f.name]:
+      compression[path] = image_codec if f.name == 'image' and image_codec else CODEC
+      if pa.types.is_string(value):
+        dictionary.append(path)
+      if f.name not in _BINARY_COLUMNS:
+        statistics.append(path)
+  return {
+    'compression': compression,
+    'use_dictionary': dictionary,
+    'write_statistics': statistics,
+    'write_page_checksum': True,
+  }
+
+
+class _Hashed:
+  """A binary file that hashes what is written through it (digests)."""
+
+  def __init__(self, handle):
+    self._handle = handle
+    self._hash = digests.hasher()
+    self.size = 0
+    self.closed = False
+
+  def writable(self) -> bool:
+    return True
+
+  def seekable(self) -> bool:
+    return False
+
+  def readable(self) -> bool:
+    return False
+
+  def tell(self) -> int:
+    return self.size
+
+  def flush(self) -> None:
+    self._handle.flush()
+
+  def write(self, data) -> int:
+    self._hash.update(data)
+    n = self._handle.write(data)
+    self.size += len(memoryview(data).cast('B'))
+    return n
+
+  def close(self) -> None:
+    self.closed = True
+
+  def hexdigest(self) -> str:
+    return self._hash.hexdigest()
+
+
+class _ParquetSink(filebasedsink.FileBasedSink):
+  """Writes Arrow tables (or row dicts, in batches) to Parquet with
+  per-leaf options (``writer_options``) and records each file's size and
+  digest: a sidecar per temporary file, then, when the write finalises, one
+  ``_MANIFEST.json`` beside the table's files, keyed by final name."""
 
   def __init__(
     self,
     file_path_prefix: str,
     schema: pa.Schema,
-    image_codec: str = DEFAULT_IMAGE_CODEC,
+    image_codec: str | None = None,
+    num_shards: int = 0,
   ):
     super().__init__(
       file_path_prefix,
       coder=None,
       file_name_suffix='.parquet',
+      num_shards=num_shards,
       mime_type='application/x-parquet',
       compression_type=CompressionTypes.UNCOMPRESSED,
     )
@@ -74,27 +162,52 @@ class _SliceSink(filebasedsink.FileBasedSink):
       handle = _open_local_shard(temp_path)
     else:
       handle = super().open(temp_path)
-    names = self._schema.names
-    strings = [f.name for f in self._schema if pa.types.is_string(f.type)]
+    hashed = _Hashed(handle)
     writer = pq.ParquetWriter(
-      handle,
-      self._schema,
-      compression={**{name: CODEC for name in names}, 'image': self._image_codec},
-      use_dictionary=strings,
-      write_statistics=[name for name in names if name not in _BINARY_COLUMNS],
+      hashed, self._schema, **writer_options(self._schema, self._image_codec)
     )
-    return handle, writer, temp_path
+    return handle, hashed, writer, temp_path, []
 
-  def write_record(self, file_handle, table):
-    handle, writer, path = file_handle
+  def write_record(self, file_handle, record):
+    _, _, writer, path, rows = file_handle
     with _naming(path):
-      writer.write_table(table)
+      if isinstance(record, pa.Table):
+        writer.write_table(record)
+        return
+      rows.append(record)
+      if len(rows) >= _REPORT_BATCH:
+        self._flush_rows(writer, rows)
+
+  def _flush_rows(self, writer, rows: list) -> None:
+    writer.write_table(pa.Table.from_pylist(rows, schema=self._schema))
+    rows.clear()
 
   def close(self, file_handle):
-    handle, writer, path = file_handle
+    handle, hashed, writer, path, rows = file_handle
     with _naming(path):
+      if rows:
+        self._flush_rows(writer, rows)
       writer.close()
       super().close(handle)
+      with FileSystems.create(path + _SIDECAR) as f:
+        f.write(json.dumps(digests.entry(hashed.size, hashed.hexdigest())).encode())
+
+  def finalize_windowed_write(self, init_result, writer_results, pre_finalize, w=None):
+    results = sorted(writer_results)
+    manifest = {}
+    for shard, temp in enumerate(results):
+      with FileSystems.open(temp + _SIDECAR) as f:
+        final = self._get_final_name(shard, len(results), w)
+        manifest[final.rsplit('/', 1)[-1]] = json.loads(f.read())
+    # Beam deletes its temporary folder afterwards, but not on every object
+    # store: the sidecars go now, so none can be published.
+    FileSystems.delete([temp + _SIDECAR for temp in results])
+    yield from super().finalize_windowed_write(
+      init_result, writer_results, pre_finalize, w
+    )
+    folder = self.file_path_prefix.get().rsplit('/', 1)[0]
+    with FileSystems.create(FileSystems.join(folder, digests.MANIFEST_FILE)) as f:
+      f.write(json.dumps(manifest, indent=1).encode())
 
 
 @contextlib.contextmanager
@@ -136,22 +249,12 @@ class _WriteReport(beam.PTransform):
 
   def __init__(self, output_root, folder, schema, field, counter_names):
     super().__init__()
-    self._prefix = _prefix(output_root, folder)
-    self._schema = schema
+    self._sink = _ParquetSink(_prefix(output_root, folder), schema, num_shards=1)
     self._count = _CountFn(field, counter_names)
 
   def expand(self, rows):
     return (
-      rows
-      | 'Count' >> beam.ParDo(self._count)
-      | 'Write'
-      >> beam.io.WriteToParquet(
-        self._prefix,
-        schema=self._schema,
-        codec=CODEC,
-        file_name_suffix='.parquet',
-        num_shards=1,
-      )
+      rows | 'Count' >> beam.ParDo(self._count) | 'Write' >> beam.io.Write(self._sink)
     )
 
 
@@ -190,7 +293,7 @@ class WriteDataset(beam.PTransform):
       self.SLICES: outputs[self.SLICES]
       | 'WriteSlices'
       >> beam.io.Write(
-        _SliceSink(_prefix(root, s.SLICES_DIR), s.SLICE_SCHEMA, self._image_codec)
+        _ParquetSink(_prefix(root, s.SLICES_DIR), s.SLICE_SCHEMA, self._image_codec)
       )
     }
     for key, (folder, schema, field, values, counter) in self._REPORTS.items():

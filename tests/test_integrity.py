@@ -1,0 +1,226 @@
+"""Corruption: Parquet options on leaf paths, page checksums, file digests in
+the summary, a reader that refuses an altered dataset, a verify that never
+tracebacks (issue 12, point 7)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from beam_pipeline import dataset, verify
+from beam_pipeline.contract import digests
+from beam_pipeline.contract import schema as s
+
+_TABLES = {
+  s.SLICES_DIR: s.SLICE_SCHEMA,
+  s.RECONCILIATION_DIR: s.RECONCILIATION_SCHEMA,
+  s.ERRORS_DIR: s.ERROR_SCHEMA,
+}
+
+
+def _copy(out, tmp_path):
+  copy = str(tmp_path / 'copy')
+  shutil.copytree(out, copy)
+  return copy
+
+
+def _files(out, folder):
+  path = os.path.join(out, folder)
+  return sorted(
+    os.path.join(path, n) for n in os.listdir(path) if n.endswith('.parquet')
+  )
+
+
+def _flip(path, offset, bit=0):
+  with open(path, 'r+b') as f:
+    f.seek(offset)
+    byte = f.read(1)[0]
+    f.seek(offset)
+    f.write(bytes([byte ^ (1 << bit)]))
+
+
+def test_every_leaf_gets_its_options(written):
+  """Compression, dictionaries and statistics apply to every leaf, the list
+  columns' included (``pixel_spacing.list.element``, not ``pixel_spacing``)."""
+  for folder, schema in _TABLES.items():
+    for path in _files(written.out, folder):
+      meta = pq.read_metadata(path)
+      for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        assert group.num_columns == len(meta.schema)
+        for i in range(group.num_columns):
+          chunk = group.column(i)
+          top = chunk.path_in_schema.split('.')[0]
+          field = schema.field(top)
+          leaf = field.type
+          if pa.types.is_list(leaf) or pa.types.is_fixed_size_list(leaf):
+            leaf = leaf.value_type
+          where = f'{os.path.basename(path)} {chunk.path_in_schema}'
+          expected = 'UNCOMPRESSED' if top == 'image' else 'ZSTD'
+          assert chunk.compression == expected, where
+          assert chunk.has_dictionary_page == pa.types.is_string(leaf), where
+          binary = top in ('image', 'i_mask', 'o_mask')
+          assert chunk.is_stats_set != binary, where
+
+
+def test_list_columns_are_compressed(written):
+  """The list columns were stored uncompressed when options named top-level
+  columns: each now takes fewer bytes than its raw values."""
+  (path, *_) = _files(written.out, s.SLICES_DIR)
+  group = pq.read_metadata(path).row_group(0)
+  for i in range(group.num_columns):
+    chunk = group.column(i)
+    if chunk.path_in_schema.startswith('image_orientation_patient'):
+      assert chunk.total_compressed_size < chunk.total_uncompressed_size
+
+
+def test_a_flipped_bit_in_a_page_fails_its_checksum(written, tmp_path):
+  copy = _copy(written.out, tmp_path)
+  (path, *_) = _files(copy, s.SLICES_DIR)
+  chunk = (
+    pq.read_metadata(path)
+    .row_group(0)
+    .column(s.SLICE_SCHEMA.get_field_index('slice_index'))
+  )
+  # The chunk's last byte is page data (its header comes first).
+  _flip(path, chunk.data_page_offset + chunk.total_compressed_size - 1, bit=3)
+  with pytest.raises(OSError, match='(?i)crc|checksum'):
+    pq.read_table(path, page_checksum_verification=True)
+
+
+def test_the_summary_records_every_file(written):
+  summary = dataset.read_summary(written.out)
+  on_disk = {
+    os.path.relpath(p, written.out)
+    for folder in _TABLES
+    for p in _files(written.out, folder)
+  }
+  assert set(summary[digests.FILES]) == on_disk
+  for name, entry in summary[digests.FILES].items():
+    with open(os.path.join(written.out, name), 'rb') as f:
+      data = f.read()
+    assert entry['bytes'] == len(data)
+    h = digests.hasher()
+    h.update(data)
+    assert entry[digests.ALGORITHM] == h.hexdigest()
+  assert not any(
+    n.endswith(digests.MANIFEST_FILE) or '.digest' in n
+    for _, _, names in os.walk(written.out)
+    for n in names
+  )
+
+
+def _summary_without_self_check(out):
+  with open(os.path.join(out, s.SUMMARY_FILE)) as f:
+    return json.load(f)
+
+
+def _refused(out, match):
+  with pytest.raises(dataset.DatasetError, match=match):
+    list(dataset.iter_batches(out, batch_size=8))
+  with pytest.raises(dataset.DatasetError, match=match):
+    dataset.open_dataset(out)
+
+
+@pytest.mark.parametrize('case', ['missing', 'extra', 'truncated', 'appended'])
+def test_the_reader_refuses_a_changed_file_set(written, tmp_path, case):
+  copy = _copy(written.out, tmp_path)
+  (path, *_) = _files(copy, s.SLICES_DIR)
+  name = os.path.basename(path)
+  if case == 'missing':
+    os.remove(path)
+    match = f'{name} is missing'
+  elif case == 'extra':
+    shutil.copy(path, path.replace('part-', 'part-9'))
+    match = "is not one of the run's files"
+  else:
+    size = os.path.getsize(path)
+    if case == 'truncated':
+      os.truncate(path, size - 100)
+    else:
+      with open(path, 'ab') as f:
+        f.write(b'\0' * 10)
+    match = f'{name} holds'
+  _refused(copy, match)
+  checks = verify.verify(copy)
+  assert 'files match the summary' in checks.failures
+
+
+def test_the_reader_refuses_an_altered_shard(written, tmp_path):
+  copy = _copy(written.out, tmp_path)
+  for path in _files(copy, s.SLICES_DIR):
+    _flip(path, os.path.getsize(path) // 2)
+  with pytest.raises(dataset.DatasetError, match='was altered'):
+    list(dataset.iter_batches(copy, batch_size=8))
+
+
+def test_the_reader_refuses_an_altered_or_missing_summary(written, tmp_path):
+  copy = _copy(written.out, tmp_path)
+  summary = _summary_without_self_check(copy)
+  summary['labeled_only'] = not summary['labeled_only']
+  with open(os.path.join(copy, s.SUMMARY_FILE), 'w') as f:
+    json.dump(summary, f)
+  _refused(copy, 'altered')
+  with open(os.path.join(copy, s.SUMMARY_FILE), 'wb') as f:
+    f.write(b'{"files": \xff}')
+  _refused(copy, 'unreadable')
+  os.remove(os.path.join(copy, s.SUMMARY_FILE))
+  _refused(copy, 'no run completed')
+  with pytest.raises(dataset.DatasetError):
+    dataset.read_errors(copy)
+
+
+def _flip_positions(out, rng, n):
+  """``n`` (path, offset, bit): half anywhere in any file, half inside the
+  non-image columns and footers of the slice shards (where flips used to
+  pass unnoticed)."""
+  paths = [p for folder in _TABLES for p in _files(out, folder)]
+  paths.append(os.path.join(out, s.SUMMARY_FILE))
+  positions = []
+  for _ in range(n // 2):
+    path = rng.choice(paths)
+    positions.append((path, rng.randrange(os.path.getsize(path)), rng.randrange(8)))
+  image = s.SLICE_SCHEMA.get_field_index('image')
+  ranges = []
+  for path in _files(out, s.SLICES_DIR):
+    meta = pq.read_metadata(path)
+    for g in range(meta.num_row_groups):
+      group = meta.row_group(g)
+      for i in range(group.num_columns):
+        if i != image:
+          chunk = group.column(i)
+          start = chunk.dictionary_page_offset or chunk.data_page_offset
+          ranges.append((path, start, start + chunk.total_compressed_size))
+    size = os.path.getsize(path)
+    ranges.append((path, size - meta.serialized_size - 8, size))
+  for _ in range(n - n // 2):
+    path, start, end = rng.choice(ranges)
+    positions.append((path, rng.randrange(start, end), rng.randrange(8)))
+  return positions
+
+
+def test_no_bit_flip_passes_verify_and_none_tracebacks(written, tmp_path, capsys):
+  """Each of 80 single-bit flips, anywhere in the dataset and especially in
+  the non-image columns, makes verify print FAIL and exit 1 without a
+  traceback; the untouched copy passes."""
+  copy = _copy(written.out, tmp_path)
+  assert verify.main([copy]) == 0
+  capsys.readouterr()
+  rng = random.Random(12)
+  for path, offset, bit in _flip_positions(copy, rng, 80):
+    _flip(path, offset, bit)
+    try:
+      code = verify.main([copy])
+    finally:
+      _flip(path, offset, bit)
+    out, err = capsys.readouterr()
+    where = f'{os.path.relpath(path, copy)} byte {offset} bit {bit}'
+    assert code == 1, where
+    assert 'FAIL' in out and 'Traceback' not in out + err, where
+  assert verify.main([copy]) == 0
