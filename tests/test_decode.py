@@ -2,6 +2,7 @@
 
 import glob
 import os
+import struct
 import warnings
 
 import numpy as np
@@ -11,6 +12,7 @@ from pydicom.data import get_testdata_file
 
 from beam_pipeline import sample
 from beam_pipeline.contract.errors import DicomError
+from transforms import _native
 from transforms.dicom import decode_dicom, native_pixels
 
 
@@ -226,3 +228,46 @@ def test_native_fast_path_masks_and_sign_extends_like_pydicom(
     np.testing.assert_array_equal(fast, ds.pixel_array)
   meta, image, _ = decode_dicom(open(path, 'rb').read())
   np.testing.assert_array_equal(image, ds.pixel_array)
+
+
+def _explicit(tag: int, vr: bytes, value: bytes) -> bytes:
+  """One explicit VR little-endian element (short-length VRs only)."""
+  return (
+    struct.pack('<HH', tag >> 16, tag & 0xFFFF)
+    + vr
+    + struct.pack('<H', len(value))
+    + value
+  )
+
+
+# What may follow Pixel Data: each would change or break the outcome if parsed.
+_TRAILERS = {
+  # a second Rows: parsed, it would replace the header's and fail the shape
+  'rows again': _explicit(0x00280010, b'US', struct.pack('<H', 7)),
+  # 2 MiB of tiny private elements: about 0.5 s of pydicom parsing
+  'many tiny elements': _explicit(0x00091010, b'LO', b'') * (256 * 1024),
+  'random bytes': bytes(np.random.default_rng(5).integers(0, 256, 1 << 20, np.uint8)),
+  'an element claiming 4 GiB': struct.pack(
+    '<HH2sHI', 0x0009, 0x1011, b'OB', 0, 2**32 - 2
+  ),
+  'trailing padding': struct.pack('<HH2sHI', 0xFFFC, 0xFFFC, b'OB', 0, 64) + bytes(64),
+}
+
+
+@pytest.mark.parametrize('trailer', _TRAILERS, ids=list(_TRAILERS))
+@pytest.mark.parametrize('source', ['generated', 'MR_small_RLE.dcm'])
+def test_nothing_after_pixel_data_is_parsed(tmp_path, source, trailer):
+  """Bytes after the top-level Pixel Data never change the outcome, for the
+  native reader (generated slices) and for pydicom (RLE): the slice decodes
+  exactly as without them."""
+  clean = _generated(tmp_path)[0] if source == 'generated' else _read(source)
+  data = clean + _TRAILERS[trailer]
+  expected = decode_dicom(clean)
+  got = decode_dicom(data)
+  np.testing.assert_array_equal(got.image, expected.image)
+  assert got.meta == expected.meta
+  if source == 'generated':
+    native = _native.decode(data, 1 << 24)
+    assert native is not None
+    np.testing.assert_array_equal(native.image, expected.image)
+    assert native.meta == expected.meta

@@ -127,7 +127,9 @@ def _skip_undefined(data: bytes, pos: int, explicit: bool, depth: int) -> int:
 
 
 def _elements(data: bytes, pos: int, explicit: bool, end: int | None = None) -> dict:
-  """The raw values of _TAGS (tag -> (VR, bytes)) from ``pos`` to ``end``."""
+  """The raw values of _TAGS (tag -> (VR, bytes)) from ``pos`` to ``end``, or
+  to the end of Pixel Data: what follows it is never parsed (see
+  ``dicom.stop_after_pixel_data``)."""
   found = {}
   end = len(data) if end is None else end
   while pos < end:
@@ -147,6 +149,8 @@ def _elements(data: bytes, pos: int, explicit: bool, end: int | None = None) -> 
         raise _Unsupported
       found[tag] = vr, data[pos : pos + length]
     pos += length
+    if tag == _PIXEL_DATA:
+      break
   return found
 
 
