@@ -15,6 +15,9 @@ from transforms import settings
 
 DEFAULT_OUTPUT = 'output'
 DEFAULT_SAMPLE_DIR = 'sample_data'
+# One Arrow binary column holds at most 2 GiB; a row group's images stay well
+# under it (one more image may join a full group).
+MAX_CHUNK_BYTES = 1024 * 1024 * 1024
 HELP_BEAM = '--help-beam'
 
 
@@ -106,6 +109,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     help='Largest rows x columns x samples per slice; larger images are '
     'rejected from the header, before decoding.',
   )
+  _add(
+    behaviour,
+    '--max-file-bytes',
+    dest='max_file_bytes',
+    type=int,
+    default=settings.DEFAULT_MAX_FILE_BYTES,
+    help='Largest input file read, and largest size a deflated DICOM data set '
+    'may inflate to; larger ones are error rows, refused before reading or '
+    'inflating.',
+  )
   performance = parser.add_argument_group(PERFORMANCE)
   _add(
     performance,
@@ -114,6 +127,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     type=int,
     default=settings.DEFAULT_CHUNK_SIZE,
     help='Slices per work item and per Parquet row group.',
+  )
+  _add(
+    performance,
+    '--max-chunk-bytes',
+    dest='max_chunk_bytes',
+    type=int,
+    default=settings.DEFAULT_MAX_CHUNK_BYTES,
+    help='Decoded image bytes per Parquet row group (at most 1 GiB): a chunk '
+    'of larger images is written as several, so a worker stays near 1 GiB '
+    'at the default whatever the image size.',
   )
   _add(
     performance,
@@ -184,6 +207,15 @@ def validate(values) -> None:
     raise UsageError(f'--chunk-size must be at least 1, got {values.chunk_size}')
   if values.max_pixels < 1:
     raise UsageError(f'--max-pixels must be at least 1, got {values.max_pixels}')
+  if values.max_file_bytes < 1:
+    raise UsageError(
+      f'--max-file-bytes must be at least 1, got {values.max_file_bytes}'
+    )
+  if not 1 <= values.max_chunk_bytes <= MAX_CHUNK_BYTES:
+    raise UsageError(
+      f'--max-chunk-bytes must be between 1 and {MAX_CHUNK_BYTES}, got '
+      f'{values.max_chunk_bytes}'
+    )
   if values.decoders < 1:
     raise UsageError(f'--decoders must be at least 1, got {values.decoders}')
   if values.decode_timeout <= 0:

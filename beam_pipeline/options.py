@@ -35,6 +35,8 @@ class IngestOptions(PipelineOptions):
       chunk_size=self.chunk_size,
       labeled_only=self.labeled_only,
       max_pixels=self.max_pixels,
+      max_file_bytes=self.max_file_bytes,
+      max_chunk_bytes=self.max_chunk_bytes,
       split_fractions=splits.parse_fractions(self.split),
       isolate=not self.decode_in_process,
       decode_timeout=self.decode_timeout,

@@ -13,13 +13,16 @@ from transforms.dicom import decode_dicom
 SEGFAULT = b'SEGFAULT'
 HANG = b'HANG'
 MEMORY = b'MEMORY'
+BALLOON = b'BALLOON'  # allocates (and touches) 1 GiB
 
 
-def misbehaving_decode(data: bytes, max_pixels: int):
+def misbehaving_decode(data: bytes, max_pixels: int, max_file_bytes: int):
   if data.startswith(SEGFAULT):
     ctypes.string_at(0)  # reads address 0: SIGSEGV
   if data.startswith(HANG):
     time.sleep(3600)
   if data.startswith(MEMORY):
     raise MemoryError('simulated out of memory')
-  return decode_dicom(data, max_pixels)
+  if data.startswith(BALLOON):
+    bytearray(1 << 30)
+  return decode_dicom(data, max_pixels, max_file_bytes)

@@ -1,6 +1,7 @@
 """The composite transforms on a TestPipeline: ReadLinks and ListTree,
 Reconcile, DecodeSlices and WriteDataset, each on small inputs."""
 
+import json
 import os
 
 import apache_beam as beam
@@ -11,7 +12,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from beam_pipeline import sample, summary
-from beam_pipeline.contract import metrics
+from beam_pipeline.contract import digests, metrics
 from beam_pipeline.contract import schema as s
 from beam_pipeline.contract.layout import ContourFile, DicomFile, Link, Patient
 from beam_pipeline.dataset import image_of, mask_of
@@ -254,10 +255,12 @@ def test_write_dataset_writes_three_tables_and_counts_the_reports(tmp_path):
   result = p.run()
   result.wait_until_finish()
 
-  shards = [
-    pq.ParquetFile(os.path.join(out, 'slices', name))
-    for name in sorted(os.listdir(os.path.join(out, 'slices')))
-  ]
+  names = sorted(os.listdir(os.path.join(out, 'slices')))
+  parquet = [n for n in names if n.endswith('.parquet')]
+  assert names == sorted([*parquet, digests.MANIFEST_FILE])  # nothing else
+  with open(os.path.join(out, 'slices', digests.MANIFEST_FILE)) as f:
+    assert sorted(json.load(f)) == parquet
+  shards = [pq.ParquetFile(os.path.join(out, 'slices', name)) for name in parquet]
   assert all(f.schema_arrow.equals(s.SLICE_SCHEMA) for f in shards)
   groups = [f.metadata.row_group(g) for f in shards for g in range(f.num_row_groups)]
   assert sorted(g.num_rows for g in groups) == [1, 3]  # one row group per table

@@ -18,7 +18,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from beam_pipeline.contract import schema as s
-from beam_pipeline.contract.errors import UnsafePathError
+from beam_pipeline.contract.errors import FileTooLargeError, UnsafePathError
 from beam_pipeline.contract.layout import is_local
 from transforms.outcomes import Failed
 
@@ -74,26 +74,62 @@ def _check_inside(root: str, full_path: str) -> None:
     )
 
 
-def read_input(root: str, relative: str) -> bytes:
+def _too_large(size: int, limit: int) -> FileTooLargeError:
+  return FileTooLargeError(
+    f'file of {size} bytes is larger than --max-file-bytes {limit}; not read'
+  )
+
+
+def read_input(root: str, relative: str, limit: int | None = None) -> bytes:
   """Reads a whole file under the input root.
+
+  Args:
+    limit: the largest size read; a larger file is refused before its bytes
+      are read (locally from its size; elsewhere, where a size costs a
+      request, once more than ``limit`` bytes have arrived).
 
   Raises:
     UnsafePathError: the file resolves outside ``root``.
+    FileTooLargeError: the file holds more than ``limit`` bytes.
     OSError: the file cannot be read.
   """
   full_path = join_path(root, relative)
   if is_local(full_path):
     _check_inside(root, full_path)
     with open(full_path, 'rb') as f:
-      return f.read()
-  with FileSystems.open(full_path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-    return f.read()
+      if limit is not None and (size := os.fstat(f.fileno()).st_size) > limit:
+        raise _too_large(size, limit)
+      data = f.read()
+  else:
+    with FileSystems.open(
+      full_path, compression_type=CompressionTypes.UNCOMPRESSED
+    ) as f:
+      data = f.read() if limit is None else _read_capped(f, limit)
+  if limit is not None and len(data) > limit:  # it grew, or its size is unknown
+    raise _too_large(len(data), limit)
+  return data
 
 
-def read_or_fail(root: str, relative: str) -> bytes | Failed:
-  """The file's bytes, or Failed (stage read) saying why not; never raises."""
+_READ_STEP = 8 * 1024 * 1024
+
+
+def _read_capped(f, limit: int) -> bytes:
+  """At most ``limit + 1`` bytes of ``f``, in steps: ``read(limit + 1)``
+  would allocate the whole limit up front, whatever the file's size."""
+  parts, total = [], 0
+  while total <= limit and (part := f.read(min(_READ_STEP, limit + 1 - total))):
+    parts.append(part)
+    total += len(part)
+  return b''.join(parts)
+
+
+def read_or_fail(root: str, relative: str, limit: int | None = None) -> bytes | Failed:
+  """The file's bytes, or Failed (stage read) saying why not; never raises.
+  See :func:`read_input` for ``limit``."""
   try:
-    return read_input(root, relative)
+    return read_input(root, relative, limit)
+  except FileTooLargeError as e:
+    return Failed(s.STAGE_READ, str(e))
   except (OSError, UnsafePathError) as e:
     return Failed(s.STAGE_READ, f'cannot read: {e}')
   except Exception as e:  # e.g. a file system without its options here

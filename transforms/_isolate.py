@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
+import resource
 import signal
 from collections.abc import Callable, Iterator
 
@@ -28,18 +30,20 @@ from beam_pipeline.contract.errors import DicomError
 from beam_pipeline.contract.layout import is_local
 from transforms import _files, _tuning
 from transforms.outcomes import Decoded, Failed, Outcome
+from transforms.settings import Limits
 
 _LOG = logging.getLogger(__name__)
 
 WINDOW = 8
 
-Decoder = Callable[[bytes, int], Decoded]
+# decode(data, max_pixels, max_file_bytes), e.g. dicom.decode_dicom
+Decoder = Callable[[bytes, int, int], Decoded]
 
 
-def decode_bytes(data: bytes, path: str, max_pixels: int, decode: Decoder) -> Outcome:
+def decode_bytes(data: bytes, path: str, limits: Limits, decode: Decoder) -> Outcome:
   """Decodes one file's bytes; never raises."""
   try:
-    return decode(data, max_pixels)
+    return decode(data, limits.max_pixels, limits.max_file_bytes)
   except DicomError as e:
     return Failed(s.STAGE_DECODE, str(e))
   except Exception as e:  # MemoryError or a decoder bug: this slice only.
@@ -47,12 +51,12 @@ def decode_bytes(data: bytes, path: str, max_pixels: int, decode: Decoder) -> Ou
     return Failed(s.STAGE_DECODE, f'{type(e).__name__}: {e}')
 
 
-def read_and_decode(root: str, path: str, max_pixels: int, decode: Decoder) -> Outcome:
+def read_and_decode(root: str, path: str, limits: Limits, decode: Decoder) -> Outcome:
   """Reads ``path`` under ``root`` and decodes it; never raises."""
-  data = _files.read_or_fail(root, path)
+  data = _files.read_or_fail(root, path, limits.max_file_bytes)
   if isinstance(data, Failed):
     return data
-  return decode_bytes(data, path, max_pixels, decode)
+  return decode_bytes(data, path, limits, decode)
 
 
 class InProcessDecoder:
@@ -63,35 +67,67 @@ class InProcessDecoder:
     self._decode = decode
 
   def decode_all(
-    self, paths: list[str], max_pixels: int, datas: list[bytes] | None = None
+    self, paths: list[str], limits: Limits, datas: list[bytes] | None = None
   ) -> Iterator[Outcome]:
     """Outcomes of ``paths``, in order; ``datas``: their bytes, if already read."""
     for k, path in enumerate(paths):
       if datas is None:
-        yield read_and_decode(self._root, path, max_pixels, self._decode)
+        yield read_and_decode(self._root, path, limits, self._decode)
       else:
-        yield decode_bytes(datas[k], path, max_pixels, self._decode)
+        yield decode_bytes(datas[k], path, limits, self._decode)
 
   def close(self) -> None:
     pass
 
 
-def _serve(conn, root: str, decode: Decoder) -> None:
+def _serve(conn, root: str, decode: Decoder, memory: int | None) -> None:
   """The child's loop: answer each request until told to stop (None).
 
-  A request is (path, data, max_pixels): data None means "read it yourself".
+  A request is (path, data, limits): data None means "read it yourself".
   """
   signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
   _tuning.keep_freed_memory()
+  limit_address_space(memory)
   while True:
     request = conn.recv()
     if request is None:
       return
-    path, data, max_pixels = request
+    path, data, limits = request
     if data is None:
-      conn.send(read_and_decode(root, path, max_pixels, decode))
+      conn.send(read_and_decode(root, path, limits, decode))
     else:
-      conn.send(decode_bytes(data, path, max_pixels, decode))
+      conn.send(decode_bytes(data, path, limits, decode))
+
+
+def _address_space() -> int | None:
+  """This process's virtual memory size in bytes (Linux), or None."""
+  try:
+    with open('/proc/self/statm') as f:
+      return int(f.read().split()[0]) * os.sysconf('SC_PAGE_SIZE')
+  except (OSError, ValueError, IndexError):
+    return None
+
+
+def limit_address_space(headroom: int | None) -> None:
+  """Caps this process's address space at its current size plus
+  ``headroom`` bytes (RLIMIT_AS): an allocation beyond it fails with
+  MemoryError (one error row) instead of taking the machine's memory."""
+  current = _address_space()
+  if headroom is None or current is None:
+    return
+  _, hard = resource.getrlimit(resource.RLIMIT_AS)
+  cap = current + headroom
+  if hard != resource.RLIM_INFINITY:
+    cap = min(cap, hard)
+  resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+
+
+def decoder_headroom(limits: Limits) -> int:
+  """The memory a decoder child may allocate beyond its start: the file,
+  pydicom's copy of it (or the inflated data set), the pixels it decodes and
+  their little-endian copy, each at the largest the limits admit, plus
+  room for the pixel plugins' own buffers."""
+  return 3 * limits.max_file_bytes + 2 * 8 * limits.max_pixels + (256 << 20)
 
 
 def _describe_exit(code: int | None) -> str:
@@ -110,12 +146,17 @@ class IsolatedDecoder:
     root: the input root.
     decode: a module-level function (it is imported by name in the child).
     timeout: seconds one file may take before the child is killed.
+    memory: bytes the child may allocate beyond its size at start
+      (RLIMIT_AS; see ``decoder_headroom``), or None for no limit.
   """
 
-  def __init__(self, root: str, decode: Decoder, timeout: float):
+  def __init__(
+    self, root: str, decode: Decoder, timeout: float, memory: int | None = None
+  ):
     self._root = root
     self._decode = decode
     self._timeout = timeout
+    self._memory = memory
     self._context = multiprocessing.get_context('forkserver')
     self._process = None
     self._conn = None
@@ -124,7 +165,7 @@ class IsolatedDecoder:
     parent, child = self._context.Pipe()
     self._process = self._context.Process(
       target=_serve,
-      args=(child, self._root, self._decode),
+      args=(child, self._root, self._decode, self._memory),
       daemon=True,
       name='slice-decoder',
     )
@@ -142,7 +183,7 @@ class IsolatedDecoder:
     return ended
 
   def decode_all(
-    self, paths: list[str], max_pixels: int, datas: list[bytes] | None = None
+    self, paths: list[str], limits: Limits, datas: list[bytes] | None = None
   ) -> Iterator[Outcome]:
     """Outcomes of ``paths``, in order; ``datas``: their bytes, if already read.
 
@@ -150,19 +191,23 @@ class IsolatedDecoder:
     than sending them through the pipe).
     """
     if is_local(self._root):
-      yield from self._decode_local(paths, max_pixels)
+      yield from self._decode_local(paths, limits)
       return
     # Other file systems are configured in the worker only: read here, send
     # the bytes, one file in flight (large requests must not fill both pipes).
     for k, path in enumerate(paths):
-      data = _files.read_or_fail(self._root, path) if datas is None else datas[k]
+      data = (
+        _files.read_or_fail(self._root, path, limits.max_file_bytes)
+        if datas is None
+        else datas[k]
+      )
       if isinstance(data, Failed):
         yield data
       else:
-        yield next(self._decode_local([path], max_pixels, data))
+        yield next(self._decode_local([path], limits, data))
 
   def _decode_local(
-    self, paths: list[str], max_pixels: int, data: bytes | None = None
+    self, paths: list[str], limits: Limits, data: bytes | None = None
   ) -> Iterator[Outcome]:
     done = sent = 0
     try:
@@ -171,7 +216,7 @@ class IsolatedDecoder:
           self._start()
         try:
           while sent < len(paths) and sent - done < WINDOW:
-            self._conn.send((paths[sent], data, max_pixels))
+            self._conn.send((paths[sent], data, limits))
             sent += 1
           if not self._conn.poll(self._timeout):
             self._discard()
@@ -221,11 +266,11 @@ class DecoderPool:
     self._decoders = decoders
 
   def decode_all(
-    self, paths: list[str], max_pixels: int, datas: list[bytes] | None = None
+    self, paths: list[str], limits: Limits, datas: list[bytes] | None = None
   ) -> Iterator[Outcome]:
     n = len(self._decoders)
     streams = [
-      d.decode_all(paths[k::n], max_pixels, None if datas is None else datas[k::n])
+      d.decode_all(paths[k::n], limits, None if datas is None else datas[k::n])
       for k, d in enumerate(self._decoders)
     ]
     for i in range(len(paths)):

@@ -147,15 +147,25 @@ def _elements(data: bytes, pos: int, explicit: bool, end: int | None = None) -> 
     if tag in _TAGS:
       if tag in found:
         raise _Unsupported
-      found[tag] = vr, data[pos : pos + length]
+      # Pixel Data as a view: the image can then be a view of the file's bytes.
+      value = memoryview(data)[pos : pos + length] if tag == _PIXEL_DATA else None
+      found[tag] = vr, data[pos : pos + length] if value is None else value
     pos += length
     if tag == _PIXEL_DATA:
       break
   return found
 
 
-def _meta_group(data: bytes) -> tuple[str, int]:
-  """(transfer syntax UID, position of the data set) from the file meta."""
+def file_meta(data: bytes) -> tuple[str | None, int] | None:
+  """(transfer syntax UID, position of the data set) from a file's meta
+  group, or None when it is not one this reader can walk."""
+  try:
+    return _file_meta(data)
+  except _Unsupported:
+    return None
+
+
+def _file_meta(data: bytes) -> tuple[str | None, int]:
   if len(data) < 132 or data[128:132] != b'DICM':
     raise _Unsupported
   pos = 132
@@ -167,8 +177,6 @@ def _meta_group(data: bytes) -> tuple[str, int]:
     if tag == _TRANSFER_SYNTAX:
       syntax = data[value : value + length].decode('latin-1').rstrip(' \x00')
     pos = value + length
-  if syntax not in (EXPLICIT_LE, IMPLICIT_LE):
-    raise _Unsupported
   return syntax, pos
 
 
@@ -288,12 +296,15 @@ def pixels(
   if length_problem(raw, rows, columns, samples, allocated):
     return None  # decode_dicom gives the error, with the numbers
   image = np.frombuffer(raw, dtype, count=rows * columns).reshape(rows, columns)
-  image = image.astype(dtype.newbyteorder('<'))  # a copy: no reference to raw
+  if order != '<':
+    image = image.astype(dtype.newbyteorder('<'))
+  # Otherwise a read-only view of ``raw``: no copy of the pixels until they
+  # go into the Arrow table.
   unused = allocated - stored
   if unused and signed:
     image = (image << unused) >> unused
   elif unused:
-    image &= (1 << stored) - 1
+    image = image & np.array((1 << stored) - 1, image.dtype)
   return image
 
 
@@ -303,7 +314,9 @@ def decode(data: bytes, max_pixels: int) -> Decoded | None:
   See the module docstring for when None is returned.
   """
   try:
-    syntax, pos = _meta_group(data)
+    syntax, pos = _file_meta(data)
+    if syntax not in (EXPLICIT_LE, IMPLICIT_LE):
+      return None
     explicit = syntax == EXPLICIT_LE
     if not explicit and data[pos + 4 : pos + 6] in _VRS:
       return None  # pydicom would read this "implicit" data set as explicit

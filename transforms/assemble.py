@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import NamedTuple
 
 import numpy as np
+import pyarrow as pa
 
 from beam_pipeline.contract import schema as s
 from beam_pipeline.contract.errors import ContourError
@@ -22,7 +23,8 @@ _LOG = logging.getLogger(__name__)
 
 
 class SliceResult(NamedTuple):
-  """A slice's row of SLICE_SCHEMA, and error rows for contours it could not use."""
+  """A slice's row of SLICE_SCHEMA (``image`` still a numpy array; see
+  :func:`slice_table`), and error rows for contours it could not use."""
 
   row: dict
   errors: list[dict]
@@ -80,7 +82,7 @@ def slice_row(
     'dicom_path': task.dicom_path,
     **meta,
     **pixel_columns,
-    'image': image.tobytes(),
+    'image': image,  # bytes only in slice_table, with no copy before it
     'i_mask': None,
     'o_mask': None,
   }
@@ -103,6 +105,32 @@ def slice_row(
     flags += nesting_flags
   row['qa_flags'] = flags
   return SliceResult(row, errors)
+
+
+_IMAGE = s.SLICE_SCHEMA.get_field_index('image')
+_WITHOUT_IMAGE = s.SLICE_SCHEMA.remove(_IMAGE)
+
+
+def slice_table(rows: list[dict]) -> pa.Table:
+  """The Arrow table of slice rows from :func:`slice_row`.
+
+  The image column is built from the arrays' memory: one copy into one Arrow
+  buffer, where ``tobytes()`` and ``from_pylist`` made two, each as large as
+  the images. ``rows`` are emptied of their images as they are copied.
+  """
+  images = [row.pop('image') for row in rows]
+  sizes = np.fromiter((i.nbytes for i in images), np.int64, len(images))
+  offsets = np.zeros(len(images) + 1, np.int32)
+  np.cumsum(sizes, out=offsets[1:])
+  data = np.empty(int(offsets[-1]), np.uint8)
+  for image, start, end in zip(images, offsets[:-1], offsets[1:], strict=True):
+    data[start:end] = image.reshape(-1).view(np.uint8)
+  del images
+  column = pa.Array.from_buffers(
+    pa.binary(), len(rows), [None, pa.py_buffer(offsets), pa.py_buffer(data)]
+  )
+  table = pa.Table.from_pylist(rows, schema=_WITHOUT_IMAGE)
+  return table.add_column(_IMAGE, s.SLICE_SCHEMA.field('image'), column)
 
 
 def unusable_slice(chunk: SliceChunk, task: SliceTask, failed: Failed) -> dict:

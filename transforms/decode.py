@@ -2,7 +2,10 @@
 
 ``DecodeSlices`` plans each Patient into SliceChunks (the pipeline's only
 fan-out, so a Reshuffle follows), then ``DecodeSlicesFn`` turns each chunk
-into one Arrow table, written later as one Parquet row group. Unusable inputs
+into one Arrow table, written later as one Parquet row group; a chunk whose
+images hold more than ``--max-chunk-bytes`` becomes several. Files are read
+and decoded a window at a time, so a worker's memory is bounded by that
+budget whatever the input (see SliceDecoder). Unusable inputs
 leave as error rows on the ERRORS output.
 
 The work is elsewhere: ``SliceDecoder`` reads and decodes files (the native
@@ -23,9 +26,8 @@ from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 
 from beam_pipeline.contract import metrics, splits
-from beam_pipeline.contract import schema as s
 from beam_pipeline.contract.layout import Patient
-from transforms import _files, _isolate, _native, _progress, _tuning, quality
+from transforms import _files, _isolate, _native, _progress, _tuning, assemble, quality
 from transforms.assemble import SliceResult, slice_row, unusable_slice
 from transforms.chunks import SliceChunk, plan_chunks
 from transforms.dicom import decode_dicom
@@ -40,16 +42,25 @@ class SliceDecoder:
 
   The native reader takes what it can in this process (it cannot crash or
   hang, see transforms._native); the rest goes to ``decode_fn`` (pydicom), in
-  decoder children when ``settings.isolate`` (see transforms._isolate).
+  decoder children when ``settings.isolate`` (see transforms._isolate), each
+  under an address-space limit.
+
+  Files are read a window at a time: a window closes when what it holds (the
+  native reader's images, the bytes of files waiting for pydicom) reaches
+  ``window_bytes``, so memory does not grow with the chunk.
   """
 
   def __init__(self, input_root: str, settings: DecodeSettings, decode_fn):
     self._root = input_root
-    self._max_pixels = settings.max_pixels
+    self._limits = settings.limits
+    self._window_bytes = max(1, settings.max_chunk_bytes // 4)
     if settings.isolate:
+      memory = _isolate.decoder_headroom(self._limits)
       self._fallback = _isolate.DecoderPool(
         [
-          _isolate.IsolatedDecoder(input_root, decode_fn, settings.decode_timeout)
+          _isolate.IsolatedDecoder(
+            input_root, decode_fn, settings.decode_timeout, memory
+          )
           for _ in range(settings.decoders)
         ]
       )
@@ -58,29 +69,38 @@ class SliceDecoder:
 
   def _native(self, path: str, data: bytes) -> Decoded | None:
     try:
-      return _native.decode(data, self._max_pixels)
+      return _native.decode(data, self._limits.max_pixels)
     except Exception:  # a bug in the fast path: let pydicom decide
       _LOG.exception('native reader failed on %s', path)
       return None
 
-  def decode_all(self, paths: list[str]) -> list[Outcome]:
-    outcomes: list[Outcome | None] = [None] * len(paths)
-    rest, data_of_rest = [], []
-    for i, path in enumerate(paths):
-      data = _files.read_or_fail(self._root, path)
-      if isinstance(data, Failed):
-        outcomes[i] = data
-      elif (fast := self._native(path, data)) is not None:
-        outcomes[i] = fast
-      else:
-        rest.append(i)
-        data_of_rest.append(data)
-    decoded = self._fallback.decode_all(
-      [paths[i] for i in rest], self._max_pixels, data_of_rest
-    )
-    for i, outcome in zip(rest, decoded, strict=True):
-      outcomes[i] = outcome
-    return outcomes
+  def outcomes(self, paths: list[str]) -> Iterator[Outcome]:
+    """The outcome of each path, in order, a window of files at a time."""
+    start = 0
+    while start < len(paths):
+      window: list[Outcome | None] = []
+      rest, data_of_rest = [], []
+      held = 0
+      while start + len(window) < len(paths) and (
+        not window or held < self._window_bytes
+      ):
+        path = paths[start + len(window)]
+        data = _files.read_or_fail(self._root, path, self._limits.max_file_bytes)
+        if isinstance(data, Failed):
+          window.append(data)
+        elif (fast := self._native(path, data)) is not None:
+          window.append(fast)
+          held += fast.image.nbytes
+        else:
+          window.append(None)
+          rest.append(path)
+          data_of_rest.append(data)
+          held += len(data)
+      decoded = self._fallback.decode_all(rest, self._limits, data_of_rest)
+      del data_of_rest  # the decoders hold what they still need
+      for outcome in window:
+        yield next(decoded) if outcome is None else outcome
+      start += len(window)
 
   def close(self) -> None:
     self._fallback.close()
@@ -160,14 +180,14 @@ class DecodeSlicesFn(beam.DoFn):
 
   def process(self, chunk: SliceChunk) -> Iterator:
     split = splits.assign_split(chunk.patient_id, self._settings.split_fractions)
-    outcomes = self._decoder.decode_all([task.dicom_path for task in chunk.slices])
-    rows = []
-    for task, outcome in zip(chunk.slices, outcomes, strict=True):
+    paths = [task.dicom_path for task in chunk.slices]
+    rows, held, written = [], 0, 0
+    for task, outcome in zip(chunk.slices, self._decoder.outcomes(paths), strict=True):
       if isinstance(outcome, Failed):
         yield pvalue.TaggedOutput(self.ERRORS, unusable_slice(chunk, task, outcome))
         continue
       contours = {
-        kind: _files.read_or_fail(self._input_root, path)
+        kind: _files.read_or_fail(self._input_root, path, self._settings.max_file_bytes)
         for kind, path in task.contour_paths().items()
       }
       result = slice_row(chunk, split, task, outcome, contours)
@@ -175,10 +195,16 @@ class DecodeSlicesFn(beam.DoFn):
         yield pvalue.TaggedOutput(self.ERRORS, error)
       self._counters.written(outcome, result)
       rows.append(result.row)
-    self._counters.chunk_done(chunk, split, len(rows))
+      held += result.row['image'].nbytes
+      if held >= self._settings.max_chunk_bytes:  # a row group of its own
+        yield assemble.slice_table(rows)
+        written += len(rows)
+        rows, held = [], 0
+    written += len(rows)
+    self._counters.chunk_done(chunk, split, written)
     self._progress.add(patients=int(chunk.is_last), slices=len(chunk.slices))
     if rows:
-      yield pa.Table.from_pylist(rows, schema=s.SLICE_SCHEMA)
+      yield assemble.slice_table(rows)
 
 
 @beam.typehints.with_input_types(Patient)

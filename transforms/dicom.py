@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import warnings
+import zlib
 from collections.abc import Callable
 
 import numpy as np
@@ -24,7 +25,7 @@ from beam_pipeline.contract.columns import HEADER_COLUMNS, PIXEL_DTYPE, Column
 from beam_pipeline.contract.errors import DicomError
 from transforms import _native
 from transforms.outcomes import Decoded
-from transforms.settings import DEFAULT_MAX_PIXELS
+from transforms.settings import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS
 
 _PIXEL_DATA = 0x7FE00010
 
@@ -126,7 +127,45 @@ def stop_after_pixel_data() -> Callable[[int, str | None, int], bool]:
   return stop
 
 
-def decode_dicom(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
+_INFLATE_STEP = 1 << 20
+
+
+def inflated_size_problem(data: bytes, limit: int) -> str | None:
+  """Why a Deflated Explicit VR data set cannot be inflated within ``limit``
+  bytes, or None. Inflates in steps of 1 MiB and keeps none of it, so a
+  3 MB file that inflates to 3 GiB costs 1 MiB here, not 3 GiB in pydicom."""
+  meta = _native.file_meta(data)
+  if meta is None or meta[0] != pydicom.uid.DeflatedExplicitVRLittleEndian:
+    return None
+  inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+  view = memoryview(data)[meta[1] :]
+  total = 0
+  try:
+    for start in range(0, len(view), _INFLATE_STEP):
+      pending = view[start : start + _INFLATE_STEP]
+      while True:
+        produced = len(inflater.decompress(pending, _INFLATE_STEP))
+        total += produced
+        if total > limit:
+          return (
+            f'the deflated data set inflates to more than {limit} bytes '
+            '(--max-file-bytes); not inflated further'
+          )
+        pending = inflater.unconsumed_tail
+        if inflater.eof:
+          return None
+        if not pending and produced < _INFLATE_STEP:
+          break
+  except zlib.error as e:
+    return f'the deflated data set cannot be inflated: {e}'
+  return None
+
+
+def decode_dicom(
+  data: bytes,
+  max_pixels: int = DEFAULT_MAX_PIXELS,
+  max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+) -> Decoded:
   """Decodes one single-frame DICOM file.
 
   The file must start with the DICOM preamble and "DICM" prefix (pydicom's
@@ -138,6 +177,8 @@ def decode_dicom(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     data: the file's bytes.
     max_pixels: the largest rows x columns x samples x frames accepted,
       checked from the header before any pixel buffer is allocated.
+    max_file_bytes: the largest size a deflated data set may inflate to,
+      checked before pydicom inflates it.
 
   Returns:
     Decoded: the metadata columns, and pixel_array, unscaled, C-contiguous,
@@ -149,6 +190,9 @@ def decode_dicom(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
   # Real trees hold UIDs with leading-zero components; pydicom would warn
   # once per file. Values are read as they are.
   pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+  problem = inflated_size_problem(data, max_file_bytes)
+  if problem:
+    raise DicomError(problem)
   with warnings.catch_warnings():
     warnings.simplefilter('ignore')
     try:

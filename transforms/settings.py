@@ -7,11 +7,18 @@ without importing Beam, pydicom or pyarrow, so ``--help`` stays instant.
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 from beam_pipeline.contract import splits
 
 DEFAULT_CHUNK_SIZE = 64
 DEFAULT_MAX_PIXELS = 4096 * 4096
+# The largest file read (or deflated data set inflated): a 4096 x 4096 slice
+# of 64-bit samples is 128 MiB, so twice that leaves room for any header.
+DEFAULT_MAX_FILE_BYTES = 256 * 1024 * 1024
+# Decoded image bytes per Arrow table (one row group): with the window of
+# files read ahead and the table built from them, a worker stays near 1 GiB.
+DEFAULT_MAX_CHUNK_BYTES = 256 * 1024 * 1024
 DEFAULT_DECODE_TIMEOUT = 120.0
 DEFAULT_DECODERS = 1
 DEFAULT_PROGRESS_SECONDS = 5.0
@@ -19,15 +26,27 @@ IMAGE_CODECS = ('none', 'lz4', 'snappy', 'zstd', 'gzip', 'brotli')
 DEFAULT_IMAGE_CODEC = 'none'
 
 
+class Limits(NamedTuple):
+  """What one input file may cost, checked before it is read whole,
+  inflated or decoded."""
+
+  max_pixels: int = DEFAULT_MAX_PIXELS
+  max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodeSettings:
   """How the decode stage works; pickled to every worker with its DoFns.
 
   Attributes:
-    chunk_size: slices per work item and per Parquet row group.
+    chunk_size: slices per work item and (at most) per Parquet row group.
+    max_chunk_bytes: decoded image bytes per Arrow table: a chunk whose
+      images hold more is written as several row groups.
     labeled_only: keep only slices with at least one contour file.
     max_pixels: the largest rows x columns x samples accepted, checked from
       the header before any pixel buffer is allocated.
+    max_file_bytes: the largest file read, and the largest size a deflated
+      data set may inflate to; checked before reading or inflating.
     split_fractions: train/val/test fractions for the split column.
     isolate: decode what the native reader declines in a child process, so a
       decoder crash or hang costs one slice, not the worker.
@@ -41,6 +60,8 @@ class DecodeSettings:
   chunk_size: int = DEFAULT_CHUNK_SIZE
   labeled_only: bool = False
   max_pixels: int = DEFAULT_MAX_PIXELS
+  max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+  max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES
   split_fractions: tuple[float, float, float] = splits.parse_fractions(
     splits.DEFAULT_FRACTIONS
   )
@@ -49,3 +70,8 @@ class DecodeSettings:
   decoders: int = DEFAULT_DECODERS
   progress_seconds: float = DEFAULT_PROGRESS_SECONDS
   progress_dir: str | None = None
+
+  @property
+  def limits(self) -> Limits:
+    """The per-file limits."""
+    return Limits(self.max_pixels, self.max_file_bytes)

@@ -17,6 +17,10 @@ class DicomError(InputError):
   """A DICOM file cannot be decoded into one image."""
 
 
+class FileTooLargeError(InputError):
+  """A file is larger than --max-file-bytes (or inflates beyond it)."""
+
+
 class UnsafePathError(InputError):
   """A path resolves outside the input root (for example through a symlink)."""
 
