@@ -135,7 +135,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     type=int,
     default=settings.DEFAULT_MAX_CHUNK_BYTES,
     help='Decoded image bytes per Parquet row group (at most 1 GiB): a chunk '
-    'of larger images is written as several, so a worker stays near 1 GiB '
+    'of larger images is written as several, so a worker stays near 600 MiB '
     'at the default whatever the image size.',
   )
   _add(

@@ -16,9 +16,11 @@ DEFAULT_MAX_PIXELS = 4096 * 4096
 # The largest file read (or deflated data set inflated): a 4096 x 4096 slice
 # of 64-bit samples is 128 MiB, so twice that leaves room for any header.
 DEFAULT_MAX_FILE_BYTES = 256 * 1024 * 1024
-# Decoded image bytes per Arrow table (one row group): with the window of
-# files read ahead and the table built from them, a worker stays near 1 GiB.
-DEFAULT_MAX_CHUNK_BYTES = 256 * 1024 * 1024
+# Decoded image bytes per Arrow table (one row group). Writing a table costs
+# about twice its size again in Parquet's page buffers when single images are
+# large, so 64 MiB keeps a worker near 600 MiB whatever the images
+# (bench/memory.py); chunks of 256 x 256 slices (8 MiB) never reach it.
+DEFAULT_MAX_CHUNK_BYTES = 64 * 1024 * 1024
 DEFAULT_DECODE_TIMEOUT = 120.0
 DEFAULT_DECODERS = 1
 DEFAULT_PROGRESS_SECONDS = 5.0
