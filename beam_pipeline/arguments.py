@@ -102,6 +102,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   )
   _add(
     behaviour,
+    '--drop-duplicates',
+    dest='drop_duplicates',
+    action='store_true',
+    help='Of the copies of one image (the same SOP Instance UID or identical '
+    'pixels), write only the first by path. Without it every copy is written, '
+    'flagged duplicate_slice, and patients sharing an image share a split.',
+  )
+  _add(
+    behaviour,
     '--max-pixels',
     dest='max_pixels',
     type=int,

@@ -29,6 +29,7 @@ from apache_beam.runners.runner import PipelineResult, PipelineState
 
 from beam_pipeline import (
   arguments,
+  duplicates,
   interrupts,
   lock,
   preflight,
@@ -39,9 +40,11 @@ from beam_pipeline import (
   summary,
 )
 from beam_pipeline.contract import layout, metrics
+from beam_pipeline.contract import schema as s
 from beam_pipeline.contract.errors import UsageError, causes
 from beam_pipeline.options import IngestOptions, check_known
 from transforms.decode import DecodeSlices
+from transforms.duplicates import FindDuplicates
 from transforms.listing import ListTree, ReadLinks
 from transforms.reconcile import Reconcile
 from transforms.write import WriteDataset
@@ -73,9 +76,14 @@ def build_pipeline(
   decoded = found[Reconcile.PATIENTS] | 'Decode' >> DecodeSlices(
     options.input, settings
   )
+  staging = publish.staging_path(options.output, run_id)
+  copies = decoded[DecodeSlices.IDENTITIES] | 'FindDuplicates' >> FindDuplicates(
+    FileSystems.join(staging, s.DUPLICATES_PLAN_FILE), options.drop_duplicates
+  )
   reconciliation = (
     links[ReadLinks.RECONCILIATION],
     found[Reconcile.RECONCILIATION],
+    copies,
   ) | 'AllReconciliation' >> beam.Flatten()
   errors = (
     links[ReadLinks.ERRORS],
@@ -86,9 +94,7 @@ def build_pipeline(
     WriteDataset.SLICES: decoded[DecodeSlices.SLICES],
     WriteDataset.RECONCILIATION: reconciliation,
     WriteDataset.ERRORS: errors,
-  } | 'Write' >> WriteDataset(
-    publish.staging_path(options.output, run_id), options.image_codec
-  )
+  } | 'Write' >> WriteDataset(staging, options.image_codec)
 
 
 def resolve_paths(options: IngestOptions) -> bool:
@@ -287,6 +293,9 @@ def _launch(
     )
   seconds = time.monotonic() - start
   totals = summary.counters(result)
+  dropped = duplicates.apply_plan(
+    publish.staging_path(ingest.output, run_id), totals, ingest.image_codec
+  )
   with interrupts.deferred():  # all of the new dataset, or the old one
     files = publish.take_manifests(ingest.output, run_id)
     outputs = publish.publish(ingest.output, run_id)
@@ -298,6 +307,8 @@ def _launch(
       input=ingest.input,
       labeled_only=ingest.labeled_only,
       strict=ingest.strict,
+      drop_duplicates=ingest.drop_duplicates,
+      dropped_duplicates=dropped,
     )
   if ingest.qa_dir is not None:
     outputs['qa'] = qa.write_qa(ingest.output, ingest.qa_dir)

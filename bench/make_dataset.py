@@ -8,8 +8,12 @@
 The base is either a real tree (--from) or one made by the project's generator
 at realistic size: 256 x 256 int16 slices, 230 slices and about 25 contour
 files per patient. Copy k of patient P is patient "K{k:03d}-P" (and original
-id "K{k:03d}-O"); files are hard links to the base where the file system
-allows, so 100k slices cost little disk.
+id "K{k:03d}-O"). Copy 0 is hard-linked to the base where the file system
+allows; every other copy is a distinct slice, as in a real tree: a new SOP
+Instance UID and its last (corner) pixel set to 2000 + k, and its contour
+files end with k more newlines (same polygon, other bytes). Hard-linked
+copies would all be duplicates of each other (the pipeline reports and
+flags those: README, "duplicate_slice").
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import csv
 import os
 import shutil
 import sys
+
+import pydicom
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -31,6 +37,27 @@ def _link_or_copy(source: str, target: str) -> None:
     os.link(source, target)
   except OSError:
     shutil.copyfile(source, target)
+
+
+def _distinct_copy(source: str, target: str, k: int) -> None:
+  """Copy ``k`` of a file, distinct from every other copy (module docstring)."""
+  if k == 0:
+    _link_or_copy(source, target)
+    return
+  if not source.endswith('.dcm'):
+    with open(source, 'rb') as f:
+      data = f.read()
+    with open(target, 'wb') as f:
+      f.write(data + b'\n' * k)
+    return
+  ds = pydicom.dcmread(source)
+  ds.SOPInstanceUID = pydicom.uid.generate_uid(
+    entropy_srcs=[str(ds.SOPInstanceUID), str(k)]
+  )
+  pixels = bytearray(ds.PixelData)
+  pixels[-2:] = (2000 + k).to_bytes(2, 'little')
+  ds.PixelData = bytes(pixels)
+  ds.save_as(target)
 
 
 def _links(root: str) -> list[tuple[str, str]]:
@@ -62,7 +89,7 @@ def replicate(base: str, target: str, copies: int) -> int:
           out_dir = os.path.normpath(os.path.join(target, top, new, relative))
           os.makedirs(out_dir, exist_ok=True)
           for name in files:
-            _link_or_copy(os.path.join(dirpath, name), os.path.join(out_dir, name))
+            _distinct_copy(os.path.join(dirpath, name), os.path.join(out_dir, name), k)
             slices += top == layout.DICOM_DIR
   with open(os.path.join(target, layout.LINK_FILE), 'w', newline='') as f:
     writer = csv.writer(f)
@@ -74,8 +101,9 @@ def replicate(base: str, target: str, copies: int) -> int:
 def one_patient(base: str, target: str, slices: int) -> int:
   """One patient of ``slices`` slices: the base's first patient, cycled.
 
-  Slice k is a hard link to the base slice ((k - 1) % n) + 1, with its
-  contour files, so a 5,000-slice patient costs little disk.
+  Slice k is a copy of the base slice ((k - 1) % n) + 1, with its contour
+  files: the first cycle hard-linked, later ones distinct (see the module
+  docstring).
   """
   (pid, oid), *_ = _links(base)
   names = os.listdir(os.path.join(base, layout.DICOM_DIR, pid))
@@ -83,9 +111,10 @@ def one_patient(base: str, target: str, slices: int) -> int:
   os.makedirs(os.path.join(target, layout.DICOM_DIR, pid))
   for k in range(1, slices + 1):
     source = (k - 1) % count + 1
-    _link_or_copy(
+    _distinct_copy(
       os.path.join(base, layout.DICOM_DIR, pid, f'{source}.dcm'),
       os.path.join(target, layout.DICOM_DIR, pid, f'{k}.dcm'),
+      (k - 1) // count,
     )
     for kind in ('i', 'o'):
       name = layout.contour_name(kind, source)
@@ -93,7 +122,9 @@ def one_patient(base: str, target: str, slices: int) -> int:
       if os.path.exists(path):
         out = os.path.join(target, layout.CONTOUR_DIR, oid, f'{kind}-contours')
         os.makedirs(out, exist_ok=True)
-        _link_or_copy(path, os.path.join(out, layout.contour_name(kind, k)))
+        _distinct_copy(
+          path, os.path.join(out, layout.contour_name(kind, k)), (k - 1) // count
+        )
   with open(os.path.join(target, layout.LINK_FILE), 'w', newline='') as f:
     writer = csv.writer(f)
     writer.writerow(layout.LINK_HEADER)

@@ -423,8 +423,8 @@ def test_every_tool_runs_through_the_console_command(tmp_path):
 
 def test_above_the_crossover_the_run_uses_one_worker_process_per_core(tmp_path):
   """A tree one slice above this machine's crossover (hard links of one small
-  slice) runs with worker processes, chosen by the pipeline; one core stays
-  in-process."""
+  slice, so all copies of one image) runs with worker processes, chosen by
+  the pipeline; one core stays in-process."""
   root = tmp_path / 'DATA'
   sample.make_tree(str(root), patients=1, slices=1, rows=8, columns=8, contour_every=1)
   cores = preflight.cores()
@@ -435,7 +435,9 @@ def test_above_the_crossover_the_run_uses_one_worker_process_per_core(tmp_path):
   for n in range(2, slices + 1):
     os.link(folder / '1.dcm', folder / f'{n}.dcm')
   code, out, err = _cli(tmp_path, '--input', 'DATA', '--output', 'OUT')
-  assert code == cli.EXIT_OK, err
+  # Every slice is a copy of one file: one duplicate_slice row, all written.
+  assert code == cli.EXIT_QUARANTINED, err
+  assert 'reconciliation     duplicate_slice: 1\n' in out
   first = err.splitlines()[0]
   if workers > 1:
     assert (

@@ -217,10 +217,10 @@ def flagged_qa(tmp_path_factory):
   root, out, qa_dir = base / 'DATA', base / 'OUT', base / 'QA'
   manifest = sample.make_tree(str(root), patients=2, slices=6, rows=40, columns=32)
   spoiled = sorted(k for k, e in manifest.slices.items() if e.i_vertices)[:2]
-  for pid, k in spoiled:
+  for n, (pid, k) in enumerate(spoiled):  # n: no two files alike (not copies)
     e = manifest.slices[(pid, k)]
     path = root / 'contourfiles' / e.original_id / 'i-contours'
-    lines = ''.join(f'{x} {y}\n' for x, y in _bow_tie(32, 40))
+    lines = ''.join(f'{x + n} {y}\n' for x, y in _bow_tie(32, 40))
     (path / f'IM-0001-{k:04d}-icontour-manual.txt').write_text(lines)
   args = ['--input', str(root), '--output', str(out), '--qa-dir', str(qa_dir)]
   assert cli.main(args) == cli.EXIT_OK

@@ -22,12 +22,22 @@ from collections.abc import Iterator
 
 import apache_beam as beam
 import pyarrow as pa
+import xxhash
 from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 
 from beam_pipeline.contract import metrics, splits
 from beam_pipeline.contract.layout import Patient
-from transforms import _files, _isolate, _native, _progress, _tuning, assemble, quality
+from transforms import (
+  _files,
+  _isolate,
+  _native,
+  _progress,
+  _tuning,
+  assemble,
+  duplicates,
+  quality,
+)
 from transforms.assemble import SliceResult, slice_row, unusable_slice
 from transforms.chunks import SliceChunk, plan_chunks
 from transforms.dicom import decode_dicom
@@ -145,6 +155,7 @@ class DecodeSlicesFn(beam.DoFn):
   """SliceChunk -> one Arrow table of slice rows; unusable inputs as ERRORS."""
 
   ERRORS = 'errors'
+  IDENTITIES = 'identities'
 
   def __init__(
     self,
@@ -182,6 +193,7 @@ class DecodeSlicesFn(beam.DoFn):
     split = splits.assign_split(chunk.patient_id, self._settings.split_fractions)
     paths = [task.dicom_path for task in chunk.slices]
     rows, held, written = [], 0, 0
+    slices, contour_ids = [], []
     for task, outcome in zip(chunk.slices, self._decoder.outcomes(paths), strict=True):
       if isinstance(outcome, Failed):
         yield pvalue.TaggedOutput(self.ERRORS, unusable_slice(chunk, task, outcome))
@@ -195,6 +207,12 @@ class DecodeSlicesFn(beam.DoFn):
         yield pvalue.TaggedOutput(self.ERRORS, error)
       self._counters.written(outcome, result)
       rows.append(result.row)
+      slices.append(duplicates.slice_identity(result.row))
+      contour_ids += [
+        (chunk.patient_id, chunk.original_id, task.slice_index, kind, path, digest)
+        for kind, path in task.contour_paths().items()
+        if (digest := _content_digest(contours[kind])) is not None
+      ]
       held += result.row['image'].nbytes
       if held >= self._settings.max_chunk_bytes:  # a row group of its own
         yield assemble.slice_table(rows)
@@ -205,6 +223,13 @@ class DecodeSlicesFn(beam.DoFn):
     self._progress.add(patients=int(chunk.is_last), slices=len(chunk.slices))
     if rows:
       yield assemble.slice_table(rows)
+    if slices or contour_ids:
+      yield pvalue.TaggedOutput(self.IDENTITIES, (tuple(slices), tuple(contour_ids)))
+
+
+def _content_digest(data) -> str | None:
+  """A contour file's content hash, None if it could not be read."""
+  return None if isinstance(data, Failed) else xxhash.xxh3_64_hexdigest(data)
 
 
 @beam.typehints.with_input_types(Patient)
@@ -221,10 +246,12 @@ class PlanChunksFn(beam.DoFn):
 
 
 class DecodeSlices(beam.PTransform):
-  """Patients -> SLICES (Arrow tables, one per chunk) and ERRORS (error rows)."""
+  """Patients -> SLICES (Arrow tables, one per chunk), ERRORS (error rows) and
+  IDENTITIES (per chunk, what FindDuplicates compares)."""
 
   SLICES = 'slices'
   ERRORS = DecodeSlicesFn.ERRORS
+  IDENTITIES = DecodeSlicesFn.IDENTITIES  # see transforms.duplicates
 
   def __init__(
     self, input_root: str, settings: DecodeSettings | None = None, **fn_args
@@ -249,5 +276,5 @@ class DecodeSlices(beam.PTransform):
       | 'DecodeSlices'
       >> beam.ParDo(
         DecodeSlicesFn(self._input_root, settings, **self._fn_args)
-      ).with_outputs(self.ERRORS, main=self.SLICES)
+      ).with_outputs(self.ERRORS, self.IDENTITIES, main=self.SLICES)
     )

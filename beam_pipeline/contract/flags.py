@@ -22,4 +22,8 @@ FLAGS: dict[str, str] = {
   'constant_image': 'every pixel has the same value',
   'pixels_out_of_range': 'a value does not fit bits_stored with the sign of '
   'pixel_representation',
+  'duplicate_slice': 'the same image (SOP Instance UID or identical pixels) is '
+  'also written as another slice (see the duplicate_slice reconciliation row)',
+  'duplicate_contour': 'a contour file of this slice is byte-identical to '
+  "another slice's (see the duplicate_contour reconciliation row)",
 }

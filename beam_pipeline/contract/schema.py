@@ -23,6 +23,9 @@ RECONCILIATION_DIR = 'reconciliation'
 ERRORS_DIR = 'errors'
 SUMMARY_FILE = '_SUMMARY.json'
 STAGING_DIR = '_incomplete'
+# Written into the staging folder by the duplicate search, applied and
+# removed by the launcher before publishing.
+DUPLICATES_PLAN_FILE = '_DUPLICATES.json'
 
 # Reconciliation statuses, in the order the summary prints them.
 MATCHED = 'matched'
@@ -33,6 +36,8 @@ UNLINKED_CONTOURS = 'unlinked_contours'
 CONTOUR_WITHOUT_DICOM = 'contour_without_dicom'
 DUPLICATE_LINK = 'duplicate_link'
 MALFORMED_LINK = 'malformed_link'
+DUPLICATE_SLICE = 'duplicate_slice'
+DUPLICATE_CONTOUR = 'duplicate_contour'
 STATUSES = (
   MATCHED,
   MISSING_DICOMS,
@@ -42,6 +47,8 @@ STATUSES = (
   CONTOUR_WITHOUT_DICOM,
   DUPLICATE_LINK,
   MALFORMED_LINK,
+  DUPLICATE_SLICE,
+  DUPLICATE_CONTOUR,
 )
 
 # Stages of the errors table.

@@ -1,0 +1,220 @@
+"""Duplicates: the same image or the same contour file in two places.
+
+The decode stage emits, per chunk, the identity of every slice it wrote (SOP
+Instance UID, pixel hash, split) and of every contour file it read (a hash of
+its bytes). ``FindDuplicates`` groups them by identity, joins groups that
+share a slice (the same file copied under two patients matches by UID and by
+pixels: one group), and returns one reconciliation row per group
+(``duplicate_slice``, ``duplicate_contour``) naming every path, plus a plan:
+which rows get which quality flag, which copies ``--drop-duplicates`` drops
+(all but the first by path), and which patients change split so that no two
+copies of one image end up in different splits. The rows are already
+written by then: the launcher applies the plan to the few shards it touches
+(``beam_pipeline.duplicates``).
+
+A constant image (every pixel the same value, e.g. an empty slice) is not
+matched by its pixels: identical blank slices are not copies.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import apache_beam as beam
+from apache_beam import pvalue
+from apache_beam.io.filesystems import FileSystems
+
+from beam_pipeline.contract import schema as s
+
+SLICE_FLAG = s.DUPLICATE_SLICE
+CONTOUR_FLAG = s.DUPLICATE_CONTOUR
+
+# The decode stage's identity records (plain tuples: any coder carries them).
+# slice:   (patient_id, original_id, slice_index, dicom_path, split, sop_uid,
+#           pixel_hash or None)
+# contour: (patient_id, original_id, slice_index, kind, path, content_hash)
+
+
+def slice_identity(row: dict) -> tuple:
+  """A written row's identity, for FindDuplicates."""
+  constant = row['pixel_min'] == row['pixel_max']
+  return (
+    row['patient_id'],
+    row['original_id'],
+    row['slice_index'],
+    row['dicom_path'],
+    row['split'],
+    row['sop_instance_uid'],
+    None if constant else row['pixel_xxh3'],
+  )
+
+
+def _keys(identities: tuple) -> Iterator[tuple]:
+  slices, contours = identities
+  for pid, original, index, path, split, uid, pixels in slices:
+    member = (path, pid, original, index, split)
+    if uid:
+      yield ('slice', 'the same SOP Instance UID', uid), member
+    if pixels:
+      yield ('slice', 'identical pixels', pixels), member
+  for pid, original, index, kind, path, digest in contours:
+    yield ('contour', 'identical bytes', digest), (path, pid, original, index, kind)
+
+
+def _repeated(element) -> Iterator[tuple]:
+  """(kind, reason, members) for a key held by two or more inputs."""
+  (kind, reason, _), members = element
+  members = sorted(set(members))
+  if len(members) > 1:
+    yield kind, reason, tuple(members)
+
+
+class _Components:
+  """Union-find over hashable items."""
+
+  def __init__(self):
+    self._parent: dict = {}
+
+  def find(self, item):
+    self._parent.setdefault(item, item)
+    while self._parent[item] != item:
+      self._parent[item] = self._parent[self._parent[item]]
+      item = self._parent[item]
+    return item
+
+  def join(self, items) -> None:
+    first, *rest = items
+    for item in rest:
+      self._parent[self.find(item)] = self.find(first)
+
+  def groups(self) -> list[list]:
+    found: dict = {}
+    for item in self._parent:
+      found.setdefault(self.find(item), []).append(item)
+    return sorted(sorted(g) for g in found.values())
+
+
+def plan(groups: list[tuple], drop: bool) -> tuple[list[dict], dict]:
+  """Reconciliation rows and the plan for the launcher, from the repeated
+  identities (pure: tests call it directly).
+
+  Returns:
+    (rows, plan) where plan is {'flags': [[patient_id, slice_index, flag]],
+    'drop': [[patient_id, slice_index]], 'moves': {patient_id: [from, to]}}.
+  """
+  rows: list[dict] = []
+  flags: set[tuple] = set()
+  dropped: list[list] = []
+  reasons: dict[tuple, set[str]] = {}
+  moves = {} if drop else _split_moves([g for g in groups if g[0] == 'slice'])
+  for kind in ('slice', 'contour'):
+    components = _Components()
+    for group_kind, reason, members in groups:
+      if group_kind == kind:
+        components.join(members)
+        for member in members:
+          reasons.setdefault(member, set()).add(reason)
+    for members in components.groups():
+      if kind == 'contour':
+        rows.append(_contour_row(members, reasons))
+        flags |= {(m[1], m[3], CONTOUR_FLAG) for m in members}
+        continue
+      rows.append(_slice_row(members, reasons, drop, moves))
+      if drop:
+        dropped += [[m[1], m[3]] for m in members[1:]]
+        flags.add((members[0][1], members[0][3], SLICE_FLAG))
+      else:
+        flags |= {(m[1], m[3], SLICE_FLAG) for m in members}
+  gone = {tuple(d) for d in dropped}
+  return rows, {
+    'flags': sorted([*f] for f in flags if f[:2] not in gone),
+    'drop': sorted(dropped),
+    'moves': moves,
+  }
+
+
+def _slice_row(members: list, reasons: dict, drop: bool, moves: dict) -> dict:
+  why = sorted(set().union(*(reasons[m] for m in members)))
+  paths = ', '.join(m[0] for m in members)
+  done = (
+    f'kept {members[0][0]}, dropped the other copies (--drop-duplicates)'
+    if drop
+    else f'all written, flagged {SLICE_FLAG}'
+  )
+  moved = sorted({m[1] for m in members if m[1] in moves})
+  done += ''.join(
+    f'; patient {p} moved from split {moves[p][0]} to {moves[p][1]}' for p in moved
+  )
+  return s.reconciliation_row(
+    members[0][1],
+    members[0][2],
+    s.DUPLICATE_SLICE,
+    f'{len(members)} copies of one image ({" and ".join(why)}): {paths}; {done}',
+  )
+
+
+def _contour_row(members: list, reasons: dict) -> dict:
+  paths = ', '.join(m[0] for m in members)
+  return s.reconciliation_row(
+    members[0][1],
+    members[0][2],
+    s.DUPLICATE_CONTOUR,
+    f'{len(members)} identical contour files: {paths}; the slices they belong '
+    f'to are flagged {CONTOUR_FLAG}',
+  )
+
+
+def _split_moves(slice_groups: list[tuple]) -> dict[str, list[str]]:
+  """{patient_id: [its split, the new one]} for the patients that must
+  change split so that every copy of an image lies in one split: patients
+  sharing an image join the split of the first of them by patient_id."""
+  patients = _Components()
+  split_of: dict[str, str] = {}
+  for _, _, members in slice_groups:
+    patients.join([m[1] for m in members])
+    split_of.update({m[1]: m[4] for m in members})
+  moves = {}
+  for group in patients.groups():
+    target = split_of[group[0]]
+    moves.update({p: [split_of[p], target] for p in group if split_of[p] != target})
+  return moves
+
+
+class _WritePlanFn(beam.DoFn):
+  def __init__(self, path: str):
+    self._path = path
+
+  def process(self, found: dict):
+    with FileSystems.create(self._path) as f:
+      f.write(json.dumps(found, indent=1).encode())
+    yield self._path
+
+
+class FindDuplicates(beam.PTransform):
+  """Identity records (per chunk) -> reconciliation rows of duplicates; the
+  plan is written to ``plan_path`` (JSON) for the launcher."""
+
+  def __init__(self, plan_path: str, drop: bool):
+    super().__init__()
+    self._plan_path = plan_path
+    self._drop = drop
+
+  def expand(self, identities):
+    drop = self._drop
+
+    def rows_and_plan(groups):
+      rows, found = plan(groups, drop)
+      yield from rows
+      yield pvalue.TaggedOutput('plan', found)
+
+    found = (
+      identities
+      | 'Keys' >> beam.FlatMap(_keys)
+      | 'ByIdentity' >> beam.GroupByKey()
+      | 'Repeated' >> beam.FlatMap(_repeated)
+      | 'Together' >> beam.combiners.ToList()
+      | 'Plan' >> beam.FlatMap(rows_and_plan).with_outputs('plan', main='rows')
+    )
+    _ = found.plan | 'WritePlan' >> beam.ParDo(_WritePlanFn(self._plan_path))
+    return found.rows
