@@ -52,7 +52,7 @@ def _distinct_copy(source: str, target: str, k: int) -> None:
     return
   ds = pydicom.dcmread(source)
   ds.SOPInstanceUID = pydicom.uid.generate_uid(
-    entropy_srcs=[str(ds.SOPInstanceUID), str(k)]
+    entropy_srcs=[f'{ds.SOPInstanceUID}/copy {k}']  # one string: no two (uid, k) alike
   )
   pixels = bytearray(ds.PixelData)
   pixels[-2:] = (2000 + k).to_bytes(2, 'little')
