@@ -22,6 +22,7 @@ import json
 from collections.abc import Iterator
 
 import apache_beam as beam
+import xxhash
 from apache_beam import pvalue
 from apache_beam.io.filesystems import FileSystems
 
@@ -62,12 +63,32 @@ def _keys(identities: tuple) -> Iterator[tuple]:
     yield ('contour', 'identical bytes', digest), (path, pid, original, index, kind)
 
 
+# Identities travel in a few buckets per chunk, not one element per key: a
+# shuffle of one element per slice and key cost 10 % of a run's CPU at
+# 23,000 slices (BENCHMARKS.md).
+BUCKETS = 16
+
+
+def _bucketed(identities: tuple) -> Iterator[tuple]:
+  """(bucket, [(key hash, kind, reason, member)]) for one chunk's identities."""
+  buckets: dict[int, list] = {}
+  for (kind, reason, value), member in _keys(identities):
+    h = xxhash.xxh3_64_intdigest(f'{kind}|{reason}|{value}'.encode())
+    buckets.setdefault(h % BUCKETS, []).append((h, kind, reason, member))
+  yield from buckets.items()
+
+
 def _repeated(element) -> Iterator[tuple]:
-  """(kind, reason, members) for a key held by two or more inputs."""
-  (kind, reason, _), members = element
-  members = sorted(set(members))
-  if len(members) > 1:
-    yield kind, reason, tuple(members)
+  """(kind, reason, members) for each key of a bucket held by two or more
+  inputs."""
+  _, batches = element
+  seen: dict[tuple, list] = {}
+  for batch in batches:
+    for h, kind, reason, member in batch:
+      seen.setdefault((h, kind, reason), []).append(member)
+  for (_, kind, reason), members in seen.items():
+    if len(members) > 1 and len(distinct := sorted(set(members))) > 1:
+      yield kind, reason, tuple(distinct)
 
 
 class _Components:
@@ -210,8 +231,8 @@ class FindDuplicates(beam.PTransform):
 
     found = (
       identities
-      | 'Keys' >> beam.FlatMap(_keys)
-      | 'ByIdentity' >> beam.GroupByKey()
+      | 'Buckets' >> beam.FlatMap(_bucketed)
+      | 'ByBucket' >> beam.GroupByKey()
       | 'Repeated' >> beam.FlatMap(_repeated)
       | 'Together' >> beam.combiners.ToList()
       | 'Plan' >> beam.FlatMap(rows_and_plan).with_outputs('plan', main='rows')
