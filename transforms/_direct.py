@@ -34,7 +34,27 @@ def _aligned(size: int) -> memoryview:
   return memoryview(raw[start : start + size])
 
 
-class DirectFile:
+class AppendOnlyFile:
+  """The file protocol a Parquet writer asks of a sink that only appends:
+  not readable, not seekable, ``tell()`` is the bytes written (``size``)."""
+
+  size = 0
+  closed = False
+
+  def writable(self) -> bool:
+    return True
+
+  def seekable(self) -> bool:
+    return False
+
+  def readable(self) -> bool:
+    return False
+
+  def tell(self) -> int:
+    return self.size
+
+
+class DirectFile(AppendOnlyFile):
   """A write-only binary file that bypasses the page cache where it can.
 
   Args:
@@ -61,24 +81,12 @@ class DirectFile:
       self._fd = os.open(path, flags, 0o644)
     self._buffers = [_aligned(buffer_size), _aligned(buffer_size)]
     self._fill = 0  # bytes in the current buffer
-    self._size = 0  # bytes accepted so far
+    self.size = 0  # bytes accepted so far
     self._pending: Future | None = None
     self._executor = ThreadPoolExecutor(
       max_workers=1, thread_name_prefix='shard-writer'
     )
     self.closed = False
-
-  def writable(self) -> bool:
-    return True
-
-  def seekable(self) -> bool:
-    return False
-
-  def readable(self) -> bool:
-    return False
-
-  def tell(self) -> int:
-    return self._size
 
   def flush(self) -> None:
     """Nothing to do: data reaches the disk when a buffer fills, and at close."""
@@ -97,7 +105,7 @@ class DirectFile:
       if self._fill == len(buffer):
         self._hand_over()
         buffer = self._buffers[0]
-    self._size += size
+    self.size += size
     return size
 
   def _hand_over(self) -> None:
@@ -140,7 +148,7 @@ class DirectFile:
         buffer[self._fill : self._fill + padded] = bytes(padded)
         self._write_all(buffer[: self._fill + padded])
         if padded:
-          os.ftruncate(self._fd, self._size)
+          os.ftruncate(self._fd, self.size)
     finally:
       self._executor.shutdown(wait=True)
       os.close(self._fd)

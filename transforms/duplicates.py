@@ -39,7 +39,7 @@ CONTOUR_FLAG = s.DUPLICATE_CONTOUR
 
 def slice_identity(row: dict) -> tuple:
   """A written row's identity, for FindDuplicates."""
-  constant = row['pixel_min'] == row['pixel_max']
+  constant = 'constant_image' in row['qa_flags']  # see quality.pixel_checks
   return (
     row['patient_id'],
     row['original_id'],

@@ -97,26 +97,12 @@ def writer_options(schema: pa.Schema, image_codec: str | None = None) -> dict:
   }
 
 
-class _Hashed:
+class _Hashed(_direct.AppendOnlyFile):
   """A binary file that hashes what is written through it (digests)."""
 
   def __init__(self, handle):
     self._handle = handle
     self._hash = digests.hasher()
-    self.size = 0
-    self.closed = False
-
-  def writable(self) -> bool:
-    return True
-
-  def seekable(self) -> bool:
-    return False
-
-  def readable(self) -> bool:
-    return False
-
-  def tell(self) -> int:
-    return self.size
 
   def flush(self) -> None:
     self._handle.flush()
