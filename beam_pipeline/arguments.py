@@ -11,7 +11,7 @@ import argparse
 
 from beam_pipeline.contract import splits
 from beam_pipeline.contract.errors import UsageError
-from transforms import settings
+from transforms import settings, stores
 
 DEFAULT_OUTPUT = 'output'
 DEFAULT_SAMPLE_DIR = 'sample_data'
@@ -194,6 +194,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     'slices/s, ETA) when stderr is not a terminal; a terminal gets one live '
     'bar instead.',
   )
+  _add(
+    performance,
+    '--read-concurrency',
+    dest='read_concurrency',
+    type=int,
+    default=stores.DEFAULT_READ_CONCURRENCY,
+    help='Requests in flight per worker while reading files from an object '
+    'store (s3://, gs://), so waiting on the network overlaps with decoding.',
+  )
+  _add(
+    performance,
+    '--request-attempts',
+    dest='request_attempts',
+    type=int,
+    default=stores.DEFAULT_ATTEMPTS,
+    help='Attempts per object-store request before the file counts as failed '
+    '(an error row): throttling (503 SlowDown, 429) and transient errors are '
+    'retried with exponential backoff and jitter.',
+  )
   qa = parser.add_argument_group(QA)
   _add(
     qa,
@@ -227,6 +246,11 @@ def validate(values) -> None:
     )
   if values.decoders < 1:
     raise UsageError(f'--decoders must be at least 1, got {values.decoders}')
+  for flag in ('read_concurrency', 'request_attempts'):
+    if getattr(values, flag) < 1:
+      raise UsageError(
+        f'--{flag.replace("_", "-")} must be at least 1, got {getattr(values, flag)}'
+      )
   if values.decode_timeout <= 0:
     raise UsageError(f'--decode-timeout must be positive, got {values.decode_timeout}')
   if values.progress_seconds < 0:

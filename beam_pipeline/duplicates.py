@@ -13,15 +13,17 @@ duplicates reads the (empty) plan and nothing else.
 from __future__ import annotations
 
 import collections
+import io
 import json
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from apache_beam.io.filesystems import FileSystems
 
 from beam_pipeline.contract import digests, metrics
 from beam_pipeline.contract import schema as s
+from transforms import stores
+from transforms.stores import is_local
 from transforms.write import writer_options
 
 
@@ -34,10 +36,9 @@ def apply_plan(
   Returns:
     {patient_id: slices dropped} (empty unless --drop-duplicates).
   """
-  path = FileSystems.join(staging, s.DUPLICATES_PLAN_FILE)
-  with FileSystems.open(path) as f:
-    plan = json.loads(f.read())
-  FileSystems.delete([path])
+  path = stores.join(staging, s.DUPLICATES_PLAN_FILE)
+  plan = json.loads(stores.read_bytes(path))
+  stores.store(path).delete([path])
   flags: dict[tuple[str, int], list[str]] = collections.defaultdict(list)
   for pid, index, flag in plan['flags']:
     flags[pid, index].append(flag)
@@ -46,23 +47,21 @@ def apply_plan(
   if not (flags or drop or moves):
     return {}
   patients = {key[0] for key in flags} | {key[0] for key in drop} | set(moves)
-  folder = FileSystems.join(staging, s.SLICES_DIR)
-  manifest_path = FileSystems.join(folder, digests.MANIFEST_FILE)
-  with FileSystems.open(manifest_path) as f:
-    manifest = json.loads(f.read())
+  folder = stores.join(staging, s.SLICES_DIR)
+  manifest_path = stores.join(folder, digests.MANIFEST_FILE)
+  manifest = json.loads(stores.read_bytes(manifest_path))
   counts: collections.Counter = collections.Counter()
   for old, new in plan['moves'].values():
     counts[metrics.split_patients_counter(old)] -= 1
     counts[metrics.split_patients_counter(new)] += 1
   for name in sorted(manifest):
-    shard = FileSystems.join(folder, name)
-    with FileSystems.open(shard) as f:
+    shard = stores.join(folder, name)
+    with _readable(shard) as f:
       ids = pq.read_table(f, columns=['patient_id'])['patient_id']
     if not set(pc.unique(ids).to_pylist()) & patients:
       continue
     manifest[name] = _rewrite(shard, flags, drop, moves, image_codec, counts)
-  with FileSystems.create(manifest_path) as f:
-    f.write(json.dumps(manifest, indent=1).encode())
+  stores.write_bytes(manifest_path, json.dumps(manifest, indent=1).encode())
   for key, n in counts.items():
     totals[key] = totals.get(key, 0) + n
   return dict(collections.Counter(pid for pid, _ in drop))
@@ -79,7 +78,8 @@ def _rewrite(
   """Rewrites one shard with the plan applied; returns its manifest entry.
   ``counts`` gathers the counter changes."""
   rewritten = shard + '.rewritten'
-  with FileSystems.open(shard) as source, FileSystems.create(rewritten) as sink:
+  sink = stores.store(rewritten).create(rewritten)
+  with _readable(shard) as source:
     parquet = pq.ParquetFile(source, page_checksum_verification=True)
     writer = pq.ParquetWriter(
       sink, s.SLICE_SCHEMA, **writer_options(s.SLICE_SCHEMA, image_codec)
@@ -88,11 +88,19 @@ def _rewrite(
       table = parquet.read_row_group(g)
       writer.write_table(_changed(table, flags, drop, moves, counts))
     writer.close()
-  FileSystems.delete([shard])
-  FileSystems.rename([rewritten], [shard])
-  with FileSystems.open(shard) as f:
+  sink.close()
+  stores.move_all([(rewritten, shard)])
+  with _readable(shard) as f:
     size, digest = digests.of_stream(f)
   return digests.entry(size, digest)
+
+
+def _readable(path: str):
+  """A file object for ``path``: the file itself locally, its bytes in
+  memory from an object store."""
+  if is_local(path):
+    return open(path, 'rb')  # noqa: SIM115 (the caller closes it)
+  return io.BytesIO(stores.read_bytes(path))
 
 
 def _changed(

@@ -11,11 +11,11 @@ run is taken over with a warning, never waited on. The file is checked to
 still be the one at that path after locking, so a run that opened it just
 before the holder deleted it cannot hold a lock nobody sees.
 
-On an object store (no flock) the lock is an object: a run refuses while it
-exists and is younger than STALE_HOURS, takes over an older one with a
-warning, and reads its own lock back after writing it. Beam's S3 and GCS
-clients cannot make a conditional create, so two runs starting within the
-same second may both pass there (docs/RELIABILITY.md).
+On an object store (no flock) the lock is an object made by a conditional
+create (S3 ``If-None-Match: *``, GCS ``ifGenerationMatch=0``), so of two runs
+starting together exactly one gets it. A lock younger than STALE_HOURS is
+refused; an older one (its run died without releasing it) is taken over with
+a warning.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ import uuid
 from collections.abc import Iterator
 
 from beam_pipeline.contract.errors import UsageError
-from beam_pipeline.contract.layout import is_local
+from transforms import stores
+from transforms.stores import is_local
 
 _LOG = logging.getLogger(__name__)
 
@@ -122,12 +123,14 @@ def _hold_local(output: str, run_id: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _hold_remote(output: str, run_id: str) -> Iterator[None]:
-  from apache_beam.io.filesystems import FileSystems
-
-  path = FileSystems.join(output, LOCK_FILE)
-  if FileSystems.exists(path):
-    with FileSystems.open(path) as f:
-      holder = _parse(f.read())
+  path = stores.join(output, LOCK_FILE)
+  store = stores.store(path)
+  mine = json.dumps(_holder(run_id)).encode()
+  if not store.create_exclusive(path, mine):
+    try:
+      holder = _parse(store.read(path))
+    except FileNotFoundError:  # released as we looked: one more try
+      holder = {'started': None}
     started = holder.get('started')
     try:
       age = time.time() - datetime.datetime.fromisoformat(started).timestamp()
@@ -138,23 +141,22 @@ def _hold_remote(output: str, run_id: str) -> Iterator[None]:
         f'--output {output} is in use by another run ({_describe(holder)}; '
         f'{path}); wait for it to finish, or choose another --output'
       )
-    _LOG.warning(
-      'taking over the lock of %s, older than %g hours (%s)',
-      output,
-      STALE_HOURS,
-      _describe(holder),
-    )
-  mine = _holder(run_id)
-  with FileSystems.create(path) as f:
-    f.write(json.dumps(mine).encode())
-  with FileSystems.open(path) as f:
-    if _parse(f.read()).get('run_id') != run_id:
+    if holder.get('run_id'):
+      _LOG.warning(
+        'taking over the lock of %s, older than %g hours (%s)',
+        output,
+        STALE_HOURS,
+        _describe(holder),
+      )
+      store.delete([path])
+    if not store.create_exclusive(path, mine):
       raise UsageError(f'--output {output} was locked by another run just now')
   try:
     yield
   finally:
     with contextlib.suppress(Exception):
-      FileSystems.delete([path])
+      if _parse(store.read(path)).get('run_id') == run_id:
+        store.delete([path])
 
 
 def new_run_id() -> str:

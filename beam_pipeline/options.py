@@ -10,12 +10,21 @@ import argparse
 import difflib
 from collections.abc import Sequence
 
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, S3Options
 
 from beam_pipeline import arguments
 from beam_pipeline.contract import splits
 from beam_pipeline.contract.errors import UsageError
 from transforms.settings import DecodeSettings
+from transforms.stores import StoreConfig
+
+# Beam's S3 options that would put a credential on the command line, where a
+# runner displays it, and the environment variable that takes its place.
+_CREDENTIAL_OPTIONS = {
+  's3_access_key_id': 'AWS_ACCESS_KEY_ID',
+  's3_secret_access_key': 'AWS_SECRET_ACCESS_KEY',
+  's3_session_token': 'AWS_SESSION_TOKEN',
+}
 
 
 class IngestOptions(PipelineOptions):
@@ -28,6 +37,29 @@ class IngestOptions(PipelineOptions):
   def validate_ingest(self) -> None:
     """Raises UsageError (a ValueError) on invalid values, before any launch."""
     arguments.validate(self)
+    aws = self.view_as(S3Options)
+    for name, variable in _CREDENTIAL_OPTIONS.items():
+      if getattr(aws, name, None):
+        raise UsageError(
+          f'--{name} would show a credential in the pipeline options: set '
+          f'{variable} in the environment instead (or use a profile or an '
+          'instance role)'
+        )
+
+  def store_config(self) -> StoreConfig:
+    """How the stages reach object stores: Beam's standard S3 endpoint,
+    region and TLS options, and this pipeline's concurrency and attempts."""
+    aws = self.view_as(S3Options)
+    verify = aws.s3_verify
+    if aws.s3_disable_ssl:
+      verify = False
+    return StoreConfig(
+      s3_endpoint_url=aws.s3_endpoint_url,
+      s3_region=aws.s3_region_name,
+      s3_verify=verify,
+      read_concurrency=self.read_concurrency,
+      attempts=self.request_attempts,
+    )
 
   def decode_settings(self) -> DecodeSettings:
     """The decode stage's settings from these options."""
@@ -42,6 +74,7 @@ class IngestOptions(PipelineOptions):
       decode_timeout=self.decode_timeout,
       decoders=self.decoders,
       progress_seconds=self.progress_seconds,
+      store=self.store_config(),
     )
 
 

@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import (
   DirectOptions,
   PipelineOptions,
@@ -43,6 +42,7 @@ from beam_pipeline.contract import layout, metrics
 from beam_pipeline.contract import schema as s
 from beam_pipeline.contract.errors import UsageError, causes
 from beam_pipeline.options import IngestOptions, check_known
+from transforms import stores
 from transforms.decode import DecodeSlices
 from transforms.duplicates import FindDuplicates
 from transforms.listing import ListTree, ReadLinks
@@ -65,8 +65,9 @@ def build_pipeline(
   ``progress_dir`` (a local runner), workers keep their counts there for
   ``beam_pipeline.progress``. ``run_id`` names the run's staging folder.
   """
-  links = p | 'ReadLinks' >> ReadLinks(options.input)
-  files = p | 'ListTree' >> ListTree(options.input)
+  config = options.store_config()
+  links = p | 'ReadLinks' >> ReadLinks(options.input, config)
+  files = p | 'ListTree' >> ListTree(options.input, config)
   found = {
     Reconcile.LINKS: links[ReadLinks.LINKS],
     Reconcile.DICOMS: files[ListTree.DICOMS],
@@ -78,7 +79,7 @@ def build_pipeline(
   )
   staging = publish.staging_path(options.output, run_id)
   copies = decoded[DecodeSlices.IDENTITIES] | 'FindDuplicates' >> FindDuplicates(
-    FileSystems.join(staging, s.DUPLICATES_PLAN_FILE), options.drop_duplicates
+    stores.join(staging, s.DUPLICATES_PLAN_FILE), options.drop_duplicates, config
   )
   reconciliation = (
     links[ReadLinks.RECONCILIATION],
@@ -94,7 +95,7 @@ def build_pipeline(
     WriteDataset.SLICES: decoded[DecodeSlices.SLICES],
     WriteDataset.RECONCILIATION: reconciliation,
     WriteDataset.ERRORS: errors,
-  } | 'Write' >> WriteDataset(staging, options.image_codec)
+  } | 'Write' >> WriteDataset(staging, options.image_codec, config)
 
 
 def resolve_paths(options: IngestOptions) -> bool:
@@ -108,6 +109,7 @@ def resolve_paths(options: IngestOptions) -> bool:
     UsageError: the input is not a data tree, or the output is inside it.
   """
   options.validate_ingest()
+  stores.configure(options.store_config())
   overwrite = options.overwrite
   if options.input is None:
     options.input = publish.absolute(options.sample_dir)
@@ -124,13 +126,13 @@ def resolve_paths(options: IngestOptions) -> bool:
     )
   options.input = publish.absolute(options.input).rstrip('/')
   options.output = publish.absolute(options.output).rstrip('/')
-  link_file = FileSystems.join(options.input, layout.LINK_FILE)
-  if not FileSystems.exists(link_file):
+  link_file = stores.join(options.input, layout.LINK_FILE)
+  if not stores.store(link_file).exists(link_file):
     raise UsageError(
       f'--input {options.input} is not a data tree: {link_file} not found'
     )
   if options.qa_dir is not None:
-    if not layout.is_local(options.output) or not layout.is_local(options.qa_dir):
+    if not stores.is_local(options.output) or not stores.is_local(options.qa_dir):
       raise UsageError('--qa-dir needs a local --output and a local --qa-dir')
     options.qa_dir = publish.absolute(options.qa_dir)
   if options.output == options.input or options.output.startswith(options.input + '/'):
@@ -250,7 +252,6 @@ def run(argv: Sequence[str] | None = None) -> Run:
   check_known(argv)
   options = PipelineOptions(argv)
   ingest = options.view_as(IngestOptions)
-  FileSystems.set_options(options)  # object stores need their options here too
   if options.view_as(TestOptions).dry_run:
     return _dry_run(options, ingest)
   overwrite = resolve_paths(ingest)

@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 from beam_pipeline.contract import layout
 from beam_pipeline.contract.errors import UsageError, causes
+from transforms import stores
 
 _LOG = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def survey(root: str) -> Survey | None:
 
   Returns None for a tree on an object store (not walked twice there).
   """
-  if not layout.is_local(root):
+  if not stores.is_local(root):
     return None
   try:
     with open(os.path.join(root, layout.LINK_FILE), 'rb') as f:
@@ -149,7 +150,7 @@ def check_output(output: str, needed: int | None, space_check: bool = True) -> N
   written under the staging prefix and deleted: the bucket exists and the
   credentials may write. The previous dataset is not touched.
   """
-  if layout.is_local(output):
+  if stores.is_local(output):
     _check_local(output, needed if space_check else None)
   else:
     _check_remote(output)
@@ -204,13 +205,10 @@ def _remove_made(made: list[str]) -> None:
 
 
 def _check_remote(output: str) -> None:
-  from apache_beam.io.filesystems import FileSystems
-
-  probe = FileSystems.join(output, f'.write-probe-{uuid.uuid4().hex}')
+  probe = stores.join(output, f'.write-probe-{uuid.uuid4().hex}')
   try:
-    with FileSystems.create(probe) as f:
-      f.write(b'probe')
-    FileSystems.delete([probe])
+    stores.write_bytes(probe, b'probe')
+    stores.store(probe).delete([probe])
   except Exception as e:
     raise UsageError(f'--output {output} is not writable: {_cause(e)}') from e
 

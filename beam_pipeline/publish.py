@@ -4,7 +4,8 @@ A run writes into ``OUT/_incomplete-<run id>/`` and moves the finished dataset i
 place only when the pipeline succeeded, writing ``OUT/_SUMMARY.json`` last
 (``beam_pipeline.summary``): a killed run leaves any previous dataset
 untouched, and ``_SUMMARY.json`` exists only beside a complete dataset.
-Works on any Beam file system (local, ``s3://``, ``gs://``).
+Works on a local disk and on object stores (``s3://``, ``gs://``; see
+``transforms.stores``), where moving is a parallel server-side copy.
 """
 
 from __future__ import annotations
@@ -13,12 +14,11 @@ import json
 import logging
 import os
 
-from apache_beam.io.filesystems import FileSystems
-
 from beam_pipeline.contract import digests
 from beam_pipeline.contract import schema as s
 from beam_pipeline.contract.errors import UsageError
-from beam_pipeline.contract.layout import is_local
+from transforms import stores
+from transforms.stores import is_local
 
 _LOG = logging.getLogger(__name__)
 
@@ -29,46 +29,28 @@ OUTPUT_ENTRIES = (*DATA_ENTRIES, s.SUMMARY_FILE)
 def staging_path(output: str, run_id: str) -> str:
   """Where the run ``run_id`` writes before its dataset is moved into
   ``output``: a folder of its own, so no run can publish another's files."""
-  return FileSystems.join(output, f'{s.STAGING_DIR}-{run_id}')
+  return stores.join(output, f'{s.STAGING_DIR}-{run_id}')
 
 
-def _under(path: str) -> list[str]:
-  """Every file below ``path`` (a folder, or an object-store prefix)."""
-  return [
-    m.path for m in FileSystems.match([path.rstrip('/') + '/**'])[0].metadata_list
-  ]
-
-
-def exists(path: str) -> bool:
-  """True for a file, a folder, or an object-store prefix holding objects."""
-  return FileSystems.exists(path) or (not is_local(path) and bool(_under(path)))
-
-
-def delete_tree(path: str) -> None:
-  """Deletes a file or a folder; on object stores, every object under it."""
-  if is_local(path):
-    FileSystems.delete([path])
-    return
-  found = _under(path) + ([path] if FileSystems.exists(path) else [])
-  if found:
-    FileSystems.delete(found)
+exists = stores.exists
+delete_tree = stores.delete_tree
 
 
 def made_from(output: str) -> str | None:
   """The --input recorded in ``output``'s _SUMMARY.json, or None."""
-  path = FileSystems.join(output, s.SUMMARY_FILE)
+  path = stores.join(output, s.SUMMARY_FILE)
   try:
-    with FileSystems.open(path) as f:
-      return json.loads(f.read()).get('input')
+    return json.loads(stores.read_bytes(path)).get('input')
   except Exception:  # absent, unreadable or not ours: nothing is known
     return None
 
 
 def check_replaceable(output: str, overwrite: bool) -> None:
   """Raises UsageError if ``output`` holds a dataset and ``overwrite`` is unset."""
-  existing = [
-    entry for entry in OUTPUT_ENTRIES if exists(FileSystems.join(output, entry))
-  ]
+  try:
+    existing = [e for e in OUTPUT_ENTRIES if exists(stores.join(output, e))]
+  except OSError as e:  # e.g. a bucket that does not exist
+    raise UsageError(f'--output {output} is not writable: {e}') from e
   if existing and not overwrite:
     raise UsageError(
       f'--output {output} already holds a dataset ({", ".join(existing)}); pass '
@@ -89,7 +71,7 @@ def clear_staging(output: str) -> None:
     left = sorted(
       {
         prefix + path[len(prefix) :].split('/', 1)[0]
-        for path in _under(output)
+        for path in stores.files_under(output)
         if path[len(prefix) :].startswith(s.STAGING_DIR)
       }
     )
@@ -105,10 +87,9 @@ def take_manifests(output: str, run_id: str) -> dict[str, dict]:
   staging = staging_path(output, run_id)
   files = {}
   for entry in DATA_ENTRIES:
-    path = FileSystems.join(staging, entry, digests.MANIFEST_FILE)
-    with FileSystems.open(path) as f:
-      manifest = json.loads(f.read())
-    FileSystems.delete([path])
+    path = stores.join(staging, entry, digests.MANIFEST_FILE)
+    manifest = json.loads(stores.read_bytes(path))
+    stores.store(path).delete([path])
     files.update({f'{entry}/{name}': v for name, v in sorted(manifest.items())})
   return files
 
@@ -123,21 +104,19 @@ def publish(output: str, run_id: str) -> dict[str, str]:
     {entry: its path} for each published table folder.
   """
   staging = staging_path(output, run_id)
-  summary = FileSystems.join(output, s.SUMMARY_FILE)
-  if FileSystems.exists(summary):
-    FileSystems.delete([summary])
+  summary = stores.join(output, s.SUMMARY_FILE)
+  stores.store(summary).delete([summary])
   for entry in DATA_ENTRIES:
-    old = FileSystems.join(output, entry)
+    old = stores.join(output, entry)
     if exists(old):
       delete_tree(old)
-  staged = _under(staging)
-  targets = [output + path[len(staging) :] for path in staged]
+  staged = stores.files_under(staging)
   if is_local(output):  # object stores have no folders to make
     for entry in DATA_ENTRIES:
-      FileSystems.mkdirs(FileSystems.join(output, entry))
-  FileSystems.rename(staged, targets)
+      os.makedirs(stores.join(output, entry), exist_ok=True)
+  stores.move_all([(path, output + path[len(staging) :]) for path in staged])
   delete_tree(staging)
-  return {entry: FileSystems.join(output, entry) for entry in DATA_ENTRIES}
+  return {entry: stores.join(output, entry) for entry in DATA_ENTRIES}
 
 
 def absolute(path: str) -> str:

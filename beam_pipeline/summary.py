@@ -7,12 +7,12 @@ import shlex
 from collections.abc import Mapping
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.runners.runner import PipelineResult
 
 from beam_pipeline.contract import digests, metrics, splits
 from beam_pipeline.contract import schema as s
+from transforms import stores
 
 
 def counters(result: PipelineResult) -> dict[str, int]:
@@ -45,7 +45,7 @@ def write_summary(
   Returns:
     The summary's path.
   """
-  path = FileSystems.join(output, s.SUMMARY_FILE)
+  path = stores.join(output, s.SUMMARY_FILE)
   summary = {
     'schema_version': s.SCHEMA_VERSION,
     'beam_version': beam.__version__,
@@ -56,8 +56,7 @@ def write_summary(
     digests.FILES: dict(sorted(files.items())),
   }
   summary[digests.SUMMARY_DIGEST] = digests.of_summary(summary)
-  with FileSystems.create(path) as f:
-    f.write(json.dumps(summary, indent=2).encode() + b'\n')
+  stores.write_bytes(path, json.dumps(summary, indent=2).encode() + b'\n')
   return path
 
 

@@ -193,7 +193,7 @@ def test_files_for_pydicom_are_read_a_window_at_a_time(tmp_path, monkeypatch):
     return inner(paths, limits, datas)
 
   monkeypatch.setattr(decoder._fallback, 'decode_all', recording)
-  outcomes = list(decoder.outcomes(paths))
+  outcomes = [outcome for outcome, _ in decoder.outcomes(paths)]
   assert all(isinstance(o, Decoded) for o in outcomes) and len(outcomes) == 12
   assert len(held) == 4 and max(held) == 3 * len(data)
 

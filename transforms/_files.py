@@ -1,4 +1,4 @@
-"""Reading and listing the input tree, through Beam's FileSystems.
+"""Reading and listing the input tree (local, or an object store: stores).
 
 Every read goes through :func:`read_input`, which joins a path relative to the
 input root and, on local disks, refuses any file whose real location (after
@@ -14,13 +14,11 @@ import os
 import stat
 from collections.abc import Iterator
 
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
-
 from beam_pipeline.contract import schema as s
 from beam_pipeline.contract.errors import FileTooLargeError, UnsafePathError
-from beam_pipeline.contract.layout import is_local
+from transforms import stores
 from transforms.outcomes import Failed
+from transforms.stores import is_local
 
 # The listing's reason for an empty folder (see walk_local).
 EMPTY_FOLDER = 'empty folder'
@@ -29,7 +27,7 @@ NOT_UTF8 = 'name is not valid UTF-8 (shown with \\x escapes)'
 
 def join_path(root: str, relative: str) -> str:
   """The full path of ``relative`` (always ``/``-separated) under ``root``."""
-  return FileSystems.join(root, *relative.split('/'))
+  return stores.join(root, relative)
 
 
 def relative_to(root: str, path: str) -> str:
@@ -101,26 +99,10 @@ def read_input(root: str, relative: str, limit: int | None = None) -> bytes:
         raise _too_large(size, limit)
       data = f.read()
   else:
-    with FileSystems.open(
-      full_path, compression_type=CompressionTypes.UNCOMPRESSED
-    ) as f:
-      data = f.read() if limit is None else _read_capped(f, limit)
+    data = stores.store(full_path).read(full_path, limit)
   if limit is not None and len(data) > limit:  # it grew, or its size is unknown
     raise _too_large(len(data), limit)
   return data
-
-
-_READ_STEP = 8 * 1024 * 1024
-
-
-def _read_capped(f, limit: int) -> bytes:
-  """At most ``limit + 1`` bytes of ``f``, in steps: ``read(limit + 1)``
-  would allocate the whole limit up front, whatever the file's size."""
-  parts, total = [], 0
-  while total <= limit and (part := f.read(min(_READ_STEP, limit + 1 - total))):
-    parts.append(part)
-    total += len(part)
-  return b''.join(parts)
 
 
 def read_or_fail(root: str, relative: str, limit: int | None = None) -> bytes | Failed:

@@ -27,10 +27,10 @@ from collections.abc import Callable, Iterator
 
 from beam_pipeline.contract import schema as s
 from beam_pipeline.contract.errors import DicomError
-from beam_pipeline.contract.layout import is_local
 from transforms import _files, _tuning
 from transforms.outcomes import Decoded, Failed, Outcome
 from transforms.settings import Limits
+from transforms.stores import is_local
 
 _LOG = logging.getLogger(__name__)
 

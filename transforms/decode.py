@@ -37,6 +37,7 @@ from transforms import (
   assemble,
   duplicates,
   quality,
+  stores,
 )
 from transforms.assemble import SliceResult, slice_row, unusable_slice
 from transforms.chunks import SliceChunk, plan_chunks
@@ -48,7 +49,7 @@ _LOG = logging.getLogger(__name__)
 
 
 class SliceDecoder:
-  """Reads and decodes a chunk's files; one outcome per path, in order.
+  """Reads and decodes a chunk's files; one outcome per slice, in order.
 
   The native reader takes what it can in this process (it cannot crash or
   hang, see transforms._native); the rest goes to ``decode_fn`` (pydicom), in
@@ -57,13 +58,21 @@ class SliceDecoder:
 
   Files are read a window at a time: a window closes when what it holds (the
   native reader's images, the bytes of files waiting for pydicom) reaches
-  ``window_bytes``, so memory does not grow with the chunk.
+  ``window_bytes``, so memory does not grow with the chunk. On object stores
+  the files (slices and their contour files, in the order they are used) are
+  fetched ahead, ``settings.store.read_concurrency`` requests in flight
+  (stores.Prefetcher), so the network's latency overlaps with decoding.
   """
 
   def __init__(self, input_root: str, settings: DecodeSettings, decode_fn):
     self._root = input_root
     self._limits = settings.limits
     self._window_bytes = max(1, settings.max_chunk_bytes // 4)
+    self._prefetcher = (
+      None
+      if stores.is_local(input_root)
+      else stores.Prefetcher(settings.store.read_concurrency, self._window_bytes)
+    )
     if settings.isolate:
       memory = _isolate.decoder_headroom(self._limits)
       self._fallback = _isolate.DecoderPool(
@@ -84,36 +93,61 @@ class SliceDecoder:
       _LOG.exception('native reader failed on %s', path)
       return None
 
-  def outcomes(self, paths: list[str]) -> Iterator[Outcome]:
-    """The outcome of each path, in order, a window of files at a time."""
+  def _read(self, path: str) -> bytes | Failed:
+    return _files.read_or_fail(self._root, path, self._limits.max_file_bytes)
+
+  def _reads(self, paths: list[str]) -> Iterator[bytes | Failed]:
+    if self._prefetcher is None:
+      return map(self._read, paths)
+    return self._prefetcher.fetch(paths, self._read)
+
+  def outcomes(
+    self, paths: list[str], extras: list[dict[str, str]] | None = None
+  ) -> Iterator[tuple[Outcome, dict[str, bytes | Failed]]]:
+    """(the outcome of each path, the bytes of its ``extras``: {name: path}
+    of other files read with it, such as its contour files), in order, a
+    window of files at a time."""
+    extras = extras or [{}] * len(paths)
+    reads = self._reads(
+      [
+        p
+        for path, more in zip(paths, extras, strict=True)
+        for p in (path, *more.values())
+      ]
+    )
     start = 0
     while start < len(paths):
       window: list[Outcome | None] = []
+      besides: list[dict] = []
       rest, data_of_rest = [], []
       held = 0
       while start + len(window) < len(paths) and (
         not window or held < self._window_bytes
       ):
-        path = paths[start + len(window)]
-        data = _files.read_or_fail(self._root, path, self._limits.max_file_bytes)
+        k = start + len(window)
+        data = next(reads)
+        besides.append({name: next(reads) for name in extras[k]})
+        held += sum(len(b) for b in besides[-1].values() if isinstance(b, bytes))
         if isinstance(data, Failed):
           window.append(data)
-        elif (fast := self._native(path, data)) is not None:
+        elif (fast := self._native(paths[k], data)) is not None:
           window.append(fast)
           held += fast.image.nbytes
         else:
           window.append(None)
-          rest.append(path)
+          rest.append(paths[k])
           data_of_rest.append(data)
           held += len(data)
       decoded = self._fallback.decode_all(rest, self._limits, data_of_rest)
       del data_of_rest  # the decoders hold what they still need
-      for outcome in window:
-        yield next(decoded) if outcome is None else outcome
+      for outcome, more in zip(window, besides, strict=True):
+        yield (next(decoded) if outcome is None else outcome), more
       start += len(window)
 
   def close(self) -> None:
     self._fallback.close()
+    if self._prefetcher is not None:
+      self._prefetcher.close()
 
 
 class _Counters:
@@ -177,6 +211,7 @@ class DecodeSlicesFn(beam.DoFn):
 
   def setup(self):
     _tuning.keep_freed_memory()
+    stores.configure(self._settings.store)
     self._counters = _Counters()
     self._progress = _progress.progress(
       self._run_id, self._settings.progress_seconds, self._settings.progress_dir
@@ -192,16 +227,16 @@ class DecodeSlicesFn(beam.DoFn):
   def process(self, chunk: SliceChunk) -> Iterator:
     split = splits.assign_split(chunk.patient_id, self._settings.split_fractions)
     paths = [task.dicom_path for task in chunk.slices]
+    contour_paths = [task.contour_paths() for task in chunk.slices]
     rows, held, written = [], 0, 0
     slices, contour_ids = [], []
-    for task, outcome in zip(chunk.slices, self._decoder.outcomes(paths), strict=True):
+    outcomes = self._decoder.outcomes(paths, contour_paths)
+    for task, their_paths, (outcome, contours) in zip(
+      chunk.slices, contour_paths, outcomes, strict=True
+    ):
       if isinstance(outcome, Failed):
         yield pvalue.TaggedOutput(self.ERRORS, unusable_slice(chunk, task, outcome))
         continue
-      contours = {
-        kind: _files.read_or_fail(self._input_root, path, self._settings.max_file_bytes)
-        for kind, path in task.contour_paths().items()
-      }
       result = slice_row(chunk, split, task, outcome, contours)
       for error in result.errors:
         yield pvalue.TaggedOutput(self.ERRORS, error)
@@ -210,7 +245,7 @@ class DecodeSlicesFn(beam.DoFn):
       slices.append(duplicates.slice_identity(result.row))
       contour_ids += [
         (chunk.patient_id, chunk.original_id, task.slice_index, kind, path, digest)
-        for kind, path in task.contour_paths().items()
+        for kind, path in their_paths.items()
         if (digest := _content_digest(contours[kind])) is not None
       ]
       held += result.row['image'].nbytes

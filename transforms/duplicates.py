@@ -24,9 +24,9 @@ from collections.abc import Iterator
 import apache_beam as beam
 import xxhash
 from apache_beam import pvalue
-from apache_beam.io.filesystems import FileSystems
 
 from beam_pipeline.contract import schema as s
+from transforms import stores
 
 SLICE_FLAG = s.DUPLICATE_SLICE
 CONTOUR_FLAG = s.DUPLICATE_CONTOUR
@@ -203,12 +203,15 @@ def _split_moves(slice_groups: list[tuple]) -> dict[str, list[str]]:
 
 
 class _WritePlanFn(beam.DoFn):
-  def __init__(self, path: str):
+  def __init__(self, path: str, config: stores.StoreConfig):
     self._path = path
+    self._config = config
+
+  def setup(self):
+    stores.configure(self._config)
 
   def process(self, found: dict):
-    with FileSystems.create(self._path) as f:
-      f.write(json.dumps(found, indent=1).encode())
+    stores.write_bytes(self._path, json.dumps(found, indent=1).encode())
     yield self._path
 
 
@@ -216,10 +219,13 @@ class FindDuplicates(beam.PTransform):
   """Identity records (per chunk) -> reconciliation rows of duplicates; the
   plan is written to ``plan_path`` (JSON) for the launcher."""
 
-  def __init__(self, plan_path: str, drop: bool):
+  def __init__(
+    self, plan_path: str, drop: bool, config: stores.StoreConfig | None = None
+  ):
     super().__init__()
     self._plan_path = plan_path
     self._drop = drop
+    self._config = config or stores.StoreConfig()
 
   def expand(self, identities):
     drop = self._drop
@@ -237,5 +243,7 @@ class FindDuplicates(beam.PTransform):
       | 'Together' >> beam.combiners.ToList()
       | 'Plan' >> beam.FlatMap(rows_and_plan).with_outputs('plan', main='rows')
     )
-    _ = found.plan | 'WritePlan' >> beam.ParDo(_WritePlanFn(self._plan_path))
+    _ = found.plan | 'WritePlan' >> beam.ParDo(
+      _WritePlanFn(self._plan_path, self._config)
+    )
     return found.rows

@@ -14,12 +14,11 @@ from collections.abc import Iterator
 
 import apache_beam as beam
 from apache_beam import pvalue
-from apache_beam.io import fileio
 from apache_beam.metrics import Metrics
 
 from beam_pipeline.contract import layout, metrics
 from beam_pipeline.contract import schema as s
-from transforms import _files
+from transforms import _files, stores
 from transforms.outcomes import Failed
 
 _LOG = logging.getLogger(__name__)
@@ -28,8 +27,12 @@ _LOG = logging.getLogger(__name__)
 class _ParseLinksFn(beam.DoFn):
   """Reads link.csv; emits Links, and problems as tagged outputs."""
 
-  def __init__(self, input_root: str):
+  def __init__(self, input_root: str, config: stores.StoreConfig):
     self._input_root = input_root
+    self._config = config
+
+  def setup(self):
+    stores.configure(self._config)
 
   def process(self, relative_path: str) -> Iterator:
     data = _files.read_or_fail(self._input_root, relative_path)
@@ -58,9 +61,10 @@ class _ParseLinksFn(beam.DoFn):
 class _FromTree(beam.PTransform):
   """A transform that reads from the input tree at ``input_root``."""
 
-  def __init__(self, input_root: str):
+  def __init__(self, input_root: str, config: stores.StoreConfig | None = None):
     super().__init__()
     self._input_root = input_root
+    self._config = config or stores.StoreConfig()
 
 
 class ReadLinks(_FromTree):
@@ -75,7 +79,7 @@ class ReadLinks(_FromTree):
       pbegin
       | 'LinkFile' >> beam.Create([layout.LINK_FILE])
       | 'ParseLinks'
-      >> beam.ParDo(_ParseLinksFn(self._input_root)).with_outputs(
+      >> beam.ParDo(_ParseLinksFn(self._input_root, self._config)).with_outputs(
         self.RECONCILIATION, self.ERRORS, main=self.LINKS
       )
     )
@@ -123,12 +127,47 @@ def _walk_tops(root: str) -> Iterator[tuple[str, str | None]]:
       yield from _files.walk_local(folder)
 
 
+class _ListFn(beam.DoFn):
+  """Lists a folder of an object store: ``level`` gives the files and
+  sub-folders of a top folder, ``files`` everything under one patient's
+  folder (paged by the store's client). A folder that cannot be listed is
+  one (path, reason) pair, classified as a stray like any unusable entry."""
+
+  def __init__(self, config: stores.StoreConfig, top: bool):
+    self._config = config
+    self._top = top
+
+  def setup(self):
+    stores.configure(self._config)
+
+  def process(self, folder: str) -> Iterator:
+    store = stores.store(folder)
+    try:
+      if self._top:
+        files, folders = store.level(folder)
+        yield from ((path, None) for path in files)
+        for path in folders:
+          yield pvalue.TaggedOutput(_FOLDERS, path)
+      else:
+        for path in store.files(folder):
+          if not path.endswith('/'):  # a "folder" marker object
+            yield path, None
+    except OSError as e:
+      yield folder, f'cannot list folder: {e}'
+
+
+_FOLDERS = 'folders'  # patient folders found by the top-level listing
+
+
 class ListTree(_FromTree):
   """Lists every file under dicoms/ and contourfiles/ and classifies it.
 
   Local trees are walked with os.scandir, which also reports what a glob
-  would silently skip (unreadable or symlinked folders, special files);
-  other file systems are listed with Beam's MatchAll.
+  would silently skip (unreadable or symlinked folders, special files).
+  Object stores are listed in parallel: one listing of each top folder finds
+  the patient folders, a Reshuffle spreads them over the workers, and each
+  is listed on its own (paged), so listing time shrinks as workers are added
+  and no element holds the whole tree's paths.
   """
 
   DICOMS = 'dicoms'
@@ -137,23 +176,34 @@ class ListTree(_FromTree):
 
   def expand(self, pbegin):
     root = self._input_root
-    if layout.is_local(root):
+    if stores.is_local(root):
       listed = (
         pbegin | 'Root' >> beam.Create([root]) | 'Walk' >> beam.FlatMap(_walk_tops)
       )
     else:
-      listed = (
+      tops = (
         pbegin
-        | 'Patterns'
+        | 'Tops'
         >> beam.Create(
           [
-            _files.join_path(root, top) + '/**'
+            _files.join_path(root, top)
             for top in (layout.DICOM_DIR, layout.CONTOUR_DIR)
           ]
         )
-        | 'MatchFiles' >> fileio.MatchAll()
-        | 'Paths' >> beam.Map(lambda metadata: (metadata.path, None))
+        | 'ListTops'
+        >> beam.ParDo(_ListFn(self._config, top=True)).with_outputs(
+          _FOLDERS, main='files'
+        )
       )
+      folders = (
+        tops[_FOLDERS]
+        | 'SpreadFolders' >> beam.Reshuffle()
+        | 'ListFolders' >> beam.ParDo(_ListFn(self._config, top=False))
+      )
+      listed = (
+        tops.files,
+        folders,
+      ) | 'AllListed' >> beam.Flatten()
     return listed | 'Classify' >> beam.ParDo(_ClassifyFn(root)).with_outputs(
       self.DICOMS, self.CONTOURS, self.ERRORS
     )

@@ -10,6 +10,7 @@ import dataclasses
 from typing import NamedTuple
 
 from beam_pipeline.contract import splits
+from transforms.stores import StoreConfig
 
 DEFAULT_CHUNK_SIZE = 64
 DEFAULT_MAX_PIXELS = 4096 * 4096
@@ -57,6 +58,7 @@ class DecodeSettings:
     progress_seconds: at most one progress line per worker this often.
     progress_dir: a local folder where each worker process keeps its counts
       for the launcher's progress line (None: workers log their own lines).
+    store: how to reach object stores, and how many reads to keep in flight.
   """
 
   chunk_size: int = DEFAULT_CHUNK_SIZE
@@ -72,6 +74,7 @@ class DecodeSettings:
   decoders: int = DEFAULT_DECODERS
   progress_seconds: float = DEFAULT_PROGRESS_SECONDS
   progress_dir: str | None = None
+  store: StoreConfig = StoreConfig()
 
   @property
   def limits(self) -> Limits:

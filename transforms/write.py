@@ -29,14 +29,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io import filebasedsink
 from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from beam_pipeline.contract import digests, metrics
 from beam_pipeline.contract import schema as s
-from beam_pipeline.contract.layout import is_local
-from transforms import _direct, _files, _tuning
+from transforms import _direct, _files, _tuning, stores
 from transforms.settings import DEFAULT_IMAGE_CODEC
+from transforms.stores import is_local
 
 CODEC = 'zstd'
 _BINARY_COLUMNS = ('image', 'i_mask', 'o_mask')
@@ -97,7 +96,7 @@ def writer_options(schema: pa.Schema, image_codec: str | None = None) -> dict:
   }
 
 
-class _Hashed(_direct.AppendOnlyFile):
+class _Hashed(stores.AppendOnlyFile):
   """A binary file that hashes what is written through it (digests)."""
 
   def __init__(self, handle):
@@ -132,6 +131,7 @@ class _ParquetSink(filebasedsink.FileBasedSink):
     schema: pa.Schema,
     image_codec: str | None = None,
     num_shards: int = 0,
+    config: stores.StoreConfig | None = None,
   ):
     super().__init__(
       file_path_prefix,
@@ -143,6 +143,29 @@ class _ParquetSink(filebasedsink.FileBasedSink):
     )
     self._schema = schema
     self._image_codec = image_codec
+    self._config = config or stores.StoreConfig()
+
+  def _remote(self) -> bool:
+    """Whether the output is on an object store: then files are written
+    through ``stores`` (multipart uploads as they are written, one client
+    per worker) and never through Beam's S3/GCS file systems, which build a
+    client per call."""
+    if is_local(self.file_path_prefix.get()):
+      return False
+    stores.configure(self._config)
+    return True
+
+  def initialize_write(self):
+    if not self._remote():
+      return super().initialize_write()
+    return self._create_temp_dir(self.file_path_prefix.get())  # no folders
+
+  def pre_finalize(self, init_result, writer_results):
+    # Beam deletes earlier files matching the final names; on an object store
+    # that is a listing per table, and the run's staging folder is new.
+    if not self._remote():
+      return super().pre_finalize(init_result, writer_results)
+    return None
 
   def open(self, temp_path):
     with _naming(temp_path):
@@ -151,6 +174,8 @@ class _ParquetSink(filebasedsink.FileBasedSink):
   def _open(self, temp_path):
     if is_local(temp_path):
       handle = _open_local_shard(temp_path)
+    elif self._remote():
+      handle = stores.store(temp_path).create(temp_path)
     else:
       handle = super().open(temp_path)
     hashed = _Hashed(handle)
@@ -182,25 +207,34 @@ class _ParquetSink(filebasedsink.FileBasedSink):
         self._flush_rows(writer, rows)
       writer.close()
       super().close(handle)
-      with FileSystems.create(path + _SIDECAR) as f:
-        f.write(json.dumps(digests.entry(hashed.size, hashed.hexdigest())).encode())
+      stores.write_bytes(
+        path + _SIDECAR,
+        json.dumps(digests.entry(hashed.size, hashed.hexdigest())).encode(),
+      )
 
   def finalize_windowed_write(self, init_result, writer_results, pre_finalize, w=None):
     results = sorted(writer_results)
-    manifest = {}
-    for shard, temp in enumerate(results):
-      with FileSystems.open(temp + _SIDECAR) as f:
-        final = self._get_final_name(shard, len(results), w)
-        manifest[final.rsplit('/', 1)[-1]] = json.loads(f.read())
+    finals = [self._get_final_name(k, len(results), w) for k in range(len(results))]
+    manifest = {
+      final.rsplit('/', 1)[-1]: json.loads(stores.read_bytes(temp + _SIDECAR))
+      for temp, final in zip(results, finals, strict=True)
+    }
     # Beam deletes its temporary folder afterwards, but not on every object
     # store: the sidecars go now, so none can be published.
-    FileSystems.delete([temp + _SIDECAR for temp in results])
-    yield from super().finalize_windowed_write(
-      init_result, writer_results, pre_finalize, w
-    )
+    sidecars = [temp + _SIDECAR for temp in results]
+    stores.store(sidecars[0] if sidecars else '.').delete(sidecars)
+    if self._remote():  # server-side copies, in parallel; then the originals
+      stores.copy_all(list(zip(results, finals, strict=True)))
+      stores.store(self.file_path_prefix.get()).delete(results)
+      yield from finals
+    else:
+      yield from super().finalize_windowed_write(
+        init_result, writer_results, pre_finalize, w
+      )
     folder = self.file_path_prefix.get().rsplit('/', 1)[0]
-    with FileSystems.create(FileSystems.join(folder, digests.MANIFEST_FILE)) as f:
-      f.write(json.dumps(manifest, indent=1).encode())
+    stores.write_bytes(
+      f'{folder}/{digests.MANIFEST_FILE}', json.dumps(manifest, indent=1).encode()
+    )
 
 
 @contextlib.contextmanager
@@ -240,9 +274,11 @@ def _prefix(output_root: str, folder: str) -> str:
 class _WriteReport(beam.PTransform):
   """Counts report rows by one field, then writes them to one Parquet file."""
 
-  def __init__(self, output_root, folder, schema, field, counter_names):
+  def __init__(self, output_root, folder, schema, field, counter_names, config):
     super().__init__()
-    self._sink = _ParquetSink(_prefix(output_root, folder), schema, num_shards=1)
+    self._sink = _ParquetSink(
+      _prefix(output_root, folder), schema, num_shards=1, config=config
+    )
     self._count = _CountFn(field, counter_names)
 
   def expand(self, rows):
@@ -275,10 +311,16 @@ class WriteDataset(beam.PTransform):
     ERRORS: (s.ERRORS_DIR, s.ERROR_SCHEMA, 'stage', s.STAGES, metrics.error_counter),
   }
 
-  def __init__(self, output_root: str, image_codec: str = DEFAULT_IMAGE_CODEC):
+  def __init__(
+    self,
+    output_root: str,
+    image_codec: str = DEFAULT_IMAGE_CODEC,
+    config: stores.StoreConfig | None = None,
+  ):
     super().__init__()
     self._output_root = output_root
     self._image_codec = image_codec
+    self._config = config
 
   def expand(self, outputs):
     root = self._output_root
@@ -286,11 +328,21 @@ class WriteDataset(beam.PTransform):
       self.SLICES: outputs[self.SLICES]
       | 'WriteSlices'
       >> beam.io.Write(
-        _ParquetSink(_prefix(root, s.SLICES_DIR), s.SLICE_SCHEMA, self._image_codec)
+        _ParquetSink(
+          _prefix(root, s.SLICES_DIR),
+          s.SLICE_SCHEMA,
+          self._image_codec,
+          config=self._config,
+        )
       )
     }
     for key, (folder, schema, field, values, counter) in self._REPORTS.items():
       written[key] = outputs[key] | key.capitalize() >> _WriteReport(
-        root, folder, schema, field, {value: counter(value) for value in values}
+        root,
+        folder,
+        schema,
+        field,
+        {value: counter(value) for value in values},
+        self._config,
       )
     return written

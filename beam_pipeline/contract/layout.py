@@ -88,11 +88,6 @@ class Patient(NamedTuple):
   contours: tuple[ContourFile, ...]  # only those with a slice
 
 
-def is_local(path: str) -> bool:
-  """True for a path on the local disk (no ``scheme://``)."""
-  return '://' not in path
-
-
 def id_problem(value: str) -> str | None:
   """Says why ``value`` cannot be a patient or original id, or None if it can."""
   if not value:

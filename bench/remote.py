@@ -1,0 +1,227 @@
+"""Benchmark: the same tree read locally, from S3, and from S3 behind latency.
+
+    python bench/remote.py --data bench/data/x1 --runs 3
+
+Starts an S3-compatible server (moto) and two proxies (tests/proxy.py) on
+127.0.0.1, uploads the tree once, then runs in interleaved rounds:
+
+- ``local``: ``--input`` on the local disk;
+- ``s3``: ``--input s3://...`` straight to the server;
+- ``s3 via proxy``: through a proxy adding nothing (it counts requests and
+  the mean number in flight);
+- ``s3 +30 ms``: through a proxy holding every request 30 ms, like a cloud
+  store's time to first byte;
+- ``s3 in and out``: ``--output`` on the server too;
+- ``boto3 alone``: one client fetching every object of the tree
+  sequentially (what the server gives one plain reader).
+
+The output is local except in the last pipeline mode. Prints medians of
+slices/s (objects/s for boto3 alone), requests/s and the mean requests in
+flight where a proxy counted them, and the ratios the targets name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from run import REPO, count_slices, measure, pipeline_command, settle
+
+from tests.helpers import free_port  # noqa: E402  (run puts the repo on the path)
+
+BUCKET = 'bench'
+LATENCY = 0.030
+
+
+def _wait_for(port: int, process: subprocess.Popen) -> None:
+  deadline = time.monotonic() + 60
+  while True:
+    with socket.socket() as probe:
+      if probe.connect_ex(('127.0.0.1', port)) == 0:
+        return
+    if process.poll() is not None or time.monotonic() > deadline:
+      raise RuntimeError('server did not start')
+    time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def moto_server():
+  port = free_port()
+  server = shutil.which('moto_server') or os.path.join(
+    os.path.dirname(sys.executable), 'moto_server'
+  )
+  process = subprocess.Popen(
+    [server, '-H', '127.0.0.1', '-p', str(port)],
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+    start_new_session=True,
+  )
+  try:
+    _wait_for(port, process)
+    yield f'http://127.0.0.1:{port}'
+  finally:
+    process.terminate()
+    process.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def proxy(upstream: str, delay: float):
+  """tests/proxy.py; yields (endpoint, figures), figures filled at its stop."""
+  port = free_port()
+  process = subprocess.Popen(
+    [
+      sys.executable,
+      '-m',
+      'tests.proxy',
+      '--port',
+      str(port),
+      '--upstream',
+      upstream.split('://', 1)[1],
+      '--delay',
+      str(delay),
+    ],
+    cwd=REPO,
+    stdout=subprocess.PIPE,
+    text=True,
+    start_new_session=True,
+  )
+  figures: dict = {}
+  try:
+    if process.stdout.readline().strip() != 'ready':
+      raise RuntimeError('proxy did not start')
+    yield f'http://127.0.0.1:{port}', figures
+  finally:
+    process.terminate()
+    out, _ = process.communicate(timeout=30)
+    figures.update(json.loads(out.strip().splitlines()[-1]))
+
+
+def _client(endpoint: str):
+  import boto3
+
+  return boto3.client('s3', endpoint_url=endpoint, region_name='us-east-1')
+
+
+def upload(endpoint: str, data: str) -> list[str]:
+  from concurrent.futures import ThreadPoolExecutor
+
+  client = _client(endpoint)
+  client.create_bucket(Bucket=BUCKET)
+  keys = []
+  for folder, _, names in os.walk(data):
+    for name in names:
+      path = os.path.join(folder, name)
+      keys.append((path, 'DATA/' + os.path.relpath(path, data)))
+  with ThreadPoolExecutor(16) as pool:
+    list(pool.map(lambda pair: client.upload_file(pair[0], BUCKET, pair[1]), keys))
+  return [key for _, key in keys]
+
+
+def boto3_alone(endpoint: str, keys: list[str]) -> float:
+  """Objects/s of one boto3 client reading ``keys`` one after another."""
+  client = _client(endpoint)
+  start = time.perf_counter()
+  for key in keys:
+    client.get_object(Bucket=BUCKET, Key=key)['Body'].read()
+  return len(keys) / (time.perf_counter() - start)
+
+
+def delete_prefix(endpoint: str, prefix: str) -> None:
+  client = _client(endpoint)
+  listing = client.get_paginator('list_objects_v2').paginate(
+    Bucket=BUCKET, Prefix=prefix
+  )
+  for page in listing:
+    objects = [{'Key': o['Key']} for o in page.get('Contents', ())]
+    if objects:
+      client.delete_objects(Bucket=BUCKET, Delete={'Objects': objects})
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--data', required=True, help='a local data tree')
+  parser.add_argument('--runs', type=int, default=3)
+  parser.add_argument('--scratch', default=None)
+  args = parser.parse_args(argv)
+  os.environ.setdefault('AWS_ACCESS_KEY_ID', 'bench')
+  os.environ.setdefault('AWS_SECRET_ACCESS_KEY', 'bench')
+  slices = count_slices(args.data)
+  scratch = tempfile.mkdtemp(prefix='remote-', dir=args.scratch)
+  out = os.path.join(scratch, 'out')
+  results: dict[str, list[dict]] = {}
+  with moto_server() as endpoint:
+    keys = upload(endpoint, args.data)
+    source = f's3://{BUCKET}/DATA'
+    s3 = [f'--s3_endpoint_url={endpoint}', '--s3_region_name=us-east-1']
+
+    def pipeline(name, data, extra, output=out):
+      settle(out)
+      delete_prefix(endpoint, 'OUT/')
+      m = measure(pipeline_command(data, output, extra))
+      return {'rate': slices / m.seconds, 'seconds': m.seconds, 'cpu': m.cpu}
+
+    def through(delay):
+      def run():
+        with proxy(endpoint, delay) as (via, figures):
+          row = pipeline('', source, [f'--s3_endpoint_url={via}', *s3[1:]])
+        row['requests/s'] = figures['requests'] / row['seconds']
+        row['in flight'] = figures['busy_seconds'] / row['seconds']
+        return row
+
+      return run
+
+    modes = {
+      'local': lambda: pipeline('local', args.data, []),
+      's3': lambda: pipeline('s3', source, s3),
+      's3 via proxy': through(0.0),
+      f's3 +{LATENCY * 1000:.0f} ms': through(LATENCY),
+      's3 in and out': lambda: pipeline('s3 out', source, s3, f's3://{BUCKET}/OUT'),
+      'boto3 alone': lambda: {'rate': boto3_alone(endpoint, keys)},
+    }
+    for round_ in range(args.runs):
+      order = list(modes) if round_ % 2 == 0 else list(reversed(modes))
+      for name in order:
+        results.setdefault(name, []).append(modes[name]())
+        print(f'round {round_ + 1} {name}: {results[name][-1]}', file=sys.stderr)
+  shutil.rmtree(scratch, ignore_errors=True)
+
+  def median(name, key):
+    values = [r[key] for r in results[name] if key in r]
+    return statistics.median(values) if values else None
+
+  print(f'\n{slices} slices, {len(keys)} objects, {args.runs} rounds (medians)\n')
+  print('| mode | slices/s | wall s | CPU s | requests/s | mean in flight |')
+  print('| --- | --- | --- | --- | --- | --- |')
+  for name in modes:
+    cells = [median(name, k) for k in ('rate', 'seconds', 'cpu', 'requests/s')]
+    flight = median(name, 'in flight')
+    shown = ['' if c is None else f'{c:.1f}' for c in cells]
+    unit = ' (objects/s)' if name == 'boto3 alone' else ''
+    print(
+      f'| {name} | {shown[0]}{unit} | {shown[1]} | {shown[2]} | {shown[3]} | '
+      f'{"" if flight is None else f"{flight:.1f}"} |'
+    )
+  rate = {name: median(name, 'rate') for name in modes}
+  latency = f's3 +{LATENCY * 1000:.0f} ms'
+  print()
+  print(f'- s3 / local: {rate["s3"] / rate["local"]:.2f}x (target >= 0.5)')
+  print(f'- s3 / boto3 alone: {rate["s3"] / rate["boto3 alone"]:.2f}x (target >= 0.8)')
+  print(f'- {latency} / s3: {rate[latency] / rate["s3"]:.2f}x (target >= 0.8)')
+  print(
+    f'- {latency} / s3 via proxy: {rate[latency] / rate["s3 via proxy"]:.2f}x '
+    '(the same proxy without its delay)'
+  )
+  print(f'- s3 in and out / local: {rate["s3 in and out"] / rate["local"]:.2f}x')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,188 @@
+"""A proxy in front of an object-store server, for tests and benchmarks.
+
+Run as ``python -m tests.proxy --port P --upstream HOST:PORT [...]``; it
+prints ``ready`` once listening and, when stopped with SIGTERM, one JSON line
+of figures: requests forwarded, the time-integral of requests in flight
+(``busy_seconds``; divided by a run's wall time it is the mean number in
+flight), and requests answered with a fault.
+
+Two modes:
+
+- ``--delay S``: a TCP pipe that holds every chunk the client sends for S
+  seconds before passing it on, like a cloud store's time to first byte
+  (a request's head is one chunk). Connections stay open (keep-alive).
+- ``--fail PATTERN=N``: HTTP-aware, one request per connection
+  (``Connection: close`` is forced on both sides). The first N requests
+  whose request line contains PATTERN are answered ``503 SlowDown`` without
+  reaching the server (N < 0: all of them), so clients must retry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import signal
+import sys
+import time
+
+_SLOW_DOWN = (
+  b'HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n'
+  b'Connection: close\r\nContent-Length: %d\r\n\r\n%s'
+)
+_SLOW_DOWN_BODY = (
+  b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+  b'<Message>Please reduce your request rate.</Message></Error>'
+)
+
+
+class Stats:
+  def __init__(self):
+    self.requests = 0
+    self.faults = 0
+    self.in_flight = 0
+    self.busy = 0.0
+    self._since = time.monotonic()
+
+  def _tick(self) -> None:
+    now = time.monotonic()
+    self.busy += self.in_flight * (now - self._since)
+    self._since = now
+
+  def start(self) -> None:
+    self._tick()
+    self.requests += 1
+    self.in_flight += 1
+
+  def end(self) -> None:
+    self._tick()
+    self.in_flight -= 1
+
+  def figures(self) -> dict:
+    self._tick()
+    return {
+      'requests': self.requests,
+      'busy_seconds': round(self.busy, 3),
+      'faults': self.faults,
+    }
+
+
+async def _pipe_delayed(reader, writer, delay, stats, waiting):
+  """Client -> server: each chunk after ``delay``; a chunk starts a request."""
+  try:
+    while chunk := await reader.read(65536):
+      stats.start()
+      waiting.append(True)
+      if delay:
+        await asyncio.sleep(delay)
+      writer.write(chunk)
+      await writer.drain()
+  finally:
+    writer.close()
+
+
+async def _pipe_back(reader, writer, stats, waiting):
+  """Server -> client: the first bytes after a request end its wait."""
+  try:
+    while chunk := await reader.read(65536):
+      while waiting:
+        waiting.pop()
+        stats.end()
+      writer.write(chunk)
+      await writer.drain()
+  finally:
+    writer.close()
+
+
+async def _delaying(client_reader, client_writer, upstream, delay, stats):
+  host, port = upstream
+  server_reader, server_writer = await asyncio.open_connection(host, port)
+  waiting: list = []
+  await asyncio.gather(
+    _pipe_delayed(client_reader, server_writer, delay, stats, waiting),
+    _pipe_back(server_reader, client_writer, stats, waiting),
+    return_exceptions=True,
+  )
+  while waiting:
+    waiting.pop()
+    stats.end()
+
+
+async def _faulting(client_reader, client_writer, upstream, rules, stats):
+  try:
+    head = await client_reader.readuntil(b'\r\n\r\n')
+  except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+    client_writer.close()
+    return
+  lines = head.split(b'\r\n')
+  request_line = lines[0].decode('latin-1')
+  length = 0
+  kept = [lines[0]]
+  for line in lines[1:]:
+    name = line.split(b':', 1)[0].strip().lower()
+    if name == b'content-length':
+      length = int(line.split(b':', 1)[1])
+    if name not in (b'connection', b'keep-alive') and line:
+      kept.append(line)
+  body = await client_reader.readexactly(length) if length else b''
+  stats.start()
+  try:
+    for pattern, left in rules.items():
+      if pattern in request_line and left != 0:
+        rules[pattern] = left - 1
+        stats.faults += 1
+        client_writer.write(_SLOW_DOWN % (len(_SLOW_DOWN_BODY), _SLOW_DOWN_BODY))
+        await client_writer.drain()
+        return
+    server_reader, server_writer = await asyncio.open_connection(*upstream)
+    server_writer.write(b'\r\n'.join([*kept, b'Connection: close', b'', b'']) + body)
+    await server_writer.drain()
+    while chunk := await server_reader.read(65536):
+      client_writer.write(chunk)
+      await client_writer.drain()
+    server_writer.close()
+  finally:
+    stats.end()
+    client_writer.close()
+
+
+async def serve(port: int, upstream: tuple[str, int], delay: float, rules: dict):
+  stats = Stats()
+
+  async def handle(reader, writer):
+    if rules:
+      await _faulting(reader, writer, upstream, rules, stats)
+    else:
+      await _delaying(reader, writer, upstream, delay, stats)
+
+  server = await asyncio.start_server(handle, '127.0.0.1', port, backlog=512)
+  stop = asyncio.Event()
+  loop = asyncio.get_running_loop()
+  loop.set_exception_handler(lambda *_: None)  # connections cut at the stop
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    loop.add_signal_handler(sig, stop.set)
+  print('ready', flush=True)
+  async with server:
+    await stop.wait()
+  print(json.dumps(stats.figures()), flush=True)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog='python -m tests.proxy')
+  parser.add_argument('--port', type=int, required=True)
+  parser.add_argument('--upstream', required=True, help='HOST:PORT')
+  parser.add_argument('--delay', type=float, default=0.0)
+  parser.add_argument('--fail', action='append', default=[], help='PATTERN=N')
+  args = parser.parse_args(argv)
+  host, _, port = args.upstream.rpartition(':')
+  rules = collections.OrderedDict()
+  for rule in args.fail:
+    pattern, _, n = rule.rpartition('=')
+    rules[pattern] = int(n)
+  asyncio.run(serve(args.port, (host, int(port)), args.delay, rules))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
