@@ -13,7 +13,10 @@ Starts an S3-compatible server (moto) and two proxies (tests/proxy.py) on
   store's time to first byte;
 - ``s3 in and out``: ``--output`` on the server too;
 - ``boto3 alone``: one client fetching every object of the tree
-  sequentially (what the server gives one plain reader).
+  sequentially (what the server gives one plain reader);
+- ``server ceiling``: the pipeline's own reader (transforms.stores) fetching
+  every object, 32 at a time, doing nothing else: the most this server
+  serves on this machine, whatever the client.
 
 The output is local except in the last pipeline mode. Prints medians of
 slices/s (objects/s for boto3 alone), requests/s and the mean requests in
@@ -135,6 +138,20 @@ def boto3_alone(endpoint: str, keys: list[str]) -> float:
   return len(keys) / (time.perf_counter() - start)
 
 
+def ceiling(endpoint: str, keys: list[str]) -> float:
+  """Objects/s of the pipeline's reader fetching ``keys``, 32 at a time."""
+  from concurrent.futures import ThreadPoolExecutor
+
+  from transforms import stores
+
+  stores.configure(stores.StoreConfig(s3_endpoint_url=endpoint, s3_region='us-east-1'))
+  store = stores.store(f's3://{BUCKET}')
+  start = time.perf_counter()
+  with ThreadPoolExecutor(32) as pool:
+    list(pool.map(lambda key: store.read(f's3://{BUCKET}/{key}'), keys))
+  return len(keys) / (time.perf_counter() - start)
+
+
 def delete_prefix(endpoint: str, prefix: str) -> None:
   client = _client(endpoint)
   listing = client.get_paginator('list_objects_v2').paginate(
@@ -186,6 +203,7 @@ def main(argv=None) -> None:
       f's3 +{LATENCY * 1000:.0f} ms': through(LATENCY),
       's3 in and out': lambda: pipeline('s3 out', source, s3, f's3://{BUCKET}/OUT'),
       'boto3 alone': lambda: {'rate': boto3_alone(endpoint, keys)},
+      'server ceiling': lambda: {'rate': ceiling(endpoint, keys)},
     }
     for round_ in range(args.runs):
       order = list(modes) if round_ % 2 == 0 else list(reversed(modes))
@@ -205,22 +223,33 @@ def main(argv=None) -> None:
     cells = [median(name, k) for k in ('rate', 'seconds', 'cpu', 'requests/s')]
     flight = median(name, 'in flight')
     shown = ['' if c is None else f'{c:.1f}' for c in cells]
-    unit = ' (objects/s)' if name == 'boto3 alone' else ''
+    unit = ' (objects/s)' if name in ('boto3 alone', 'server ceiling') else ''
     print(
       f'| {name} | {shown[0]}{unit} | {shown[1]} | {shown[2]} | {shown[3]} | '
       f'{"" if flight is None else f"{flight:.1f}"} |'
     )
   rate = {name: median(name, 'rate') for name in modes}
   latency = f's3 +{LATENCY * 1000:.0f} ms'
+
+  def ratio(a: str, b: str) -> str:
+    """The median of the per-round ratios (load moves every figure of a
+    round together), and the ratio of the medians."""
+    pairs = zip(results[a], results[b], strict=True)
+    rounds = [x['rate'] / y['rate'] for x, y in pairs]
+    return (
+      f'{statistics.median(rounds):.2f}x (per round: '
+      f'{", ".join(f"{r:.2f}" for r in rounds)}; of the medians '
+      f'{rate[a] / rate[b]:.2f}x)'
+    )
+
   print()
-  print(f'- s3 / local: {rate["s3"] / rate["local"]:.2f}x (target >= 0.5)')
-  print(f'- s3 / boto3 alone: {rate["s3"] / rate["boto3 alone"]:.2f}x (target >= 0.8)')
-  print(f'- {latency} / s3: {rate[latency] / rate["s3"]:.2f}x (target >= 0.8)')
-  print(
-    f'- {latency} / s3 via proxy: {rate[latency] / rate["s3 via proxy"]:.2f}x '
-    '(the same proxy without its delay)'
-  )
-  print(f'- s3 in and out / local: {rate["s3 in and out"] / rate["local"]:.2f}x')
+  print(f'- s3 / local: {ratio("s3", "local")} (target >= 0.5)')
+  print(f'- s3 / boto3 alone: {ratio("s3", "boto3 alone")} (target >= 0.8)')
+  print(f'- {latency} / s3: {ratio(latency, "s3")} (target >= 0.8)')
+  print(f'- {latency} / s3 via proxy: {ratio(latency, "s3 via proxy")}')
+  print(f'- s3 in and out / s3: {ratio("s3 in and out", "s3")}')
+  ceiling_ratio = ratio('s3', 'server ceiling')
+  print(f'- s3 / server ceiling: {ceiling_ratio} (slices/s over objects/s)')
 
 
 if __name__ == '__main__':

@@ -226,3 +226,43 @@ def test_the_slice_table_equals_the_row_by_row_table():
   assert table.schema.equals(s.SLICE_SCHEMA, check_metadata=True)
   assert table.equals(expected)
   assert math.prod(images[0].shape) * 2 == len(table['image'][0].as_py())
+
+
+def test_reads_ahead_stay_in_order_and_within_the_byte_budget():
+  """The object-store prefetcher: results in order across batches queued
+  one ahead, never more sent-and-unconsumed requests than the concurrency,
+  and one at a time once files are as large as the budget."""
+  import threading
+
+  from transforms.stores import Prefetcher
+
+  sizes = {f'small{k}': 1000 for k in range(40)}
+  sizes |= {f'big{k}': 4000 for k in range(6)}
+  out, peak, lock = [0], [0], threading.Lock()
+
+  def read(path):
+    with lock:
+      out[0] += 1
+      peak[0] = max(peak[0], out[0])
+    return bytes(sizes[path])
+
+  prefetcher = Prefetcher(concurrency=8, budget=4000)
+  first = prefetcher.fetch([f'small{k}' for k in range(40)], read)
+  second = prefetcher.fetch([f'big{k}' for k in range(6)], read)  # queued ahead
+  got = []
+  for data in first:
+    got.append(len(data))
+    with lock:
+      out[0] -= 1
+  # 4,000 bytes hold four files; the next is sent as each is handed over,
+  # before this loop counts it consumed: hence one more
+  assert got == [1000] * 40 and peak[0] <= 4 + 1
+  peak[0] = out[0]
+  for data in second:
+    assert len(data) == 4000
+    with lock:
+      out[0] -= 1
+  # sent before the first large file arrived: at most four, then one at a time
+  assert peak[0] <= 4 + 1
+  assert prefetcher._depth() == 1
+  prefetcher.close()

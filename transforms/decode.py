@@ -25,6 +25,9 @@ import pyarrow as pa
 import xxhash
 from apache_beam import pvalue
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import MIN_TIMESTAMP
+from apache_beam.utils.windowed_value import WindowedValue
 
 from beam_pipeline.contract import metrics, splits
 from beam_pipeline.contract.layout import Patient
@@ -106,7 +109,9 @@ class SliceDecoder:
   ) -> Iterator[tuple[Outcome, dict[str, bytes | Failed]]]:
     """(the outcome of each path, the bytes of its ``extras``: {name: path}
     of other files read with it, such as its contour files), in order, a
-    window of files at a time."""
+    window of files at a time. On an object store the reads are queued at
+    once (stores.Prefetcher): call it for the next chunk before consuming
+    this one's, and requests stay out while this one is finished."""
     extras = extras or [{}] * len(paths)
     reads = self._reads(
       [
@@ -115,6 +120,9 @@ class SliceDecoder:
         for p in (path, *more.values())
       ]
     )
+    return self._decoded(paths, extras, reads)
+
+  def _decoded(self, paths, extras, reads) -> Iterator:
     start = 0
     while start < len(paths):
       window: list[Outcome | None] = []
@@ -217,20 +225,48 @@ class DecodeSlicesFn(beam.DoFn):
       self._run_id, self._settings.progress_seconds, self._settings.progress_dir
     )
     self._decoder = SliceDecoder(self._input_root, self._settings, self._decode_fn)
-
-  def finish_bundle(self):
-    self._progress.flush()
+    self._remote = not stores.is_local(self._input_root)
+    self._ahead = None
 
   def teardown(self):
     self._decoder.close()
 
+  def start_bundle(self):
+    self._ahead = None  # (chunk, its outcomes) queued, not yet decoded
+
   def process(self, chunk: SliceChunk) -> Iterator:
-    split = splits.assign_split(chunk.patient_id, self._settings.split_fractions)
-    paths = [task.dicom_path for task in chunk.slices]
+    started = (chunk, self._start(chunk))
+    if not self._remote:
+      yield from self._finish(*started)
+      return
+    # On an object store, one chunk ahead: this chunk's files are on their
+    # way while the previous one is decoded and written, so the network is
+    # never idle between chunks.
+    ahead, self._ahead = self._ahead, started
+    if ahead is not None:
+      yield from self._finish(*ahead)
+
+  def finish_bundle(self):
+    self._progress.flush()
+    if self._ahead is not None:
+      ahead, self._ahead = self._ahead, None
+      for output in self._finish(*ahead):
+        if isinstance(output, pvalue.TaggedOutput):
+          yield pvalue.TaggedOutput(output.tag, _in_global_window(output.value))
+        else:
+          yield _in_global_window(output)
+      self._progress.flush()
+
+  def _start(self, chunk: SliceChunk):
     contour_paths = [task.contour_paths() for task in chunk.slices]
+    paths = [task.dicom_path for task in chunk.slices]
+    return contour_paths, self._decoder.outcomes(paths, contour_paths)
+
+  def _finish(self, chunk: SliceChunk, started) -> Iterator:
+    contour_paths, outcomes = started
+    split = splits.assign_split(chunk.patient_id, self._settings.split_fractions)
     rows, held, written = [], 0, 0
     slices, contour_ids = [], []
-    outcomes = self._decoder.outcomes(paths, contour_paths)
     for task, their_paths, (outcome, contours) in zip(
       chunk.slices, contour_paths, outcomes, strict=True
     ):
@@ -260,6 +296,12 @@ class DecodeSlicesFn(beam.DoFn):
       yield assemble.slice_table(rows)
     if slices or contour_ids:
       yield pvalue.TaggedOutput(self.IDENTITIES, (tuple(slices), tuple(contour_ids)))
+
+
+def _in_global_window(value) -> WindowedValue:
+  """An output of finish_bundle, which has no input element to take its
+  window from: the pipeline's only window."""
+  return WindowedValue(value, MIN_TIMESTAMP, [GlobalWindow()])
 
 
 def _content_digest(data) -> str | None:

@@ -7,10 +7,12 @@ shared by its threads:
 
 - ``s3://``: boto3, measured fastest against an S3-compatible server
   (BENCHMARKS.md): 276 objects/s with 8 threads against 114-158 for
-  pyarrow.fs. botocore's ``standard`` retry mode retries throttling (503
-  SlowDown, 429) and transient errors (5xx, dropped connections) with
-  exponential backoff and full jitter, capped at 20 s a wait, up to
-  ``StoreConfig.attempts`` attempts.
+  pyarrow.fs, which sends a HEAD before every GET. The GETs of the hot path
+  are signed with botocore's signer and sent through urllib3 (_SignedGets);
+  the rest uses the boto3 client, whose ``standard`` retry mode retries
+  throttling (503 SlowDown, 429) and transient errors (5xx, dropped
+  connections) with exponential backoff and full jitter, capped at 20 s a
+  wait, up to ``StoreConfig.attempts`` attempts.
 - ``gs://``: google-cloud-storage, whose default retry does the same for 429
   and 5xx (exponential, jittered, 120 s in all).
 
@@ -26,13 +28,12 @@ a "folder" is a key prefix, and ``create_exclusive`` is a conditional create
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import os
-import random
 import shutil
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
@@ -299,36 +300,107 @@ def _os_error(e: Exception, path: str) -> OSError:
   return OSError(f'{path}: {prefix}{type(e).__name__}: {reason}')
 
 
-def _retried(call: Callable, attempts: int, transient: tuple[type, ...]):
-  """``call()``, again after a transient failure that the client's own
-  retries do not cover (a connection dropped while a body streams), with
-  full-jitter exponential backoff (0.1 s doubling, at most 20 s a wait)."""
-  for attempt in range(attempts):
+class _SignedGets:
+  """GETs of S3 objects, signed with botocore's SigV4 signer and sent through
+  one urllib3 connection pool: the hot path of a run.
+
+  A boto3 ``get_object`` costs about 3.4 ms of CPU per object in botocore's
+  event, parsing and checksum machinery; this costs 1.8 ms (BENCHMARKS.md),
+  and the saving is GIL time the decoding thread gets back. Everything else
+  (listing, uploads, copies, deletes) goes through the boto3 client. The
+  client's resolved endpoint, region and credential chain (refreshed per
+  request) are used, so the two paths reach the same store as the same user.
+  Retries are urllib3's: throttling and transient statuses (429, 500, 502,
+  503, 504) and connection errors, exponential backoff (0.1 s doubling, at
+  most 20 s) plus up to 0.5 s of jitter.
+  """
+
+  _RETRIED = frozenset({429, 500, 502, 503, 504})
+
+  def __init__(self, client, credentials, config: StoreConfig):
+    import urllib3
+    from botocore.httpsession import get_cert_path
+
+    self._endpoint = client.meta.endpoint_url.rstrip('/')
+    self._region = client.meta.region_name or 'us-east-1'
+    self._path_style = config.s3_endpoint_url is not None
+    self._credentials = credentials
+    verify = config.s3_verify
+    tls = (
+      {'cert_reqs': 'CERT_NONE'}
+      if verify is False
+      else {'cert_reqs': 'CERT_REQUIRED', 'ca_certs': get_cert_path(verify or True)}
+    )
+    self._pool = urllib3.PoolManager(
+      maxsize=config.read_concurrency + 8,
+      timeout=urllib3.Timeout(connect=10, read=60),
+      retries=urllib3.Retry(
+        total=config.attempts - 1,
+        status_forcelist=self._RETRIED,
+        allowed_methods={'GET'},
+        backoff_factor=0.1,
+        backoff_max=20,
+        backoff_jitter=0.5,
+        raise_on_status=False,
+        respect_retry_after_header=True,
+      ),
+      **tls,
+    )
+
+  def _url(self, bucket: str, key: str) -> str:
+    from urllib.parse import quote
+
+    quoted = quote(key, safe='/~')
+    if self._path_style or '.' in bucket:
+      return f'{self._endpoint}/{bucket}/{quoted}'
+    scheme, host = self._endpoint.split('://', 1)
+    return f'{scheme}://{bucket}.{host}/{quoted}'
+
+  def get(self, path: str, limit: int | None) -> bytes:
+    from botocore.auth import S3SigV4Auth
+    from botocore.awsrequest import AWSRequest
+
+    url = self._url(*_split(path))
+    headers = {'x-amz-content-sha256': 'UNSIGNED-PAYLOAD'}
+    if limit is not None:  # at most limit + 1 bytes ever arrive
+      headers['Range'] = f'bytes=0-{limit}'
+    request = AWSRequest(method='GET', url=url, headers=headers)
+    if self._credentials is not None:
+      frozen = self._credentials.get_frozen_credentials()
+      S3SigV4Auth(frozen, 's3', self._region).add_auth(request)
     try:
-      return call()
-    except transient:
-      if attempt == attempts - 1:
-        raise
-      time.sleep(random.uniform(0, min(20.0, 0.1 * 2**attempt)))
-  raise AssertionError('unreachable')
+      response = self._pool.request(
+        'GET', url, headers=dict(request.headers.items()), preload_content=True
+      )
+    except Exception as e:  # urllib3's, after its retries
+      raise OSError(f'{path}: {type(e).__name__}: {e}') from e
+    if response.status in (200, 206):
+      return response.data
+    if response.status == 416:  # a range on an empty object
+      return b''
+    code = _xml_code(response.data)
+    if response.status == 404 or code == 'NoSuchKey':
+      raise FileNotFoundError(2, 'no such object', path)
+    raise OSError(f'{path}: HTTP {response.status} {code}'.strip())
+
+
+def _xml_code(body: bytes) -> str:
+  """The ``<Code>`` of an S3 error body, or ''."""
+  start = body.find(b'<Code>')
+  end = body.find(b'</Code>', start)
+  return body[start + 6 : end].decode('utf-8', 'replace') if 0 <= start < end else ''
 
 
 class S3Store:
-  """S3 and S3-compatible servers, through one boto3 client."""
+  """S3 and S3-compatible servers, through one boto3 client (and its
+  signer and credentials for the GETs, see _SignedGets)."""
 
   def __init__(self, config: StoreConfig):
     import boto3
-    from botocore import exceptions
     from botocore.config import Config
 
-    self._attempts = config.attempts
-    self._transient = (
-      exceptions.ResponseStreamingError,
-      exceptions.ReadTimeoutError,
-      exceptions.ConnectionClosedError,
-      exceptions.IncompleteReadError,
-    )
-    self._client = boto3.session.Session().client(
+    session = boto3.session.Session()
+    self._client = session.client(
       's3',
       endpoint_url=config.s3_endpoint_url,
       region_name=config.s3_region,
@@ -340,19 +412,10 @@ class S3Store:
         read_timeout=60,
       ),
     )
+    self._gets = _SignedGets(self._client, session.get_credentials(), config)
 
   def read(self, path, limit=None):
-    bucket, key = _split(path)
-
-    def get() -> bytes:
-      body = self._client.get_object(Bucket=bucket, Key=key)['Body']
-      with contextlib.closing(body):
-        return body.read() if limit is None else _read_capped(body, limit)
-
-    try:
-      return _retried(get, self._attempts, self._transient)
-    except Exception as e:
-      raise _os_error(e, path) from e
+    return self._gets.get(path, limit)
 
   def _pages(self, prefix: str, delimiter: str | None):
     bucket = _split(prefix)[0]
@@ -659,16 +722,28 @@ def copy_all(pairs: list[tuple[str, str]], concurrency: int | None = None) -> No
       del done
 
 
+class _Entry:
+  __slots__ = ('path', 'read', 'future')
+
+  def __init__(self, path, read):
+    self.path, self.read, self.future = path, read, None
+
+
 class Prefetcher:
-  """Reads files ahead of their use, up to ``concurrency`` requests in flight.
+  """Reads files ahead of their use, up to ``concurrency`` requests out.
 
-  ``fetch(paths, read)`` yields ``read(path)`` for each path in order while
-  the next ones are already on their way, so waiting on the network overlaps
-  with the caller's decoding. Made once per worker (its threads persist).
+  ``fetch(paths, read)`` queues ``paths`` at once and returns an iterator of
+  ``read(path)`` for each, in order, while the next ones are already on
+  their way, so waiting on the network overlaps with the caller's decoding.
+  Queues are served first come, first served: a caller that queues its next
+  batch before consuming the current one (the decode stage queues the next
+  chunk's files, transforms.decode) keeps requests out across the gap.
+  Made once per worker (its threads persist).
 
-  Memory stays bounded whatever the files' sizes: the depth starts at
-  ``_FIRST_DEPTH`` and then is what ``budget`` bytes allow at the largest
-  file seen so far (one at a time once files are as large as the budget).
+  Memory stays bounded whatever the files' sizes: requests sent and not yet
+  consumed are at most ``_FIRST_DEPTH`` until a file has arrived, then what
+  ``budget`` bytes allow at the largest file seen so far (one at a time once
+  files are as large as the budget), and never more than ``concurrency``.
   """
 
   _FIRST_DEPTH = 4
@@ -677,6 +752,8 @@ class Prefetcher:
     self._concurrency = max(1, concurrency)
     self._budget = budget
     self._largest = 0
+    self._waiting: collections.deque[_Entry] = collections.deque()
+    self._out = 0  # sent and not yet consumed
     self._pool = ThreadPoolExecutor(self._concurrency, thread_name_prefix='fetch')
 
   def _depth(self) -> int:
@@ -684,23 +761,42 @@ class Prefetcher:
       return min(self._concurrency, self._FIRST_DEPTH)
     return max(1, min(self._concurrency, self._budget // self._largest))
 
+  def _send(self, entry: _Entry) -> None:
+    entry.future = self._pool.submit(entry.read, entry.path)
+    self._out += 1
+
+  def _top_up(self) -> None:
+    while self._waiting and self._out < self._depth():
+      entry = self._waiting.popleft()
+      if entry.future is None:
+        self._send(entry)
+
   def fetch(self, paths: list, read: Callable) -> Iterator:
-    pending: list = []
-    ahead = iter(paths)
-    exhausted = False
-    while True:
-      while not exhausted and len(pending) < self._depth():
-        path = next(ahead, None)
-        if path is None:
-          exhausted = True
-        else:
-          pending.append(self._pool.submit(read, path))
-      if not pending:
-        return
-      result = pending.pop(0).result()
-      if isinstance(result, bytes | bytearray | memoryview):
-        self._largest = max(self._largest, len(result))
-      yield result
+    entries = [_Entry(path, read) for path in paths]
+    self._waiting.extend(entries)
+    self._top_up()
+    return self._results(entries)
+
+  def _results(self, entries: list[_Entry]) -> Iterator:
+    try:
+      for entry in entries:
+        if entry.future is None:  # queued behind others: needed now
+          self._send(entry)
+        result = entry.future.result()
+        entry.future = _DONE
+        self._out -= 1
+        if isinstance(result, bytes | bytearray | memoryview):
+          self._largest = max(self._largest, len(result))
+        self._top_up()
+        yield result
+    finally:  # abandoned part-way: what it still holds is let go
+      for entry in entries:
+        if entry.future is not None and entry.future is not _DONE:
+          self._out -= 1
+        entry.future = _DONE
 
   def close(self) -> None:
     self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+_DONE = object()  # an entry whose result was consumed
