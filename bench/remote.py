@@ -20,7 +20,9 @@ Starts an S3-compatible server (moto) and two proxies (tests/proxy.py) on
 
 The output is local except in the last pipeline mode. Prints medians of
 slices/s (objects/s for boto3 alone), requests/s and the mean requests in
-flight where a proxy counted them, and the ratios the targets name.
+flight where a proxy counted them, the CPU seconds of the pipeline's process
+tree and of the server (both share the machine), and the ratios the targets
+name.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import sys
 import tempfile
 import time
 
+import psutil
 from run import REPO, count_slices, measure, pipeline_command, settle
 
 from tests.helpers import free_port  # noqa: E402  (run puts the repo on the path)
@@ -70,7 +73,7 @@ def moto_server():
   )
   try:
     _wait_for(port, process)
-    yield f'http://127.0.0.1:{port}'
+    yield f'http://127.0.0.1:{port}', process.pid
   finally:
     process.terminate()
     process.wait(timeout=30)
@@ -175,7 +178,22 @@ def main(argv=None) -> None:
   scratch = tempfile.mkdtemp(prefix='remote-', dir=args.scratch)
   out = os.path.join(scratch, 'out')
   results: dict[str, list[dict]] = {}
-  with moto_server() as endpoint:
+  with moto_server() as (endpoint, server_pid):
+    server = psutil.Process(server_pid)
+
+    def server_cpu() -> float:
+      times = server.cpu_times()
+      return times.user + times.system
+
+    def with_server_cpu(run):
+      def measured():
+        before = server_cpu()
+        row = run()
+        row['server cpu'] = server_cpu() - before
+        return row
+
+      return measured
+
     keys = upload(endpoint, args.data)
     source = f's3://{BUCKET}/DATA'
     s3 = [f'--s3_endpoint_url={endpoint}', '--s3_region_name=us-east-1']
@@ -205,6 +223,7 @@ def main(argv=None) -> None:
       'boto3 alone': lambda: {'rate': boto3_alone(endpoint, keys)},
       'server ceiling': lambda: {'rate': ceiling(endpoint, keys)},
     }
+    modes = {name: with_server_cpu(run) for name, run in modes.items()}
     for round_ in range(args.runs):
       order = list(modes) if round_ % 2 == 0 else list(reversed(modes))
       for name in order:
@@ -217,16 +236,19 @@ def main(argv=None) -> None:
     return statistics.median(values) if values else None
 
   print(f'\n{slices} slices, {len(keys)} objects, {args.runs} rounds (medians)\n')
-  print('| mode | slices/s | wall s | CPU s | requests/s | mean in flight |')
-  print('| --- | --- | --- | --- | --- | --- |')
+  print(
+    '| mode | slices/s | wall s | CPU s | server CPU s | requests/s | mean in flight |'
+  )
+  print('| --- | --- | --- | --- | --- | --- | --- |')
   for name in modes:
-    cells = [median(name, k) for k in ('rate', 'seconds', 'cpu', 'requests/s')]
+    keys_shown = ('rate', 'seconds', 'cpu', 'server cpu', 'requests/s')
+    cells = [median(name, k) for k in keys_shown]
     flight = median(name, 'in flight')
     shown = ['' if c is None else f'{c:.1f}' for c in cells]
     unit = ' (objects/s)' if name in ('boto3 alone', 'server ceiling') else ''
     print(
       f'| {name} | {shown[0]}{unit} | {shown[1]} | {shown[2]} | {shown[3]} | '
-      f'{"" if flight is None else f"{flight:.1f}"} |'
+      f'{shown[4]} | {"" if flight is None else f"{flight:.1f}"} |'
     )
   rate = {name: median(name, 'rate') for name in modes}
   latency = f's3 +{LATENCY * 1000:.0f} ms'

@@ -626,6 +626,13 @@ _LOCK = threading.Lock()
 _LOCAL = LocalStore()
 
 
+# scheme -> (store, what to install for it)
+_KINDS = {
+  's3': (S3Store, "boto3 (pip install 'apache-beam[aws]')"),
+  'gs': (GcsStore, "google-cloud-storage (pip install 'apache-beam[gcp]')"),
+}
+
+
 def configure(config: StoreConfig) -> None:
   """Sets this process's store configuration (each stage calls it on its
   worker with the configuration it was given); clients built for another
@@ -649,12 +656,13 @@ def store(path: str) -> Store:
   with _LOCK:
     found = _STORES.get(scheme)
     if found is None:
-      if scheme == 's3':
-        found = S3Store(_CONFIG)
-      elif scheme == 'gs':
-        found = GcsStore(_CONFIG)
-      else:
+      kind, package = _KINDS.get(scheme, (None, None))
+      if kind is None:
         raise OSError(f'{path}: no store for {scheme}:// (local, s3://, gs://)')
+      try:
+        found = kind(_CONFIG)
+      except ImportError as e:
+        raise OSError(f'{path}: {scheme}:// needs {package}: {e}') from e
       _STORES[scheme] = found
     return found
 
