@@ -55,12 +55,13 @@ def apply_plan(
     counts[metrics.split_patients_counter(old)] -= 1
     counts[metrics.split_patients_counter(new)] += 1
   for name in sorted(manifest):
-    shard = stores.join(folder, name)
+    # on an object store the shard is still the sink's object (SOURCE)
+    shard = manifest[name].get(digests.SOURCE) or stores.join(folder, name)
     with _readable(shard) as f:
       ids = pq.read_table(f, columns=['patient_id'])['patient_id']
     if not set(pc.unique(ids).to_pylist()) & patients:
       continue
-    manifest[name] = _rewrite(shard, flags, drop, moves, image_codec, counts)
+    manifest[name].update(_rewrite(shard, flags, drop, moves, image_codec, counts))
   stores.write_bytes(manifest_path, json.dumps(manifest, indent=1).encode())
   for key, n in counts.items():
     totals[key] = totals.get(key, 0) + n

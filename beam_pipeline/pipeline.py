@@ -299,12 +299,12 @@ def _launch(
   )
   with interrupts.deferred():  # all of the new dataset, or the old one
     files = publish.take_manifests(ingest.output, run_id)
-    outputs = publish.publish(ingest.output, run_id)
+    outputs = publish.publish(ingest.output, run_id, files)
     outputs['summary'] = summary.write_summary(
       ingest.output,
       totals,
       seconds,
-      files,
+      publish.recorded(files),
       input=ingest.input,
       labeled_only=ingest.labeled_only,
       strict=ingest.strict,

@@ -81,9 +81,10 @@ def clear_staging(output: str) -> None:
 
 
 def take_manifests(output: str, run_id: str) -> dict[str, dict]:
-  """The staged files' sizes and digests, {path relative to the output:
-  entry}, from the manifest each table's sink wrote; the manifests are
-  removed, so only the summary records them."""
+  """The staged files, {path relative to the output: entry}: size and
+  digest, and on an object store the object holding the file
+  (``digests.SOURCE``), from the manifest each table's sink wrote; the
+  manifests are removed, so only the summary records the files."""
   staging = staging_path(output, run_id)
   files = {}
   for entry in DATA_ENTRIES:
@@ -94,9 +95,20 @@ def take_manifests(output: str, run_id: str) -> dict[str, dict]:
   return files
 
 
-def publish(output: str, run_id: str) -> dict[str, str]:
-  """Moves the staged dataset into ``output``, replacing any previous one.
+def recorded(files: dict[str, dict]) -> dict[str, dict]:
+  """``files`` as the summary records them: size and digest only."""
+  return {
+    path: {k: v for k, v in entry.items() if k != digests.SOURCE}
+    for path, entry in files.items()
+  }
 
+
+def publish(output: str, run_id: str, files: dict[str, dict]) -> dict[str, str]:
+  """Moves the staged ``files`` (take_manifests) into ``output``, replacing
+  any previous dataset, and removes the staging folder.
+
+  Locally each file is renamed; on an object store each is copied once,
+  server-side, from the object the sink wrote (32 at a time), then deleted.
   The old summary goes first and the new one is written after this, so a
   crash part-way never leaves a dataset that looks complete.
 
@@ -110,11 +122,18 @@ def publish(output: str, run_id: str) -> dict[str, str]:
     old = stores.join(output, entry)
     if exists(old):
       delete_tree(old)
-  staged = stores.files_under(staging)
   if is_local(output):  # object stores have no folders to make
     for entry in DATA_ENTRIES:
       os.makedirs(stores.join(output, entry), exist_ok=True)
-  stores.move_all([(path, output + path[len(staging) :]) for path in staged])
+  stores.move_all(
+    [
+      (
+        entry.get(digests.SOURCE) or stores.join(staging, path),
+        stores.join(output, path),
+      )
+      for path, entry in files.items()
+    ]
+  )
   delete_tree(staging)
   return {entry: stores.join(output, entry) for entry in DATA_ENTRIES}
 

@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from beam_pipeline import cli, lock, sample
+from beam_pipeline import cli, lock, sample, verify
 from beam_pipeline.contract import schema as s
 from tests.helpers import dataset_tables, free_port
 from transforms import stores
@@ -119,6 +119,7 @@ def test_s3_input_and_output_give_the_local_dataset(s3_endpoint, tmp_path):
     target.parent.mkdir(parents=True, exist_ok=True)
     client.download_file(BUCKET, key, str(target))
   assert dataset_tables(str(downloaded)) == dataset_tables(local)
+  assert verify.verify(str(downloaded)).failures == []
 
 
 def test_an_unreachable_bucket_is_one_line_and_exit_two_before_anything_runs(
@@ -358,3 +359,35 @@ def test_gcs_input_and_output_give_the_local_dataset(
   path = 'gs://cardiac-gcs/OUT/_probe_lock'
   assert stores.store(path).create_exclusive(path, b'1')
   assert not stores.store(path).create_exclusive(path, b'2')
+
+
+def test_duplicates_on_s3_give_the_local_dataset(s3_endpoint, tmp_path):
+  """Copies make the launcher rewrite shards before publishing: on S3 it
+  rewrites the sink's objects, which are then copied once into OUT/."""
+  from tests.test_duplicates import FRACTIONS, _tree
+
+  root, _, _ = _tree(tmp_path, FRACTIONS)
+  local = str(tmp_path / 'local')
+  common = ['--split', FRACTIONS]
+  assert cli.main(['--input', root, '--output', local, *common]) == 3
+  client = _client(s3_endpoint)
+  with contextlib.suppress(Exception):
+    client.create_bucket(Bucket=BUCKET)
+  _upload_tree(client, root, 'COPIES')
+  args = [
+    '--input',
+    f's3://{BUCKET}/COPIES',
+    '--output',
+    f's3://{BUCKET}/COPIES_OUT',
+    f'--s3_endpoint_url={s3_endpoint}',
+    *KEYS,
+    *common,
+  ]
+  assert cli.main(args) == cli.EXIT_QUARANTINED
+  keys = _download(client, 'COPIES_OUT', tmp_path / 'out')
+  assert not [k for k in keys if s.STAGING_DIR in k or 'beam-temp' in k]
+  got, want = dataset_tables(str(tmp_path / 'out')), dataset_tables(local)
+  assert got == want
+  assert any(s.DUPLICATE_SLICE in r['qa_flags'] for r in got[s.SLICES_DIR])
+  # sizes and digests in _SUMMARY.json match the rewritten, copied shards
+  assert verify.verify(str(tmp_path / 'out')).failures == []

@@ -123,7 +123,10 @@ class _ParquetSink(filebasedsink.FileBasedSink):
   """Writes Arrow tables (or row dicts, in batches) to Parquet with
   per-leaf options (``writer_options``) and records each file's size and
   digest: a sidecar per temporary file, then, when the write finalises, one
-  ``_MANIFEST.json`` beside the table's files, keyed by final name."""
+  ``_MANIFEST.json`` beside the table's files, keyed by final name. Locally
+  the files are renamed to their final names; on an object store they stay
+  where they were written and the manifest names each one's object
+  (``digests.SOURCE``)."""
 
   def __init__(
     self,
@@ -223,9 +226,12 @@ class _ParquetSink(filebasedsink.FileBasedSink):
     # store: the sidecars go now, so none can be published.
     sidecars = [temp + _SIDECAR for temp in results]
     stores.store(sidecars[0] if sidecars else '.').delete(sidecars)
-    if self._remote():  # server-side copies, in parallel; then the originals
-      stores.copy_all(list(zip(results, finals, strict=True)))
-      stores.store(self.file_path_prefix.get()).delete(results)
+    if self._remote():
+      # No rename on an object store: the temporary objects stay where they
+      # are, and the launcher copies each once, straight into OUT/ when the
+      # run publishes (beam_pipeline.publish).
+      for temp, final in zip(results, finals, strict=True):
+        manifest[final.rsplit('/', 1)[-1]][digests.SOURCE] = temp
       yield from finals
     else:
       yield from super().finalize_windowed_write(

@@ -25,6 +25,9 @@ ALGORITHM = 'xxh3_128'
 
 # Written beside a table's files by the sink, read and removed before publish.
 MANIFEST_FILE = '_MANIFEST.json'
+# In a manifest entry on an object store: the object holding the file until
+# it is published (the sink's temporary object: copied once, into OUT/).
+SOURCE = 'source'
 
 # The summary's key for its own digest, and for the file table.
 SUMMARY_DIGEST = 'summary_xxh3_128'
