@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shutil
 import socket
@@ -40,9 +39,10 @@ import tempfile
 import time
 
 import psutil
-from run import REPO, count_slices, measure, pipeline_command, settle
+from run import count_slices, measure, pipeline_command, settle
 
-from tests.helpers import free_port  # noqa: E402  (run puts the repo on the path)
+from tests import proxy  # noqa: E402  (run puts the repo on the path)
+from tests.helpers import free_port  # noqa: E402
 
 BUCKET = 'bench'
 LATENCY = 0.030
@@ -77,38 +77,6 @@ def moto_server():
   finally:
     process.terminate()
     process.wait(timeout=30)
-
-
-@contextlib.contextmanager
-def proxy(upstream: str, delay: float):
-  """tests/proxy.py; yields (endpoint, figures), figures filled at its stop."""
-  port = free_port()
-  process = subprocess.Popen(
-    [
-      sys.executable,
-      '-m',
-      'tests.proxy',
-      '--port',
-      str(port),
-      '--upstream',
-      upstream.split('://', 1)[1],
-      '--delay',
-      str(delay),
-    ],
-    cwd=REPO,
-    stdout=subprocess.PIPE,
-    text=True,
-    start_new_session=True,
-  )
-  figures: dict = {}
-  try:
-    if process.stdout.readline().strip() != 'ready':
-      raise RuntimeError('proxy did not start')
-    yield f'http://127.0.0.1:{port}', figures
-  finally:
-    process.terminate()
-    out, _ = process.communicate(timeout=30)
-    figures.update(json.loads(out.strip().splitlines()[-1]))
 
 
 def _client(endpoint: str):
@@ -206,7 +174,7 @@ def main(argv=None) -> None:
 
     def through(delay):
       def run():
-        with proxy(endpoint, delay) as (via, figures):
+        with proxy.started(endpoint, '--delay', str(delay)) as (via, figures):
           row = pipeline('', source, [f'--s3_endpoint_url={via}', *s3[1:]])
         row['requests/s'] = figures['requests'] / row['seconds']
         row['in flight'] = figures['busy_seconds'] / row['seconds']

@@ -22,10 +22,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import json
+import os
 import signal
+import socket
+import subprocess
 import sys
 import time
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _SLOW_DOWN = (
   b'HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n'
@@ -166,6 +172,41 @@ async def serve(port: int, upstream: tuple[str, int], delay: float, rules: dict)
   async with server:
     await stop.wait()
   print(json.dumps(stats.figures()), flush=True)
+
+
+@contextlib.contextmanager
+def started(upstream: str, *arguments: str):
+  """This proxy in its own process in front of ``upstream`` (a URL), on a
+  free port of 127.0.0.1, stopped by its pid; yields (endpoint, figures),
+  figures filled with the proxy's counts once it has stopped."""
+  with socket.socket() as probe:
+    probe.bind(('127.0.0.1', 0))
+    port = probe.getsockname()[1]
+  process = subprocess.Popen(
+    [
+      sys.executable,
+      '-m',
+      'tests.proxy',
+      '--port',
+      str(port),
+      '--upstream',
+      upstream.split('://', 1)[1],
+      *arguments,
+    ],
+    cwd=_REPO,
+    stdout=subprocess.PIPE,
+    text=True,
+    start_new_session=True,
+  )
+  figures: dict = {}
+  try:
+    if process.stdout.readline().strip() != 'ready':
+      raise RuntimeError('the proxy did not start')
+    yield f'http://127.0.0.1:{port}', figures
+  finally:
+    process.terminate()
+    out, _ = process.communicate(timeout=30)
+    figures.update(json.loads(out.strip().splitlines()[-1]))
 
 
 def main(argv=None) -> int:

@@ -22,10 +22,10 @@ import pytest
 
 from beam_pipeline import cli, lock, sample, verify
 from beam_pipeline.contract import schema as s
+from tests import proxy
 from tests.helpers import dataset_tables, free_port
 from transforms import stores
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUIRKS = ['stray_files', 'not_dicom', 'bad_contour', 'unlinked_dicoms']
 
 boto3 = pytest.importorskip('boto3')
@@ -173,37 +173,6 @@ def broken_tree(tmp_path_factory, s3_endpoint):
   return root, local
 
 
-@contextlib.contextmanager
-def _proxy(upstream: str, *arguments: str):
-  """tests/proxy.py in front of ``upstream``; yields (endpoint, figures):
-  figures() is filled with the proxy's counts once it has stopped."""
-  port = free_port()
-  process = subprocess.Popen(
-    [
-      sys.executable,
-      '-m',
-      'tests.proxy',
-      '--port',
-      str(port),
-      '--upstream',
-      upstream.split('://', 1)[1],
-      *arguments,
-    ],
-    cwd=REPO,
-    stdout=subprocess.PIPE,
-    text=True,
-    start_new_session=True,
-  )
-  figures = {}
-  try:
-    assert process.stdout.readline().strip() == 'ready'
-    yield f'http://127.0.0.1:{port}', figures
-  finally:
-    process.terminate()
-    out, _ = process.communicate(timeout=20)
-    figures.update(json.loads(out.strip().splitlines()[-1]))
-
-
 def _s3_args(endpoint, name, *more):
   return [
     '--input',
@@ -222,7 +191,7 @@ def test_throttled_requests_are_retried_and_change_nothing(
   """The first 5 reads of slices are refused with 503 SlowDown: each is
   retried with backoff, and the dataset equals the local run's."""
   _, local = broken_tree
-  with _proxy(s3_endpoint, '--fail', f'GET /{BUCKET}/BROKEN/dicoms/=5') as (
+  with proxy.started(s3_endpoint, '--fail', f'GET /{BUCKET}/BROKEN/dicoms/=5') as (
     endpoint,
     figures,
   ):
@@ -235,7 +204,7 @@ def test_throttled_requests_are_retried_and_change_nothing(
 def test_a_file_that_keeps_failing_is_one_read_row(s3_endpoint, broken_tree, tmp_path):
   _, local = broken_tree
   victim = 'dicoms/SCD0000101/1.dcm'
-  with _proxy(s3_endpoint, '--fail', f'GET /{BUCKET}/BROKEN/{victim} =-1') as (
+  with proxy.started(s3_endpoint, '--fail', f'GET /{BUCKET}/BROKEN/{victim} =-1') as (
     endpoint,
     figures,
   ):
@@ -253,13 +222,21 @@ def test_a_file_that_keeps_failing_is_one_read_row(s3_endpoint, broken_tree, tmp
   ]
 
 
-def test_listing_pages_through_a_folder_and_finds_every_patient_folder(s3_endpoint):
+@pytest.fixture
+def s3_store(s3_endpoint):
+  """The pipeline's stores pointed at the server, and a client to it (the
+  bucket made)."""
   stores.configure(
     stores.StoreConfig(s3_endpoint_url=s3_endpoint, s3_region='us-east-1')
   )
   client = _client(s3_endpoint)
   with contextlib.suppress(Exception):
     client.create_bucket(Bucket=BUCKET)
+  return client
+
+
+def test_listing_pages_through_a_folder_and_finds_every_patient_folder(s3_store):
+  client = s3_store
   for k in range(1050):  # more than one page of 1,000 keys
     client.put_object(Bucket=BUCKET, Key=f'PAGED/dicoms/p1/{k}.dcm', Body=b'')
   client.put_object(Bucket=BUCKET, Key='PAGED/dicoms/p2/1.dcm', Body=b'')
@@ -272,13 +249,8 @@ def test_listing_pages_through_a_folder_and_finds_every_patient_folder(s3_endpoi
   assert listed == {f's3://{BUCKET}/PAGED/dicoms/p1/{k}.dcm' for k in range(1050)}
 
 
-def test_uploads_go_in_parts_as_they_are_written(s3_endpoint):
-  stores.configure(
-    stores.StoreConfig(s3_endpoint_url=s3_endpoint, s3_region='us-east-1')
-  )
-  client = _client(s3_endpoint)
-  with contextlib.suppress(Exception):
-    client.create_bucket(Bucket=BUCKET)
+def test_uploads_go_in_parts_as_they_are_written(s3_store):
+  client = s3_store
   path = f's3://{BUCKET}/PARTS/big.bin'
   data = os.urandom(2 * stores.PART_SIZE + 12345)
   f = stores.store(path).create(path)

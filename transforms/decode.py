@@ -226,7 +226,6 @@ class DecodeSlicesFn(beam.DoFn):
     )
     self._decoder = SliceDecoder(self._input_root, self._settings, self._decode_fn)
     self._remote = not stores.is_local(self._input_root)
-    self._ahead = None
 
   def teardown(self):
     self._decoder.close()

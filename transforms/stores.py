@@ -644,10 +644,6 @@ def configure(config: StoreConfig) -> None:
       _STORES.clear()
 
 
-def config() -> StoreConfig:
-  return _CONFIG
-
-
 def store(path: str) -> Store:
   """The store holding ``path``; one client per scheme and process."""
   if is_local(path):
