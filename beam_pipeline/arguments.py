@@ -8,10 +8,11 @@ Beam, pydicom or pyarrow (``beam_pipeline.cli``), and ``IngestOptions``
 from __future__ import annotations
 
 import argparse
+import os
 
 from beam_pipeline.contract import splits
 from beam_pipeline.contract.errors import UsageError
-from transforms import settings, stores
+from transforms import dicomweb, settings, stores
 
 DEFAULT_OUTPUT = 'output'
 DEFAULT_SAMPLE_DIR = 'sample_data'
@@ -77,6 +78,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     action='store_true',
     help='Launch even when the estimated dataset size exceeds the free space '
     'at a local --output (the estimate assumes an uncompressed image column).',
+  )
+  _add(
+    io,
+    '--dicomweb-url',
+    dest='dicomweb_url',
+    default=None,
+    help='Take the DICOM slices from this DICOMweb service root (a PACS, e.g. '
+    "http://127.0.0.1:8042/dicom-web) instead of --input's dicoms/: "
+    "link.csv's patient_id is the PatientID, slice n the instance whose "
+    'InstanceNumber is n. Credentials come from DICOMWEB_USERNAME and '
+    'DICOMWEB_PASSWORD, or DICOMWEB_TOKEN, or --dicomweb-auth-file.',
+  )
+  _add(
+    io,
+    '--dicomweb-auth-file',
+    dest='dicomweb_auth_file',
+    default=None,
+    help='JSON file with {"username": ..., "password": ...} or {"token": ...} '
+    'for --dicomweb-url; refused if every user may read it.',
+  )
+  _add(
+    io,
+    '--dicomweb-ca-bundle',
+    dest='dicomweb_ca_bundle',
+    default=None,
+    help='CA certificates (PEM) that verify an https --dicomweb-url (default: '
+    "the system's); verification is never turned off.",
+  )
+  _add(
+    io,
+    '--series-filter',
+    dest='series_filter',
+    default=None,
+    help='KEYWORD=PATTERN choosing the series of each patient on the PACS, '
+    'KEYWORD one of SeriesDescription, SeriesNumber, Modality, '
+    'SeriesInstanceUID; PATTERN is shell-style (*, ?), case ignored. A '
+    'patient with several matching series is reported ambiguous_series.',
   )
   behaviour = parser.add_argument_group(BEHAVIOUR)
   _add(
@@ -201,7 +239,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     type=int,
     default=stores.DEFAULT_READ_CONCURRENCY,
     help='Requests in flight per worker while reading files from an object '
-    'store (s3://, gs://), so waiting on the network overlaps with decoding.',
+    'store (s3://, gs://) or instances from --dicomweb-url, so waiting on the '
+    'network overlaps with decoding.',
   )
   _add(
     performance,
@@ -209,9 +248,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     dest='request_attempts',
     type=int,
     default=stores.DEFAULT_ATTEMPTS,
-    help='Attempts per object-store request before the file counts as failed '
-    '(an error row): throttling (503 SlowDown, 429) and transient errors are '
+    help='Attempts per object-store or DICOMweb request before the file counts '
+    'as failed (an error row): throttling (503 SlowDown, 429) and transient errors are '
     'retried with exponential backoff and jitter.',
+  )
+  _add(
+    performance,
+    '--dicomweb-page-size',
+    dest='dicomweb_page_size',
+    type=int,
+    default=dicomweb.DEFAULT_PAGE_SIZE,
+    help='Instances asked for per QIDO-RS search page (limit/offset) on '
+    '--dicomweb-url; lower it for a server that caps its answers.',
   )
   qa = parser.add_argument_group(QA)
   _add(
@@ -246,7 +294,7 @@ def validate(values) -> None:
     )
   if values.decoders < 1:
     raise UsageError(f'--decoders must be at least 1, got {values.decoders}')
-  for flag in ('read_concurrency', 'request_attempts'):
+  for flag in ('read_concurrency', 'request_attempts', 'dicomweb_page_size'):
     if getattr(values, flag) < 1:
       raise UsageError(
         f'--{flag.replace("_", "-")} must be at least 1, got {getattr(values, flag)}'
@@ -258,6 +306,7 @@ def validate(values) -> None:
       f'--progress-seconds must not be negative, got {values.progress_seconds}'
     )
   splits.parse_fractions(values.split)
+  _validate_dicomweb(values)
   if not values.output:
     raise UsageError('--output must not be empty')
   for flag in ('input', 'output', 'sample_dir', 'qa_dir'):
@@ -272,6 +321,20 @@ def validate(values) -> None:
         f'--{flag.replace("_", "-")} {shown} is not valid UTF-8: rename it, or '
         'use a link with a UTF-8 name'
       ) from None
+
+
+def _validate_dicomweb(values) -> None:
+  if values.dicomweb_url is None:
+    for flag in ('dicomweb_auth_file', 'dicomweb_ca_bundle', 'series_filter'):
+      if getattr(values, flag) is not None:
+        raise UsageError(f'--{flag.replace("_", "-")} needs --dicomweb-url')
+    return
+  dicomweb.check_url(values.dicomweb_url)
+  if values.series_filter is not None:
+    dicomweb.parse_series_filter(values.series_filter)
+  bundle = values.dicomweb_ca_bundle
+  if bundle is not None and not os.path.isfile(bundle):
+    raise UsageError(f'--dicomweb-ca-bundle {bundle} is not a file')
 
 
 def help_parser(prog: str = 'run_pipeline.py') -> argparse.ArgumentParser:

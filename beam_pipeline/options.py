@@ -15,6 +15,12 @@ from apache_beam.options.pipeline_options import PipelineOptions, S3Options
 from beam_pipeline import arguments
 from beam_pipeline.contract import splits
 from beam_pipeline.contract.errors import UsageError
+from transforms.dicomweb import (
+  DicomWebConfig,
+  SeriesFilter,
+  check_url,
+  parse_series_filter,
+)
 from transforms.settings import DecodeSettings
 from transforms.stores import StoreConfig
 
@@ -61,6 +67,25 @@ class IngestOptions(PipelineOptions):
       attempts=self.request_attempts,
     )
 
+  def dicomweb_config(self) -> DicomWebConfig | None:
+    """The PACS the slices come from (--dicomweb-url), or None. It names the
+    auth file, never a credential: workers read the secret where they use it."""
+    if self.dicomweb_url is None:
+      return None
+    return DicomWebConfig(
+      url=check_url(self.dicomweb_url),
+      auth_file=self.dicomweb_auth_file,
+      ca_bundle=self.dicomweb_ca_bundle,
+      concurrency=self.read_concurrency,
+      attempts=self.request_attempts,
+      page_size=self.dicomweb_page_size,
+    )
+
+  def parsed_series_filter(self) -> SeriesFilter | None:
+    """--series-filter, parsed (None when not given)."""
+    text = self.series_filter
+    return None if text is None else parse_series_filter(text)
+
   def decode_settings(self) -> DecodeSettings:
     """The decode stage's settings from these options."""
     return DecodeSettings(
@@ -75,6 +100,7 @@ class IngestOptions(PipelineOptions):
       decoders=self.decoders,
       progress_seconds=self.progress_seconds,
       store=self.store_config(),
+      dicomweb=self.dicomweb_config(),
     )
 
 

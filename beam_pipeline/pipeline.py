@@ -46,7 +46,8 @@ from transforms import stores
 from transforms.decode import DecodeSlices
 from transforms.duplicates import FindDuplicates
 from transforms.listing import ListTree, ReadLinks
-from transforms.reconcile import Reconcile
+from transforms.pacs import SearchPacs
+from transforms.reconcile import PACS, TREE, Reconcile
 from transforms.write import WriteDataset
 
 _LOG = logging.getLogger(__name__)
@@ -66,13 +67,26 @@ def build_pipeline(
   ``beam_pipeline.progress``. ``run_id`` names the run's staging folder.
   """
   config = options.store_config()
+  pacs = options.dicomweb_config()
   links = p | 'ReadLinks' >> ReadLinks(options.input, config)
-  files = p | 'ListTree' >> ListTree(options.input, config)
+  tops = (layout.CONTOUR_DIR,) if pacs else (layout.DICOM_DIR, layout.CONTOUR_DIR)
+  files = p | 'ListTree' >> ListTree(options.input, config, tops)
   found = {
     Reconcile.LINKS: links[ReadLinks.LINKS],
-    Reconcile.DICOMS: files[ListTree.DICOMS],
     Reconcile.CONTOURS: files[ListTree.CONTOURS],
-  } | 'Reconcile' >> Reconcile()
+  }
+  more_reconciliation, more_errors = [], []  # a PACS search's rows
+  if pacs is None:
+    found[Reconcile.DICOMS] = files[ListTree.DICOMS]
+  else:
+    searched = links[ReadLinks.LINKS] | 'SearchPacs' >> SearchPacs(
+      pacs, options.parsed_series_filter()
+    )
+    found[Reconcile.DICOMS] = searched[SearchPacs.DICOMS]
+    found[Reconcile.REPORTED] = searched[SearchPacs.REPORTED]
+    more_reconciliation.append(searched[SearchPacs.RECONCILIATION])
+    more_errors.append(searched[SearchPacs.ERRORS])
+  found = found | 'Reconcile' >> Reconcile(TREE if pacs is None else PACS)
   settings = dataclasses.replace(options.decode_settings(), progress_dir=progress_dir)
   decoded = found[Reconcile.PATIENTS] | 'Decode' >> DecodeSlices(
     options.input, settings
@@ -85,11 +99,13 @@ def build_pipeline(
     links[ReadLinks.RECONCILIATION],
     found[Reconcile.RECONCILIATION],
     copies,
+    *more_reconciliation,
   ) | 'AllReconciliation' >> beam.Flatten()
   errors = (
     links[ReadLinks.ERRORS],
     files[ListTree.ERRORS],
     decoded[DecodeSlices.ERRORS],
+    *more_errors,
   ) | 'AllErrors' >> beam.Flatten()
   _ = {
     WriteDataset.SLICES: decoded[DecodeSlices.SLICES],
@@ -256,7 +272,12 @@ def run(argv: Sequence[str] | None = None) -> Run:
     return _dry_run(options, ingest)
   overwrite = resolve_paths(ingest)
   publish.check_replaceable(ingest.output, overwrite)
-  found = preflight.survey(ingest.input)
+  pacs = ingest.dicomweb_config()
+  if pacs is None:
+    found = preflight.survey(ingest.input)
+  else:  # nothing to count ahead: the slices are on the server
+    preflight.check_dicomweb(pacs, ingest.input)
+    found = None
   needed = found.dataset_bytes(ingest.labeled_only) if found else None
   preflight.check_output(ingest.output, needed, not ingest.skip_space_check)
   run_id = lock.new_run_id()

@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 from beam_pipeline.contract import layout
 from beam_pipeline.contract.errors import UsageError, causes
-from transforms import stores
+from transforms import dicomweb, stores
 
 _LOG = logging.getLogger(__name__)
 
@@ -77,6 +77,34 @@ def _walk(root: str, top: str, deadline: float):
       continue
   if pending:
     raise TimeoutError
+
+
+def check_dicomweb(config: dicomweb.DicomWebConfig, root: str) -> None:
+  """Reads the credentials and runs one search on the PACS, so that a wrong
+  URL, certificate or credential is one line before anything runs.
+
+  Raises:
+    UsageError: the auth file is unusable, or the server cannot be reached or
+      refuses the search.
+  """
+  try:
+    dicomweb.client(config).check()
+  except dicomweb.DicomWebError as e:
+    if e.status in (401, 403):
+      raise UsageError(
+        f'--dicomweb-url {config.url}: the server refused the credentials '
+        f'(HTTP {e.status}); see the README\'s "From a PACS"'
+      ) from None
+    raise UsageError(f'--dicomweb-url {config.url}: {e}') from None
+  folder = stores.join(root, layout.DICOM_DIR)
+  if (
+    os.path.isdir(folder)
+    if stores.is_local(folder)
+    else next(iter(stores.store(folder).files(folder)), None) is not None
+  ):
+    _LOG.warning(
+      '%s is ignored: the slices come from --dicomweb-url %s', folder, config.url
+    )
 
 
 def survey(root: str) -> Survey | None:
@@ -254,7 +282,9 @@ def choose_direct_mode(found: Survey | None, cpus: int) -> DirectMode:
   process per core (at most MAX_WORKERS)."""
   workers = min(cpus, MAX_WORKERS)
   if found is None:
-    return DirectMode('in_memory', 1, 'slice count unknown on an object store')
+    return DirectMode(
+      'in_memory', 1, 'slice count not known ahead: an object store or a PACS'
+    )
   count = f'{found.slices:,}{"" if found.complete else "+"} slices'
   limit = crossover(workers)
   if workers < 2:

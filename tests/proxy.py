@@ -15,6 +15,10 @@ Two modes:
   (``Connection: close`` is forced on both sides). The first N requests
   whose request line contains PATTERN are answered ``503 SlowDown`` without
   reaching the server (N < 0: all of them), so clients must retry.
+  ``--http`` alone gives this mode without faults (``--delay`` then holds
+  each request), so ``max_in_flight`` counts concurrent requests exactly.
+  ``--stop-after K --upstream-pid PID`` kills the server (SIGKILL to PID)
+  once K requests have been answered: a server going away mid-run.
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ class Stats:
     self.faults = 0
     self.in_flight = 0
     self.busy = 0.0
+    self.max_in_flight = 0
+    self.answered = 0
     self._since = time.monotonic()
 
   def _tick(self) -> None:
@@ -60,6 +66,7 @@ class Stats:
     self._tick()
     self.requests += 1
     self.in_flight += 1
+    self.max_in_flight = max(self.max_in_flight, self.in_flight)
 
   def end(self) -> None:
     self._tick()
@@ -71,6 +78,7 @@ class Stats:
       'requests': self.requests,
       'busy_seconds': round(self.busy, 3),
       'faults': self.faults,
+      'max_in_flight': self.max_in_flight,
     }
 
 
@@ -115,7 +123,7 @@ async def _delaying(client_reader, client_writer, upstream, delay, stats):
     stats.end()
 
 
-async def _faulting(client_reader, client_writer, upstream, rules, stats):
+async def _faulting(client_reader, client_writer, upstream, rules, stats, delay, kill):
   try:
     head = await client_reader.readuntil(b'\r\n\r\n')
   except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
@@ -141,24 +149,39 @@ async def _faulting(client_reader, client_writer, upstream, rules, stats):
         client_writer.write(_SLOW_DOWN % (len(_SLOW_DOWN_BODY), _SLOW_DOWN_BODY))
         await client_writer.drain()
         return
+    if delay:
+      await asyncio.sleep(delay)
     server_reader, server_writer = await asyncio.open_connection(*upstream)
-    server_writer.write(b'\r\n'.join([*kept, b'Connection: close', b'', b'']) + body)
-    await server_writer.drain()
-    while chunk := await server_reader.read(65536):
-      client_writer.write(chunk)
-      await client_writer.drain()
-    server_writer.close()
+    try:
+      server_writer.write(b'\r\n'.join([*kept, b'Connection: close', b'', b'']) + body)
+      await server_writer.drain()
+      while chunk := await server_reader.read(65536):
+        client_writer.write(chunk)
+        await client_writer.drain()
+    finally:  # the client may hang up first, once it has its answer
+      server_writer.close()
+      stats.answered += 1
+      after, pid = kill
+      if after and stats.answered == after:
+        os.kill(pid, signal.SIGKILL)
   finally:
     stats.end()
     client_writer.close()
 
 
-async def serve(port: int, upstream: tuple[str, int], delay: float, rules: dict):
+async def serve(
+  port: int,
+  upstream: tuple[str, int],
+  delay: float,
+  rules: dict,
+  http: bool,
+  kill: tuple[int, int] = (0, 0),
+):
   stats = Stats()
 
   async def handle(reader, writer):
-    if rules:
-      await _faulting(reader, writer, upstream, rules, stats)
+    if rules or http:
+      await _faulting(reader, writer, upstream, rules, stats, delay, kill)
     else:
       await _delaying(reader, writer, upstream, delay, stats)
 
@@ -215,13 +238,17 @@ def main(argv=None) -> int:
   parser.add_argument('--upstream', required=True, help='HOST:PORT')
   parser.add_argument('--delay', type=float, default=0.0)
   parser.add_argument('--fail', action='append', default=[], help='PATTERN=N')
+  parser.add_argument('--http', action='store_true', help='HTTP-aware, no faults')
+  parser.add_argument('--stop-after', type=int, default=0, help='K answers')
+  parser.add_argument('--upstream-pid', type=int, default=0)
   args = parser.parse_args(argv)
   host, _, port = args.upstream.rpartition(':')
   rules = collections.OrderedDict()
   for rule in args.fail:
     pattern, _, n = rule.rpartition('=')
     rules[pattern] = int(n)
-  asyncio.run(serve(args.port, (host, int(port)), args.delay, rules))
+  kill = (args.stop_after, args.upstream_pid)
+  asyncio.run(serve(args.port, (host, int(port)), args.delay, rules, args.http, kill))
   return 0
 
 

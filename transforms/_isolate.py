@@ -148,12 +148,20 @@ class IsolatedDecoder:
     timeout: seconds one file may take before the child is killed.
     memory: bytes the child may allocate beyond its size at start
       (RLIMIT_AS; see ``decoder_headroom``), or None for no limit.
+    reread: let the child read local files itself (False: always send the
+      bytes the caller has, e.g. slices retrieved from a PACS).
   """
 
   def __init__(
-    self, root: str, decode: Decoder, timeout: float, memory: int | None = None
+    self,
+    root: str,
+    decode: Decoder,
+    timeout: float,
+    memory: int | None = None,
+    reread: bool = True,
   ):
     self._root = root
+    self._reread = reread and is_local(root)
     self._decode = decode
     self._timeout = timeout
     self._memory = memory
@@ -188,9 +196,10 @@ class IsolatedDecoder:
     """Outcomes of ``paths``, in order; ``datas``: their bytes, if already read.
 
     Local files are read again by the child (from the page cache: cheaper
-    than sending them through the pipe).
+    than sending them through the pipe), unless made with ``reread=False``
+    (the bytes came from elsewhere, such as a PACS).
     """
-    if is_local(self._root):
+    if self._reread:
       yield from self._decode_local(paths, limits)
       return
     # Other file systems are configured in the worker only: read here, send

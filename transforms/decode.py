@@ -30,6 +30,8 @@ from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
 from beam_pipeline.contract import metrics, splits
+from beam_pipeline.contract import schema as s
+from beam_pipeline.contract.errors import FileTooLargeError
 from beam_pipeline.contract.layout import Patient
 from transforms import (
   _files,
@@ -38,6 +40,7 @@ from transforms import (
   _progress,
   _tuning,
   assemble,
+  dicomweb,
   duplicates,
   quality,
   stores,
@@ -71,9 +74,12 @@ class SliceDecoder:
     self._root = input_root
     self._limits = settings.limits
     self._window_bytes = max(1, settings.max_chunk_bytes // 4)
+    self._pacs = (
+      None if settings.dicomweb is None else dicomweb.client(settings.dicomweb)
+    )
     self._prefetcher = (
       None
-      if stores.is_local(input_root)
+      if stores.is_local(input_root) and self._pacs is None
       else stores.Prefetcher(settings.store.read_concurrency, self._window_bytes)
     )
     if settings.isolate:
@@ -81,7 +87,11 @@ class SliceDecoder:
       self._fallback = _isolate.DecoderPool(
         [
           _isolate.IsolatedDecoder(
-            input_root, decode_fn, settings.decode_timeout, memory
+            input_root,
+            decode_fn,
+            settings.decode_timeout,
+            memory,
+            reread=self._pacs is None,
           )
           for _ in range(settings.decoders)
         ]
@@ -96,28 +106,39 @@ class SliceDecoder:
       _LOG.exception('native reader failed on %s', path)
       return None
 
-  def _read(self, path: str) -> bytes | Failed:
-    return _files.read_or_fail(self._root, path, self._limits.max_file_bytes)
+  def _read(self, item: tuple[str, bool]) -> bytes | Failed:
+    """The bytes of (path, whether it is a slice), from the PACS for slices
+    when there is one, else from the tree."""
+    path, is_slice = item
+    if not (is_slice and self._pacs is not None):
+      return _files.read_or_fail(self._root, path, self._limits.max_file_bytes)
+    try:
+      return self._pacs.retrieve(path, self._limits.max_file_bytes)
+    except FileTooLargeError as e:
+      return Failed(s.STAGE_FETCH, str(e))
+    except Exception as e:  # DicomWebError (with its status) or a bug
+      return Failed(s.STAGE_FETCH, f'cannot retrieve: {e}')
 
-  def _reads(self, paths: list[str]) -> Iterator[bytes | Failed]:
+  def _reads(self, items: list[tuple[str, bool]]) -> Iterator[bytes | Failed]:
     if self._prefetcher is None:
-      return map(self._read, paths)
-    return self._prefetcher.fetch(paths, self._read)
+      return map(self._read, items)
+    return self._prefetcher.fetch(items, self._read)
 
   def outcomes(
     self, paths: list[str], extras: list[dict[str, str]] | None = None
   ) -> Iterator[tuple[Outcome, dict[str, bytes | Failed]]]:
     """(the outcome of each path, the bytes of its ``extras``: {name: path}
     of other files read with it, such as its contour files), in order, a
-    window of files at a time. On an object store the reads are queued at
+    window of files at a time. On an object store or a PACS (the slices of
+    ``settings.dicomweb``) the reads are queued at
     once (stores.Prefetcher): call it for the next chunk before consuming
     this one's, and requests stay out while this one is finished."""
     extras = extras or [{}] * len(paths)
     reads = self._reads(
       [
-        p
+        item
         for path, more in zip(paths, extras, strict=True)
-        for p in (path, *more.values())
+        for item in ((path, True), *((p, False) for p in more.values()))
       ]
     )
     return self._decoded(paths, extras, reads)
@@ -225,7 +246,9 @@ class DecodeSlicesFn(beam.DoFn):
       self._run_id, self._settings.progress_seconds, self._settings.progress_dir
     )
     self._decoder = SliceDecoder(self._input_root, self._settings, self._decode_fn)
-    self._remote = not stores.is_local(self._input_root)
+    self._remote = (
+      not stores.is_local(self._input_root) or self._settings.dicomweb is not None
+    )
 
   def teardown(self):
     self._decoder.close()
@@ -238,7 +261,7 @@ class DecodeSlicesFn(beam.DoFn):
     if not self._remote:
       yield from self._finish(*started)
       return
-    # On an object store, one chunk ahead: this chunk's files are on their
+    # On an object store or a PACS, one chunk ahead: this chunk's files are on their
     # way while the previous one is decoded and written, so the network is
     # never idle between chunks.
     ahead, self._ahead = self._ahead, started

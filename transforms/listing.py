@@ -120,8 +120,8 @@ class _ClassifyFn(beam.DoFn):
       )
 
 
-def _walk_tops(root: str) -> Iterator[tuple[str, str | None]]:
-  for top in (layout.DICOM_DIR, layout.CONTOUR_DIR):
+def _walk_tops(root: str, tops: tuple[str, ...]) -> Iterator[tuple[str, str | None]]:
+  for top in tops:
     folder = _files.join_path(root, top)
     if os.path.isdir(folder):
       yield from _files.walk_local(folder)
@@ -174,22 +174,29 @@ class ListTree(_FromTree):
   CONTOURS = 'contours'
   ERRORS = 'errors'
 
+  def __init__(
+    self,
+    input_root: str,
+    config: stores.StoreConfig | None = None,
+    tops: tuple[str, ...] = (layout.DICOM_DIR, layout.CONTOUR_DIR),
+  ):
+    """``tops``: the folders listed (only contourfiles/ when the slices come
+    from a PACS)."""
+    super().__init__(input_root, config)
+    self._tops = tops
+
   def expand(self, pbegin):
     root = self._input_root
     if stores.is_local(root):
       listed = (
-        pbegin | 'Root' >> beam.Create([root]) | 'Walk' >> beam.FlatMap(_walk_tops)
+        pbegin
+        | 'Root' >> beam.Create([root])
+        | 'Walk' >> beam.FlatMap(_walk_tops, self._tops)
       )
     else:
       tops = (
         pbegin
-        | 'Tops'
-        >> beam.Create(
-          [
-            _files.join_path(root, top)
-            for top in (layout.DICOM_DIR, layout.CONTOUR_DIR)
-          ]
-        )
+        | 'Tops' >> beam.Create([_files.join_path(root, top) for top in self._tops])
         | 'ListTops'
         >> beam.ParDo(_ListFn(self._config, top=True)).with_outputs(
           _FOLDERS, main='files'

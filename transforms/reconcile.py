@@ -22,6 +22,25 @@ from beam_pipeline.contract import schema as s
 from beam_pipeline.contract.layout import Patient
 
 
+class Wording(NamedTuple):
+  """How reconciliation rows say where a patient's slices were looked for:
+  format strings over ``patient_id`` (and ``slice_index``)."""
+
+  no_slices: str
+  no_slice: str
+
+
+TREE = Wording(
+  f'no slices under {layout.DICOM_DIR}/{{patient_id}}/',
+  f'no {layout.DICOM_DIR}/{{patient_id}}/{{slice_index}}.dcm',
+)
+PACS = Wording(
+  'the DICOMweb server has no instance with PatientID {patient_id}',
+  'no instance with InstanceNumber {slice_index} in the series of PatientID '
+  '{patient_id}',
+)
+
+
 class _Linked(NamedTuple):
   link: layout.Link
   contours: tuple[layout.ContourFile, ...]
@@ -56,9 +75,13 @@ class _AttachContoursFn(beam.DoFn):
 class _MatchPatientsFn(beam.DoFn):
   """One patient_id: its link (with contours) and its DICOM files."""
 
+  def __init__(self, wording: Wording):
+    self._wording = wording
+
   def process(self, element):
     patient_id, grouped = element
     linked = list(grouped['linked'])
+    reported = any(True for _ in grouped.get('reported', ()))
     dicoms = sorted(grouped['dicoms'], key=lambda d: d.slice_index)
     if not linked:
       yield self._row(
@@ -81,12 +104,13 @@ class _MatchPatientsFn(beam.DoFn):
         + (f'; its {len(dicoms)} slice files have no masks' if dicoms else ''),
       )
     if not dicoms:
-      yield self._row(
-        patient_id,
-        original_id,
-        s.MISSING_DICOMS,
-        f'line {link.line}: no slices under {layout.DICOM_DIR}/{patient_id}/',
-      )
+      if not reported:  # else rows of the source already say why
+        yield self._row(
+          patient_id,
+          original_id,
+          s.MISSING_DICOMS,
+          f'line {link.line}: ' + self._wording.no_slices.format(patient_id=patient_id),
+        )
       return
     indices = {d.slice_index for d in dicoms}
     usable = []
@@ -98,8 +122,10 @@ class _MatchPatientsFn(beam.DoFn):
           patient_id,
           original_id,
           s.CONTOUR_WITHOUT_DICOM,
-          f'{contour.path}: no {layout.DICOM_DIR}/{patient_id}/'
-          f'{contour.slice_index}.dcm',
+          f'{contour.path}: '
+          + self._wording.no_slice.format(
+            patient_id=patient_id, slice_index=contour.slice_index
+          ),
         )
     kinds = [c.kind for c in usable]
     yield self._row(
@@ -129,7 +155,10 @@ class Reconcile(beam.PTransform):
   """Link rows and the tree's files, reconciled.
 
   Takes a dict of PCollections: LINKS (layout.Link), DICOMS
-  (layout.DicomFile) and CONTOURS (layout.ContourFile). Returns a dict:
+  (layout.DicomFile) and CONTOURS (layout.ContourFile), and optionally
+  REPORTED: patient ids whose missing slices the source has already explained
+  in rows of its own (a PACS search), so no missing_dicoms row is added.
+  ``wording`` says where slices were looked for (TREE or PACS). Returns a dict:
   PATIENTS (matched layout.Patients, ids and paths only) and RECONCILIATION
   (report rows: one per matched patient and one per mismatch found).
   """
@@ -137,8 +166,13 @@ class Reconcile(beam.PTransform):
   LINKS = 'links'
   DICOMS = 'dicoms'
   CONTOURS = 'contours'
+  REPORTED = 'reported'
   PATIENTS = 'patients'
   RECONCILIATION = 'reconciliation'
+
+  def __init__(self, wording: Wording = TREE):
+    super().__init__()
+    self._wording = wording
 
   def expand(self, found):
     linked = (
@@ -154,15 +188,20 @@ class Reconcile(beam.PTransform):
         self.RECONCILIATION, main='linked'
       )
     )
+    by_patient = {
+      'linked': linked.linked,
+      'dicoms': found[self.DICOMS]
+      | 'DicomsByPatient' >> _key_by('patient_id', layout.DicomFile),
+    }
+    if self.REPORTED in found:
+      by_patient['reported'] = found[self.REPORTED] | 'ReportedByPatient' >> beam.Map(
+        lambda pid: (pid, True)
+      ).with_output_types(tuple[str, bool])
     matched = (
-      {
-        'linked': linked.linked,
-        'dicoms': found[self.DICOMS]
-        | 'DicomsByPatient' >> _key_by('patient_id', layout.DicomFile),
-      }
+      by_patient
       | 'JoinByPatient' >> beam.CoGroupByKey()
       | 'MatchPatients'
-      >> beam.ParDo(_MatchPatientsFn()).with_outputs(
+      >> beam.ParDo(_MatchPatientsFn(self._wording)).with_outputs(
         self.RECONCILIATION, main=self.PATIENTS
       )
     )

@@ -10,6 +10,7 @@ import dataclasses
 from typing import NamedTuple
 
 from beam_pipeline.contract import splits
+from transforms.dicomweb import DicomWebConfig
 from transforms.stores import StoreConfig
 
 DEFAULT_CHUNK_SIZE = 64
@@ -59,6 +60,7 @@ class DecodeSettings:
     progress_dir: a local folder where each worker process keeps its counts
       for the launcher's progress line (None: workers log their own lines).
     store: how to reach object stores, and how many reads to keep in flight.
+    dicomweb: the PACS the slices come from (None: the tree's dicoms/).
   """
 
   chunk_size: int = DEFAULT_CHUNK_SIZE
@@ -75,6 +77,7 @@ class DecodeSettings:
   progress_seconds: float = DEFAULT_PROGRESS_SECONDS
   progress_dir: str | None = None
   store: StoreConfig = StoreConfig()
+  dicomweb: DicomWebConfig | None = None
 
   @property
   def limits(self) -> Limits:

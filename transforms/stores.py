@@ -300,6 +300,34 @@ def _os_error(e: Exception, path: str) -> OSError:
   return OSError(f'{path}: {prefix}{type(e).__name__}: {reason}')
 
 
+RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+def http_pool(concurrency: int, attempts: int, tls: dict):
+  """A urllib3 pool for a worker's hot-path GETs: ``concurrency`` (plus a
+  few) pooled connections, ``attempts`` tries of each request on connection
+  errors and on throttling and transient statuses (RETRIED_STATUSES, honouring
+  Retry-After), exponential backoff from 0.1 s doubling to at most 20 s plus
+  up to 0.5 s of jitter. ``tls``: urllib3's cert_reqs/ca_certs arguments."""
+  import urllib3
+
+  return urllib3.PoolManager(
+    maxsize=concurrency + 8,
+    timeout=urllib3.Timeout(connect=10, read=60),
+    retries=urllib3.Retry(
+      total=attempts - 1,
+      status_forcelist=RETRIED_STATUSES,
+      allowed_methods={'GET'},
+      backoff_factor=0.1,
+      backoff_max=20,
+      backoff_jitter=0.5,
+      raise_on_status=False,
+      respect_retry_after_header=True,
+    ),
+    **tls,
+  )
+
+
 class _SignedGets:
   """GETs of S3 objects, signed with botocore's SigV4 signer and sent through
   one urllib3 connection pool: the hot path of a run.
@@ -315,10 +343,7 @@ class _SignedGets:
   most 20 s) plus up to 0.5 s of jitter.
   """
 
-  _RETRIED = frozenset({429, 500, 502, 503, 504})
-
   def __init__(self, client, credentials, config: StoreConfig):
-    import urllib3
     from botocore.httpsession import get_cert_path
 
     self._endpoint = client.meta.endpoint_url.rstrip('/')
@@ -331,21 +356,7 @@ class _SignedGets:
       if verify is False
       else {'cert_reqs': 'CERT_REQUIRED', 'ca_certs': get_cert_path(verify or True)}
     )
-    self._pool = urllib3.PoolManager(
-      maxsize=config.read_concurrency + 8,
-      timeout=urllib3.Timeout(connect=10, read=60),
-      retries=urllib3.Retry(
-        total=config.attempts - 1,
-        status_forcelist=self._RETRIED,
-        allowed_methods={'GET'},
-        backoff_factor=0.1,
-        backoff_max=20,
-        backoff_jitter=0.5,
-        raise_on_status=False,
-        respect_retry_after_header=True,
-      ),
-      **tls,
-    )
+    self._pool = http_pool(config.read_concurrency, config.attempts, tls)
 
   def _url(self, bucket: str, key: str) -> str:
     from urllib.parse import quote

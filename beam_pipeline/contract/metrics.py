@@ -21,6 +21,7 @@ O_MASKS_WRITTEN = 'o_masks_written'
 MASKS_WRITTEN = {'i': I_MASKS_WRITTEN, 'o': O_MASKS_WRITTEN}
 SLICE_BYTES_READ = 'dicom_bytes_read'
 STRAY_FILES = 'stray_files'
+PACS_INSTANCES_FOUND = 'pacs_instances_found'  # by the DICOMweb searches
 
 _QA_PREFIX = 'qa_'
 

@@ -38,6 +38,7 @@ DUPLICATE_LINK = 'duplicate_link'
 MALFORMED_LINK = 'malformed_link'
 DUPLICATE_SLICE = 'duplicate_slice'
 DUPLICATE_CONTOUR = 'duplicate_contour'
+AMBIGUOUS_SERIES = 'ambiguous_series'  # a PACS patient with several series
 STATUSES = (
   MATCHED,
   MISSING_DICOMS,
@@ -49,15 +50,26 @@ STATUSES = (
   MALFORMED_LINK,
   DUPLICATE_SLICE,
   DUPLICATE_CONTOUR,
+  AMBIGUOUS_SERIES,
 )
 
 # Stages of the errors table.
 STAGE_LINKS = 'links'
 STAGE_LIST = 'list'
+STAGE_SEARCH = 'search'  # a DICOMweb search, or an instance it found
+STAGE_FETCH = 'fetch'  # a DICOMweb retrieve
 STAGE_READ = 'read'
 STAGE_DECODE = 'decode'
 STAGE_CONTOUR = 'contour'
-STAGES = (STAGE_LINKS, STAGE_LIST, STAGE_READ, STAGE_DECODE, STAGE_CONTOUR)
+STAGES = (
+  STAGE_LINKS,
+  STAGE_LIST,
+  STAGE_SEARCH,
+  STAGE_FETCH,
+  STAGE_READ,
+  STAGE_DECODE,
+  STAGE_CONTOUR,
+)
 
 
 def _field(

@@ -1,0 +1,199 @@
+"""The PACS side of reconciliation: link.csv's patients searched on a DICOMweb
+server, as the same DicomFile records a tree's listing gives.
+
+``SearchPacs`` takes the Links, spreads their patient ids over the workers
+(a Reshuffle) and searches each with QIDO-RS (paged). ``choose_series``, a
+pure function, turns one patient's instances into DicomFiles of one series:
+slice n is the instance whose InstanceNumber is n, and its path is the
+instance's WADO-RS path. Several series (after ``--series-filter``) give an
+``ambiguous_series`` row and no slice; an instance without a usable
+InstanceNumber, or sharing it with another, is an error row.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple
+
+import apache_beam as beam
+from apache_beam import pvalue
+from apache_beam.metrics import Metrics
+
+from beam_pipeline.contract import layout, metrics
+from beam_pipeline.contract import schema as s
+from transforms import dicomweb
+from transforms.dicomweb import DicomWebConfig, Instance, SeriesFilter
+
+_LOG = logging.getLogger(__name__)
+
+
+class Chosen(NamedTuple):
+  """One patient's search, decided: its slices, and what is reported."""
+
+  files: list[layout.DicomFile]
+  reconciliation: list[tuple[str, str]]  # (status, detail)
+  errors: list[tuple[str, str]]  # (path, message)
+
+
+def _describe(series: str, instances: list[Instance]) -> str:
+  first = instances[0]
+  shown = [
+    f'SeriesNumber {first.series_number or "?"}',
+    f'SeriesDescription {first.series_description!r}',
+    first.modality or 'no Modality',
+    f'{len(instances)} instances',
+  ]
+  return f'{series} ({", ".join(shown)})'
+
+
+def _slice_index(number: str) -> int | None:
+  """InstanceNumber (an IS: optional sign and spaces) as a slice index."""
+  try:
+    value = int(number.strip())
+  except ValueError:
+    return None
+  return value if value >= 0 else None
+
+
+def choose_series(
+  patient_id: str,
+  query: str,
+  instances: Iterable[Instance],
+  series_filter: SeriesFilter | None = None,
+) -> Chosen:
+  """The slices of ``patient_id`` from its instances on the server.
+
+  Args:
+    query: the search, named in error rows about instances with bad UIDs.
+    series_filter: keeps only the series it matches.
+  """
+  errors: list[tuple[str, str]] = []
+  by_series: dict[str, list[Instance]] = collections.defaultdict(list)
+  for found in instances:
+    if (problem := found.uid_problem()) is not None:
+      errors.append((query, problem))
+    else:
+      by_series[found.series].append(found)
+  if not by_series:
+    return Chosen([], [], errors)
+  candidates = sorted(by_series)
+  if series_filter is not None:
+    candidates = [u for u in candidates if series_filter.matches(by_series[u][0])]
+  described = '; '.join(_describe(u, by_series[u]) for u in sorted(by_series))
+  if not candidates:
+    return Chosen(
+      [],
+      [
+        (
+          s.MISSING_DICOMS,
+          f'none of the {len(by_series)} series of PatientID {patient_id} on the '
+          f'server matches --series-filter {series_filter}: {described}',
+        )
+      ],
+      errors,
+    )
+  if len(candidates) > 1:
+    matching = f' match --series-filter {series_filter}' if series_filter else ''
+    shown = '; '.join(_describe(u, by_series[u]) for u in candidates)
+    return Chosen(
+      [],
+      [
+        (
+          s.AMBIGUOUS_SERIES,
+          f'{len(candidates)} series of PatientID {patient_id}{matching}: {shown}; '
+          'choose one with --series-filter',
+        )
+      ],
+      errors,
+    )
+  chosen = sorted(by_series[candidates[0]], key=lambda i: i.sop)
+  numbered: dict[int, list[Instance]] = collections.defaultdict(list)
+  for found in chosen:
+    index = _slice_index(found.number)
+    if index is None:
+      why = (
+        'has no InstanceNumber (0020,0013)'
+        if not found.number
+        else f'has InstanceNumber {found.number!r}, not a number from 0 up'
+      )
+      errors.append((found.path, f'{why}: it cannot be matched to a contour file'))
+    else:
+      numbered[index].append(found)
+  files = []
+  for index, holders in sorted(numbered.items()):
+    if len(holders) == 1:
+      files.append(layout.DicomFile(patient_id, index, holders[0].path))
+      continue
+    for found in holders:
+      errors.append(
+        (
+          found.path,
+          f'InstanceNumber {index} is held by {len(holders)} instances of series '
+          f'{found.series}; none of them is used',
+        )
+      )
+  return Chosen(files, [], errors)
+
+
+class _SearchFn(beam.DoFn):
+  """One Link: its patient's DicomFiles; reports as tagged outputs."""
+
+  def __init__(self, config: DicomWebConfig, series_filter: SeriesFilter | None):
+    self._config = config
+    self._filter = series_filter
+
+  def setup(self):
+    self._client = dicomweb.client(self._config)
+    self._instances = Metrics.counter(metrics.NAMESPACE, metrics.PACS_INSTANCES_FOUND)
+
+  def process(self, link: layout.Link) -> Iterator:
+    pid = link.patient_id
+    query = f'instances?PatientID={pid}'
+    try:
+      instances = list(self._client.search(pid))
+    except (OSError, ValueError) as e:
+      _LOG.warning('search for PatientID %s failed: %s', pid, e)
+      chosen = Chosen([], [], [(query, f'cannot search: {e}')])
+    else:
+      self._instances.inc(len(instances))
+      chosen = choose_series(pid, query, instances, self._filter)
+    yield from chosen.files
+    for status, detail in chosen.reconciliation:
+      yield pvalue.TaggedOutput(
+        SearchPacs.RECONCILIATION,
+        s.reconciliation_row(pid, link.original_id, status, detail),
+      )
+    for path, message in chosen.errors:
+      yield pvalue.TaggedOutput(
+        SearchPacs.ERRORS, s.error_row(pid, path, s.STAGE_SEARCH, message)
+      )
+    if not chosen.files and (chosen.reconciliation or chosen.errors):
+      yield pvalue.TaggedOutput(SearchPacs.REPORTED, pid)
+
+
+class SearchPacs(beam.PTransform):
+  """Links -> DICOMS (layout.DicomFile, paths under the service root),
+  RECONCILIATION and ERRORS rows, and REPORTED: the patient ids whose missing
+  slices these rows already explain (see Reconcile)."""
+
+  DICOMS = 'dicoms'
+  RECONCILIATION = 'reconciliation'
+  ERRORS = 'errors'
+  REPORTED = 'reported'
+
+  def __init__(self, config: DicomWebConfig, series_filter: SeriesFilter | None):
+    super().__init__()
+    self._config = config
+    self._filter = series_filter
+
+  def expand(self, links):
+    return (
+      links
+      | 'SpreadPatients' >> beam.Reshuffle()
+      | 'Search'
+      >> beam.ParDo(_SearchFn(self._config, self._filter)).with_outputs(
+        self.RECONCILIATION, self.ERRORS, self.REPORTED, main=self.DICOMS
+      )
+    )
