@@ -551,3 +551,33 @@ def test_a_retrieve_answer_holds_exactly_one_dicom_part():
     dicomweb._single_part(multipart(b'abc', sized=False)[:-12], kind)
   with pytest.raises(OSError, match='not multipart/related'):
     dicomweb._single_part(b'{}', 'application/json')
+
+
+def test_tls_is_verified_against_the_system_or_the_given_ca_bundle(
+  tmp_path, credentials, capsys
+):
+  orthanc.require()
+  root = str(tmp_path / 'DATA')
+  sample.make_tree(root, patients=1, slices=3, rows=8, columns=8)
+  folder = str(tmp_path / 'orthanc')
+  with orthanc.started(folder, tls=True) as server:
+    assert server.root.startswith('https://')
+    for path in sorted(glob.glob(os.path.join(root, 'dicoms', '*', '*.dcm'))):
+      status, _ = orthanc.request(
+        server.root,
+        'POST',
+        '/instances',
+        open(path, 'rb').read(),
+        cafile=os.path.join(folder, 'ca.pem'),
+      )
+      assert status == 200
+    out = str(tmp_path / 'OUT')
+    # A self-signed certificate: refused before anything runs.
+    assert cli.main(_pacs_args(server, root, out)) == cli.EXIT_USAGE
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f'error: --dicomweb-url {server.dicomweb}: ')
+    assert 'CERTIFICATE_VERIFY_FAILED' in line or 'certificate verify failed' in line
+    assert not os.path.exists(out)
+    bundle = ['--dicomweb-ca-bundle', os.path.join(folder, 'ca.pem')]
+    assert cli.main([*_pacs_args(server, root, out), *bundle]) == cli.EXIT_OK
+  assert len(dataset_tables(out)['slices']) == 3

@@ -1,0 +1,219 @@
+"""Benchmark: the slices of a tree read from the tree, and from a PACS.
+
+    python bench/pacs.py --data bench/data/x1 --runs 3
+
+Starts Orthanc with its DICOMweb plugin (Debian's packages, as the tests do:
+tests/orthanc.py) on 127.0.0.1, uploads the tree's slices once, then runs in
+interleaved rounds:
+
+- ``tree``: the pipeline on the local tree;
+- ``pacs``: the same tree with ``--dicomweb-url`` (its dicoms/ ignored): the
+  slices are searched and retrieved from Orthanc;
+- ``tree, 1 patient`` and ``pacs, 1 patient``: the same with only the first
+  link.csv row, to separate each mode's fixed cost (start-up, the pre-flight
+  search, Beam's stages) from its rate: "past the fixed cost" is the slices
+  the full tree adds over the time it adds;
+- ``wado-rs alone``: one pooled urllib3 client retrieving every instance of
+  the tree with WADO-RS, 32 at a time, doing nothing else: what Orthanc
+  serves on this machine, the baseline of the target (a rate with no fixed
+  cost, so it is compared with the pipeline's rate past its fixed cost).
+
+Prints medians of slices/s (instances/s for the baseline), wall and CPU
+seconds of the pipeline's process tree and of Orthanc (they share the
+machine), and the ratios, as medians of per-round ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import psutil
+import urllib3
+from run import count_slices, measure, pipeline_command, settle
+
+from tests import orthanc  # noqa: E402  (run puts the repo on the path)
+from transforms import dicomweb  # noqa: E402
+
+CONCURRENCY = 32
+
+
+def pacs_tree(data: str, target: str) -> str:
+  """A copy of ``data`` whose slices say which patient they belong to: the
+  PatientID of each is its folder's name (the benchmark trees replicate real
+  patients under new folder names), so a PACS matches them as the tree
+  does. Its UIDs are derived from the folder too, so replicas stay distinct
+  instances on the server."""
+  import pydicom
+
+  shutil.copytree(data, target, ignore=shutil.ignore_patterns('dicoms'))
+  for folder in sorted(os.listdir(os.path.join(data, 'dicoms'))):
+    os.makedirs(os.path.join(target, 'dicoms', folder))
+    for name in os.listdir(os.path.join(data, 'dicoms', folder)):
+      ds = pydicom.dcmread(os.path.join(data, 'dicoms', folder, name))
+      ds.PatientID = folder
+      for keyword in ('StudyInstanceUID', 'SeriesInstanceUID', 'SOPInstanceUID'):
+        uid = pydicom.uid.generate_uid(entropy_srcs=[folder, getattr(ds, keyword)])
+        setattr(ds, keyword, uid)
+      ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+      ds.save_as(os.path.join(target, 'dicoms', folder, name))
+  return target
+
+
+def first_patient(data: str, target: str) -> str:
+  """A tree of ``data``'s first link.csv row only (its slices and contours)."""
+  with open(os.path.join(data, 'link.csv')) as f:
+    header, first = f.read().splitlines()[:2]
+  patient, original = first.split(',')
+  os.makedirs(target)
+  with open(os.path.join(target, 'link.csv'), 'w') as f:
+    f.write(f'{header}\n{first}\n')
+  for top, name in (('dicoms', patient), ('contourfiles', original)):
+    shutil.copytree(os.path.join(data, top, name), os.path.join(target, top, name))
+  return target
+
+
+def upload(server: orthanc.Server, data: str) -> int:
+  paths = [
+    os.path.join(folder, name)
+    for folder, _, names in os.walk(os.path.join(data, 'dicoms'))
+    for name in names
+    if name.endswith('.dcm')
+  ]
+  with ThreadPoolExecutor(8) as pool:
+    stored = sum(pool.map(lambda p: orthanc.upload(server, p), paths))
+  return stored
+
+
+def instance_paths(server: orthanc.Server) -> list[str]:
+  status, body = orthanc.request(server.root, 'GET', '/dicom-web/instances')
+  assert status == 200, status
+  return [dicomweb.instance_of(item).path for item in json.loads(body)]
+
+
+def wado_alone(server: orthanc.Server, paths: list[str]) -> float:
+  """Instances/s of one pooled client retrieving ``paths``, 32 at a time."""
+  pool = urllib3.PoolManager(maxsize=CONCURRENCY)
+  pair = f'{orthanc.USER}:{orthanc.PASSWORD}'.encode()
+  headers = {
+    'Authorization': 'Basic ' + base64.b64encode(pair).decode(),
+    'Accept': 'multipart/related; type="application/dicom"; transfer-syntax=*',
+  }
+
+  def get(path: str) -> int:
+    response = pool.request('GET', f'{server.dicomweb}/{path}', headers=headers)
+    assert response.status == 200, response.status
+    return len(response.data)
+
+  start = time.perf_counter()
+  with ThreadPoolExecutor(CONCURRENCY) as threads:
+    list(threads.map(get, paths))
+  return len(paths) / (time.perf_counter() - start)
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--data', required=True, help='a local data tree')
+  parser.add_argument('--runs', type=int, default=3)
+  parser.add_argument('--scratch', default=None)
+  args = parser.parse_args(argv)
+  reason = orthanc.missing()
+  if reason is not None:
+    sys.exit(f'Orthanc is needed: {reason}')
+  scratch = tempfile.mkdtemp(prefix='pacs-', dir=args.scratch)
+  data = pacs_tree(args.data, os.path.join(scratch, 'DATA'))
+  one = first_patient(data, os.path.join(scratch, 'ONE'))
+  slices = {data: count_slices(data), one: count_slices(one)}
+  out = os.path.join(scratch, 'out')
+  results: dict[str, list[dict]] = {}
+  env = dict(
+    os.environ,
+    **{dicomweb.ENV_USERNAME: orthanc.USER, dicomweb.ENV_PASSWORD: orthanc.PASSWORD},
+  )
+  with orthanc.started(os.path.join(scratch, 'orthanc')) as server:
+    started = time.perf_counter()
+    stored = upload(server, data)
+    print(
+      f'uploaded {stored} instances in {time.perf_counter() - started:.1f} s',
+      file=sys.stderr,
+    )
+    paths = instance_paths(server)
+    process = psutil.Process(server.pid)
+
+    def server_cpu() -> float:
+      times = process.cpu_times()
+      return times.user + times.system
+
+    def pipeline(tree, extra):
+      def run():
+        settle(out)
+        m = measure(pipeline_command(tree, out, extra), env=env)
+        with open(os.path.join(out, '_SUMMARY.json')) as f:
+          written = json.load(f)['counters']['slices_written']
+        assert written == slices[tree], f'{written} of {slices[tree]} slices written'
+        return {'rate': written / m.seconds, 'seconds': m.seconds, 'cpu': m.cpu}
+
+      return run
+
+    pacs = ['--dicomweb-url', server.dicomweb]
+    modes = {
+      'tree': pipeline(data, []),
+      'pacs': pipeline(data, pacs),
+      'tree, 1 patient': pipeline(one, []),
+      'pacs, 1 patient': pipeline(one, pacs),
+      'wado-rs alone': lambda: {'rate': wado_alone(server, paths)},
+    }
+    for round_ in range(args.runs):
+      order = list(modes) if round_ % 2 == 0 else list(reversed(modes))
+      for name in order:
+        before = server_cpu()
+        row = modes[name]()
+        row['server cpu'] = server_cpu() - before
+        results.setdefault(name, []).append(row)
+        print(f'round {round_ + 1} {name}: {row}', file=sys.stderr)
+  shutil.rmtree(scratch, ignore_errors=True)
+
+  def median(name, key):
+    values = [r[key] for r in results[name] if key in r]
+    return statistics.median(values) if values else None
+
+  def ratio(a: str, b: str) -> str:
+    rounds = [
+      x['rate'] / y['rate'] for x, y in zip(results[a], results[b], strict=True)
+    ]
+    shown = ', '.join(f'{r:.2f}' for r in rounds)
+    return f'{statistics.median(rounds):.2f}x (per round: {shown})'
+
+  print(
+    f"\n{slices[data]} slices ({slices[one]} of them the first patient's), "
+    f'{len(paths)} instances on Orthanc, {args.runs} rounds (medians)\n'
+  )
+  print('| mode | slices/s | past the fixed cost | wall s | CPU s | Orthanc CPU s |')
+  print('| --- | --- | --- | --- | --- | --- |')
+  for name in modes:
+    keys = ('rate', 'marginal', 'seconds', 'cpu', 'server cpu')
+    shown = ['' if c is None else f'{c:.1f}' for c in (median(name, k) for k in keys)]
+    unit = ' (instances/s)' if name == 'wado-rs alone' else ''
+    print(f'| {name} | {shown[0]}{unit} | {" | ".join(shown[1:])} |')
+  print()
+  print(
+    f'- pacs / tree: {ratio("pacs", "tree")}; past the fixed cost: '
+    f'{ratio("pacs", "tree", "marginal", "marginal")}'
+  )
+  print(
+    f'- pacs / wado-rs alone, past the fixed cost: '
+    f'{ratio("pacs", "wado-rs alone", "marginal")} (target >= 0.5); end to end: '
+    f'{ratio("pacs", "wado-rs alone")}'
+  )
+
+
+if __name__ == '__main__':
+  main()
