@@ -185,10 +185,15 @@ def main(argv=None) -> None:
     values = [r[key] for r in results[name] if key in r]
     return statistics.median(values) if values else None
 
-  def ratio(a: str, b: str) -> str:
-    rounds = [
-      x['rate'] / y['rate'] for x, y in zip(results[a], results[b], strict=True)
-    ]
+  added = slices[data] - slices[one]
+  for name in ('tree', 'pacs'):  # past the fixed cost, which both sizes pay
+    pairs = zip(results[name], results[f'{name}, 1 patient'], strict=True)
+    for full, small in pairs:
+      full['marginal'] = added / (full['seconds'] - small['seconds'])
+
+  def ratio(a: str, b: str, key: str = 'rate', key_b: str = 'rate') -> str:
+    pairs = zip(results[a], results[b], strict=True)
+    rounds = [x[key] / y[key_b] for x, y in pairs]
     shown = ', '.join(f'{r:.2f}' for r in rounds)
     return f'{statistics.median(rounds):.2f}x (per round: {shown})'
 
