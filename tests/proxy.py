@@ -17,6 +17,8 @@ Two modes:
   reaching the server (N < 0: all of them), so clients must retry.
   ``--http`` alone gives this mode without faults (``--delay`` then holds
   each request), so ``max_in_flight`` counts concurrent requests exactly.
+  ``--tls PEM`` serves https with the key and certificate in PEM (see
+  ``self_signed``) and forwards plain HTTP.
   ``--stop-after K --upstream-pid PID`` kills the server (SIGKILL to PID)
   once K requests have been answered: a server going away mid-run.
 """
@@ -31,6 +33,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -176,6 +179,7 @@ async def serve(
   rules: dict,
   http: bool,
   kill: tuple[int, int] = (0, 0),
+  tls: str | None = None,
 ):
   stats = Stats()
 
@@ -185,7 +189,13 @@ async def serve(
     else:
       await _delaying(reader, writer, upstream, delay, stats)
 
-  server = await asyncio.start_server(handle, '127.0.0.1', port, backlog=512)
+  context = None
+  if tls:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tls)
+  server = await asyncio.start_server(
+    handle, '127.0.0.1', port, backlog=512, ssl=context
+  )
   stop = asyncio.Event()
   loop = asyncio.get_running_loop()
   loop.set_exception_handler(lambda *_: None)  # connections cut at the stop
@@ -195,6 +205,49 @@ async def serve(
   async with server:
     await stop.wait()
   print(json.dumps(stats.figures()), flush=True)
+
+
+def self_signed(folder: str) -> tuple[str, str]:
+  """A self-signed certificate for 127.0.0.1: (the proxy's PEM, key and
+  certificate; the certificate alone, a CA bundle for clients)."""
+  import datetime
+  import ipaddress
+
+  from cryptography import x509
+  from cryptography.hazmat.primitives import hashes, serialization
+  from cryptography.hazmat.primitives.asymmetric import rsa
+  from cryptography.x509.oid import NameOID
+
+  key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+  name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, 'test-pacs')])
+  now = datetime.datetime.now(datetime.timezone.utc)
+  certificate = (
+    x509.CertificateBuilder()
+    .subject_name(name)
+    .issuer_name(name)
+    .public_key(key.public_key())
+    .serial_number(x509.random_serial_number())
+    .not_valid_before(now - datetime.timedelta(minutes=5))
+    .not_valid_after(now + datetime.timedelta(days=1))
+    .add_extension(
+      x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address('127.0.0.1'))]),
+      critical=False,
+    )
+    .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+    .sign(key, hashes.SHA256())
+  )
+  cert_pem = certificate.public_bytes(serialization.Encoding.PEM)
+  key_pem = key.private_bytes(
+    serialization.Encoding.PEM,
+    serialization.PrivateFormat.TraditionalOpenSSL,
+    serialization.NoEncryption(),
+  )
+  both, alone = os.path.join(folder, 'server.pem'), os.path.join(folder, 'ca.pem')
+  with open(both, 'wb') as f:
+    f.write(key_pem + cert_pem)
+  with open(alone, 'wb') as f:
+    f.write(cert_pem)
+  return both, alone
 
 
 @contextlib.contextmanager
@@ -225,7 +278,8 @@ def started(upstream: str, *arguments: str):
   try:
     if process.stdout.readline().strip() != 'ready':
       raise RuntimeError('the proxy did not start')
-    yield f'http://127.0.0.1:{port}', figures
+    scheme = 'https' if '--tls' in arguments else 'http'
+    yield f'{scheme}://127.0.0.1:{port}', figures
   finally:
     process.terminate()
     out, _ = process.communicate(timeout=30)
@@ -241,6 +295,7 @@ def main(argv=None) -> int:
   parser.add_argument('--http', action='store_true', help='HTTP-aware, no faults')
   parser.add_argument('--stop-after', type=int, default=0, help='K answers')
   parser.add_argument('--upstream-pid', type=int, default=0)
+  parser.add_argument('--tls', default=None, help='PEM: key and certificate')
   args = parser.parse_args(argv)
   host, _, port = args.upstream.rpartition(':')
   rules = collections.OrderedDict()
@@ -248,7 +303,9 @@ def main(argv=None) -> int:
     pattern, _, n = rule.rpartition('=')
     rules[pattern] = int(n)
   kill = (args.stop_after, args.upstream_pid)
-  asyncio.run(serve(args.port, (host, int(port)), args.delay, rules, args.http, kill))
+  asyncio.run(
+    serve(args.port, (host, int(port)), args.delay, rules, args.http, kill, args.tls)
+  )
   return 0
 
 

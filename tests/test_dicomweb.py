@@ -554,30 +554,54 @@ def test_a_retrieve_answer_holds_exactly_one_dicom_part():
 
 
 def test_tls_is_verified_against_the_system_or_the_given_ca_bundle(
-  tmp_path, credentials, capsys
+  pacs, credentials, tmp_path, capsys
 ):
-  orthanc.require()
   root = str(tmp_path / 'DATA')
-  sample.make_tree(root, patients=1, slices=3, rows=8, columns=8)
-  folder = str(tmp_path / 'orthanc')
-  with orthanc.started(folder, tls=True) as server:
-    assert server.root.startswith('https://')
-    for path in sorted(glob.glob(os.path.join(root, 'dicoms', '*', '*.dcm'))):
-      status, _ = orthanc.request(
-        server.root,
-        'POST',
-        '/instances',
-        open(path, 'rb').read(),
-        cafile=os.path.join(folder, 'ca.pem'),
-      )
-      assert status == 200
-    out = str(tmp_path / 'OUT')
-    # A self-signed certificate: refused before anything runs.
-    assert cli.main(_pacs_args(server, root, out)) == cli.EXIT_USAGE
+  _uploaded_tree(pacs, root, 'TLS', patients=1, slices=3, rows=8, columns=8)
+  pem, ca = proxy.self_signed(str(tmp_path))
+  with proxy.started(pacs.root, '--http', '--tls', pem) as (endpoint, _):
+    assert endpoint.startswith('https://')
+    url = endpoint + '/dicom-web'
+    args = ['--input', root, '--dicomweb-url', url, '--output', str(tmp_path / 'OUT')]
+    # A self-signed certificate the system does not trust: refused up front.
+    assert cli.main(args) == cli.EXIT_USAGE
     (line,) = capsys.readouterr().err.splitlines()
-    assert line.startswith(f'error: --dicomweb-url {server.dicomweb}: ')
+    assert line.startswith(f'error: --dicomweb-url {url}: ')
     assert 'CERTIFICATE_VERIFY_FAILED' in line or 'certificate verify failed' in line
-    assert not os.path.exists(out)
-    bundle = ['--dicomweb-ca-bundle', os.path.join(folder, 'ca.pem')]
-    assert cli.main([*_pacs_args(server, root, out), *bundle]) == cli.EXIT_OK
-  assert len(dataset_tables(out)['slices']) == 3
+    assert not os.path.exists(tmp_path / 'OUT')
+    assert cli.main([*args, '--dicomweb-ca-bundle', ca]) == cli.EXIT_OK
+  assert len(dataset_tables(str(tmp_path / 'OUT'))['slices']) == 3
+
+
+def test_compressed_instances_arrive_as_stored_and_decode_as_in_a_tree(
+  pacs, credentials, tmp_path
+):
+  from pydicom.data import get_testdata_file
+
+  root = str(tmp_path / 'DATA')
+  sample.make_tree(root, patients=1, slices=2, rows=64, columns=64)
+  _rename_patients(root, 'ZIP')
+  (patient,) = os.listdir(os.path.join(root, 'dicoms'))
+  for k, name in ((1, 'MR_small_jp2klossless.dcm'), (2, 'MR_small_RLE.dcm')):
+    ds = pydicom.dcmread(get_testdata_file(name))
+    ds.PatientID, ds.InstanceNumber = patient, k
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = (
+      pydicom.uid.generate_uid(entropy_srcs=[patient, name])
+    )
+    ds.save_as(os.path.join(root, 'dicoms', patient, f'{k}.dcm'))
+  stored, refused = orthanc.upload_tree(pacs, root)
+  assert refused == [] and len(stored) == 2
+  client = dicomweb.DicomWebClient(dicomweb.DicomWebConfig(pacs.dicomweb))
+  for found in client.search(patient):  # never transcoded: the very bytes
+    with open(os.path.join(root, 'dicoms', patient, f'{found.number}.dcm'), 'rb') as f:
+      assert client.retrieve(found.path) == f.read()
+  tree_out, pacs_out = str(tmp_path / 'tree'), str(tmp_path / 'pacs')
+  # Both files hold the same pixels (duplicate_slice), and no contour file.
+  assert cli.main(['--input', root, '--output', tree_out]) == cli.EXIT_QUARANTINED
+  assert cli.main(_pacs_args(pacs, root, pacs_out)) == cli.EXIT_QUARANTINED
+  tree = _without_paths(dataset_tables(tree_out))
+  assert [r['transfer_syntax_uid'] for r in tree] == [
+    pydicom.uid.JPEG2000Lossless,
+    pydicom.uid.RLELossless,
+  ]
+  assert _without_paths(dataset_tables(pacs_out)) == tree
