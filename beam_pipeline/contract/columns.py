@@ -8,6 +8,13 @@ descriptions), pydicom's extractor (``transforms.dicom``), the native reader's
 tag set (``transforms._native``) and the README's column table
 (:func:`markdown_table`, held to the README by ``tests/test_docs.py``).
 
+The header columns are an allow-list: each says what DICOM PS3.15 Annex E's
+Basic Application Level Confidentiality Profile does with its attribute
+(``DicomSource.action``): ``K``, kept (the profile does not list it), or
+``U``, replaced by a consistent UID. ``tests/test_privacy.py`` checks every
+one against the profile's table, so a column of names, dates, ids or
+private tags cannot be added.
+
 Adding a header column is one ``_header(...)`` line in HEADER_COLUMNS.
 """
 
@@ -17,6 +24,10 @@ from typing import NamedTuple
 
 import pyarrow as pa
 
+# What PS3.15 Annex E's Basic Profile does with an output attribute.
+KEEP = 'K'  # not listed by the profile: kept
+REPLACE_UID = 'U'  # replaced by a non-zero-length UID, consistent in the set
+
 
 class DicomSource(NamedTuple):
   """Where a header column's value comes from."""
@@ -24,6 +35,7 @@ class DicomSource(NamedTuple):
   keyword: str  # pydicom's keyword, e.g. 'SOPInstanceUID'
   tag: int  # e.g. 0x00080018
   vr: str  # the value representation, e.g. 'UI'
+  action: str = KEEP  # KEEP or REPLACE_UID (see the module docstring)
 
   @property
   def in_file_meta(self) -> bool:
@@ -69,10 +81,11 @@ def _header(
   type_: pa.DataType,
   note: str = '',
   nullable: bool = True,
+  action: str = KEEP,
 ) -> Column:
   """A column copied from the header; its description starts with the keyword
   and, for data set elements, the tag, e.g. "Rows (0028,0010): image height"."""
-  source = DicomSource(keyword, tag, vr)
+  source = DicomSource(keyword, tag, vr, action)
   where = '' if source.in_file_meta else f' ({tag >> 16:04X},{tag & 0xFFFF:04X})'
   return Column(name, type_, f'{keyword}{where}{note}', nullable, source)
 
@@ -94,13 +107,18 @@ IDENTITY_COLUMNS = (
   ),
 )
 
-# The header columns, in table order. No identifying tag (names, dates,
-# addresses, other ids, institutions) may be added here: the patient is known
-# by the ids in link.csv.
+# The header columns, in table order: an allow-list. No identifying tag
+# (names, dates, addresses, other ids, institutions) may be added here: the
+# patient is known by the ids in link.csv (tests/test_privacy.py).
+_UID = {'action': REPLACE_UID}
 HEADER_COLUMNS = (
-  _header('sop_instance_uid', 'SOPInstanceUID', 0x00080018, 'UI', pa.string()),
-  _header('series_instance_uid', 'SeriesInstanceUID', 0x0020000E, 'UI', pa.string()),
-  _header('study_instance_uid', 'StudyInstanceUID', 0x0020000D, 'UI', pa.string()),
+  _header('sop_instance_uid', 'SOPInstanceUID', 0x00080018, 'UI', pa.string(), **_UID),
+  _header(
+    'series_instance_uid', 'SeriesInstanceUID', 0x0020000E, 'UI', pa.string(), **_UID
+  ),
+  _header(
+    'study_instance_uid', 'StudyInstanceUID', 0x0020000D, 'UI', pa.string(), **_UID
+  ),
   _header('modality', 'Modality', 0x00080060, 'CS', pa.string(), ', e.g. MR'),
   _header(
     'transfer_syntax_uid',
@@ -299,9 +317,10 @@ def _type_text(type_: pa.DataType) -> str:
 
 def markdown_table() -> str:
   """The README's table of slice columns, one row per column."""
-  lines = ['| column | type | meaning |', '| --- | --- | --- |']
+  lines = ['| column | type | PS3.15 | meaning |', '| --- | --- | --- | --- |']
   lines += [
-    f'| `{c.name}` | {_type_text(c.type)} | {_markdown(c.description)} |'
+    f'| `{c.name}` | {_type_text(c.type)} | {c.dicom.action if c.dicom else ""} | '
+    f'{_markdown(c.description)} |'
     for c in SLICE_COLUMNS
   ]
   return '\n'.join(lines)
