@@ -149,6 +149,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   )
   _add(
     behaviour,
+    '--exclude-burned-in',
+    dest='exclude_burned_in',
+    action='store_true',
+    help='Do not write slices whose header says the pixels may show text '
+    '(BurnedInAnnotation YES, a SECONDARY/DERIVED/SCREEN SAVE ImageType, a '
+    'secondary capture); each is an error row, stage excluded.',
+  )
+  _add(
+    behaviour,
     '--max-pixels',
     dest='max_pixels',
     type=int,

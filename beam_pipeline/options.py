@@ -91,6 +91,7 @@ class IngestOptions(PipelineOptions):
     return DecodeSettings(
       chunk_size=self.chunk_size,
       labeled_only=self.labeled_only,
+      exclude_burned_in=self.exclude_burned_in,
       max_pixels=self.max_pixels,
       max_file_bytes=self.max_file_bytes,
       max_chunk_bytes=self.max_chunk_bytes,

@@ -34,7 +34,7 @@ def _generated(tmp_path, leading_zero_uids=False, shape=(20, 30)):
 
 def test_generated_slice_round_trips_with_metadata(tmp_path):
   data, pixels = _generated(tmp_path)
-  meta, image, _ = decode_dicom(data)
+  meta, image, *_ = decode_dicom(data)
   np.testing.assert_array_equal(image, pixels)
   assert image.dtype == np.dtype('<i2') and image.flags.c_contiguous
   assert meta['rows'] == 20 and meta['columns'] == 30
@@ -68,7 +68,7 @@ def test_leading_zero_uids_are_kept_and_do_not_warn(tmp_path):
 )
 def test_lossless_syntaxes_equal_the_uncompressed_file(name):
   reference = _decode('MR_small.dcm').image
-  meta, image, _ = _decode(name)
+  meta, image, *_ = _decode(name)
   np.testing.assert_array_equal(image, reference)
   assert image.dtype.byteorder in '<=|' and meta['pixel_dtype'] == 'int16'
   assert image.tobytes() == reference.astype('<i2').tobytes()
@@ -76,7 +76,7 @@ def test_lossless_syntaxes_equal_the_uncompressed_file(name):
 
 def test_jpeg_lossless_equals_rle_of_the_same_image():
   rle = _decode('SC_rgb_rle.dcm').image
-  meta, image, _ = _decode('SC_rgb_jpeg_gdcm.dcm')  # JPEG Lossless, Process 14
+  meta, image, *_ = _decode('SC_rgb_jpeg_gdcm.dcm')  # JPEG Lossless, Process 14
   assert meta['samples_per_pixel'] == 3
   np.testing.assert_array_equal(image, rle)
 
@@ -91,14 +91,14 @@ def test_jpeg_lossless_equals_rle_of_the_same_image():
 )
 def test_lossy_syntaxes_are_close_to_the_lossless_image(name, tolerance):
   rle = _decode('SC_rgb_rle.dcm').image
-  meta, image, _ = _decode(name)
+  meta, image, *_ = _decode(name)
   assert image.shape == rle.shape == (100, 100, 3)
   assert meta['rows'] == 100 and meta['samples_per_pixel'] == 3
   assert np.abs(image.astype(int) - rle.astype(int)).mean() < tolerance
 
 
 def test_non_mr_modality_is_accepted():
-  meta, image, _ = _decode('693_J2KI.dcm')
+  meta, image, *_ = _decode('693_J2KI.dcm')
   assert meta['modality'] == 'CT' and image.shape == (512, 512)
 
 
@@ -226,7 +226,7 @@ def test_native_fast_path_masks_and_sign_extends_like_pydicom(
     assert fast is None  # left to pydicom: its OW words are swapped in pairs
   else:
     np.testing.assert_array_equal(fast, ds.pixel_array)
-  meta, image, _ = decode_dicom(open(path, 'rb').read())
+  meta, image, *_ = decode_dicom(open(path, 'rb').read())
   np.testing.assert_array_equal(image, ds.pixel_array)
 
 

@@ -32,9 +32,10 @@ def agree(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> bool:
   fast = _native.decode(data, max_pixels)
   if fast is None:
     return False
-  meta, image, _ = decode_dicom(data, max_pixels)  # must not raise
-  fast_meta, fast_image, fast_size = fast
+  meta, image, _, burned_in = decode_dicom(data, max_pixels)  # must not raise
+  fast_meta, fast_image, fast_size, fast_burned_in = fast
   assert fast_size == len(data)
+  assert fast_burned_in == burned_in
   assert fast_meta == meta
   assert {k: type(v) for k, v in fast_meta.items()} == {
     k: type(v) for k, v in meta.items()
@@ -164,7 +165,7 @@ def test_exact_pixel_data_and_one_padding_byte_are_read(tmp_path):
     BitsStored=8,
     HighBit=7,
   )
-  meta, image, _ = decode_dicom(odd)
+  meta, image, *_ = decode_dicom(odd)
   assert image.tolist() == [list(range(1, 6)), list(range(6, 11)), list(range(11, 16))]
 
 

@@ -30,6 +30,7 @@ import struct
 import numpy as np
 
 from beam_pipeline.contract.columns import HEADER_COLUMNS, METADATA_NAMES, PIXEL_DTYPE
+from beam_pipeline.contract.flags import burned_in_risk
 from transforms.outcomes import Decoded
 
 MAX_DEPTH = 8
@@ -66,6 +67,11 @@ _TAGS = {
   if not c.dicom.in_file_meta
 }
 _TAGS[0x00280008] = ('frames', b'IS', 'int', 0)  # NumberOfFrames: checked, not stored
+# Read for the burned-in text risk (flags.burned_in_risk), not stored.
+_TAGS[0x00280301] = ('burned_in_annotation', b'CS', 'str', 0)
+_TAGS[0x00080008] = ('image_type', b'CS', 'strs', 0)
+_TAGS[0x00080016] = ('sop_class_uid', b'UI', 'str', 0)
+_RISK_NAMES = ('burned_in_annotation', 'image_type', 'sop_class_uid')
 _TAGS[_PIXEL_DATA] = ('pixels', None, 'bytes', 0)
 _INT = re.compile(r' *[+-]?[0-9]{1,9} *')
 _FLOAT = re.compile(r' *[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]{1,3})? *')
@@ -193,6 +199,8 @@ def _convert(tag: int, vr: bytes | None, raw: bytes):
   if not text:
     return None
   values = text.split('\\')
+  if kind == 'strs':  # any number of values
+    return values
   if len(values) != max(count, 1):
     return _UNSURE
   if kind == 'str':
@@ -352,9 +360,10 @@ def decode(data: bytes, max_pixels: int) -> Decoded | None:
   )
   if image is None:
     return None
+  risk = burned_in_risk(*(values.pop(name, None) for name in _RISK_NAMES))
   meta = dict.fromkeys(METADATA_NAMES)
   meta.update(values)
   meta['transfer_syntax_uid'] = syntax
   meta['samples_per_pixel'] = samples
   meta[PIXEL_DTYPE.name] = image.dtype.name
-  return Decoded(meta, image, len(data))
+  return Decoded(meta, image, len(data), risk)

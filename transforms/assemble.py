@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from beam_pipeline.contract import schema as s
 from beam_pipeline.contract.errors import ContourError
+from beam_pipeline.contract.flags import BURNED_IN
 from transforms import masks, quality
 from transforms.chunks import SliceChunk, SliceTask
 from transforms.outcomes import Decoded, Failed
@@ -103,6 +104,8 @@ def slice_row(
   if len(drawn) == 2:
     row['inner_in_outer'], nesting_flags = quality.nesting_check(drawn['i'], drawn['o'])
     flags += nesting_flags
+  if decoded.burned_in is not None:
+    flags.append(BURNED_IN)
   row['qa_flags'] = flags
   return SliceResult(row, errors)
 

@@ -292,6 +292,8 @@ class DecodeSlicesFn(beam.DoFn):
     for task, their_paths, (outcome, contours) in zip(
       chunk.slices, contour_paths, outcomes, strict=True
     ):
+      if self._settings.exclude_burned_in and isinstance(outcome, Decoded):
+        outcome = _excluded(outcome)
       if isinstance(outcome, Failed):
         yield pvalue.TaggedOutput(self.ERRORS, unusable_slice(chunk, task, outcome))
         continue
@@ -318,6 +320,17 @@ class DecodeSlicesFn(beam.DoFn):
       yield assemble.slice_table(rows)
     if slices or contour_ids:
       yield pvalue.TaggedOutput(self.IDENTITIES, (tuple(slices), tuple(contour_ids)))
+
+
+def _excluded(decoded: Decoded) -> Outcome:
+  """Under --exclude-burned-in: Failed (stage excluded) for a slice whose
+  pixels may show text, else the slice."""
+  if decoded.burned_in is None:
+    return decoded
+  return Failed(
+    s.STAGE_EXCLUDED,
+    f'not written (--exclude-burned-in): {decoded.burned_in}; the pixels may show text',
+  )
 
 
 def _in_global_window(value) -> WindowedValue:

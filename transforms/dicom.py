@@ -23,6 +23,7 @@ from pydicom.errors import InvalidDicomError
 
 from beam_pipeline.contract.columns import HEADER_COLUMNS, PIXEL_DTYPE, Column
 from beam_pipeline.contract.errors import DicomError
+from beam_pipeline.contract.flags import burned_in_risk
 from transforms import _native
 from transforms.outcomes import Decoded
 from transforms.settings import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS
@@ -68,9 +69,11 @@ def _value(ds: pydicom.Dataset, keyword: str, convert, count: int = 0):
     element = ds.get(keyword)
     if element is None or element == '':
       return None
-    if count:
+    if count:  # -1: any number of values
+      if isinstance(element, str | bytes) or not hasattr(element, '__iter__'):
+        element = [element]  # one value
       values = [convert(v) for v in element]
-      return values if len(values) == count else None
+      return values if count < 0 or len(values) == count else None
     return convert(element)
   except Exception:  # see the docstring
     return None
@@ -250,4 +253,9 @@ def decode_dicom(
       image.astype(image.dtype.newbyteorder('<'), copy=False)
     )
     meta[PIXEL_DTYPE.name] = image.dtype.name
-  return Decoded(meta, image, len(data))
+  risk = burned_in_risk(
+    _value(ds, 'BurnedInAnnotation', str),
+    _value(ds, 'ImageType', str, -1),
+    _value(ds, 'SOPClassUID', str),
+  )
+  return Decoded(meta, image, len(data), risk)

@@ -19,11 +19,14 @@ class Decoded(NamedTuple):
       SLICE_SCHEMA.
     image: pixel_array, unscaled, C-contiguous, little-endian.
     size: bytes of the file it came from.
+    burned_in: why its pixels may show burned-in text
+      (``flags.burned_in_risk``), or None.
   """
 
   meta: dict
   image: np.ndarray
   size: int
+  burned_in: str | None = None
 
 
 class Failed(NamedTuple):

@@ -47,6 +47,8 @@ class DecodeSettings:
     max_chunk_bytes: decoded image bytes per Arrow table: a chunk whose
       images hold more is written as several row groups.
     labeled_only: keep only slices with at least one contour file.
+    exclude_burned_in: leave out slices whose header says the pixels may
+      show text (an error row each, stage excluded).
     max_pixels: the largest rows x columns x samples accepted, checked from
       the header before any pixel buffer is allocated.
     max_file_bytes: the largest file read, and the largest size a deflated
@@ -65,6 +67,7 @@ class DecodeSettings:
 
   chunk_size: int = DEFAULT_CHUNK_SIZE
   labeled_only: bool = False
+  exclude_burned_in: bool = False
   max_pixels: int = DEFAULT_MAX_PIXELS
   max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
   max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES

@@ -61,6 +61,7 @@ STAGE_FETCH = 'fetch'  # a DICOMweb retrieve
 STAGE_READ = 'read'
 STAGE_DECODE = 'decode'
 STAGE_CONTOUR = 'contour'
+STAGE_EXCLUDED = 'excluded'  # a slice left out by choice (--exclude-burned-in)
 STAGES = (
   STAGE_LINKS,
   STAGE_LIST,
@@ -69,6 +70,7 @@ STAGES = (
   STAGE_READ,
   STAGE_DECODE,
   STAGE_CONTOUR,
+  STAGE_EXCLUDED,
 )
 
 
