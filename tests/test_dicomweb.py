@@ -605,3 +605,28 @@ def test_compressed_instances_arrive_as_stored_and_decode_as_in_a_tree(
     pydicom.uid.RLELossless,
   ]
   assert _without_paths(dataset_tables(pacs_out)) == tree
+
+
+def test_a_failing_search_is_a_search_row_and_the_other_patients_are_written(
+  pacs, credentials, tmp_path
+):
+  root = str(tmp_path / 'DATA')
+  _uploaded_tree(pacs, root, 'SRCH', patients=2, slices=3, rows=8, columns=8)
+  first, second = sorted(os.listdir(os.path.join(root, 'dicoms')))
+  rules = ['--fail', f'PatientID={first}&=-1']
+  with proxy.started(pacs.root, *rules) as (endpoint, figures):
+    out = str(tmp_path / 'OUT')
+    args = ['--input', root, '--dicomweb-url', endpoint + '/dicom-web']
+    args += ['--output', out, '--request-attempts', '2']
+    assert cli.main(args) == cli.EXIT_QUARANTINED
+  assert figures['faults'] == 2
+  tables = dataset_tables(out)
+  assert {r['patient_id'] for r in tables['slices']} == {second}
+  (error,) = tables['errors']
+  assert error['stage'] == s.STAGE_SEARCH and error['patient_id'] == first
+  assert error['path'] == f'instances?PatientID={first}'
+  assert 'HTTP 503 Service Unavailable after 2 attempts' in error['error']
+  # The search row explains the missing slices: no missing_dicoms row too.
+  statuses = {(r['patient_id'], r['status']) for r in tables['reconciliation']}
+  assert (first, s.MISSING_DICOMS) not in statuses
+  assert (second, s.MATCHED) in statuses
