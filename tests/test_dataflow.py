@@ -39,3 +39,17 @@ def test_dataflow_dry_run_translates_every_stage(capsys):
 
 def test_dry_run_exits_zero_without_touching_the_paths():
   assert cli.main(ARGS) == cli.EXIT_OK
+
+
+def test_a_pacs_job_translates_and_its_options_hold_no_secret(monkeypatch):
+  monkeypatch.setenv('DICOMWEB_TOKEN', 'token-never-in-the-graph')
+  args = [
+    *ARGS,
+    '--dicomweb-url=https://pacs.example/dicom-web',
+    '--series-filter=SeriesDescription=*cine*',
+  ]
+  job = pipeline.run(args).result.job
+  names = {t.unique_name for t in job.proto_pipeline.components.transforms.values()}
+  assert 'SearchPacs/Search' in names and 'Decode/DecodeSlices' in names
+  assert b'token-never-in-the-graph' not in job.proto_pipeline.SerializeToString()
+  assert 'token-never-in-the-graph' not in str(job.proto)
