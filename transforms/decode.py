@@ -25,15 +25,13 @@ import pyarrow as pa
 import xxhash
 from apache_beam import pvalue
 from apache_beam.metrics import Metrics
-from apache_beam.transforms.window import GlobalWindow
-from apache_beam.utils.timestamp import MIN_TIMESTAMP
-from apache_beam.utils.windowed_value import WindowedValue
 
 from beam_pipeline.contract import metrics, splits
 from beam_pipeline.contract import schema as s
 from beam_pipeline.contract.errors import FileTooLargeError
 from beam_pipeline.contract.layout import Patient
 from transforms import (
+  _bundles,
   _files,
   _isolate,
   _native,
@@ -272,11 +270,7 @@ class DecodeSlicesFn(beam.DoFn):
     self._progress.flush()
     if self._ahead is not None:
       ahead, self._ahead = self._ahead, None
-      for output in self._finish(*ahead):
-        if isinstance(output, pvalue.TaggedOutput):
-          yield pvalue.TaggedOutput(output.tag, _in_global_window(output.value))
-        else:
-          yield _in_global_window(output)
+      yield from _bundles.finished(self._finish(*ahead))
       self._progress.flush()
 
   def _start(self, chunk: SliceChunk):
@@ -331,12 +325,6 @@ def _excluded(decoded: Decoded) -> Outcome:
     s.STAGE_EXCLUDED,
     f'not written (--exclude-burned-in): {decoded.burned_in}; the pixels may show text',
   )
-
-
-def _in_global_window(value) -> WindowedValue:
-  """An output of finish_bundle, which has no input element to take its
-  window from: the pipeline's only window."""
-  return WindowedValue(value, MIN_TIMESTAMP, [GlobalWindow()])
 
 
 def _content_digest(data) -> str | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import logging
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple
 
 import apache_beam as beam
@@ -23,7 +24,7 @@ from apache_beam.metrics import Metrics
 
 from beam_pipeline.contract import layout, metrics
 from beam_pipeline.contract import schema as s
-from transforms import dicomweb
+from transforms import _bundles, dicomweb
 from transforms.dicomweb import DicomWebConfig, Instance, SeriesFilter
 
 _LOG = logging.getLogger(__name__)
@@ -137,8 +138,18 @@ def choose_series(
   return Chosen(files, [], errors)
 
 
+# Searches in flight per worker (at most --read-concurrency): a search of a
+# few hundred instances keeps the server busy for a fraction of a second.
+_SEARCHES = 8
+
+
 class _SearchFn(beam.DoFn):
-  """One Link: its patient's DicomFiles; reports as tagged outputs."""
+  """One Link: its patient's DicomFiles; reports as tagged outputs.
+
+  Up to _SEARCHES patients of a bundle are searched at once (threads), so a
+  worker with many patients is not one search after another; each patient's
+  outputs leave when its search is done, the last ones at the bundle's end.
+  """
 
   def __init__(self, config: DicomWebConfig, series_filter: SeriesFilter | None):
     self._config = config
@@ -147,18 +158,44 @@ class _SearchFn(beam.DoFn):
   def setup(self):
     self._client = dicomweb.client(self._config)
     self._instances = Metrics.counter(metrics.NAMESPACE, metrics.PACS_INSTANCES_FOUND)
+    self._depth = max(1, min(_SEARCHES, self._config.concurrency))
+    self._pool = ThreadPoolExecutor(self._depth, thread_name_prefix='search')
+
+  def teardown(self):
+    self._pool.shutdown(wait=False, cancel_futures=True)
+
+  def start_bundle(self):
+    self._pending: collections.deque[Future] = collections.deque()
 
   def process(self, link: layout.Link) -> Iterator:
+    self._pending.append(self._pool.submit(self._search, link))
+    while self._pending and (
+      len(self._pending) > self._depth or self._pending[0].done()
+    ):
+      yield from self._done(self._pending.popleft())
+
+  def finish_bundle(self):
+    while self._pending:
+      yield from _bundles.finished(self._done(self._pending.popleft()))
+
+  def _done(self, future: Future) -> Iterator:
+    link, found, chosen = future.result()
+    self._instances.inc(found)  # here: Beam's metrics are per thread
+    yield from self._outputs(link, chosen)
+
+  def _search(self, link: layout.Link) -> tuple[layout.Link, int, Chosen]:
     pid = link.patient_id
     query = f'instances?PatientID={pid}'
     try:
       instances = list(self._client.search(pid))
     except (OSError, ValueError) as e:
       _LOG.warning('search for PatientID %s failed: %s', pid, e)
-      chosen = Chosen([], [], [(query, f'cannot search: {e}')])
-    else:
-      self._instances.inc(len(instances))
-      chosen = choose_series(pid, query, instances, self._filter)
+      return link, 0, Chosen([], [], [(query, f'cannot search: {e}')])
+    return link, len(instances), choose_series(pid, query, instances, self._filter)
+
+  @staticmethod
+  def _outputs(link: layout.Link, chosen: Chosen) -> Iterator:
+    pid = link.patient_id
     yield from chosen.files
     for status, detail in chosen.reconciliation:
       yield pvalue.TaggedOutput(
