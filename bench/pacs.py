@@ -26,7 +26,6 @@ machine), and the ratios, as medians of per-round ratios.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import shutil
@@ -102,9 +101,8 @@ def instance_paths(server: orthanc.Server) -> list[str]:
 def wado_alone(server: orthanc.Server, paths: list[str]) -> float:
   """Instances/s of one pooled client retrieving ``paths``, 32 at a time."""
   pool = urllib3.PoolManager(maxsize=CONCURRENCY)
-  pair = f'{orthanc.USER}:{orthanc.PASSWORD}'.encode()
   headers = {
-    'Authorization': 'Basic ' + base64.b64encode(pair).decode(),
+    'Authorization': orthanc.authorization(),
     'Accept': 'multipart/related; type="application/dicom"; transfer-syntax=*',
   }
 

@@ -31,6 +31,16 @@ def dataset_tables(out):
   }
 
 
+def set_tags(ds, **tags):
+  """``ds`` with each keyword set to its value (None deletes it)."""
+  for keyword, value in tags.items():
+    if value is None:
+      delattr(ds, keyword)
+    else:
+      setattr(ds, keyword, value)
+  return ds
+
+
 def free_port() -> int:
   """A TCP port nothing listens on, on 127.0.0.1."""
   with socket.socket() as s:

@@ -57,7 +57,8 @@ class Server(NamedTuple):
     return f'{self.root}/dicom-web'
 
 
-def _authorization(user: str = USER, password: str = PASSWORD) -> str:
+def authorization(user: str = USER, password: str = PASSWORD) -> str:
+  """The Basic Authorization header value of the test user."""
   return 'Basic ' + base64.b64encode(f'{user}:{password}'.encode()).decode()
 
 
@@ -67,7 +68,7 @@ def request(server_root: str, method: str, path: str, data: bytes | None = None)
     server_root + path,
     data=data,
     method=method,
-    headers={'Authorization': _authorization(), 'Expect': ''},
+    headers={'Authorization': authorization(), 'Expect': ''},
   )
   try:
     with urllib.request.urlopen(req, timeout=60) as response:

@@ -19,7 +19,7 @@ import pytest
 from beam_pipeline import cli, sample
 from beam_pipeline.contract import schema as s
 from tests import orthanc, proxy
-from tests.helpers import dataset_tables
+from tests.helpers import dataset_tables, set_tags
 from transforms import dicomweb
 from transforms import pacs as pacs_stage
 
@@ -92,8 +92,20 @@ def _rename_patients(root, prefix):
     f.write(text)
 
 
-def _pacs_args(server, root, out, *more):
-  return ['--input', root, '--dicomweb-url', server.dicomweb, '--output', out, *more]
+def _pacs_args(url, root, out, *more):
+  """The command line of a run of ``root`` with its slices from ``url``."""
+  return ['--input', root, '--dicomweb-url', url, '--output', out, *more]
+
+
+def _run_pipeline(args, env):
+  """run_pipeline.py with ``args`` in a process of its own (bytes out)."""
+  return subprocess.run(
+    [sys.executable, 'run_pipeline.py', *args],
+    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    capture_output=True,
+    env=env,
+    timeout=300,
+  )
 
 
 def _without_paths(tables):
@@ -110,7 +122,7 @@ def test_a_pacs_gives_the_tree_dataset(pacs, credentials, tmp_path, capsys):
   tree_out, pacs_out = str(tmp_path / 'tree'), str(tmp_path / 'pacs')
   assert cli.main(['--input', root, '--output', tree_out]) == cli.EXIT_QUARANTINED
   capsys.readouterr()
-  code = cli.main(_pacs_args(pacs, root, pacs_out))
+  code = cli.main(_pacs_args(pacs.dicomweb, root, pacs_out))
   assert code == cli.EXIT_QUARANTINED
   assert (
     'dicoms is ignored: the slices come from --dicomweb-url' in capsys.readouterr().err
@@ -154,12 +166,7 @@ def _instances(server, patient_id):
 def _upload_copy(server, path, tmp_path, **changes):
   """Uploads a copy of the slice at ``path`` with ``changes`` (keyword: value;
   None deletes) and a new SOP Instance UID."""
-  ds = pydicom.dcmread(path)
-  for keyword, value in changes.items():
-    if value is None:
-      delattr(ds, keyword)
-    else:
-      setattr(ds, keyword, value)
+  ds = set_tags(pydicom.dcmread(path), **changes)
   ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = (
     pydicom.uid.generate_uid()
   )
@@ -183,7 +190,7 @@ def test_a_patient_with_two_series_is_ambiguous_until_a_filter_chooses(
   assert len(first) == 1
 
   out = str(tmp_path / 'ambiguous')
-  assert cli.main(_pacs_args(pacs, root, out)) == cli.EXIT_QUARANTINED
+  assert cli.main(_pacs_args(pacs.dicomweb, root, out)) == cli.EXIT_QUARANTINED
   tables = dataset_tables(out)
   (row,) = [r for r in tables['reconciliation'] if r['patient_id'] == patient]
   assert row['status'] == s.AMBIGUOUS_SERIES
@@ -192,7 +199,9 @@ def test_a_patient_with_two_series_is_ambiguous_until_a_filter_chooses(
   assert len(tables['slices']) == 4  # the other patient's
 
   chosen = str(tmp_path / 'chosen')
-  args = _pacs_args(pacs, root, chosen, '--series-filter', 'SeriesDescription=loc*')
+  args = _pacs_args(
+    pacs.dicomweb, root, chosen, '--series-filter', 'SeriesDescription=loc*'
+  )
   assert cli.main(args) == cli.EXIT_QUARANTINED
   tables = dataset_tables(chosen)
   rows = [r for r in tables['slices'] if r['patient_id'] == patient]
@@ -216,7 +225,7 @@ def test_instances_without_or_sharing_an_instance_number_are_error_rows(
   _upload_copy(pacs, os.path.join(folder, '1.dcm'), tmp_path, InstanceNumber=None)
   _upload_copy(pacs, os.path.join(folder, '3.dcm'), tmp_path)  # a second number 3
   out = str(tmp_path / 'OUT')
-  assert cli.main(_pacs_args(pacs, root, out)) == cli.EXIT_QUARANTINED
+  assert cli.main(_pacs_args(pacs.dicomweb, root, out)) == cli.EXIT_QUARANTINED
   tables = dataset_tables(out)
   assert sorted(r['slice_index'] for r in tables['slices']) == [1, 2, 4, 5]
   errors = tables['errors']
@@ -238,7 +247,7 @@ def test_search_pages_hold_fewer_instances_than_a_patient_has(
   found = list(dicomweb.DicomWebClient(config).search(patient))
   assert sorted(int(i.number) for i in found) == list(range(1, 24))
   out = str(tmp_path / 'OUT')
-  args = _pacs_args(pacs, root, out, '--dicomweb-page-size', '4')
+  args = _pacs_args(pacs.dicomweb, root, out, '--dicomweb-page-size', '4')
   assert cli.main(args) == cli.EXIT_OK
   written = sorted(r['slice_index'] for r in dataset_tables(out)['slices'])
   assert written == list(range(1, 24))
@@ -250,16 +259,9 @@ def test_retrieves_in_flight_never_exceed_the_read_concurrency(
   root = str(tmp_path / 'DATA')
   _uploaded_tree(pacs, root, 'CONC', patients=2, slices=16, rows=8, columns=8)
   with proxy.started(pacs.root, '--http', '--delay', '0.05') as (endpoint, figures):
-    args = [
-      '--input',
-      root,
-      '--dicomweb-url',
-      endpoint + '/dicom-web',
-      '--output',
-      str(tmp_path / 'OUT'),
-      '--read-concurrency',
-      '3',
-    ]
+    args = _pacs_args(
+      endpoint + '/dicom-web', root, str(tmp_path / 'OUT'), '--read-concurrency', '3'
+    )
     assert cli.main(args) == cli.EXIT_OK
   # 1 pre-flight search, 2 patients' searches (a page and an empty one each)
   assert figures['requests'] == 1 + 2 * 2 + 32
@@ -274,7 +276,7 @@ def test_wrong_credentials_are_one_line_and_exit_two_before_anything_runs(
   monkeypatch.setenv(dicomweb.ENV_USERNAME, orthanc.USER)
   monkeypatch.setenv(dicomweb.ENV_PASSWORD, 'not-the-password')
   out = str(tmp_path / 'OUT')
-  assert cli.main(_pacs_args(pacs, root, out)) == cli.EXIT_USAGE
+  assert cli.main(_pacs_args(pacs.dicomweb, root, out)) == cli.EXIT_USAGE
   (line,) = capsys.readouterr().err.splitlines()
   assert line.startswith(f'error: --dicomweb-url {pacs.dicomweb}: the server refused')
   assert 'HTTP 401' in line and 'not-the-password' not in line
@@ -299,17 +301,8 @@ def test_credentials_never_reach_logs_outputs_or_options(
   auth.chmod(0o600)
   out = str(tmp_path / 'OUT')
   env = dict(os.environ, CI='', **{dicomweb.ENV_USERNAME: ''})
-  done = subprocess.run(
-    [
-      sys.executable,
-      'run_pipeline.py',
-      *_pacs_args(pacs, root, out, '--dicomweb-auth-file', str(auth)),
-    ],
-    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    capture_output=True,
-    env=env,
-    timeout=300,
-  )
+  args = _pacs_args(pacs.dicomweb, root, out, '--dicomweb-auth-file', str(auth))
+  done = _run_pipeline(args, env)
   assert done.returncode == cli.EXIT_OK, done.stderr.decode()[-2000:]
   basic = dicomweb.auth_headers(dicomweb.DicomWebConfig('http://x', str(auth)))
   secrets = [orthanc.PASSWORD.encode(), basic['Authorization'].split()[1].encode()]
@@ -324,22 +317,12 @@ def test_credentials_never_reach_logs_outputs_or_options(
       assert secret not in data, where
 
   auth.chmod(0o644)  # every user may read it now
-  done = subprocess.run(
-    [
-      sys.executable,
-      'run_pipeline.py',
-      *_pacs_args(
-        pacs, root, str(tmp_path / 'OUT2'), '--dicomweb-auth-file', str(auth)
-      ),
-    ],
-    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    capture_output=True,
-    text=True,
-    env=env,
-    timeout=300,
+  args = _pacs_args(
+    pacs.dicomweb, root, str(tmp_path / 'OUT2'), '--dicomweb-auth-file', str(auth)
   )
+  done = _run_pipeline(args, env)
   assert done.returncode == cli.EXIT_USAGE
-  assert done.stderr.strip() == (
+  assert done.stderr.decode().strip() == (
     f'error: --dicomweb-auth-file {auth} is readable by every user: chmod o-r it'
   )
 
@@ -356,18 +339,15 @@ def test_a_server_stopped_mid_run_leaves_fetch_rows_and_a_dataset(
     stop = ['--stop-after', '9', '--upstream-pid', str(server.pid)]
     with proxy.started(server.root, '--http', *stop) as (endpoint, figures):
       out = str(tmp_path / 'OUT')
-      args = [
-        '--input',
-        root,
-        '--dicomweb-url',
+      args = _pacs_args(
         endpoint + '/dicom-web',
-        '--output',
+        root,
         out,
         '--read-concurrency',
         '1',
         '--request-attempts',
         '2',
-      ]
+      )
       assert cli.main(args) == cli.EXIT_QUARANTINED
   tables = dataset_tables(out)
   fetched = [r for r in tables['errors'] if r['stage'] == s.STAGE_FETCH]
@@ -391,16 +371,7 @@ def test_throttled_retrieves_are_retried_and_failing_ones_are_fetch_rows(
   rules = ['--fail', f'/{failing}=-1', '--fail', '/instances/1.=4']
   with proxy.started(pacs.root, *rules) as (endpoint, figures):
     out = str(tmp_path / 'OUT')
-    args = [
-      '--input',
-      root,
-      '--dicomweb-url',
-      endpoint + '/dicom-web',
-      '--output',
-      out,
-      '--request-attempts',
-      '3',
-    ]
+    args = _pacs_args(endpoint + '/dicom-web', root, out, '--request-attempts', '3')
     assert cli.main(args) == cli.EXIT_QUARANTINED
   tables = dataset_tables(out)
   assert sorted(r['slice_index'] for r in tables['slices']) == [1, 2, 3, 5, 6]
@@ -562,7 +533,7 @@ def test_tls_is_verified_against_the_system_or_the_given_ca_bundle(
   with proxy.started(pacs.root, '--http', '--tls', pem) as (endpoint, _):
     assert endpoint.startswith('https://')
     url = endpoint + '/dicom-web'
-    args = ['--input', root, '--dicomweb-url', url, '--output', str(tmp_path / 'OUT')]
+    args = _pacs_args(url, root, str(tmp_path / 'OUT'))
     # A self-signed certificate the system does not trust: refused up front.
     assert cli.main(args) == cli.EXIT_USAGE
     (line,) = capsys.readouterr().err.splitlines()
@@ -598,7 +569,7 @@ def test_compressed_instances_arrive_as_stored_and_decode_as_in_a_tree(
   tree_out, pacs_out = str(tmp_path / 'tree'), str(tmp_path / 'pacs')
   # Both files hold the same pixels (duplicate_slice), and no contour file.
   assert cli.main(['--input', root, '--output', tree_out]) == cli.EXIT_QUARANTINED
-  assert cli.main(_pacs_args(pacs, root, pacs_out)) == cli.EXIT_QUARANTINED
+  assert cli.main(_pacs_args(pacs.dicomweb, root, pacs_out)) == cli.EXIT_QUARANTINED
   tree = _without_paths(dataset_tables(tree_out))
   assert [r['transfer_syntax_uid'] for r in tree] == [
     pydicom.uid.JPEG2000Lossless,
@@ -616,8 +587,7 @@ def test_a_failing_search_is_a_search_row_and_the_other_patients_are_written(
   rules = ['--fail', f'PatientID={first}&=-1']
   with proxy.started(pacs.root, *rules) as (endpoint, figures):
     out = str(tmp_path / 'OUT')
-    args = ['--input', root, '--dicomweb-url', endpoint + '/dicom-web']
-    args += ['--output', out, '--request-attempts', '2']
+    args = _pacs_args(endpoint + '/dicom-web', root, out, '--request-attempts', '2')
     assert cli.main(args) == cli.EXIT_QUARANTINED
   assert figures['faults'] == 2
   tables = dataset_tables(out)

@@ -14,7 +14,7 @@ from beam_pipeline import cli, sample
 from beam_pipeline.contract import layout
 from beam_pipeline.contract import schema as s
 from beam_pipeline.dataset import open_dataset, read_errors, read_reconciliation
-from tests.helpers import reference_mask
+from tests.helpers import reference_mask, set_tags
 
 P1, O1 = 'SCD0000101', 'SC-HF-I-101'
 P2, O2 = 'SCD0000102', 'SC-HF-I-102'
@@ -221,13 +221,7 @@ def _dicom_bytes(tmp_path, **tags):
   sample.write_dicom(path, sample.expected_image('X', 1, ROWS, COLUMNS), 'X', 1)
   import pydicom
 
-  ds = pydicom.dcmread(path)
-  for keyword, value in tags.items():
-    if value is None:
-      delattr(ds, keyword)
-    else:
-      setattr(ds, keyword, value)
-  ds.save_as(path)
+  set_tags(pydicom.dcmread(path), **tags).save_as(path)
   with open(path, 'rb') as f:
     return f.read()
 
