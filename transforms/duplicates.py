@@ -26,6 +26,7 @@ import xxhash
 from apache_beam import pvalue
 
 from beam_pipeline.contract import schema as s
+from beam_pipeline.contract import splits
 from transforms import stores
 
 SLICE_FLAG = s.DUPLICATE_SLICE
@@ -189,7 +190,9 @@ def _contour_row(members: list, reasons: dict) -> dict:
 def _split_moves(slice_groups: list[tuple]) -> dict[str, list[str]]:
   """{patient_id: [its split, the new one]} for the patients that must
   change split so that every copy of an image lies in one split: patients
-  sharing an image join the split of the first of them by patient_id."""
+  sharing an image join the first of their splits in train, val, test
+  order. The rule looks at the splits only, never at the ids, so
+  pseudonymised ids move the same patients as ids as written."""
   patients = _Components()
   split_of: dict[str, str] = {}
   for _, _, members in slice_groups:
@@ -197,7 +200,7 @@ def _split_moves(slice_groups: list[tuple]) -> dict[str, list[str]]:
     split_of.update({m[1]: m[4] for m in members})
   moves = {}
   for group in patients.groups():
-    target = split_of[group[0]]
+    target = min((split_of[p] for p in group), key=splits.SPLITS.index)
     moves.update({p: [split_of[p], target] for p in group if split_of[p] != target})
   return moves
 
