@@ -116,7 +116,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     'SeriesInstanceUID; PATTERN is shell-style (*, ?), case ignored. A '
     'patient with several matching series is reported ambiguous_series.',
   )
+  _add(
+    io,
+    '--id-map',
+    dest='id_map',
+    default=None,
+    help='With --pseudonymize-key-file: write the table of every original id, '
+    'name and UID and its pseudonym to this local CSV file (mode 600), never '
+    'inside --output. Keep it apart from the dataset.',
+  )
   behaviour = parser.add_argument_group(BEHAVIOUR)
+  _add(
+    behaviour,
+    '--pseudonymize-key-file',
+    dest='pseudonymize_key_file',
+    default=None,
+    help='Replace patient_id, original_id, every UID and every path name that '
+    'may carry an id by keyed pseudonyms (HMAC-SHA256) made with the key in '
+    'this file (at least 32 bytes, not readable by every user; `cardiac-mri '
+    'keygen FILE` makes one). The splits do not change.',
+  )
   _add(
     behaviour,
     '--labeled-only',
@@ -316,9 +335,15 @@ def validate(values) -> None:
     )
   splits.parse_fractions(values.split)
   _validate_dicomweb(values)
+  if values.pseudonymize_key_file is not None:
+    from beam_pipeline import keys  # pyarrow, through the contract: not for --help
+
+    keys.load(values.pseudonymize_key_file)
+  elif values.id_map is not None:
+    raise UsageError('--id-map needs --pseudonymize-key-file')
   if not values.output:
     raise UsageError('--output must not be empty')
-  for flag in ('input', 'output', 'sample_dir', 'qa_dir'):
+  for flag in ('input', 'output', 'sample_dir', 'qa_dir', 'id_map'):
     path = getattr(values, flag)
     try:
       (path or '').encode('utf-8')

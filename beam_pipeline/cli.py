@@ -12,7 +12,7 @@
 ``--help`` is answered before Beam, pydicom or pyarrow are imported.
 
 The console command ``cardiac-mri`` (installed by setup.py) runs the pipeline
-and its tools: ``cardiac-mri run|inspect|qa|verify|sample|problems ...``.
+and its tools: ``cardiac-mri run|inspect|qa|verify|sample|problems|keygen ...``.
 """
 
 from __future__ import annotations
@@ -86,6 +86,7 @@ COMMANDS = {
   'verify': 'check an output: shards, schema, row counts, hashes',
   'sample': 'generate a synthetic data tree (the test-data generator)',
   'problems': 'list the inputs a run quarantined',
+  'keygen': 'write a new pseudonymisation key for --pseudonymize-key-file',
 }
 
 
@@ -109,6 +110,8 @@ def _tool(name: str):
     from beam_pipeline import verify as tool
   elif name == 'sample':
     from beam_pipeline import sample as tool
+  elif name == 'keygen':
+    from beam_pipeline import keys as tool
   else:
     from beam_pipeline import problems as tool
   return tool.main

@@ -12,9 +12,10 @@ from collections.abc import Sequence
 
 from apache_beam.options.pipeline_options import PipelineOptions, S3Options
 
-from beam_pipeline import arguments
+from beam_pipeline import arguments, keys
 from beam_pipeline.contract import splits
 from beam_pipeline.contract.errors import UsageError
+from beam_pipeline.contract.pseudonyms import IDENTITY, Pseudonyms
 from transforms.dicomweb import (
   DicomWebConfig,
   SeriesFilter,
@@ -86,6 +87,13 @@ class IngestOptions(PipelineOptions):
     text = self.series_filter
     return None if text is None else parse_series_filter(text)
 
+  def pseudonyms(self) -> Pseudonyms:
+    """The pseudonyms of --pseudonymize-key-file's key (IDENTITY without
+    one). The key travels to the workers inside the stages that use it,
+    never in the pipeline options."""
+    path = self.pseudonymize_key_file
+    return IDENTITY if path is None else keys.load(path)
+
   def decode_settings(self) -> DecodeSettings:
     """The decode stage's settings from these options."""
     return DecodeSettings(
@@ -102,6 +110,7 @@ class IngestOptions(PipelineOptions):
       progress_seconds=self.progress_seconds,
       store=self.store_config(),
       dicomweb=self.dicomweb_config(),
+      pseudonyms=self.pseudonyms(),
     )
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
+import shutil
 import time
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -30,6 +32,7 @@ from beam_pipeline import (
   arguments,
   duplicates,
   interrupts,
+  keys,
   lock,
   preflight,
   progress,
@@ -68,9 +71,10 @@ def build_pipeline(
   """
   config = options.store_config()
   pacs = options.dicomweb_config()
-  links = p | 'ReadLinks' >> ReadLinks(options.input, config)
+  pseudonyms = options.pseudonyms()
+  links = p | 'ReadLinks' >> ReadLinks(options.input, config, pseudonyms)
   tops = (layout.CONTOUR_DIR,) if pacs else (layout.DICOM_DIR, layout.CONTOUR_DIR)
-  files = p | 'ListTree' >> ListTree(options.input, config, tops)
+  files = p | 'ListTree' >> ListTree(options.input, config, tops, pseudonyms)
   found = {
     Reconcile.LINKS: links[ReadLinks.LINKS],
     Reconcile.CONTOURS: files[ListTree.CONTOURS],
@@ -80,7 +84,7 @@ def build_pipeline(
     found[Reconcile.DICOMS] = files[ListTree.DICOMS]
   else:
     searched = links[ReadLinks.LINKS] | 'SearchPacs' >> SearchPacs(
-      pacs, options.parsed_series_filter()
+      pacs, options.parsed_series_filter(), pseudonyms
     )
     found[Reconcile.DICOMS] = searched[SearchPacs.DICOMS]
     found[Reconcile.REPORTED] = searched[SearchPacs.REPORTED]
@@ -112,6 +116,32 @@ def build_pipeline(
     WriteDataset.RECONCILIATION: reconciliation,
     WriteDataset.ERRORS: errors,
   } | 'Write' >> WriteDataset(staging, options.image_codec, config)
+  if options.id_map is not None:
+    _ = (
+      links[ReadLinks.ID_MAP],
+      files[ListTree.ID_MAP],
+      decoded[DecodeSlices.ID_MAP],
+    ) | 'IdMap' >> _WriteIdMap(keys.parts_folder(options.id_map, run_id))
+
+
+class _WriteIdMap(beam.PTransform):
+  """Id-map rows (pseudonyms.Entry), each once, as CSV parts in ``folder``
+  (beside --id-map, outside the output; ``keys.assemble_id_map`` joins
+  them once the job is done)."""
+
+  def __init__(self, folder: str):
+    super().__init__()
+    self._folder = folder
+
+  def expand(self, entries):
+    return (
+      entries
+      | 'AllEntries' >> beam.Flatten()
+      | 'AsLines' >> beam.Map(keys.entry_line).with_output_types(str)
+      | 'Once' >> beam.Distinct()
+      | 'WriteParts'
+      >> beam.io.WriteToText(f'{self._folder}/part', file_name_suffix='.csv')
+    )
 
 
 def resolve_paths(options: IngestOptions) -> bool:
@@ -153,7 +183,30 @@ def resolve_paths(options: IngestOptions) -> bool:
     options.qa_dir = publish.absolute(options.qa_dir)
   if options.output == options.input or options.output.startswith(options.input + '/'):
     raise UsageError('--output must not be inside --input')
+  if options.id_map is not None:
+    _check_id_map(options, overwrite)
   return overwrite
+
+
+def _check_id_map(options: IngestOptions, overwrite: bool) -> None:
+  """--id-map is a local file outside --output (and --input), in an
+  existing folder; one already there is replaced only with --overwrite."""
+  if not stores.is_local(options.id_map):
+    raise UsageError(f'--id-map {options.id_map} must be a local file')
+  options.id_map = publish.absolute(options.id_map)
+  for root, name in ((options.output, '--output'), (options.input, '--input')):
+    if options.id_map == root or options.id_map.startswith(root.rstrip('/') + '/'):
+      raise UsageError(
+        f'--id-map {options.id_map} is inside {name}: the id map re-identifies '
+        'the dataset, so it is kept apart from it'
+      )
+  folder = os.path.dirname(options.id_map)
+  if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+    raise UsageError(f'--id-map {options.id_map}: {folder} is not a writable folder')
+  if os.path.isdir(options.id_map):
+    raise UsageError(f'--id-map {options.id_map} is a folder, not a file')
+  if os.path.exists(options.id_map) and not overwrite:
+    raise UsageError(f'--id-map {options.id_map} exists: add --overwrite to replace it')
 
 
 _DIRECT_FLAGS = ('--direct_running_mode', '--direct_num_workers')
@@ -281,9 +334,19 @@ def run(argv: Sequence[str] | None = None) -> Run:
   needed = found.dataset_bytes(ingest.labeled_only) if found else None
   preflight.check_output(ingest.output, needed, not ingest.skip_space_check)
   run_id = lock.new_run_id()
-  with lock.hold(ingest.output, run_id):
+  with lock.hold(ingest.output, run_id), _id_map_parts(ingest.id_map, run_id):
     publish.check_replaceable(ingest.output, overwrite)  # again, under the lock
     return _launch(options, argv, ingest, found, run_id)
+
+
+@contextlib.contextmanager
+def _id_map_parts(id_map: str | None, run_id: str):
+  """Whatever happens, no part of the id map is left beside it."""
+  try:
+    yield
+  finally:
+    if id_map is not None:
+      shutil.rmtree(keys.parts_folder(id_map, run_id), ignore_errors=True)
 
 
 def _launch(
@@ -331,7 +394,11 @@ def _launch(
       strict=ingest.strict,
       drop_duplicates=ingest.drop_duplicates,
       dropped_duplicates=dropped,
+      pseudonymized=ingest.pseudonymize_key_file is not None,
     )
+  if ingest.id_map is not None:
+    rows = keys.assemble_id_map(keys.parts_folder(ingest.id_map, run_id), ingest.id_map)
+    outputs['id map'] = f'{ingest.id_map} ({rows} rows; keep it apart from the dataset)'
   if ingest.qa_dir is not None:
     outputs['qa'] = qa.write_qa(ingest.output, ingest.qa_dir)
   print(

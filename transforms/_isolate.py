@@ -47,7 +47,9 @@ def decode_bytes(data: bytes, path: str, limits: Limits, decode: Decoder) -> Out
   except DicomError as e:
     return Failed(s.STAGE_DECODE, str(e))
   except Exception as e:  # MemoryError or a decoder bug: this slice only.
-    _LOG.warning('%s: %s: %s', path, type(e).__name__, e)
+    # Not the path: it is where the file was read, which pseudonymisation
+    # never shows; the slice's error row names it as shown.
+    _LOG.warning('decoding failed: %s: %s (see the error rows)', type(e).__name__, e)
     return Failed(s.STAGE_DECODE, f'{type(e).__name__}: {e}')
 
 
@@ -238,7 +240,11 @@ class IsolatedDecoder:
           self._process.join(timeout=5)
           ended = self._discard()
           _LOG.warning(
-            'decoder process died on %s (%s); starting another', paths[done], ended
+            'a decoder process died (%s) on slice %d of %d of a chunk; starting '
+            'another (an error row names the slice)',
+            ended,
+            done + 1,
+            len(paths),
           )
           outcome = Failed(s.STAGE_DECODE, f'decoder process crashed ({ended})')
         if self._process is None:

@@ -9,22 +9,46 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+from beam_pipeline.contract import layout, splits
 from beam_pipeline.contract.layout import Patient
 
 
 class SliceTask(NamedTuple):
-  """One slice to decode, with the paths of its contours (None if absent)."""
+  """One slice to decode, with the paths of its contours (None if absent).
+
+  The paths are as shown (pseudonymised, if so); ``sources`` holds where the
+  slice and its contours are read, when that differs (never output).
+  """
 
   slice_index: int
   dicom_path: str
   i_contour: str | None
   o_contour: str | None
+  sources: tuple[str, str | None, str | None] | None = None  # None: as shown
+
+  def __repr__(self) -> str:
+    return f'SliceTask({self.dicom_path!r})'
 
   def contour_paths(self) -> dict[str, str]:
-    """{kind: path} of the contours this slice has, inner first."""
+    """{kind: path} of the contours this slice has, inner first, as shown."""
     return {
       kind: path
       for kind, path in (('i', self.i_contour), ('o', self.o_contour))
+      if path is not None
+    }
+
+  @property
+  def dicom_source(self) -> str:
+    """Where the slice is read."""
+    return self.sources[0] if self.sources else self.dicom_path
+
+  def contour_sources(self) -> dict[str, str]:
+    """{kind: where it is read} of the contours this slice has."""
+    if not self.sources:
+      return self.contour_paths()
+    return {
+      kind: path
+      for kind, path in (('i', self.sources[1]), ('o', self.sources[2]))
       if path is not None
     }
 
@@ -37,11 +61,19 @@ class SliceChunk(NamedTuple):
   chunk: int
   chunks: int
   slices: tuple[SliceTask, ...]
+  position: float | None = None  # see layout.Link.position
 
   @property
   def is_last(self) -> bool:
     """True for the patient's last chunk (its patient is then done)."""
     return self.chunk == self.chunks - 1
+
+  def split(self, fractions: tuple[float, float, float]) -> str:
+    """The patient's split: from the patient_id as written in link.csv, so
+    pseudonyms never move a patient to another split."""
+    if self.position is None:
+      return splits.assign_split(self.patient_id, fractions)
+    return splits.split_at(self.position, fractions)
 
 
 def plan_chunks(
@@ -55,16 +87,11 @@ def plan_chunks(
   With ``labeled_only``, only slices with at least one contour file are kept;
   a patient without any then yields no chunk.
   """
-  contours: dict[int, dict[str, str]] = {}
+  contours: dict[int, dict[str, layout.ContourFile]] = {}
   for contour in patient.contours:
-    contours.setdefault(contour.slice_index, {})[contour.kind] = contour.path
+    contours.setdefault(contour.slice_index, {})[contour.kind] = contour
   tasks = [
-    SliceTask(
-      d.slice_index,
-      d.path,
-      contours.get(d.slice_index, {}).get('i'),
-      contours.get(d.slice_index, {}).get('o'),
-    )
+    _task(d, contours.get(d.slice_index, {}))
     for d in patient.slices
     if not labeled_only or d.slice_index in contours
   ]
@@ -79,6 +106,16 @@ def plan_chunks(
       k,
       count,
       tuple(tasks[bounds[k] : bounds[k + 1]]),
+      patient.position,
     )
     for k in range(count)
   ]
+
+
+def _task(
+  dicom: layout.DicomFile, contours: dict[str, layout.ContourFile]
+) -> SliceTask:
+  inner, outer = contours.get('i'), contours.get('o')
+  shown = (dicom.path, inner and inner.path, outer and outer.path)
+  read = (dicom.read_path, inner and inner.read_path, outer and outer.read_path)
+  return SliceTask(dicom.slice_index, *shown, None if read == shown else read)

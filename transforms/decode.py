@@ -26,10 +26,11 @@ import xxhash
 from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 
-from beam_pipeline.contract import metrics, splits
+from beam_pipeline.contract import columns, metrics, splits
 from beam_pipeline.contract import schema as s
 from beam_pipeline.contract.errors import FileTooLargeError
 from beam_pipeline.contract.layout import Patient
+from beam_pipeline.contract.pseudonyms import IDENTITY, UID, Entry, Pseudonyms, Recent
 from transforms import (
   _bundles,
   _files,
@@ -44,7 +45,7 @@ from transforms import (
   stores,
 )
 from transforms.assemble import SliceResult, slice_row, unusable_slice
-from transforms.chunks import SliceChunk, plan_chunks
+from transforms.chunks import SliceChunk, SliceTask, plan_chunks
 from transforms.dicom import decode_dicom
 from transforms.outcomes import Decoded, Failed, Outcome
 from transforms.settings import DecodeSettings
@@ -97,11 +98,11 @@ class SliceDecoder:
     else:
       self._fallback = _isolate.InProcessDecoder(input_root, decode_fn)
 
-  def _native(self, path: str, data: bytes) -> Decoded | None:
+  def _native(self, label: str, data: bytes) -> Decoded | None:
     try:
       return _native.decode(data, self._limits.max_pixels)
     except Exception:  # a bug in the fast path: let pydicom decide
-      _LOG.exception('native reader failed on %s', path)
+      _LOG.exception('native reader failed on %s', label)
       return None
 
   def _read(self, item: tuple[str, bool]) -> bytes | Failed:
@@ -123,14 +124,18 @@ class SliceDecoder:
     return self._prefetcher.fetch(items, self._read)
 
   def outcomes(
-    self, paths: list[str], extras: list[dict[str, str]] | None = None
+    self,
+    paths: list[str],
+    extras: list[dict[str, str]] | None = None,
+    labels: list[str] | None = None,
   ) -> Iterator[tuple[Outcome, dict[str, bytes | Failed]]]:
     """(the outcome of each path, the bytes of its ``extras``: {name: path}
     of other files read with it, such as its contour files), in order, a
     window of files at a time. On an object store or a PACS (the slices of
     ``settings.dicomweb``) the reads are queued at
     once (stores.Prefetcher): call it for the next chunk before consuming
-    this one's, and requests stay out while this one is finished."""
+    this one's, and requests stay out while this one is finished.
+    ``labels``: how log lines name the slices (default: their paths)."""
     extras = extras or [{}] * len(paths)
     reads = self._reads(
       [
@@ -139,9 +144,9 @@ class SliceDecoder:
         for item in ((path, True), *((p, False) for p in more.values()))
       ]
     )
-    return self._decoded(paths, extras, reads)
+    return self._decoded(paths, extras, reads, labels or paths)
 
-  def _decoded(self, paths, extras, reads) -> Iterator:
+  def _decoded(self, paths, extras, reads, labels) -> Iterator:
     start = 0
     while start < len(paths):
       window: list[Outcome | None] = []
@@ -157,7 +162,7 @@ class SliceDecoder:
         held += sum(len(b) for b in besides[-1].values() if isinstance(b, bytes))
         if isinstance(data, Failed):
           window.append(data)
-        elif (fast := self._native(paths[k], data)) is not None:
+        elif (fast := self._native(labels[k], data)) is not None:
           window.append(fast)
           held += fast.image.nbytes
         else:
@@ -217,6 +222,7 @@ class DecodeSlicesFn(beam.DoFn):
 
   ERRORS = 'errors'
   IDENTITIES = 'identities'
+  ID_MAP = 'id_map'  # pseudonyms.Entry of the UIDs replaced
 
   def __init__(
     self,
@@ -240,6 +246,7 @@ class DecodeSlicesFn(beam.DoFn):
     _tuning.keep_freed_memory()
     stores.configure(self._settings.store)
     self._counters = _Counters()
+    self._recent = Recent()
     self._progress = _progress.progress(
       self._run_id, self._settings.progress_seconds, self._settings.progress_dir
     )
@@ -266,6 +273,18 @@ class DecodeSlicesFn(beam.DoFn):
     if ahead is not None:
       yield from self._finish(*ahead)
 
+  def _mapped(self, pseudonyms: Pseudonyms, task: SliceTask, outcome: Outcome):
+    """The id-map rows of a slice's UIDs (and its PACS path's) not sent lately."""
+    found = pseudonyms.entries(task.dicom_source)
+    if isinstance(outcome, Decoded):
+      found += [
+        Entry(UID, uid, pseudonyms.uid(uid))
+        for name in columns.REPLACED_UIDS
+        if (uid := outcome.meta.get(name))
+      ]
+    for entry in self._recent.fresh(found):
+      yield pvalue.TaggedOutput(self.ID_MAP, entry)
+
   def finish_bundle(self):
     self._progress.flush()
     if self._ahead is not None:
@@ -274,20 +293,23 @@ class DecodeSlicesFn(beam.DoFn):
       self._progress.flush()
 
   def _start(self, chunk: SliceChunk):
-    contour_paths = [task.contour_paths() for task in chunk.slices]
-    paths = [task.dicom_path for task in chunk.slices]
-    return contour_paths, self._decoder.outcomes(paths, contour_paths)
+    return self._decoder.outcomes(
+      [task.dicom_source for task in chunk.slices],
+      [task.contour_sources() for task in chunk.slices],
+      [task.dicom_path for task in chunk.slices],
+    )
 
-  def _finish(self, chunk: SliceChunk, started) -> Iterator:
-    contour_paths, outcomes = started
-    split = splits.assign_split(chunk.patient_id, self._settings.split_fractions)
+  def _finish(self, chunk: SliceChunk, outcomes) -> Iterator:
+    split = chunk.split(self._settings.split_fractions)
+    pseudonyms = self._settings.pseudonyms or IDENTITY
     rows, held, written = [], 0, 0
     slices, contour_ids = [], []
-    for task, their_paths, (outcome, contours) in zip(
-      chunk.slices, contour_paths, outcomes, strict=True
-    ):
+    for task, (outcome, contours) in zip(chunk.slices, outcomes, strict=True):
       if self._settings.exclude_burned_in and isinstance(outcome, Decoded):
         outcome = _excluded(outcome)
+      if pseudonyms.active:
+        yield from self._mapped(pseudonyms, task, outcome)
+        outcome, contours = _shown(pseudonyms, task, outcome, contours)
       if isinstance(outcome, Failed):
         yield pvalue.TaggedOutput(self.ERRORS, unusable_slice(chunk, task, outcome))
         continue
@@ -299,7 +321,7 @@ class DecodeSlicesFn(beam.DoFn):
       slices.append(duplicates.slice_identity(result.row))
       contour_ids += [
         (chunk.patient_id, chunk.original_id, task.slice_index, kind, path, digest)
-        for kind, path in their_paths.items()
+        for kind, path in task.contour_paths().items()
         if (digest := _content_digest(contours[kind])) is not None
       ]
       held += result.row['image'].nbytes
@@ -314,6 +336,31 @@ class DecodeSlicesFn(beam.DoFn):
       yield assemble.slice_table(rows)
     if slices or contour_ids:
       yield pvalue.TaggedOutput(self.IDENTITIES, (tuple(slices), tuple(contour_ids)))
+
+
+def _shown(
+  pseudonyms: Pseudonyms, task: SliceTask, outcome: Outcome, contours: dict
+) -> tuple[Outcome, dict]:
+  """A slice's outcome and contours as written under pseudonymisation: the
+  UIDs of the column table replaced (columns.REPLACE_UID), and messages
+  (an OSError's, a server's) naming a file where it was read, by its shown
+  path."""
+  if isinstance(outcome, Failed):
+    message = pseudonyms.scrub(outcome.message, task.dicom_source, task.dicom_path)
+    outcome = outcome._replace(message=message)
+  else:
+    meta = dict(outcome.meta)
+    for name in columns.REPLACED_UIDS:
+      meta[name] = pseudonyms.uid(meta.get(name))
+    outcome = outcome._replace(meta=meta)
+  sources, shown = task.contour_sources(), task.contour_paths()
+  contours = {
+    kind: Failed(data.stage, pseudonyms.scrub(data.message, sources[kind], shown[kind]))
+    if isinstance(data, Failed)
+    else data
+    for kind, data in contours.items()
+  }
+  return outcome, contours
 
 
 def _excluded(decoded: Decoded) -> Outcome:
@@ -352,6 +399,7 @@ class DecodeSlices(beam.PTransform):
   SLICES = 'slices'
   ERRORS = DecodeSlicesFn.ERRORS
   IDENTITIES = DecodeSlicesFn.IDENTITIES  # see transforms.duplicates
+  ID_MAP = DecodeSlicesFn.ID_MAP
 
   def __init__(
     self, input_root: str, settings: DecodeSettings | None = None, **fn_args
@@ -376,5 +424,5 @@ class DecodeSlices(beam.PTransform):
       | 'DecodeSlices'
       >> beam.ParDo(
         DecodeSlicesFn(self._input_root, settings, **self._fn_args)
-      ).with_outputs(self.ERRORS, self.IDENTITIES, main=self.SLICES)
+      ).with_outputs(self.ERRORS, self.IDENTITIES, self.ID_MAP, main=self.SLICES)
     )

@@ -176,15 +176,17 @@ class Instance(NamedTuple):
     """Its WADO-RS path under the service root (its dicom_path)."""
     return f'studies/{self.study}/series/{self.series}/instances/{self.sop}'
 
-  def uid_problem(self) -> str | None:
-    """Why its UIDs cannot name a URL path, or None."""
+  def uid_problem(self, withheld: bool = False) -> str | None:
+    """Why its UIDs cannot name a URL path, or None; ``withheld``: without
+    the UID's value (under pseudonymisation)."""
     for name, uid in (
       ('study', self.study),
       ('series', self.series),
       ('SOP', self.sop),
     ):
       if len(uid) > 64 or not _UID_RE.fullmatch(uid):
-        return f'the server gave an invalid {name} instance UID {uid[:80]!r}'
+        shown = f' of {len(uid)} characters' if withheld else f' {uid[:80]!r}'
+        return f'the server gave an invalid {name} instance UID{shown}'
     return None
 
 

@@ -16,8 +16,9 @@ import apache_beam as beam
 from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 
-from beam_pipeline.contract import layout, metrics
+from beam_pipeline.contract import layout, metrics, pseudonyms
 from beam_pipeline.contract import schema as s
+from beam_pipeline.contract.pseudonyms import IDENTITY, Entry, Pseudonyms
 from transforms import _files, stores
 from transforms.outcomes import Failed
 
@@ -27,9 +28,12 @@ _LOG = logging.getLogger(__name__)
 class _ParseLinksFn(beam.DoFn):
   """Reads link.csv; emits Links, and problems as tagged outputs."""
 
-  def __init__(self, input_root: str, config: stores.StoreConfig):
+  def __init__(
+    self, input_root: str, config: stores.StoreConfig, pseudonyms: Pseudonyms
+  ):
     self._input_root = input_root
     self._config = config
+    self._pseudonyms = pseudonyms
 
   def setup(self):
     stores.configure(self._config)
@@ -44,11 +48,13 @@ class _ParseLinksFn(beam.DoFn):
     else:
       yield from self._parsed(relative_path, data)
 
-  @staticmethod
-  def _parsed(relative_path: str, data: bytes) -> Iterator:
-    links, problems = layout.parse_links(data)
+  def _parsed(self, relative_path: str, data: bytes) -> Iterator:
+    links, problems = layout.parse_links(data, self._pseudonyms)
     _LOG.info('%s: %d links, %d problem rows', relative_path, len(links), len(problems))
     yield from links
+    if self._pseudonyms.active:
+      for entry in _link_entries(data, links, problems):
+        yield pvalue.TaggedOutput(ID_MAP, entry)
     for problem in problems:
       yield pvalue.TaggedOutput(
         ReadLinks.RECONCILIATION,
@@ -58,13 +64,39 @@ class _ParseLinksFn(beam.DoFn):
       )
 
 
-class _FromTree(beam.PTransform):
-  """A transform that reads from the input tree at ``input_root``."""
+def _link_entries(
+  data: bytes, links: list[layout.Link], problems: list[layout.LinkProblem]
+) -> Iterator[Entry]:
+  """The id-map rows of link.csv's pseudonymised links and problems: the
+  same file parsed without pseudonyms gives the ids as written, row for row."""
+  written = layout.parse_links(data)
+  for raw, shown in zip((*written[0], *written[1]), (*links, *problems), strict=True):
+    if raw.patient_id:
+      yield Entry(pseudonyms.PATIENT_ID, raw.patient_id, shown.patient_id)
+    if raw.original_id:
+      yield Entry(pseudonyms.ORIGINAL_ID, raw.original_id, shown.original_id)
 
-  def __init__(self, input_root: str, config: stores.StoreConfig | None = None):
+
+ID_MAP = 'id_map'  # the tag of id-map rows (pseudonyms.Entry)
+
+
+class _FromTree(beam.PTransform):
+  """A transform that reads from the input tree at ``input_root``; with
+  active ``pseudonyms``, every id and path it emits is pseudonymised, and
+  ID_MAP has the id-map rows of what it replaced."""
+
+  ID_MAP = ID_MAP
+
+  def __init__(
+    self,
+    input_root: str,
+    config: stores.StoreConfig | None = None,
+    pseudonyms: Pseudonyms = IDENTITY,
+  ):
     super().__init__()
     self._input_root = input_root
     self._config = config or stores.StoreConfig()
+    self._pseudonyms = pseudonyms
 
 
 class ReadLinks(_FromTree):
@@ -79,21 +111,24 @@ class ReadLinks(_FromTree):
       pbegin
       | 'LinkFile' >> beam.Create([layout.LINK_FILE])
       | 'ParseLinks'
-      >> beam.ParDo(_ParseLinksFn(self._input_root, self._config)).with_outputs(
-        self.RECONCILIATION, self.ERRORS, main=self.LINKS
-      )
+      >> beam.ParDo(
+        _ParseLinksFn(self._input_root, self._config, self._pseudonyms)
+      ).with_outputs(self.RECONCILIATION, self.ERRORS, self.ID_MAP, main=self.LINKS)
     )
 
 
 @beam.typehints.with_input_types(tuple[str, str | None])
 class _ClassifyFn(beam.DoFn):
-  """Sorts listed files into DICOM slices, contour files and stray files."""
+  """Sorts listed files into DICOM slices, contour files and stray files
+  (pseudonymised, if so, with their id-map rows)."""
 
-  def __init__(self, input_root: str):
+  def __init__(self, input_root: str, pseudonyms: Pseudonyms):
     self._input_root = input_root
+    self._pseudonyms = pseudonyms
 
   def setup(self):
     self._stray = Metrics.counter(metrics.NAMESPACE, metrics.STRAY_FILES)
+    self._recent = pseudonyms.Recent()
 
   def process(self, listed: tuple[str, str | None]) -> Iterator:
     path, problem = listed
@@ -105,8 +140,11 @@ class _ClassifyFn(beam.DoFn):
     else:
       found = layout.classify_path(relative)
     if found is None:
-      pass
-    elif isinstance(found, layout.DicomFile):
+      return
+    if self._pseudonyms.active:
+      yield from self._entries(found.path)
+      found = self._pseudonyms.listed(found)
+    if isinstance(found, layout.DicomFile):
       yield pvalue.TaggedOutput(ListTree.DICOMS, found)
     elif isinstance(found, layout.ContourFile):
       yield pvalue.TaggedOutput(ListTree.CONTOURS, found)
@@ -118,6 +156,10 @@ class _ClassifyFn(beam.DoFn):
           found.owner_id, found.path, s.STAGE_LIST, f'not used: {found.reason}'
         ),
       )
+
+  def _entries(self, relative: str) -> Iterator:
+    for entry in self._recent.fresh(self._pseudonyms.entries(relative)):
+      yield pvalue.TaggedOutput(ID_MAP, entry)
 
 
 def _walk_tops(root: str, tops: tuple[str, ...]) -> Iterator[tuple[str, str | None]]:
@@ -179,10 +221,11 @@ class ListTree(_FromTree):
     input_root: str,
     config: stores.StoreConfig | None = None,
     tops: tuple[str, ...] = (layout.DICOM_DIR, layout.CONTOUR_DIR),
+    pseudonyms: Pseudonyms = IDENTITY,
   ):
     """``tops``: the folders listed (only contourfiles/ when the slices come
     from a PACS)."""
-    super().__init__(input_root, config)
+    super().__init__(input_root, config, pseudonyms)
     self._tops = tops
 
   def expand(self, pbegin):
@@ -211,6 +254,6 @@ class ListTree(_FromTree):
         tops.files,
         folders,
       ) | 'AllListed' >> beam.Flatten()
-    return listed | 'Classify' >> beam.ParDo(_ClassifyFn(root)).with_outputs(
-      self.DICOMS, self.CONTOURS, self.ERRORS
-    )
+    return listed | 'Classify' >> beam.ParDo(
+      _ClassifyFn(root, self._pseudonyms)
+    ).with_outputs(self.DICOMS, self.CONTOURS, self.ERRORS, self.ID_MAP)

@@ -24,6 +24,7 @@ from apache_beam.metrics import Metrics
 
 from beam_pipeline.contract import layout, metrics
 from beam_pipeline.contract import schema as s
+from beam_pipeline.contract.pseudonyms import IDENTITY, Pseudonyms
 from transforms import _bundles, dicomweb
 from transforms.dicomweb import DicomWebConfig, Instance, SeriesFilter
 
@@ -38,15 +39,17 @@ class Chosen(NamedTuple):
   errors: list[tuple[str, str]]  # (path, message)
 
 
-def _describe(series: str, instances: list[Instance]) -> str:
+def _describe(series: str, instances: list[Instance], pseudonyms: Pseudonyms) -> str:
+  """A series as reconciliation rows name it; under pseudonymisation its UID
+  is the pseudonym and its description (free text) is left out."""
   first = instances[0]
   shown = [
     f'SeriesNumber {first.series_number or "?"}',
-    f'SeriesDescription {first.series_description!r}',
+    *([] if pseudonyms.active else [f'SeriesDescription {first.series_description!r}']),
     first.modality or 'no Modality',
     f'{len(instances)} instances',
   ]
-  return f'{series} ({", ".join(shown)})'
+  return f'{pseudonyms.uid(series)} ({", ".join(shown)})'
 
 
 def _slice_index(number: str) -> int | None:
@@ -63,17 +66,22 @@ def choose_series(
   query: str,
   instances: Iterable[Instance],
   series_filter: SeriesFilter | None = None,
+  pseudonyms: Pseudonyms = IDENTITY,
 ) -> Chosen:
   """The slices of ``patient_id`` from its instances on the server.
 
   Args:
+    patient_id: as shown (its pseudonym, if so).
     query: the search, named in error rows about instances with bad UIDs.
     series_filter: keeps only the series it matches.
+    pseudonyms: when active, paths and series are shown by their UIDs'
+      pseudonyms; a DicomFile keeps its real path in ``source``.
   """
   errors: list[tuple[str, str]] = []
   by_series: dict[str, list[Instance]] = collections.defaultdict(list)
+  show = pseudonyms.path
   for found in instances:
-    if (problem := found.uid_problem()) is not None:
+    if (problem := found.uid_problem(pseudonyms.active)) is not None:
       errors.append((query, problem))
     else:
       by_series[found.series].append(found)
@@ -82,7 +90,9 @@ def choose_series(
   candidates = sorted(by_series)
   if series_filter is not None:
     candidates = [u for u in candidates if series_filter.matches(by_series[u][0])]
-  described = '; '.join(_describe(u, by_series[u]) for u in sorted(by_series))
+  described = '; '.join(
+    _describe(u, by_series[u], pseudonyms) for u in sorted(by_series)
+  )
   if not candidates:
     return Chosen(
       [],
@@ -97,7 +107,7 @@ def choose_series(
     )
   if len(candidates) > 1:
     matching = f' match --series-filter {series_filter}' if series_filter else ''
-    shown = '; '.join(_describe(u, by_series[u]) for u in candidates)
+    shown = '; '.join(_describe(u, by_series[u], pseudonyms) for u in candidates)
     return Chosen(
       [],
       [
@@ -119,20 +129,24 @@ def choose_series(
         if not found.number
         else f'has InstanceNumber {found.number!r}, not a number from 0 up'
       )
-      errors.append((found.path, f'{why}: it cannot be matched to a contour file'))
+      errors.append(
+        (show(found.path), f'{why}: it cannot be matched to a contour file')
+      )
     else:
       numbered[index].append(found)
   files = []
   for index, holders in sorted(numbered.items()):
     if len(holders) == 1:
-      files.append(layout.DicomFile(patient_id, index, holders[0].path))
+      path = holders[0].path
+      source = path if pseudonyms.active else ''
+      files.append(layout.DicomFile(patient_id, index, show(path), source))
       continue
     for found in holders:
       errors.append(
         (
-          found.path,
+          show(found.path),
           f'InstanceNumber {index} is held by {len(holders)} instances of series '
-          f'{found.series}; none of them is used',
+          f'{pseudonyms.uid(found.series)}; none of them is used',
         )
       )
   return Chosen(files, [], errors)
@@ -151,9 +165,15 @@ class _SearchFn(beam.DoFn):
   outputs leave when its search is done, the last ones at the bundle's end.
   """
 
-  def __init__(self, config: DicomWebConfig, series_filter: SeriesFilter | None):
+  def __init__(
+    self,
+    config: DicomWebConfig,
+    series_filter: SeriesFilter | None,
+    pseudonyms: Pseudonyms,
+  ):
     self._config = config
     self._filter = series_filter
+    self._pseudonyms = pseudonyms
 
   def setup(self):
     self._client = dicomweb.client(self._config)
@@ -184,14 +204,16 @@ class _SearchFn(beam.DoFn):
     yield from self._outputs(link, chosen)
 
   def _search(self, link: layout.Link) -> tuple[layout.Link, int, Chosen]:
-    pid = link.patient_id
+    pid = link.patient_id  # as shown; the search asks by the id as written
     query = f'instances?PatientID={pid}'
     try:
-      instances = list(self._client.search(pid))
+      instances = list(self._client.search(link.query_id))
     except (OSError, ValueError) as e:
-      _LOG.warning('search for PatientID %s failed: %s', pid, e)
-      return link, 0, Chosen([], [], [(query, f'cannot search: {e}')])
-    return link, len(instances), choose_series(pid, query, instances, self._filter)
+      why = self._pseudonyms.scrub(str(e), link.query_id, pid)
+      _LOG.warning('search for PatientID %s failed: %s', pid, why)
+      return link, 0, Chosen([], [], [(query, f'cannot search: {why}')])
+    chosen = choose_series(pid, query, instances, self._filter, self._pseudonyms)
+    return link, len(instances), chosen
 
   @staticmethod
   def _outputs(link: layout.Link, chosen: Chosen) -> Iterator:
@@ -220,17 +242,25 @@ class SearchPacs(beam.PTransform):
   ERRORS = 'errors'
   REPORTED = 'reported'
 
-  def __init__(self, config: DicomWebConfig, series_filter: SeriesFilter | None):
+  def __init__(
+    self,
+    config: DicomWebConfig,
+    series_filter: SeriesFilter | None,
+    pseudonyms: Pseudonyms = IDENTITY,
+  ):
+    """``pseudonyms``: the Links' ids already are; paths and series UIDs
+    are shown by theirs."""
     super().__init__()
     self._config = config
     self._filter = series_filter
+    self._pseudonyms = pseudonyms
 
   def expand(self, links):
     return (
       links
       | 'SpreadPatients' >> beam.Reshuffle()
       | 'Search'
-      >> beam.ParDo(_SearchFn(self._config, self._filter)).with_outputs(
-        self.RECONCILIATION, self.ERRORS, self.REPORTED, main=self.DICOMS
-      )
+      >> beam.ParDo(
+        _SearchFn(self._config, self._filter, self._pseudonyms)
+      ).with_outputs(self.RECONCILIATION, self.ERRORS, self.REPORTED, main=self.DICOMS)
     )

@@ -135,7 +135,7 @@ class _MatchPatientsFn(beam.DoFn):
       f'{len(dicoms)} slices, {kinds.count("i")} i-contours, '
       f'{kinds.count("o")} o-contours',
     )
-    yield Patient(patient_id, original_id, tuple(dicoms), tuple(usable))
+    yield Patient(patient_id, original_id, tuple(dicoms), tuple(usable), link.position)
 
   @staticmethod
   def _row(patient_id, original_id, status, detail):

@@ -7,11 +7,14 @@ without importing Beam, pydicom or pyarrow, so ``--help`` stays instant.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from beam_pipeline.contract import splits
 from transforms.dicomweb import DicomWebConfig
 from transforms.stores import StoreConfig
+
+if TYPE_CHECKING:  # pseudonyms imports pyarrow (through the schema): not for --help
+  from beam_pipeline.contract.pseudonyms import Pseudonyms
 
 DEFAULT_CHUNK_SIZE = 64
 DEFAULT_MAX_PIXELS = 4096 * 4096
@@ -63,6 +66,8 @@ class DecodeSettings:
       for the launcher's progress line (None: workers log their own lines).
     store: how to reach object stores, and how many reads to keep in flight.
     dicomweb: the PACS the slices come from (None: the tree's dicoms/).
+    pseudonyms: the UIDs written are these pseudonyms (None: as stored);
+      the chunks' ids and paths already are.
   """
 
   chunk_size: int = DEFAULT_CHUNK_SIZE
@@ -81,6 +86,7 @@ class DecodeSettings:
   progress_dir: str | None = None
   store: StoreConfig = StoreConfig()
   dicomweb: DicomWebConfig | None = None
+  pseudonyms: Pseudonyms | None = None
 
   @property
   def limits(self) -> Limits:

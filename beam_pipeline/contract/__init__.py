@@ -9,4 +9,5 @@ It sits at the bottom of the project's layers and imports nothing else of it
 ``splits``   train/val/test by a stable hash of patient_id
 ``metrics``  counter names and what counts as an issue
 ``errors``   the few domain exceptions
+``pseudonyms``  keyed pseudonyms of ids, UIDs and path names (HMAC-SHA256)
 """

@@ -93,17 +93,32 @@ def _header(
 _DOUBLES = pa.float64()
 
 IDENTITY_COLUMNS = (
-  _column('patient_id', pa.string(), 'patient_id from link.csv', False),
-  _column('original_id', pa.string(), 'original_id from link.csv', False),
+  _column(
+    'patient_id',
+    pa.string(),
+    'patient_id from link.csv (its pseudonym with --pseudonymize-key-file)',
+    False,
+  ),
+  _column(
+    'original_id',
+    pa.string(),
+    'original_id from link.csv (its pseudonym with --pseudonymize-key-file)',
+    False,
+  ),
   _column('slice_index', pa.int32(), 'n of dicoms/<patient_id>/<n>.dcm', False),
   _column(
     'split',
     pa.string(),
-    'train, val or test: a stable hash of patient_id against --split',
+    'train, val or test: a stable hash of the patient_id as written in '
+    'link.csv against --split (pseudonyms never change it)',
     False,
   ),
   _column(
-    'dicom_path', pa.string(), 'path of the .dcm file, relative to --input', False
+    'dicom_path',
+    pa.string(),
+    'path of the .dcm file relative to --input, or its WADO-RS path on a PACS '
+    '(ids and UIDs in it pseudonymised with a key)',
+    False,
   ),
 )
 
@@ -293,6 +308,10 @@ SLICE_COLUMNS = (
 
 # The columns a decoder returns as metadata: the header columns and pixel_dtype.
 METADATA_NAMES = tuple(c.name for c in HEADER_COLUMNS) + (PIXEL_DTYPE.name,)
+# The header columns whose UIDs are pseudonymised (action U) under a key.
+REPLACED_UIDS = tuple(
+  c.name for c in HEADER_COLUMNS if c.dicom and c.dicom.action == REPLACE_UID
+)
 
 
 def type_name(type_: pa.DataType) -> str:

@@ -19,8 +19,9 @@ from __future__ import annotations
 import csv
 import io
 import re
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
+from beam_pipeline.contract import splits
 from beam_pipeline.contract.schema import DUPLICATE_LINK, MALFORMED_LINK
 
 LINK_FILE = 'link.csv'
@@ -37,12 +38,40 @@ _CONTOUR_NAME_RE = re.compile(r'IM-0001-([0-9]{4})-([io])contour-manual\.txt')
 _MAX_ID_LENGTH = 128
 
 
+class IdPseudonyms(Protocol):
+  """What parse_links needs of pseudonyms.Pseudonyms (which imports this
+  module, so it is named here by its shape)."""
+
+  @property
+  def active(self) -> bool: ...
+
+  def patient(self, patient_id: str) -> str: ...
+
+  def original(self, original_id: str) -> str: ...
+
+
 class Link(NamedTuple):
-  """One usable row of link.csv."""
+  """One usable row of link.csv.
+
+  Under pseudonymisation the ids are pseudonyms; ``source_id`` keeps the
+  patient_id as written, for what must ask by it (a PACS search), and
+  ``position`` fixes the split from it (splits.patient_position), so that
+  pseudonyms never move a patient to another split. Neither is output.
+  """
 
   patient_id: str
   original_id: str
   line: int
+  source_id: str = ''  # '': the patient_id is as written
+  position: float | None = None  # None: from patient_id
+
+  def __repr__(self) -> str:  # never the id as written (tracebacks, logs)
+    return f'Link({self.patient_id!r}, {self.original_id!r}, line {self.line})'
+
+  @property
+  def query_id(self) -> str:
+    """The patient_id as written in link.csv."""
+    return self.source_id or self.patient_id
 
 
 class LinkProblem(NamedTuple):
@@ -55,20 +84,43 @@ class LinkProblem(NamedTuple):
 
 
 class DicomFile(NamedTuple):
-  """A slice file, ``dicoms/<patient_id>/<slice_index>.dcm``."""
+  """A slice file, ``dicoms/<patient_id>/<slice_index>.dcm``.
+
+  ``path`` is how the file is shown (pseudonymised, if so); ``source``, if
+  set, is where it is read (never output).
+  """
 
   patient_id: str
   slice_index: int
   path: str
+  source: str = ''  # '': read at path
+
+  def __repr__(self) -> str:
+    return f'DicomFile({self.path!r})'
+
+  @property
+  def read_path(self) -> str:
+    """Where the file is read."""
+    return self.source or self.path
 
 
 class ContourFile(NamedTuple):
-  """A contour file of kind ``i`` (inner) or ``o`` (outer)."""
+  """A contour file of kind ``i`` (inner) or ``o`` (outer); ``path`` and
+  ``source`` as for DicomFile."""
 
   original_id: str
   kind: str
   slice_index: int
   path: str
+  source: str = ''  # '': read at path
+
+  def __repr__(self) -> str:
+    return f'ContourFile({self.path!r})'
+
+  @property
+  def read_path(self) -> str:
+    """Where the file is read."""
+    return self.source or self.path
 
 
 class StrayFile(NamedTuple):
@@ -86,6 +138,7 @@ class Patient(NamedTuple):
   original_id: str
   slices: tuple[DicomFile, ...]  # sorted by slice_index
   contours: tuple[ContourFile, ...]  # only those with a slice
+  position: float | None = None  # see Link.position
 
 
 def id_problem(value: str) -> str | None:
@@ -102,7 +155,9 @@ def id_problem(value: str) -> str | None:
   return None
 
 
-def parse_links(data: bytes) -> tuple[list[Link], list[LinkProblem]]:
+def parse_links(
+  data: bytes, pseudonyms: IdPseudonyms | None = None
+) -> tuple[list[Link], list[LinkProblem]]:
   """Parses link.csv into usable links and problems.
 
   Tolerates a UTF-8 BOM, CRLF line endings, blank lines, quoted fields, extra
@@ -113,10 +168,24 @@ def parse_links(data: bytes) -> tuple[list[Link], list[LinkProblem]]:
 
   Args:
     data: the raw bytes of link.csv.
+    pseudonyms: when active, every id in the links and problems (their
+      details too) is its pseudonym; a Link keeps the patient_id as written
+      in ``source_id`` and its split position.
 
   Returns:
     (links, problems), each in file order.
   """
+  keyed = pseudonyms is not None and pseudonyms.active
+  show_pid = pseudonyms.patient if keyed else str
+  show_oid = pseudonyms.original if keyed else str
+
+  def shown(name: str, value: str) -> str:
+    if not keyed:
+      return f'{name} {value!r}'
+    return (
+      f'{name} {(show_pid if name == "patient_id" else show_oid)(value)!r} (pseudonym)'
+    )
+
   text = data.decode('utf-8-sig', errors='replace')
   rows = csv.reader(io.StringIO(text, newline=''))
   links: list[Link] = []
@@ -139,8 +208,10 @@ def parse_links(data: bytes) -> tuple[list[Link], list[LinkProblem]]:
               '',
               '',
               MALFORMED_LINK,
-              f'line {line}: header {",".join(fields)!r} lacks {missing}; '
-              f'expected "{",".join(LINK_HEADER)}"; no row can be read',
+              f'line {line}: header '
+              + (f'of {len(fields)} fields' if keyed else repr(','.join(fields)))
+              + f' lacks {missing}; expected "{",".join(LINK_HEADER)}"; '
+              'no row can be read',
             )
           )
           return links, problems
@@ -150,7 +221,7 @@ def parse_links(data: bytes) -> tuple[list[Link], list[LinkProblem]]:
       if len(fields) <= max(pid_at, oid_at):
         problems.append(
           LinkProblem(
-            fields[0] if fields else '',
+            show_pid(fields[0]) if fields else '',
             '',
             MALFORMED_LINK,
             f'line {line}: expected {max(pid_at, oid_at) + 1} fields, '
@@ -160,25 +231,31 @@ def parse_links(data: bytes) -> tuple[list[Link], list[LinkProblem]]:
         continue
       pid, oid = fields[pid_at], fields[oid_at]
       reasons = [
-        f'{name} {value!r} {why}'
+        f'{shown(name, value)} {why}'
         for name, value in (('patient_id', pid), ('original_id', oid))
         if (why := id_problem(value))
       ]
       if reasons:
         problems.append(
-          LinkProblem(pid, oid, MALFORMED_LINK, f'line {line}: ' + '; '.join(reasons))
+          LinkProblem(
+            show_pid(pid),
+            show_oid(oid),
+            MALFORMED_LINK,
+            f'line {line}: ' + '; '.join(reasons),
+          )
         )
         continue
       if pid in first_pid_line or oid in first_oid_line:
         earlier = (
-          f'patient_id {pid!r} is already linked on line {first_pid_line[pid]}'
+          f'{shown("patient_id", pid)} is already linked on line {first_pid_line[pid]}'
           if pid in first_pid_line
-          else f'original_id {oid!r} is already linked on line {first_oid_line[oid]}'
+          else f'{shown("original_id", oid)} is already linked on line '
+          f'{first_oid_line[oid]}'
         )
         problems.append(
           LinkProblem(
-            pid,
-            oid,
+            show_pid(pid),
+            show_oid(oid),
             DUPLICATE_LINK,
             f'line {line}: {earlier}; this row is not used',
           )
@@ -186,7 +263,11 @@ def parse_links(data: bytes) -> tuple[list[Link], list[LinkProblem]]:
         continue
       first_pid_line[pid] = line
       first_oid_line[oid] = line
-      links.append(Link(pid, oid, line))
+      if keyed:
+        position = splits.patient_position(pid)
+        links.append(Link(show_pid(pid), show_oid(oid), line, pid, position))
+      else:
+        links.append(Link(pid, oid, line))
   except csv.Error as e:
     problems.append(
       LinkProblem(
@@ -251,6 +332,17 @@ def classify_path(relative_path: str) -> DicomFile | ContourFile | StrayFile:
       )
     return ContourFile(owner, match.group(2), int(match.group(1)), relative_path)
   return StrayFile('', relative_path, 'outside dicoms/ and contourfiles/')
+
+
+def is_layout_name(name: str) -> bool:
+  """True for a name the layout itself gives (its folders, slice and contour
+  file names): such a name carries no id."""
+  return bool(
+    name in (LINK_FILE, DICOM_DIR, CONTOUR_DIR)
+    or name in {f'{kind}-contours' for kind in CONTOUR_KINDS}
+    or _DICOM_NAME_RE.fullmatch(name)
+    or _CONTOUR_NAME_RE.fullmatch(name)
+  )
 
 
 def owner_of(relative_path: str) -> str:

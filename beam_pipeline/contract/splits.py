@@ -40,7 +40,11 @@ def patient_position(patient_id: str) -> float:
 
 def assign_split(patient_id: str, fractions: tuple[float, float, float]) -> str:
   """The split of a patient: train if position < f_train, then val, then test."""
-  position = patient_position(patient_id)
+  return split_at(patient_position(patient_id), fractions)
+
+
+def split_at(position: float, fractions: tuple[float, float, float]) -> str:
+  """The split of a patient at ``position`` (see :func:`patient_position`)."""
   edge = 0.0
   for name, fraction in zip(SPLITS, fractions, strict=True):
     edge += fraction

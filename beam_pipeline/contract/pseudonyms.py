@@ -1,0 +1,200 @@
+"""Keyed pseudonyms for what identifies a patient: ids, UIDs and path names.
+
+With a key (``--pseudonymize-key-file``), each value becomes a keyed
+HMAC-SHA256 of itself, with a domain per kind of value, so a pseudonym
+cannot be reversed or guessed without the key (an unkeyed hash of an MRN
+can: there are few MRNs), the same key always gives the same pseudonym, and
+equal values stay equal (the joins and the study/series grouping survive):
+
+==============  =========================  ==================================
+value           pseudonym                  e.g.
+==============  =========================  ==================================
+patient_id      ``P`` + 20 base32 chars    ``PZK4VQ2M7XH3D5ELW6RNA``
+original_id     ``O`` + 20 base32 chars    ``O2HT6B...``
+a path name     ``N`` + 20 base32 chars    a folder or file name that is not
+                                           one of the layout's own
+a UID           ``2.25.`` + a 128-bit int  ``2.25.2795...`` (at most 44
+                                           characters; PS3.5 B.2)
+==============  =========================  ==================================
+
+100 bits of HMAC make a collision between two ids of one dataset
+improbable beyond concern (about 1 in 10^18 at a million ids).
+
+Without a key, every function returns its input: ``IDENTITY``.
+
+Pure: no I/O (the key file is read by ``beam_pipeline.keys``).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+from collections.abc import Iterator
+from typing import NamedTuple
+
+from beam_pipeline.contract import layout
+
+KEY_BYTES = 32  # the shortest key accepted: 256 bits, SHA-256's own size
+_ID_CHARS = 20  # base32 characters: 100 bits
+_UID_ROOT = '2.25.'  # a UUID-derived UID (PS3.5 B.2): no registered root needed
+
+# A PACS instance's path (dicomweb.Instance.path): its UIDs are replaced.
+_PACS_PATH = re.compile(r'studies/([^/]+)/series/([^/]+)/instances/([^/]+)')
+
+
+class Entry(NamedTuple):
+  """One row of the id map: a value and its pseudonym."""
+
+  kind: str  # one of KINDS
+  original: str
+  pseudonym: str
+
+
+PATIENT_ID = 'patient_id'
+ORIGINAL_ID = 'original_id'
+NAME = 'name'
+UID = 'uid'
+KINDS = (PATIENT_ID, ORIGINAL_ID, NAME, UID)
+
+
+class Pseudonyms:
+  """The pseudonyms of one key (or none: ``IDENTITY``).
+
+  Picklable, so that it reaches every worker with the DoFns that use it;
+  its repr never shows the key.
+  """
+
+  def __init__(self, key: bytes | None = None):
+    if key is not None and len(key) < KEY_BYTES:
+      raise ValueError(f'a pseudonymisation key has at least {KEY_BYTES} bytes')
+    self._key = key
+
+  def __repr__(self) -> str:
+    return f'Pseudonyms({"keyed" if self._key else "none"})'
+
+  def __eq__(self, other) -> bool:
+    return isinstance(other, Pseudonyms) and other._key == self._key
+
+  def __hash__(self) -> int:
+    return hash(self._key)
+
+  @property
+  def active(self) -> bool:
+    """True when values are replaced (a key was given)."""
+    return self._key is not None
+
+  def _digest(self, domain: str, value: str) -> bytes:
+    message = domain.encode() + b'\0' + value.encode('utf-8', 'surrogateescape')
+    return hmac.new(self._key, message, hashlib.sha256).digest()
+
+  def _text(self, prefix: str, domain: str, value: str) -> str:
+    if self._key is None:
+      return value
+    encoded = base64.b32encode(self._digest(domain, value)).decode()
+    return prefix + encoded[:_ID_CHARS]
+
+  def patient(self, patient_id: str) -> str:
+    """The pseudonym of a patient_id (a dicoms/ folder name)."""
+    return self._text('P', PATIENT_ID, patient_id) if patient_id else patient_id
+
+  def original(self, original_id: str) -> str:
+    """The pseudonym of an original_id (a contourfiles/ folder name)."""
+    return self._text('O', ORIGINAL_ID, original_id) if original_id else original_id
+
+  def name(self, name: str) -> str:
+    """A path name as shown: kept when it is one of the layout's own names
+    (``48.dcm``, ``i-contours``), else replaced (it may carry an id)."""
+    if self._key is None or not name or layout.is_layout_name(name):
+      return name
+    return self._text('N', NAME, name)
+
+  def uid(self, uid: str | None) -> str | None:
+    """The pseudonym of a UID: ``2.25.`` and the HMAC's first 128 bits."""
+    if self._key is None or not uid:
+      return uid
+    return _UID_ROOT + str(int.from_bytes(self._digest(UID, uid)[:16], 'big'))
+
+  def path(self, relative: str) -> str:
+    """A path under the input root as shown: the owner folder
+    (``dicoms/<patient_id>``, ``contourfiles/<original_id>``) by its id's
+    pseudonym, every other name by :meth:`name`."""
+    if self._key is None:
+      return relative
+    if match := _PACS_PATH.fullmatch(relative):
+      study, series, sop = (self.uid(u) for u in match.groups())
+      return f'studies/{study}/series/{series}/instances/{sop}'
+    parts = relative.split('/')
+    owner = {layout.DICOM_DIR: self.patient, layout.CONTOUR_DIR: self.original}
+    shown = [self.name(parts[0])]
+    if len(parts) > 1:
+      shown.append(owner.get(parts[0], self.name)(parts[1]))
+    shown += [self.name(part) for part in parts[2:]]
+    return '/'.join(shown)
+
+  def entries(self, relative: str) -> list[Entry]:
+    """The id-map rows of the ids and names in ``relative`` (see :meth:`path`)."""
+    if self._key is None:
+      return []
+    if match := _PACS_PATH.fullmatch(relative):
+      return [Entry(UID, u, self.uid(u)) for u in match.groups()]
+    parts = relative.split('/')
+    found = []
+    for k, part in enumerate(parts):
+      if k == 1 and parts[0] == layout.DICOM_DIR:
+        found.append(Entry(PATIENT_ID, part, self.patient(part)))
+      elif k == 1 and parts[0] == layout.CONTOUR_DIR:
+        found.append(Entry(ORIGINAL_ID, part, self.original(part)))
+      elif self.name(part) != part:
+        found.append(Entry(NAME, part, self.name(part)))
+    return found
+
+  def listed(
+    self, found: layout.DicomFile | layout.ContourFile | layout.StrayFile
+  ) -> layout.DicomFile | layout.ContourFile | layout.StrayFile:
+    """A listed file as shown: ids by their pseudonyms, the path by
+    :meth:`path` (the path as listed kept in ``source`` to read it), a stray
+    file's reason without the path as listed."""
+    if self._key is None:
+      return found
+    shown = self.path(found.path)
+    if isinstance(found, layout.DicomFile):
+      pid = self.patient(found.patient_id)
+      return found._replace(patient_id=pid, path=shown, source=found.path)
+    if isinstance(found, layout.ContourFile):
+      oid = self.original(found.original_id)
+      return found._replace(original_id=oid, path=shown, source=found.path)
+    owner = {layout.DICOM_DIR: self.patient, layout.CONTOUR_DIR: self.original}
+    show_owner = owner.get(found.path.split('/')[0], self.name)
+    reason = self.scrub(found.reason, found.path, shown)
+    return layout.StrayFile(show_owner(found.owner_id), shown, reason)
+
+  def scrub(self, text: str, real: str, shown: str) -> str:
+    """``text`` (a message that may quote a path, e.g. an OSError's) with
+    ``real`` replaced by ``shown``."""
+    if self._key is None or not real or real == shown:
+      return text
+    return text.replace(real, shown)
+
+
+IDENTITY = Pseudonyms()
+
+
+class Recent:
+  """The id-map rows a worker sent lately (at most ``size``), so that a
+  patient's id or a study's UID is not sent once per file; the pipeline
+  keeps each row once whatever is sent twice."""
+
+  def __init__(self, size: int = 10_000):
+    self._size = size
+    self._sent: set[Entry] = set()
+
+  def fresh(self, entries: list[Entry]) -> Iterator[Entry]:
+    """Those of ``entries`` not sent lately (now counted as sent)."""
+    for entry in entries:
+      if entry not in self._sent:
+        if len(self._sent) >= self._size:
+          self._sent.clear()
+        self._sent.add(entry)
+        yield entry
