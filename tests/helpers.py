@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import socket
+import warnings
 
 import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 import pyarrow.parquet as pq
+import pydicom
 from pydicom.data import get_testdata_file
 
 from beam_pipeline import sample
+from beam_pipeline.contract import layout
 
 _SORT_KEYS = {
   'slices': ('patient_id', 'slice_index'),
@@ -92,3 +96,55 @@ def mutate(rng: np.random.Generator, seeds: list[bytes]) -> bytes:
   at = int(rng.integers(len(data)))
   noise = rng.integers(0, 256, int(rng.integers(1, 64)), dtype=np.uint8).tobytes()
   return bytes(data[:at] + noise + data[at:])
+
+
+def identifiers(root, manifest):
+  """Every original id, folder name and UID of the tree, and the markers."""
+  found = set(sample.PHI_MARKERS.values())
+  found |= {sample.PHI_PRIVATE_CREATOR, sample.PHI_PRIVATE_NAME, 'PHIMARK'}
+  found |= {value for link in manifest.links for value in link}
+  for top in (layout.DICOM_DIR, layout.CONTOUR_DIR):
+    found |= set(os.listdir(os.path.join(root, top)))
+  uids = set()
+  for path in glob.glob(os.path.join(root, layout.DICOM_DIR, '*', '*.dcm')):
+    try:
+      with warnings.catch_warnings():  # the leading_zero_uids quirk
+        warnings.simplefilter('ignore')
+        ds = pydicom.dcmread(path)
+    except Exception:  # a quirk that is not DICOM
+      continue
+    uids |= {ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID}
+    found.add(str(ds.PatientID))
+  assert len(uids) > 10
+  return found | uids
+
+
+def texts_under(folder):
+  """(path, raw bytes) of every file below ``folder``."""
+  for path in glob.glob(os.path.join(folder, '**', '*'), recursive=True):
+    if os.path.isfile(path):
+      with open(path, 'rb') as f:
+        yield path, f.read()
+
+
+def parquet_text(out):
+  """Every value of every Parquet file under ``out`` except pixels and masks,
+  decoded to text."""
+  values = []
+  for path in glob.glob(os.path.join(out, '**', '*.parquet'), recursive=True):
+    table = pq.read_table(path)
+    for name in table.column_names:
+      if name not in ('image', 'i_mask', 'o_mask'):
+        values += [str(v) for v in table.column(name).to_pylist()]
+  assert values
+  return '\n'.join(values)
+
+
+def leaks(forbidden, places):
+  """(what, where) for each forbidden string found in any place."""
+  return [
+    (value, where)
+    for where, data in places
+    for value in forbidden
+    if (value.encode() if isinstance(data, bytes) else value) in data
+  ]

@@ -16,10 +16,17 @@ import sys
 import pydicom
 import pytest
 
-from beam_pipeline import cli, sample
+from beam_pipeline import cli, keys, sample
 from beam_pipeline.contract import schema as s
 from tests import orthanc, proxy
-from tests.helpers import dataset_tables, set_tags
+from tests.helpers import (
+  dataset_tables,
+  identifiers,
+  leaks,
+  parquet_text,
+  set_tags,
+  texts_under,
+)
 from transforms import dicomweb
 from transforms import pacs as pacs_stage
 
@@ -600,3 +607,40 @@ def test_a_failing_search_is_a_search_row_and_the_other_patients_are_written(
   statuses = {(r['patient_id'], r['status']) for r in tables['reconciliation']}
   assert (first, s.MISSING_DICOMS) not in statuses
   assert (second, s.MATCHED) in statuses
+
+
+def test_a_pseudonymised_pacs_run_shows_no_stored_id_or_uid(
+  pacs, credentials, tmp_path, capsys
+):
+  root = str(tmp_path / 'DATA')
+  manifest, _ = _uploaded_tree(
+    pacs, root, 'PZ', patients=2, slices=5, rows=16, columns=12, quirks=['phi']
+  )
+  key = tmp_path / 'key'
+  assert cli.command(['keygen', str(key)]) == cli.EXIT_OK
+  keyed = ['--pseudonymize-key-file', str(key)]
+  tree_out, pacs_out = str(tmp_path / 'tree'), str(tmp_path / 'pacs')
+  id_map = str(tmp_path / 'map.csv')
+  assert cli.main(['--input', root, '--output', tree_out, *keyed]) == cli.EXIT_OK
+  capsys.readouterr()
+  args = _pacs_args(pacs.dicomweb, root, pacs_out, *keyed, '--id-map', id_map)
+  assert cli.main(args) == cli.EXIT_OK
+  shown = capsys.readouterr()
+  forbidden = identifiers(root, manifest)
+  places = [
+    *texts_under(pacs_out),
+    ('stdout', shown.out),
+    ('stderr', shown.err),
+    ('parquet values', parquet_text(pacs_out)),
+  ]
+  assert not leaks(forbidden, places)
+  tree, pacs_tables = dataset_tables(tree_out), dataset_tables(pacs_out)
+  assert len(pacs_tables['slices']) == 10
+  assert _without_paths(pacs_tables) == _without_paths(tree)
+  uids = {e.original: e.pseudonym for e in keys.read_id_map(id_map) if e.kind == 'uid'}
+  for row in pacs_tables['slices']:
+    study, series, sop = (
+      row[c] for c in ('study_instance_uid', 'series_instance_uid', 'sop_instance_uid')
+    )
+    assert row['dicom_path'] == f'studies/{study}/series/{series}/instances/{sop}'
+    assert sop.startswith('2.25.') and sop in uids.values()
