@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -135,7 +136,13 @@ def command(argv: Sequence[str] | None = None) -> int:
   sys.argv[0] = f'cardiac-mri {name}'  # argparse's usage lines name the command
   if name == 'run':
     return entry(rest)
-  return _tool(name)(rest) or EXIT_OK
+  try:
+    code = _tool(name)(rest) or EXIT_OK
+    sys.stdout.flush()  # here, where a closed pipe can still be caught
+  except BrokenPipeError:  # `cardiac-mri problems OUT | head`: the reader is done
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return EXIT_OK
+  return code
 
 
 def _run(argv: list[str]):

@@ -369,7 +369,7 @@ def test_the_console_command_lists_its_commands_and_refuses_unknown_ones(tmp_pat
   assert code == cli.EXIT_USAGE and 'usage: cardiac-mri COMMAND' in err
   code, out, _ = _cardiac_mri(tmp_path, '--help')
   assert code == cli.EXIT_OK
-  for name in ('run', 'inspect', 'qa', 'verify', 'sample', 'problems'):
+  for name in ('run', 'inspect', 'qa', 'verify', 'sample', 'problems', 'keygen'):
     assert f'\n  {name} ' in out, name
   code, _, err = _cardiac_mri(tmp_path, 'inspekt')
   assert code == cli.EXIT_USAGE
@@ -417,6 +417,16 @@ def test_every_tool_runs_through_the_console_command(tmp_path):
   assert code == 0 and 'checks passed' in out, out + err
   code, out, _ = _cardiac_mri(tmp_path, 'problems', 'OUT')
   assert code == 0 and '0 problem rows' in out
+  # A reader that stops early (| head) ends the tool quietly.
+  piped = subprocess.Popen(
+    [_command(), 'problems', 'OUT'],
+    cwd=tmp_path,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+  )
+  piped.stdout.close()
+  assert piped.wait(timeout=60) == 0
+  assert b'Traceback' not in piped.stderr.read()
   code, out, err = _cardiac_mri(tmp_path, 'qa', 'OUT', 'QA')
   assert code == 0 and (tmp_path / 'QA' / 'index.html').exists(), err
 
