@@ -89,10 +89,13 @@ class IngestOptions(PipelineOptions):
 
   def pseudonyms(self) -> Pseudonyms:
     """The pseudonyms of --pseudonymize-key-file's key (IDENTITY without
-    one). The key travels to the workers inside the stages that use it,
-    never in the pipeline options."""
+    one), emitting id-map rows with --id-map. The key travels to the workers
+    inside the stages that use it, never in the pipeline options."""
     path = self.pseudonymize_key_file
-    return IDENTITY if path is None else keys.load(path)
+    if path is None:
+      return IDENTITY
+    found = keys.load(path)
+    return found if self.id_map is None else found.with_map()
 
   def decode_settings(self) -> DecodeSettings:
     """The decode stage's settings from these options."""

@@ -307,8 +307,9 @@ class DecodeSlicesFn(beam.DoFn):
     for task, (outcome, contours) in zip(chunk.slices, outcomes, strict=True):
       if self._settings.exclude_burned_in and isinstance(outcome, Decoded):
         outcome = _excluded(outcome)
-      if pseudonyms.active:
+      if pseudonyms.mapped:
         yield from self._mapped(pseudonyms, task, outcome)
+      if pseudonyms.active:
         outcome, contours = _shown(pseudonyms, task, outcome, contours)
       if isinstance(outcome, Failed):
         yield pvalue.TaggedOutput(self.ERRORS, unusable_slice(chunk, task, outcome))

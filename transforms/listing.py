@@ -52,7 +52,7 @@ class _ParseLinksFn(beam.DoFn):
     links, problems = layout.parse_links(data, self._pseudonyms)
     _LOG.info('%s: %d links, %d problem rows', relative_path, len(links), len(problems))
     yield from links
-    if self._pseudonyms.active:
+    if self._pseudonyms.mapped:
       for entry in _link_entries(data, links, problems):
         yield pvalue.TaggedOutput(ID_MAP, entry)
     for problem in problems:
@@ -141,9 +141,9 @@ class _ClassifyFn(beam.DoFn):
       found = layout.classify_path(relative)
     if found is None:
       return
-    if self._pseudonyms.active:
+    if self._pseudonyms.mapped:
       yield from self._entries(found.path)
-      found = self._pseudonyms.listed(found)
+    found = self._pseudonyms.listed(found)
     if isinstance(found, layout.DicomFile):
       yield pvalue.TaggedOutput(ListTree.DICOMS, found)
     elif isinstance(found, layout.ContourFile):

@@ -66,24 +66,35 @@ class Pseudonyms:
   its repr never shows the key.
   """
 
-  def __init__(self, key: bytes | None = None):
+  def __init__(self, key: bytes | None = None, mapped: bool = False):
+    """``mapped``: the stages also emit the id-map rows of what they
+    replace (--id-map); without it they spend nothing on them."""
     if key is not None and len(key) < KEY_BYTES:
       raise ValueError(f'a pseudonymisation key has at least {KEY_BYTES} bytes')
     self._key = key
+    self.mapped = mapped and key is not None
 
   def __repr__(self) -> str:
     return f'Pseudonyms({"keyed" if self._key else "none"})'
 
   def __eq__(self, other) -> bool:
-    return isinstance(other, Pseudonyms) and other._key == self._key
+    return (
+      isinstance(other, Pseudonyms)
+      and other._key == self._key
+      and other.mapped == self.mapped
+    )
 
   def __hash__(self) -> int:
-    return hash(self._key)
+    return hash((self._key, self.mapped))
 
   @property
   def active(self) -> bool:
     """True when values are replaced (a key was given)."""
     return self._key is not None
+
+  def with_map(self) -> Pseudonyms:
+    """The same pseudonyms, with their id-map rows emitted."""
+    return Pseudonyms(self._key, mapped=True)
 
   def _digest(self, domain: str, value: str) -> bytes:
     message = domain.encode() + b'\0' + value.encode('utf-8', 'surrogateescape')
