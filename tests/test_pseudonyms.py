@@ -9,6 +9,7 @@ import base64
 import glob
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -163,6 +164,13 @@ def phi_runs(tmp_path_factory):
   manifest = sample.make_tree(
     root, patients=4, slices=10, rows=24, columns=20, quirks=['all']
   )
+  # A slice that is a symlink out of the tree, to a folder named by an id:
+  # the read error quotes where it leads.
+  pid = manifest.links[0][0]
+  outside = base / 'outside' / pid
+  outside.mkdir(parents=True)
+  shutil.copy(os.path.join(root, 'dicoms', pid, '3.dcm'), outside / '3.dcm')
+  os.symlink(outside / '3.dcm', os.path.join(root, 'dicoms', pid, '99.dcm'))
   key, other = _key_file(base, KEY), _key_file(base, OTHER_KEY, name='other')
   runs = {}
   for name, more in (
@@ -208,6 +216,25 @@ def test_no_identifier_leaves_a_pseudonymised_run(phi_runs):
     forms = [key.hex(), base64.b64encode(key).decode(), base64.b32encode(key).decode()]
     assert not leaks(forms, places)
     assert not [w for w, data in places if isinstance(data, bytes) and key in data]
+
+
+def test_messages_quote_shown_paths_only():
+  p = Pseudonyms(KEY)
+  real, shown = 'dicoms/SCD01/5.dcm', p.path('dicoms/SCD01/5.dcm')
+  message = f"[Errno 2] No such file: '/data/{real}' (to /elsewhere/SCD01/5.dcm)"
+  scrubbed = p.scrub(message, real, shown)
+  assert 'SCD01' not in scrubbed and scrubbed.count('<path>') == 2
+  assert IDENTITY.scrub(message, real, real) == message
+  url = 'http://127.0.0.1:8042/dicom-web/studies/1.2/series/1.3/instances/1.4'
+  source = 'studies/1.2/series/1.3/instances/1.4'
+  assert p.scrub(f'cannot retrieve {url}: 404', source, p.path(source)) == (
+    f'cannot retrieve http://127.0.0.1:8042/dicom-web/{p.path(source)}: 404'
+  )
+  stray = layout.StrayFile(
+    'SCD01', 'dicoms/SCD01/sub', "cannot list: '/d/dicoms/SCD01/sub'"
+  )
+  listed = p.listed(stray)
+  assert 'SCD01' not in repr(listed) and listed.owner_id == p.patient('SCD01')
 
 
 def test_without_a_key_only_the_documented_identifiers_leave(phi_runs):

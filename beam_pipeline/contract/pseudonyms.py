@@ -40,6 +40,9 @@ KEY_BYTES = 32  # the shortest key accepted: 256 bits, SHA-256's own size
 _ID_CHARS = 20  # base32 characters: 100 bits
 _UID_ROOT = '2.25.'  # a UUID-derived UID (PS3.5 B.2): no registered root needed
 
+# An absolute path quoted in a message: a "/" that starts a word (not one
+# inside a URL, after "http:", "/" or a host name).
+_ABSOLUTE_PATH = re.compile(r'(?<![\w:/.~-])/[^\s\'",;)]+')
 # A PACS instance's path (dicomweb.Instance.path): its UIDs are replaced.
 _PACS_PATH = re.compile(r'studies/([^/]+)/series/([^/]+)/instances/([^/]+)')
 
@@ -182,11 +185,15 @@ class Pseudonyms:
     return layout.StrayFile(show_owner(found.owner_id), shown, reason)
 
   def scrub(self, text: str, real: str, shown: str) -> str:
-    """``text`` (a message that may quote a path, e.g. an OSError's) with
-    ``real`` replaced by ``shown``."""
-    if self._key is None or not real or real == shown:
+    """``text`` (a message that may quote a path: an OSError's, a server's)
+    with ``real`` replaced by ``shown``, and, under a key, every absolute
+    path it still quotes (the input root joined to the shown path, where a
+    symlink leads) by ``<path>``: such a path may hold any name."""
+    if self._key is None:
       return text
-    return text.replace(real, shown)
+    if real and real != shown:
+      text = text.replace(real, shown)
+    return _ABSOLUTE_PATH.sub('<path>', text)
 
 
 IDENTITY = Pseudonyms()
