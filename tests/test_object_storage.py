@@ -20,10 +20,10 @@ import time
 
 import pytest
 
-from beam_pipeline import cli, lock, sample, verify
+from beam_pipeline import cli, keys, lock, sample, verify
 from beam_pipeline.contract import schema as s
 from tests import proxy
-from tests.helpers import dataset_tables, free_port
+from tests.helpers import dataset_tables, free_port, leaks, parquet_text, texts_under
 from transforms import stores
 
 QUIRKS = ['stray_files', 'not_dicom', 'bad_contour', 'unlinked_dicoms']
@@ -220,6 +220,36 @@ def test_a_file_that_keeps_failing_is_one_read_row(s3_endpoint, broken_tree, tmp
   assert [r for r in want[s.SLICES_DIR] if r['dicom_path'] != victim] == got[
     s.SLICES_DIR
   ]
+
+
+def test_a_pseudonymised_s3_run_names_no_id_even_in_a_failed_read(
+  s3_endpoint, broken_tree, tmp_path
+):
+  root, _ = broken_tree
+  key = tmp_path / 'key'
+  assert cli.command(['keygen', str(key)]) == cli.EXIT_OK
+  victim = 'dicoms/SCD0000101/1.dcm'
+  with proxy.started(s3_endpoint, '--fail', f'GET /{BUCKET}/BROKEN/{victim} =-1') as (
+    endpoint,
+    _,
+  ):
+    args = _s3_args(
+      endpoint,
+      'KEYED',
+      '--request-attempts=2',
+      '--pseudonymize-key-file',
+      str(key),
+    )
+    assert cli.main(args) == cli.EXIT_QUARANTINED
+  out = tmp_path / 'out'
+  _download(_client(s3_endpoint), 'KEYED', out)
+  shown = keys.load(str(key)).path(victim)
+  (row,) = [r for r in dataset_tables(str(out))[s.ERRORS_DIR] if r['path'] == shown]
+  assert row['stage'] == s.STAGE_READ and '503' in row['error']
+  found = set(os.listdir(os.path.join(root, 'dicoms')))
+  found |= set(os.listdir(os.path.join(root, 'contourfiles')))
+  places = [*texts_under(str(out)), ('parquet values', parquet_text(str(out)))]
+  assert not leaks(found, places)
 
 
 @pytest.fixture
