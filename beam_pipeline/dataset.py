@@ -132,9 +132,13 @@ def check(output: str, full: bool = False) -> dict:
 _VERIFIED: dict[tuple[str, int, int], bool] = {}
 
 
-def _open_shard(path: str, summary: dict) -> pq.ParquetFile:
+def _open_shard(
+  path: str, summary: dict, metadata: pq.FileMetaData | None = None
+) -> pq.ParquetFile:
   """A slice shard, hashed against the summary the first time this process
-  opens it, read with page checksums verified."""
+  opens it, read with page checksums verified. ``metadata``: its footer, if
+  already read (parsing a footer of hundreds of row groups costs more than
+  reading one of them)."""
   stat = os.stat(path)
   key = (path, stat.st_size, stat.st_mtime_ns)
   if key not in _VERIFIED:
@@ -142,7 +146,7 @@ def _open_shard(path: str, summary: dict) -> pq.ParquetFile:
     if _digest(path) != summary[digests.FILES][name][digests.ALGORITHM]:
       raise DatasetError(f'{path} was altered: its content does not match its digest')
     _VERIFIED[key] = True
-  return pq.ParquetFile(path, page_checksum_verification=True)
+  return pq.ParquetFile(path, metadata=metadata, page_checksum_verification=True)
 
 
 def _parquet_format() -> pads.ParquetFileFormat:
@@ -252,23 +256,60 @@ def row_groups(output: str) -> list[tuple[str, int]]:
   return _row_groups(output, check(output))
 
 
-def _row_groups(output: str, summary: dict) -> list[tuple[str, int]]:
+def _row_groups(
+  output: str,
+  summary: dict,
+  labeled_only: bool = False,
+  footers: dict[str, pq.FileMetaData] | None = None,
+) -> list[tuple[str, int]]:
+  """Every (shard, row group); with ``labeled_only``, those whose statistics
+  do not prove that they hold no mask (the pipeline writes a chunk's
+  labeled slices in a row group of their own). ``footers`` receives each
+  shard's parsed footer."""
   groups = []
   for name in sorted(summary[digests.FILES]):
     if name.startswith(s.SLICES_DIR + '/'):
       path = os.path.join(output, name)
-      groups += [(path, i) for i in range(pq.ParquetFile(path).num_row_groups)]
+      metadata = pq.read_metadata(path)
+      if footers is not None:
+        footers[path] = metadata
+      groups += [
+        (path, i)
+        for i in range(metadata.num_row_groups)
+        if not (labeled_only and _holds_no_mask(metadata, i))
+      ]
   return groups
 
 
+# A mask is drawn exactly when its contour's vertex count is set; the counts
+# carry statistics (null counts), the masks do not (transforms/write.py).
+_MASK_WITNESSES = ('i_vertex_count', 'o_vertex_count')
+
+
+def _holds_no_mask(metadata: pq.FileMetaData, index: int) -> bool:
+  """True when row group ``index``'s statistics show no row with a mask."""
+  names = metadata.schema.names
+  if not all(name in names for name in _MASK_WITNESSES):
+    return False  # not a pipeline's slice table: read it
+  group = metadata.row_group(index)
+  for name in _MASK_WITNESSES:
+    stats = group.column(names.index(name)).statistics
+    if stats is None or not stats.has_null_count or stats.null_count < group.num_rows:
+      return False
+  return True
+
+
 def _keep(table: pa.Table, labeled_only: bool, split: str | None) -> pa.Table:
+  """The rows to yield (the table itself, not a copy, when that is all)."""
+  keep = None
   if labeled_only:
-    table = table.filter(
-      pc.or_(pc.is_valid(table['i_mask']), pc.is_valid(table['o_mask']))
-    )
+    keep = pc.or_(pc.is_valid(table['i_mask']), pc.is_valid(table['o_mask']))
   if split is not None:
-    table = table.filter(pc.equal(table['split'], split))
-  return table
+    in_split = pc.equal(table['split'], split)
+    keep = in_split if keep is None else pc.and_(keep, in_split)
+  if keep is None or pc.all(keep).as_py():
+    return table
+  return table.filter(keep)
 
 
 def shuffled_rows(
@@ -296,7 +337,8 @@ def shuffled_rows(
   """
   rng = np.random.default_rng([seed, epoch])
   summary = check(output)
-  groups = _row_groups(output, summary)
+  footers: dict[str, pq.FileMetaData] = {}
+  groups = _row_groups(output, summary, labeled_only, footers)
   order = rng.permutation(len(groups))[shard[0] :: shard[1]]
   wanted = None
   if columns is not None:
@@ -310,7 +352,8 @@ def shuffled_rows(
   kept = 0
   for g in order:
     path, index = groups[g]
-    table = _open_shard(path, summary).read_row_group(index, columns=wanted)
+    parquet = _open_shard(path, summary, footers[path])
+    table = parquet.read_row_group(index, columns=wanted)
     for row in _keep(table, labeled_only, split).to_pylist():
       kept += 1
       buffer.append(row)

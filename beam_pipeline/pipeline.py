@@ -115,7 +115,9 @@ def build_pipeline(
     WriteDataset.SLICES: decoded[DecodeSlices.SLICES],
     WriteDataset.RECONCILIATION: reconciliation,
     WriteDataset.ERRORS: errors,
-  } | 'Write' >> WriteDataset(staging, options.image_codec, config)
+  } | 'Write' >> WriteDataset(
+    staging, options.image_codec, config, options.max_chunk_bytes
+  )
   if options.id_map is not None:
     _ = (
       links[ReadLinks.ID_MAP],

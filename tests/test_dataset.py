@@ -1,9 +1,9 @@
 """The dataset reader: decoding, seeded shuffled batches, splits, projection."""
 
-import itertools
 import warnings
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from beam_pipeline import dataset, sample
@@ -89,15 +89,65 @@ def test_projection_labeled_only_and_split(written):
     assert bool(caught) == (not want)  # a warning exactly when the split is empty
 
 
+def _group_keys(out):
+  """The (patient_id, slice_index) of each row group's rows, in file order."""
+  found = []
+  for path, index in dataset.row_groups(out):
+    table = pq.ParquetFile(path).read_row_group(
+      index, columns=['patient_id', 'slice_index', 'i_mask', 'o_mask']
+    )
+    found.append(table.to_pylist())
+  return found
+
+
 def test_shuffle_buffer_bounds_what_is_held(written):
   out = written.out
   # With a buffer of one row, rows leave in row-group order: each row group
-  # (one chunk of one patient) comes out as one contiguous run.
-  rows = list(
-    dataset.shuffled_rows(out, seed=5, shuffle_buffer=1, columns=['patient_id'])
-  )
-  runs = [pid for pid, _ in itertools.groupby(r['patient_id'] for r in rows)]
-  assert len(runs) <= len(dataset.row_groups(out))
+  # comes out as one contiguous run.
+  rows = [
+    (r['patient_id'], r['slice_index'])
+    for r in dataset.shuffled_rows(
+      out, seed=5, shuffle_buffer=1, columns=['patient_id', 'slice_index']
+    )
+  ]
+  for group in _group_keys(out):
+    keys = [(r['patient_id'], r['slice_index']) for r in group]
+    start = rows.index(keys[0])
+    assert rows[start : start + len(keys)] == keys
+
+
+def _labeled(row):
+  return row['i_mask'] is not None or row['o_mask'] is not None
+
+
+def test_labeled_slices_have_row_groups_of_their_own(written):
+  out, manifest = written.out, written.manifest
+  groups = _group_keys(out)
+  labeled = [g for g in groups if any(_labeled(r) for r in g)]
+  for group in groups:  # all labeled, or none
+    assert len({_labeled(r) for r in group}) == 1
+  # Gathered across chunks and patients (--chunk-size 4 here): at most one
+  # short labeled row group per shard.
+  shards = {path for path, _ in dataset.row_groups(out)}
+  want = sum(e.labeled for e in manifest.slices.values())
+  assert sum(len(g) for g in labeled) == want
+  assert len(labeled) <= len(shards)
+  assert len({r['patient_id'] for r in labeled[0]}) > 1
+
+
+def test_a_labeled_read_opens_only_labeled_row_groups(written, monkeypatch):
+  read = []
+  original = pq.ParquetFile.read_row_group
+
+  def recorded(self, index, *args, **kwargs):
+    table = original(self, index, *args, **kwargs)
+    read.append(table)
+    return table
+
+  monkeypatch.setattr(pq.ParquetFile, 'read_row_group', recorded)
+  rows = list(dataset.shuffled_rows(written.out, seed=1, labeled_only=True))
+  assert rows and all(_labeled(r) for r in rows)
+  assert read and all(all(_labeled(r) for r in t.to_pylist()) for t in read)
 
 
 def test_shards_partition_the_rows(written):

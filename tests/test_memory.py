@@ -144,21 +144,36 @@ def test_the_default_headroom_admits_the_largest_slice_the_limits_allow():
   assert _isolate.decoder_headroom(limits) >= 2 * limits.max_file_bytes + largest_image
 
 
-def test_row_groups_are_cut_by_decoded_bytes(tmp_path):
-  """With --max-chunk-bytes of three images, each 8-slice chunk becomes row
-  groups of 3, 3 and 2 rows; nothing is lost or repeated."""
-  root = str(tmp_path / 'DATA')
-  sample.make_tree(root, patients=2, slices=8, rows=ROWS, columns=COLUMNS)
-  out = str(tmp_path / 'OUT')
-  image = ROWS * COLUMNS * 2
-  args = ['--input', root, '--output', out, '--chunk-size', '8']
-  assert cli.main([*args, '--max-chunk-bytes', str(3 * image)]) == cli.EXIT_OK
+def _row_group_sizes(out):
   groups = []
   for name in sorted(os.listdir(os.path.join(out, s.SLICES_DIR))):
     if name.endswith('.parquet'):
       meta = pq.read_metadata(os.path.join(out, s.SLICES_DIR, name))
       groups += [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
-  assert sorted(groups) == [2, 2, 3, 3, 3, 3]
+  return groups
+
+
+@pytest.mark.parametrize('labeled', [False, True])
+def test_row_groups_are_cut_by_decoded_bytes(tmp_path, labeled):
+  """With --max-chunk-bytes of three images, each 8-slice chunk becomes row
+  groups of 3, 3 and 2 rows; labeled slices, gathered from several chunks
+  into row groups of their own, keep to the same budget; nothing is lost or
+  repeated."""
+  root = str(tmp_path / 'DATA')
+  every = 2 if labeled else 9  # slices 2, 4, 6, 8 labeled, or none
+  sample.make_tree(
+    root, patients=2, slices=8, rows=ROWS, columns=COLUMNS, contour_every=every
+  )
+  out = str(tmp_path / 'OUT')
+  image = ROWS * COLUMNS * 2
+  args = ['--input', root, '--output', out, '--chunk-size', '8']
+  code = cli.main([*args, '--max-chunk-bytes', str(3 * image)])
+  assert code == (cli.EXIT_OK if labeled else cli.EXIT_QUARANTINED)  # no contours
+  groups = _row_group_sizes(out)
+  if labeled:
+    assert max(groups) == 3 and sum(groups) == 16
+  else:
+    assert sorted(groups) == [2, 2, 3, 3, 3, 3]
   keys = open_dataset(out).to_table(columns=['patient_id', 'slice_index']).to_pylist()
   assert len({(r['patient_id'], r['slice_index']) for r in keys}) == 16 == len(keys)
 

@@ -327,16 +327,27 @@ class DecodeSlicesFn(beam.DoFn):
       ]
       held += result.row['image'].nbytes
       if held >= self._settings.max_chunk_bytes:  # a row group of its own
-        yield assemble.slice_table(rows)
+        yield from _row_groups(rows)
         written += len(rows)
         rows, held = [], 0
     written += len(rows)
     self._counters.chunk_done(chunk, split, written)
     self._progress.add(patients=int(chunk.is_last), slices=len(chunk.slices))
-    if rows:
-      yield assemble.slice_table(rows)
+    yield from _row_groups(rows)
     if slices or contour_ids:
       yield pvalue.TaggedOutput(self.IDENTITIES, (tuple(slices), tuple(contour_ids)))
+
+
+def _row_groups(rows: list[dict]) -> Iterator[pa.Table]:
+  """The tables (each one Parquet row group) of a chunk's rows: its labeled
+  slices apart from the others, so that a reader of the labeled slices skips
+  the row groups of the others from their statistics, without reading one
+  image of them (dataset.shuffled_rows)."""
+  labeled = [r for r in rows if r['i_mask'] is not None or r['o_mask'] is not None]
+  rest = [r for r in rows if r['i_mask'] is None and r['o_mask'] is None]
+  for part in (labeled, rest):
+    if part:
+      yield assemble.slice_table(part)
 
 
 def _shown(

@@ -1,0 +1,103 @@
+"""Benchmark: training reads, iter_batches on one core from the page cache.
+
+    python bench/reads.py --data bench/data/x20 --runs 5 --compare before=HEAD~1
+
+Writes the dataset of ``--data`` once with this checkout (and once with each
+``--compare LABEL=REF`` version, a git commit or a checkout folder), then, in
+interleaved rounds, reads it back in a process of its own pinned to one core
+with that version's ``iter_batches`` (batches of 32, one epoch, every column):
+the labeled slices (``labeled_only=True``, what a segmentation model trains
+on), then every slice. Each process first reads once to warm the page cache
+and the shard digests, so the figures are reads from memory, as in the
+epochs of a training run after the first. Prints medians of slices/s and, per
+version, the ratio against this checkout (medians of per-round ratios).
+The target of issue 16: 5,000 labeled slices/s or more on one core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+
+from run import REPO, checkout, pipeline_command
+
+_READER = """
+import json, os, sys, time
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+from beam_pipeline.dataset import iter_batches
+out = sys.argv[1]
+def read(labeled):
+  n = 0
+  for batch in iter_batches(out, 32, seed=3, labeled_only=labeled):
+    n += len(batch['slice_index'])
+  return n
+read(False)  # the page cache and the shard digests
+rates = {}
+for name, labeled in (('labeled', True), ('all', False)):
+  start = time.perf_counter()
+  n = read(labeled)
+  rates[name] = n / (time.perf_counter() - start)
+print(json.dumps(rates))
+"""
+
+
+def _env(repo: str) -> dict:
+  return {**os.environ, 'PYTHONPATH': repo}
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--data', required=True, help='tree to write and read')
+  parser.add_argument('--runs', type=int, default=5)
+  parser.add_argument('--compare', action='append', default=[], metavar='LABEL=REF')
+  args = parser.parse_args(argv)
+  scratch = tempfile.mkdtemp(prefix='bench-reads-')
+  versions = {'this': REPO}
+  for item in args.compare:
+    label, _, ref = item.partition('=')
+    versions[label] = checkout(ref, scratch)
+  outs = {}
+  for label, repo in versions.items():
+    outs[label] = os.path.join(scratch, f'out-{label}')
+    command = pipeline_command(os.path.abspath(args.data), outs[label], [], repo)
+    done = subprocess.run(command, env=_env(repo), cwd=repo, capture_output=True)
+    if done.returncode not in (0, 3):
+      sys.exit(f'{label}: the pipeline failed:\n{done.stderr.decode()[-2000:]}')
+  rates = {label: [] for label in versions}
+  for k in range(args.runs):
+    order = list(versions) if k % 2 == 0 else list(reversed(versions))
+    for label in order:
+      repo = versions[label]
+      done = subprocess.run(
+        [sys.executable, '-c', _READER, outs[label]],
+        env=_env(repo),
+        cwd=repo,
+        capture_output=True,
+        check=True,
+      )
+      rates[label].append(json.loads(done.stdout))
+  print(f'{args.data}: iter_batches on one core, {args.runs} interleaved rounds\n')
+  print('| version | labeled slices/s | all slices/s | labeled vs this | all vs this |')
+  print('| --- | --- | --- | --- | --- |')
+  for label in versions:
+    got = rates[label]
+    cells = [
+      f'{statistics.median(r[kind] for r in got):,.0f}' for kind in ('labeled', 'all')
+    ]
+    for kind in ('labeled', 'all'):
+      ratio = statistics.median(
+        r[kind] / t[kind] for r, t in zip(got, rates['this'], strict=True)
+      )
+      cells.append(f'{ratio:.2f}x')
+    print(f'| {label} | ' + ' | '.join(cells) + ' |')
+  shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == '__main__':
+  main()
