@@ -273,14 +273,17 @@ class DecodeSlicesFn(beam.DoFn):
     if ahead is not None:
       yield from self._finish(*ahead)
 
-  def _mapped(self, pseudonyms: Pseudonyms, task: SliceTask, outcome: Outcome):
-    """The id-map rows of a slice's UIDs (and its PACS path's) not sent lately."""
-    found = pseudonyms.entries(task.dicom_source)
-    if isinstance(outcome, Decoded):
+  def _mapped(
+    self, pseudonyms: Pseudonyms, task: SliceTask, stored: Outcome, shown: Outcome
+  ):
+    """The id-map rows, not sent lately, of a slice's PACS path and of the
+    UIDs that ``shown`` (from :func:`_shown`) replaced in ``stored``."""
+    found = pseudonyms.entries(task.dicom_source, task.dicom_path)
+    if isinstance(stored, Decoded):
       found += [
-        Entry(UID, uid, pseudonyms.uid(uid))
+        Entry(UID, uid, shown.meta[name])
         for name in columns.REPLACED_UIDS
-        if (uid := outcome.meta.get(name))
+        if (uid := stored.meta.get(name))
       ]
     for entry in self._recent.fresh(found):
       yield pvalue.TaggedOutput(self.ID_MAP, entry)
@@ -307,10 +310,11 @@ class DecodeSlicesFn(beam.DoFn):
     for task, (outcome, contours) in zip(chunk.slices, outcomes, strict=True):
       if self._settings.exclude_burned_in and isinstance(outcome, Decoded):
         outcome = _excluded(outcome)
-      if pseudonyms.mapped:
-        yield from self._mapped(pseudonyms, task, outcome)
       if pseudonyms.active:
+        stored = outcome
         outcome, contours = _shown(pseudonyms, task, outcome, contours)
+        if pseudonyms.mapped:
+          yield from self._mapped(pseudonyms, task, stored, outcome)
       if isinstance(outcome, Failed):
         yield pvalue.TaggedOutput(self.ERRORS, unusable_slice(chunk, task, outcome))
         continue

@@ -141,9 +141,10 @@ class _ClassifyFn(beam.DoFn):
       found = layout.classify_path(relative)
     if found is None:
       return
-    if self._pseudonyms.mapped:
-      yield from self._entries(found.path)
+    listed = found.path
     found = self._pseudonyms.listed(found)
+    if self._pseudonyms.mapped:
+      yield from self._entries(listed, found.path)
     if isinstance(found, layout.DicomFile):
       yield pvalue.TaggedOutput(ListTree.DICOMS, found)
     elif isinstance(found, layout.ContourFile):
@@ -157,8 +158,8 @@ class _ClassifyFn(beam.DoFn):
         ),
       )
 
-  def _entries(self, relative: str) -> Iterator:
-    for entry in self._recent.fresh(self._pseudonyms.entries(relative)):
+  def _entries(self, relative: str, shown: str) -> Iterator:
+    for entry in self._recent.fresh(self._pseudonyms.entries(relative, shown)):
       yield pvalue.TaggedOutput(ID_MAP, entry)
 
 

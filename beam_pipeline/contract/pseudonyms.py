@@ -130,6 +130,15 @@ class Pseudonyms:
       return uid
     return _UID_ROOT + str(int.from_bytes(self._digest(UID, uid)[:16], 'big'))
 
+  def _owner(self, top: str):
+    """(kind, pseudonym function) of the owner folder under ``top``: a
+    patient_id under dicoms/, an original_id under contourfiles/."""
+    if top == layout.DICOM_DIR:
+      return PATIENT_ID, self.patient
+    if top == layout.CONTOUR_DIR:
+      return ORIGINAL_ID, self.original
+    return NAME, self.name
+
   def path(self, relative: str) -> str:
     """A path under the input root as shown: the owner folder
     (``dicoms/<patient_id>``, ``contourfiles/<original_id>``) by its id's
@@ -140,28 +149,25 @@ class Pseudonyms:
       study, series, sop = (self.uid(u) for u in match.groups())
       return f'studies/{study}/series/{series}/instances/{sop}'
     parts = relative.split('/')
-    owner = {layout.DICOM_DIR: self.patient, layout.CONTOUR_DIR: self.original}
     shown = [self.name(parts[0])]
     if len(parts) > 1:
-      shown.append(owner.get(parts[0], self.name)(parts[1]))
+      shown.append(self._owner(parts[0])[1](parts[1]))
     shown += [self.name(part) for part in parts[2:]]
     return '/'.join(shown)
 
-  def entries(self, relative: str) -> list[Entry]:
-    """The id-map rows of the ids and names in ``relative`` (see :meth:`path`)."""
+  def entries(self, relative: str, shown: str | None = None) -> list[Entry]:
+    """The id-map rows of the ids, names and UIDs that :meth:`path` replaces
+    in ``relative``; ``shown``: that path, if already made."""
     if self._key is None:
       return []
-    if match := _PACS_PATH.fullmatch(relative):
-      return [Entry(UID, u, self.uid(u)) for u in match.groups()]
+    shown = self.path(relative) if shown is None else shown
     parts = relative.split('/')
+    pacs = _PACS_PATH.fullmatch(relative) is not None
     found = []
-    for k, part in enumerate(parts):
-      if k == 1 and parts[0] == layout.DICOM_DIR:
-        found.append(Entry(PATIENT_ID, part, self.patient(part)))
-      elif k == 1 and parts[0] == layout.CONTOUR_DIR:
-        found.append(Entry(ORIGINAL_ID, part, self.original(part)))
-      elif self.name(part) != part:
-        found.append(Entry(NAME, part, self.name(part)))
+    for k, (part, pseudonym) in enumerate(zip(parts, shown.split('/'), strict=True)):
+      if part != pseudonym:
+        kind = UID if pacs else self._owner(parts[0])[0] if k == 1 else NAME
+        found.append(Entry(kind, part, pseudonym))
     return found
 
   def listed(
@@ -179,8 +185,7 @@ class Pseudonyms:
     if isinstance(found, layout.ContourFile):
       oid = self.original(found.original_id)
       return found._replace(original_id=oid, path=shown, source=found.path)
-    owner = {layout.DICOM_DIR: self.patient, layout.CONTOUR_DIR: self.original}
-    show_owner = owner.get(found.path.split('/')[0], self.name)
+    _, show_owner = self._owner(found.path.split('/')[0])
     reason = self.scrub(found.reason, found.path, shown)
     return layout.StrayFile(show_owner(found.owner_id), shown, reason)
 
