@@ -273,10 +273,11 @@ def _row_groups(
       metadata = pq.read_metadata(path)
       if footers is not None:
         footers[path] = metadata
+      witnesses = _mask_witnesses(metadata) if labeled_only else None
       groups += [
         (path, i)
         for i in range(metadata.num_row_groups)
-        if not (labeled_only and _holds_no_mask(metadata, i))
+        if not (witnesses and _holds_no_mask(metadata.row_group(i), witnesses))
       ]
   return groups
 
@@ -286,14 +287,19 @@ def _row_groups(
 _MASK_WITNESSES = ('i_vertex_count', 'o_vertex_count')
 
 
-def _holds_no_mask(metadata: pq.FileMetaData, index: int) -> bool:
-  """True when row group ``index``'s statistics show no row with a mask."""
+def _mask_witnesses(metadata: pq.FileMetaData) -> list[int] | None:
+  """The column indices of _MASK_WITNESSES in a shard (None when it has
+  not got them: not a pipeline's slice table, so every row group is read)."""
   names = metadata.schema.names
   if not all(name in names for name in _MASK_WITNESSES):
-    return False  # not a pipeline's slice table: read it
-  group = metadata.row_group(index)
-  for name in _MASK_WITNESSES:
-    stats = group.column(names.index(name)).statistics
+    return None
+  return [names.index(name) for name in _MASK_WITNESSES]
+
+
+def _holds_no_mask(group: pq.RowGroupMetaData, witnesses: list[int]) -> bool:
+  """True when the row group's statistics show no row with a mask."""
+  for column in witnesses:
+    stats = group.column(column).statistics
     if stats is None or not stats.has_null_count or stats.null_count < group.num_rows:
       return False
   return True
@@ -303,7 +309,7 @@ def _keep(table: pa.Table, labeled_only: bool, split: str | None) -> pa.Table:
   """The rows to yield (the table itself, not a copy, when that is all)."""
   keep = None
   if labeled_only:
-    keep = pc.or_(pc.is_valid(table['i_mask']), pc.is_valid(table['o_mask']))
+    keep = s.has_mask(table)
   if split is not None:
     in_split = pc.equal(table['split'], split)
     keep = in_split if keep is None else pc.and_(keep, in_split)

@@ -70,8 +70,7 @@ def _all_labeled(table: pa.Table) -> bool:
   """True for a slice table in which every row has a mask."""
   if 'i_mask' not in table.column_names or not table.num_rows:
     return False
-  bare = pc.and_(pc.is_null(table['i_mask']), pc.is_null(table['o_mask']))
-  return not pc.any(bare).as_py()
+  return pc.all(s.has_mask(table)).as_py()
 
 
 def _open_local_shard(path: str) -> _direct.DirectFile:

@@ -13,6 +13,7 @@ these definitions by the tests.
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from beam_pipeline.contract.columns import SLICE_COLUMNS, Column
 
@@ -142,3 +143,8 @@ def error_row(patient_id: str, path: str, stage: str, error: str) -> dict:
     'stage': stage,
     'error': error,
   }
+
+
+def has_mask(table: pa.Table) -> pa.ChunkedArray:
+  """Per row of a slice table: whether it is labeled (has an i or o mask)."""
+  return pc.or_(pc.is_valid(table['i_mask']), pc.is_valid(table['o_mask']))
