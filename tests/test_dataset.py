@@ -1,12 +1,16 @@
 """The dataset reader: decoding, seeded shuffled batches, splits, projection."""
 
+import os
+import shutil
 import warnings
+import weakref
 
 import numpy as np
 import pyarrow.parquet as pq
+import pydicom
 import pytest
 
-from beam_pipeline import dataset, sample
+from beam_pipeline import cli, dataset, sample
 from beam_pipeline.contract import splits
 from tests.conftest import WRITTEN_SHAPE
 from tests.helpers import reference_mask
@@ -182,3 +186,88 @@ def test_rescale_defaults_and_applies_slope_and_intercept():
 def test_missing_output_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match='pipeline output'):
     dataset.open_dataset(str(tmp_path))
+
+
+def _assert_batches_hold_the_rows(out, batch_size, **selection):
+  """iter_batches builds each batch column by column; the same order's rows,
+  one dict at a time (shuffled_rows), say what every entry must be."""
+  batches = list(dataset.iter_batches(out, batch_size, seed=7, **selection))
+  assert batches
+  rows = iter(dataset.shuffled_rows(out, seed=7, **selection))
+  mixed = False
+  for batch in batches:
+    images = batch['image']
+    mixed |= isinstance(images, list)
+    for i in range(len(batch['slice_index'])):
+      row = next(rows)
+      want = dataset.image_of(row)
+      assert images[i].dtype == want.dtype
+      np.testing.assert_array_equal(images[i], want)
+      for kind in 'io':
+        mask = dataset.mask_of(row, kind)
+        assert batch[f'has_{kind}_mask'][i] == (mask is not None)
+        if mask is None:
+          assert not np.any(batch[f'{kind}_mask'][i])
+        else:
+          np.testing.assert_array_equal(batch[f'{kind}_mask'][i], mask)
+      for name, value in row.items():
+        if name not in ('image', 'i_mask', 'o_mask'):
+          got = batch[name][i]
+          assert (got.tolist() if isinstance(got, np.ndarray) else got) == value, name
+  assert next(rows, None) is None
+  return mixed
+
+
+def test_batches_hold_exactly_the_rows(written):
+  assert not _assert_batches_hold_the_rows(written.out, 7)
+  assert not _assert_batches_hold_the_rows(written.out, 3, labeled_only=True)
+  # a buffer small enough to be compacted (see the test below)
+  assert not _assert_batches_hold_the_rows(written.out, 5, shuffle_buffer=4)
+
+
+def test_slices_of_several_sizes_come_as_lists(tmp_path):
+  # Two generated trees of different image sizes, merged into one.
+  root, other = str(tmp_path / 'DATA'), str(tmp_path / 'OTHER')
+  sample.make_tree(root, patients=2, slices=6, rows=20, columns=24, contour_every=2)
+  extra = sample.make_tree(other, patients=2, slices=6, rows=16, columns=12)
+  with open(os.path.join(other, 'link.csv')) as f:
+    links = f.read().splitlines()[1:]
+  with open(os.path.join(root, 'link.csv'), 'a') as f:
+    for line in links:
+      pid, oid = line.split(',')
+      shutil.copytree(f'{other}/dicoms/{pid}', f'{root}/dicoms/{pid}X')
+      for name in os.listdir(f'{root}/dicoms/{pid}X'):  # not copies of tree A's
+        path = f'{root}/dicoms/{pid}X/{name}'
+        ds = pydicom.dcmread(path)
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        ds.save_as(path)
+      shutil.copytree(f'{other}/contourfiles/{oid}', f'{root}/contourfiles/{oid}X')
+      f.write(f'{pid}X,{oid}X\n')
+  out = str(tmp_path / 'OUT')
+  assert cli.main(['--input', root, '--output', out, '--chunk-size', '4']) == 0
+  assert extra.slices  # both sizes are in the dataset
+  assert _assert_batches_hold_the_rows(out, 24)
+  assert _assert_batches_hold_the_rows(out, 5, labeled_only=True)
+
+
+def test_what_the_shuffle_holds_stays_bounded(written, monkeypatch):
+  # Rows point into the row groups they were read with; once those groups
+  # hold more than 3x the buffer's rows, the buffer is compacted so they can
+  # go. On this dataset, with a buffer of 4, one labeled row group of 18
+  # rows outlives the others unless it is (22-24 rows held instead of 5-11).
+  alive, newest = weakref.WeakSet(), []
+  block = dataset._Block
+
+  def tracked(table):
+    made = block(table)
+    alive.add(made)
+    newest[:] = [*newest[-1:], made]
+    return made
+
+  monkeypatch.setattr(dataset, '_Block', tracked)
+  buffer, seen = 4, 0
+  for _ in dataset.shuffled_rows(written.out, seed=7, shuffle_buffer=buffer):
+    seen += 1
+    # checked after each row group: the one before this one may still be held
+    assert sum(b.rows for b in alive) <= 3 * buffer + sum(b.rows for b in newest)
+  assert seen == len(written.manifest.slices)
