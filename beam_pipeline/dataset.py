@@ -14,8 +14,6 @@ process opens it, and every page's checksum is verified as it is read.
 
 from __future__ import annotations
 
-import collections
-import functools
 import json
 import os
 import warnings
@@ -245,6 +243,10 @@ def mask_of(row: dict, kind: str) -> np.ndarray | None:
   return unpack_mask(data, row['rows'], row['columns'])
 
 
+# Columns needed to decode image and masks, whatever the caller projects.
+_SHAPE_COLUMNS = ('rows', 'columns', 'samples_per_pixel', 'pixel_dtype')
+
+
 def row_groups(output: str) -> list[tuple[str, int]]:
   """Every (shard path, row group index) of the slices, in a stable order.
 
@@ -316,220 +318,6 @@ def _keep(table: pa.Table, labeled_only: bool, split: str | None) -> pa.Table:
   return table.filter(keep)
 
 
-# Columns needed to decode image and masks, whatever the caller projects.
-_SHAPE_COLUMNS = ('rows', 'columns', 'samples_per_pixel', 'pixel_dtype')
-
-
-class _Block:
-  """Rows read together (one row group, or the shuffle buffer compacted),
-  each column converted the first time a batch needs it: images as one
-  (rows, *shape) view on the Arrow buffer, masks still packed, other columns
-  as Python values. No per-row objects are made for images or masks."""
-
-  def __init__(self, table: pa.Table):
-    self.table = table
-    self.rows = table.num_rows
-    self._values: dict[str, list] = {}
-    self._records: dict[tuple[str, ...], list[tuple]] = {}
-    self._views: dict[str, np.ndarray | None] = {}
-
-  def values(self, name: str) -> list:
-    """The column as Python values (bytes for image and masks)."""
-    if name not in self._values:
-      self._values[name] = self.table.column(name).to_pylist()
-    return self._values[name]
-
-  def records(self, names: tuple[str, ...]) -> list[tuple]:
-    """Per row, the tuple of its values in these columns."""
-    if names not in self._records:
-      columns = [self.values(name) for name in names]
-      self._records[names] = list(zip(*columns, strict=True)) if names else []
-    return self._records[names]
-
-  def row(self, i: int) -> dict:
-    return {name: self.values(name)[i] for name in self.table.column_names}
-
-  @functools.cached_property
-  def _geometry(self) -> tuple[int, int, int, np.dtype] | None:
-    """(rows, columns, samples, dtype) shared by every row, else None."""
-    shapes = set(zip(*(self.values(name) for name in _SHAPE_COLUMNS), strict=True))
-    if len(shapes) != 1:
-      return None
-    rows, columns, samples, dtype = shapes.pop()
-    return rows, columns, samples, np.dtype(dtype).newbyteorder('<')
-
-  def images(self) -> np.ndarray | None:
-    """Every image as one array (rows, *shape), a view on the column's
-    buffer; None when the rows differ in geometry."""
-    if 'image' not in self._views:
-      self._views['image'] = self._image_view()
-    return self._views['image']
-
-  def _image_view(self) -> np.ndarray | None:
-    geometry = self._geometry
-    if geometry is None or not self.rows:
-      return None
-    rows, columns, samples, dtype = geometry
-    shape = (rows, columns) + ((samples,) if samples > 1 else ())
-    size = int(np.prod(shape)) * dtype.itemsize
-    offsets, data = _binary_buffers(self.table.column('image'))
-    if np.any(np.diff(offsets) != size):
-      return None
-    flat = data[offsets[0] : offsets[0] + size * self.rows]
-    return flat.view(dtype).reshape((self.rows, *shape))
-
-  def packed(self, kind: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """(present, packed): which rows have the mask, and every row's packed
-    bits (zeros where absent), shape (rows, bytes); None when the rows differ
-    in geometry or a mask has an unexpected length."""
-    name = f'{kind}_mask'
-    if name not in self._views:
-      self._views[name] = self._packed(name)
-    return self._views[name]
-
-  def _packed(self, name: str):
-    geometry = self._geometry
-    if geometry is None:
-      return None
-    size = (geometry[0] * geometry[1] + 7) // 8
-    column = self.table.column(name)
-    present = column.is_valid().to_numpy(zero_copy_only=False)
-    offsets, data = _binary_buffers(column)
-    starts = offsets[:-1][present]
-    if np.any(offsets[1:][present] - starts != size):
-      return None
-    packed = np.zeros((self.rows, size), np.uint8)
-    if len(starts):  # a null is empty, so the masks lie back to back
-      packed[present] = data[starts[0] : starts[0] + size * len(starts)].reshape(
-        -1, size
-      )
-    return present, packed
-
-
-_Ref = tuple['_Block', int]  # a row of a block
-
-
-def _binary_buffers(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-  """(offsets, data) of a binary column, as numpy views (no copy of the data)."""
-  array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
-  _, offsets, data = array.buffers()
-  first = array.offset
-  offsets = np.frombuffer(offsets, np.int32)[first : first + len(array) + 1]
-  data = np.frombuffer(data, np.uint8) if data is not None else np.empty(0, np.uint8)
-  return offsets, data
-
-
-def _compact(refs: list[_Ref]) -> None:
-  """Moves the rows of blocks that are at least half gone into one new
-  block, so that those blocks can be freed: afterwards the blocks that
-  ``refs`` keep alive hold at most twice as many rows as ``refs``."""
-  live = collections.Counter(id(block) for block, _ in refs)
-  moving = [k for k, (block, _) in enumerate(refs) if 2 * live[id(block)] <= block.rows]
-  if not moving:
-    return
-  parts = _by_block([refs[k] for k in moving])
-  tables = [block.table for block, _, _ in parts]
-  taken = [rows for _, _, rows in parts]
-  merged = _Block(
-    pa.Table.from_arrays(
-      [
-        _merge_binary([t.column(name) for t in tables], taken)
-        if pa.types.is_binary(field.type)
-        else pa.concat_arrays(
-          [
-            t.column(name).take(rows).combine_chunks()
-            for t, rows in zip(tables, taken, strict=True)
-          ]
-        )
-        for name, field in zip(tables[0].column_names, tables[0].schema, strict=True)
-      ],
-      schema=tables[0].schema,
-    )
-  )
-  for index, position in enumerate(np.concatenate([p for _, p, _ in parts])):
-    refs[moving[position]] = (merged, index)
-
-
-def _merge_binary(columns: list[pa.ChunkedArray], rows: list[np.ndarray]) -> pa.Array:
-  """The given rows of binary columns as one array, each value copied once
-  (Arrow's take and concatenation copy large values twice)."""
-  lengths, valid, pieces = [], [], []
-  for column, taken in zip(columns, rows, strict=True):
-    offsets, data = _binary_buffers(column)
-    lengths.append(offsets[taken + 1] - offsets[taken])
-    valid.append(column.is_valid().to_numpy(zero_copy_only=False)[taken])
-    pieces += [
-      data[a:b]
-      for a, b in zip(offsets[taken].tolist(), offsets[taken + 1].tolist(), strict=True)
-    ]
-  offsets = np.zeros(sum(map(len, lengths)) + 1, np.int32)
-  np.cumsum(np.concatenate(lengths), out=offsets[1:])
-  data = pa.py_buffer(np.concatenate(pieces) if pieces else np.empty(0, np.uint8))
-  valid = np.concatenate(valid)
-  nulls = int(len(valid) - valid.sum())
-  validity = pa.array(valid).buffers()[1] if nulls else None
-  return pa.Array.from_buffers(
-    pa.binary(), len(valid), [validity, pa.py_buffer(offsets), data], nulls
-  )
-
-
-def _held(refs: list[_Ref]) -> int:
-  """Rows of every block that ``refs`` keep alive."""
-  return sum({id(block): block.rows for block, _ in refs}.values())
-
-
-def _shuffled(
-  output: str,
-  seed: int,
-  epoch: int,
-  *,
-  labeled_only: bool,
-  split: str | None,
-  columns: list[str] | None,
-  shuffle_buffer: int,
-  shard: tuple[int, int],
-):
-  """Yields (block, row) for every selected row once, in the seeded order
-  (see :func:`shuffled_rows`)."""
-  rng = np.random.default_rng([seed, epoch])
-  summary = check(output)
-  footers: dict[str, pq.FileMetaData] = {}
-  groups = _row_groups(output, summary, labeled_only, footers)
-  order = rng.permutation(len(groups))[shard[0] :: shard[1]]
-  wanted = None
-  if columns is not None:
-    extra = list(_SHAPE_COLUMNS)
-    extra += ['i_mask', 'o_mask'] if labeled_only else []
-    extra += ['split'] if split is not None else []
-    wanted = list(dict.fromkeys([*columns, *extra]))
-  if split is not None and split not in splits.SPLITS:
-    raise ValueError(f'split must be one of {", ".join(splits.SPLITS)}, got {split!r}')
-  buffer: list[_Ref] = []
-  kept = 0
-  for g in order:
-    path, index = groups[g]
-    parquet = _open_shard(path, summary, footers[path])
-    table = parquet.read_row_group(index, columns=wanted)
-    block = _Block(_keep(table, labeled_only, split))
-    for row in range(block.rows):
-      kept += 1
-      buffer.append((block, row))
-      if len(buffer) >= shuffle_buffer:
-        pick = int(rng.integers(len(buffer)))
-        buffer[pick], buffer[-1] = buffer[-1], buffer[pick]
-        yield buffer.pop()
-    if _held(buffer) > 3 * shuffle_buffer + block.rows:
-      _compact(buffer)
-  rng.shuffle(buffer)
-  if split is not None and not kept and shard[1] == 1:
-    warnings.warn(
-      f'split {split!r} holds no slices in {output}: no patient hashed into it '
-      "(the run summary's splits line shows each split's patients)",
-      stacklevel=3,
-    )
-  yield from buffer
-
-
 def shuffled_rows(
   output: str,
   seed: int,
@@ -544,29 +332,49 @@ def shuffled_rows(
   """Yields every selected row once, as a dict, in a seeded random order.
 
   Row groups are visited in a random order, and rows pass through a shuffle
-  buffer of ``shuffle_buffer`` rows. Buffered rows stay in the row groups
-  they were read with (no per-row copies); when those groups hold more than
-  three times the buffer's rows, the rows of groups at least half gone are
-  copied into one block and the groups freed. So at most three buffers' worth
-  of rows plus two row groups are in memory, however large the dataset. The
-  order depends only on (seed, epoch) and the dataset.
+  buffer of ``shuffle_buffer`` rows: at most that many rows plus one row
+  group (one chunk of one patient) are held in memory at once, however large
+  the dataset. The order depends only on (seed, epoch) and the dataset.
 
   Args:
     split: only rows of this split; warns (UserWarning) when it holds none.
     shard: (index, count): yield only this share of the row groups, so that
       ``count`` readers (e.g. DataLoader workers) together yield each row once.
   """
-  for block, row in _shuffled(
-    output,
-    seed,
-    epoch,
-    labeled_only=labeled_only,
-    split=split,
-    columns=columns,
-    shuffle_buffer=shuffle_buffer,
-    shard=shard,
-  ):
-    yield block.row(row)
+  rng = np.random.default_rng([seed, epoch])
+  summary = check(output)
+  footers: dict[str, pq.FileMetaData] = {}
+  groups = _row_groups(output, summary, labeled_only, footers)
+  order = rng.permutation(len(groups))[shard[0] :: shard[1]]
+  wanted = None
+  if columns is not None:
+    extra = list(_SHAPE_COLUMNS)
+    extra += ['i_mask', 'o_mask'] if labeled_only else []
+    extra += ['split'] if split is not None else []
+    wanted = list(dict.fromkeys([*columns, *extra]))
+  if split is not None and split not in splits.SPLITS:
+    raise ValueError(f'split must be one of {", ".join(splits.SPLITS)}, got {split!r}')
+  buffer: list[dict] = []
+  kept = 0
+  for g in order:
+    path, index = groups[g]
+    parquet = _open_shard(path, summary, footers[path])
+    table = parquet.read_row_group(index, columns=wanted)
+    for row in _keep(table, labeled_only, split).to_pylist():
+      kept += 1
+      buffer.append(row)
+      if len(buffer) >= shuffle_buffer:
+        pick = int(rng.integers(len(buffer)))
+        buffer[pick], buffer[-1] = buffer[-1], buffer[pick]
+        yield buffer.pop()
+  rng.shuffle(buffer)
+  if split is not None and not kept and shard[1] == 1:
+    warnings.warn(
+      f'split {split!r} holds no slices in {output}: no patient hashed into it '
+      "(the run summary's splits line shows each split's patients)",
+      stacklevel=3,
+    )
+  yield from buffer
 
 
 def _column_array(values: list) -> np.ndarray:
@@ -581,79 +389,29 @@ def _column_array(values: list) -> np.ndarray:
   return array
 
 
-def _by_block(refs: list[_Ref]) -> list[tuple[_Block, np.ndarray, np.ndarray]]:
-  """(block, positions in the batch, rows in the block), per block."""
-  parts: dict[int, tuple[_Block, list[int], list[int]]] = {}
-  for position, (block, row) in enumerate(refs):
-    part = parts.setdefault(id(block), (block, [], []))
-    part[1].append(position)
-    part[2].append(row)
-  return [(b, np.array(p), np.array(r)) for b, p, r in parts.values()]
-
-
-def _gathered(parts, views: list[np.ndarray], size: int) -> np.ndarray | None:
-  """The batch's rows of per-block arrays that agree in shape and dtype, in
-  batch order; None when they do not agree."""
-  if any(v is None for v in views) or len({(v.shape[1:], v.dtype) for v in views}) > 1:
-    return None
-  out = np.empty((size, *views[0].shape[1:]), views[0].dtype)
-  for (_, positions, rows), view in zip(parts, views, strict=True):
-    for position, row in zip(positions.tolist(), rows.tolist(), strict=True):
-      out[position] = view[row]  # one copy, no temporary
-  return out
-
-
-def _row_mask(block: _Block, row: int, kind: str) -> np.ndarray | None:
-  data = block.values(f'{kind}_mask')[row]
-  if data is None:
-    return None
-  return unpack_mask(data, block.values('rows')[row], block.values('columns')[row])
-
-
-def _batch(refs: list[_Ref], columns: list[str] | None) -> dict:
-  """One batch, built column by column from the blocks its rows sit in."""
-  names = columns if columns is not None else refs[0][0].table.column_names
-  parts = _by_block(refs)
-  plain = tuple(n for n in names if n not in ('image', 'i_mask', 'o_mask'))
-  records = {id(b): b.records(plain) for b, _, _ in parts}
-  values = zip(*(records[id(b)][i] for b, i in refs), strict=True)
-  plains = {name: _column_array(list(v)) for name, v in zip(plain, values, strict=True)}
+def _stack(rows: list[dict], columns: list[str] | None) -> dict:
+  names = columns if columns is not None else list(rows[0])
   batch = {}
   for name in names:
-    if name in plains:
-      batch[name] = plains[name]
-    elif name == 'image':
-      images = _gathered(parts, [b.images() for b, _, _ in parts], len(refs))
-      if images is None:
-        shape = _SHAPE_COLUMNS + ('image',)
-        rows = [image_of({k: b.values(k)[i] for k in shape}) for b, i in refs]
-        same = len({(i.shape, i.dtype) for i in rows}) == 1
-        images = np.stack(rows) if same else rows
-      batch['image'] = images
+    if name == 'image':
+      images = [image_of(r) for r in rows]
+      same = len({(i.shape, i.dtype) for i in images}) == 1
+      batch['image'] = np.stack(images) if same else images
     elif name in ('i_mask', 'o_mask'):
-      batch[f'has_{name}'], batch[name] = _masks(parts, refs, name[0])
+      kind = name[0]
+      decoded = [mask_of(r, kind) for r in rows]
+      batch[f'has_{name}'] = np.array([m is not None for m in decoded])
+      shapes = {(r['rows'], r['columns']) for r in rows}
+      if len(shapes) == 1:
+        (shape,) = shapes
+        batch[name] = np.stack(
+          [m if m is not None else np.zeros(shape, bool) for m in decoded]
+        )
+      else:
+        batch[name] = decoded
+    else:
+      batch[name] = _column_array([r[name] for r in rows])
   return batch
-
-
-def _masks(parts, refs, kind: str) -> tuple[np.ndarray, np.ndarray | list]:
-  """(has, masks): bool (batch,) and bool (batch, rows, columns), all False
-  where a slice has no such mask; a list of arrays or None when the slices'
-  shapes differ."""
-  packs = [b.packed(kind) for b, _, _ in parts]
-  shapes = {(b.values('rows')[i], b.values('columns')[i]) for b, i in refs}
-  if len(shapes) == 1 and all(p is not None for p in packs):
-    ((rows, columns),) = shapes
-    present = _gathered(parts, [p[0] for p in packs], len(refs))
-    packed = _gathered(parts, [p[1] for p in packs], len(refs))
-    bits = np.unpackbits(packed, axis=1, count=rows * columns)
-    return present, bits.view(bool).reshape(len(refs), rows, columns)
-  decoded = [_row_mask(b, i, kind) for b, i in refs]
-  has = np.array([m is not None for m in decoded])
-  if len(shapes) == 1:
-    ((rows, columns),) = shapes
-    zeros = np.zeros((rows, columns), bool)
-    return has, np.stack([m if m is not None else zeros for m in decoded])
-  return has, decoded
 
 
 def iter_batches(
@@ -695,8 +453,8 @@ def iter_batches(
   if batch_size < 1:
     raise ValueError(f'batch_size must be at least 1, got {batch_size}')
   for epoch in range(epochs):
-    batch: list[_Ref] = []
-    for row in _shuffled(
+    batch: list[dict] = []
+    for row in shuffled_rows(
       output,
       seed,
       epoch,
@@ -708,7 +466,7 @@ def iter_batches(
     ):
       batch.append(row)
       if len(batch) == batch_size:
-        yield _batch(batch, columns)
+        yield _stack(batch, columns)
         batch = []
     if batch and not drop_last:
-      yield _batch(batch, columns)
+      yield _stack(batch, columns)

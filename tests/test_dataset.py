@@ -3,7 +3,6 @@
 import os
 import shutil
 import warnings
-import weakref
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -221,7 +220,6 @@ def _assert_batches_hold_the_rows(out, batch_size, **selection):
 def test_batches_hold_exactly_the_rows(written):
   assert not _assert_batches_hold_the_rows(written.out, 7)
   assert not _assert_batches_hold_the_rows(written.out, 3, labeled_only=True)
-  # a buffer small enough to be compacted (see the test below)
   assert not _assert_batches_hold_the_rows(written.out, 5, shuffle_buffer=4)
 
 
@@ -248,26 +246,3 @@ def test_slices_of_several_sizes_come_as_lists(tmp_path):
   assert extra.slices  # both sizes are in the dataset
   assert _assert_batches_hold_the_rows(out, 24)
   assert _assert_batches_hold_the_rows(out, 5, labeled_only=True)
-
-
-def test_what_the_shuffle_holds_stays_bounded(written, monkeypatch):
-  # Rows point into the row groups they were read with; once those groups
-  # hold more than 3x the buffer's rows, the buffer is compacted so they can
-  # go. On this dataset, with a buffer of 4, one labeled row group of 18
-  # rows outlives the others unless it is (22-24 rows held instead of 5-11).
-  alive, newest = weakref.WeakSet(), []
-  block = dataset._Block
-
-  def tracked(table):
-    made = block(table)
-    alive.add(made)
-    newest[:] = [*newest[-1:], made]
-    return made
-
-  monkeypatch.setattr(dataset, '_Block', tracked)
-  buffer, seen = 4, 0
-  for _ in dataset.shuffled_rows(written.out, seed=7, shuffle_buffer=buffer):
-    seen += 1
-    # checked after each row group: the one before this one may still be held
-    assert sum(b.rows for b in alive) <= 3 * buffer + sum(b.rows for b in newest)
-  assert seen == len(written.manifest.slices)
