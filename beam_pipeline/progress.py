@@ -68,6 +68,7 @@ class Reporter:
     self._thread = threading.Thread(target=self._run, name='progress', daemon=True)
     self._bar = None
     self._first: tuple[float, int] | None = None  # (time, slices) first seen
+    self._last: dict[str, tuple[int, int]] = {}  # each count file's last record
 
   def __enter__(self) -> Reporter:
     self.folder = tempfile.mkdtemp(prefix='cardiac-mri-progress-')
@@ -93,7 +94,7 @@ class Reporter:
   def __exit__(self, *exc_info) -> None:
     self._stop.set()
     self._thread.join()
-    slices, patients = read_counts(self.folder)
+    slices, patients = read_counts(self.folder, self._last)
     if self._bar is not None:
       if exc_info[0] is None:
         self._update_bar(slices, patients)
@@ -122,7 +123,7 @@ class Reporter:
     last_line = time.monotonic()
     while not self._stop.wait(POLL_SECONDS):
       now = time.monotonic()
-      slices, patients = read_counts(self.folder)
+      slices, patients = read_counts(self.folder, self._last)
       rate = self._rate(now, slices)
       if self._bar is not None:
         self._update_bar(slices, patients)

@@ -105,19 +105,37 @@ def test_a_progress_line_has_the_total_the_rate_and_the_eta():
 
 
 def test_the_launcher_sums_the_count_files_of_every_worker_process(tmp_path, caplog):
-  """Two processes' count files (one half-written, which is skipped) sum into
-  the launcher's line; the folder is gone afterwards."""
+  """Two processes' count files (and files that are not one, skipped) sum
+  into the launcher's line; the folder is gone afterwards."""
   caplog.set_level(logging.INFO, logger='beam_pipeline.progress')
   with progress.Reporter(total=30, interval=3600, live=False) as reporter:
     folder = reporter.folder
-    with open(os.path.join(folder, '101.count'), 'w') as f:
-      f.write('12 1\n')
-    with open(os.path.join(folder, '102.count'), 'w') as f:
-      f.write('18 2\n')
-    with open(os.path.join(folder, '103.count.tmp'), 'w') as f:
-      f.write('99 9\n')
+    with open(os.path.join(folder, '101.count'), 'wb') as f:
+      f.write(counts.record(12, 1))
+    with open(os.path.join(folder, '102.count'), 'wb') as f:
+      f.write(counts.record(18, 2))
+    with open(os.path.join(folder, '103.count.tmp'), 'wb') as f:
+      f.write(counts.record(99, 9))
+    with open(os.path.join(folder, '104.count'), 'wb') as f:
+      f.write(b'')  # created, not yet written
   assert caplog.messages[-1] == 'progress: 30/30 slices (100%), 3 patients done'
   assert not os.path.exists(folder)
+
+
+def test_a_count_caught_mid_write_keeps_its_last_record(tmp_path):
+  path = tmp_path / '7.count'
+  last = {}
+  path.write_bytes(counts.record(199, 3))
+  assert counts.read_counts(str(tmp_path), last) == (199, 3)
+  old, new = counts.record(199, 3), counts.record(200, 4)
+  for cut in range(1, len(new)):  # every torn mix of the new and old record
+    torn = new[:cut] + old[cut:]
+    path.write_bytes(torn)
+    want = (200, 4) if torn == new else (199, 3)
+    assert counts.read_counts(str(tmp_path), last) == want, cut
+  path.write_bytes(new)
+  assert counts.read_counts(str(tmp_path), last) == (200, 4)
+  assert counts.read_counts(str(tmp_path / 'gone')) == (0, 0)
 
 
 def test_a_worker_writes_its_counts_where_the_launcher_reads_them(tmp_path):
