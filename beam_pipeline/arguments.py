@@ -29,6 +29,14 @@ PERFORMANCE = 'performance'
 QA = 'quality assurance'
 
 
+def _image_codec(spec: str) -> str:
+  try:
+    settings.parse_image_codec(spec)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e)) from None
+  return spec
+
+
 def _add(group, *flags: str, help: str, **kwargs) -> None:
   """One option, its help ending with its default (``off`` for a switch)."""
   if kwargs.get('action') == 'store_true':
@@ -217,11 +225,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     performance,
     '--image-codec',
     dest='image_codec',
-    choices=settings.IMAGE_CODECS,
+    type=_image_codec,
     default=settings.DEFAULT_IMAGE_CODEC,
-    help='Parquet compression of the image column; every other column is zstd. '
-    'MR slices shrink to about 60%% with zstd, at more CPU than the saved '
-    'writing (BENCHMARKS.md).',
+    metavar='CODEC[:LEVEL]',
+    help='Parquet compression of the image column: '
+    + ', '.join(settings.IMAGE_CODECS)
+    + ', with a level for zstd, gzip and brotli (e.g. zstd:3). zstd:2 keeps '
+    "the dataset no larger than the plain script's; none (raw bytes) writes "
+    'and reads back fastest, at 1.75x the size (BENCHMARKS.md). Every other '
+    'column is zstd.',
   )
   _add(
     performance,

@@ -329,7 +329,7 @@ def run(argv: Sequence[str] | None = None) -> Run:
   publish.check_replaceable(ingest.output, overwrite)
   pacs = ingest.dicomweb_config()
   if pacs is None:
-    found = preflight.survey(ingest.input)
+    found = preflight.survey(ingest.input, ingest.image_codec)
   else:  # nothing to count ahead: the slices are on the server
     preflight.check_dicomweb(pacs, ingest.input)
     found = None

@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 from beam_pipeline.contract import layout
 from beam_pipeline.contract.errors import UsageError, causes
-from transforms import dicomweb, stores
+from transforms import dicomweb, settings, stores
 
 _LOG = logging.getLogger(__name__)
 
@@ -107,9 +107,11 @@ def check_dicomweb(config: dicomweb.DicomWebConfig, root: str) -> None:
     )
 
 
-def survey(root: str) -> Survey | None:
+def survey(root: str, image_codec: str = 'none') -> Survey | None:
   """Counts the slices and labelled slices of the linked patients (link.csv's
-  rows, as the pipeline parses them) of the local tree at ``root``.
+  rows, as the pipeline parses them) of the local tree at ``root``, and
+  estimates a row's size with the image column in ``image_codec``
+  (``--image-codec``).
 
   Returns None for a tree on an object store (not walked twice there).
   """
@@ -137,12 +139,15 @@ def survey(root: str) -> Survey | None:
           labeled.add((found.original_id, found.slice_index))
   except TimeoutError:
     complete = False
-  return Survey(slices, len(labeled), _row_bytes(samples), complete)
+  return Survey(slices, len(labeled), _row_bytes(samples, image_codec), complete)
 
 
-def _row_bytes(paths: list[str]) -> int:
-  """The mean size of a written row, from the headers of ``paths``: the raw
-  image, two bit-packed masks and the other columns."""
+def _row_bytes(paths: list[str], image_codec: str) -> int:
+  """The mean size of a written row, from the headers of ``paths``: the
+  image, two bit-packed masks and the other columns. The image is its raw
+  size times what ``image_codec`` makes of the whole file (for an
+  uncompressed slice, mostly its pixels; a compressed one stays near its raw
+  size, an upper bound)."""
   import pydicom
 
   sizes = []
@@ -155,10 +160,26 @@ def _row_bytes(paths: list[str]) -> int:
       )
       pixels = int(ds.Rows) * int(ds.Columns)
       image = pixels * int(ds.get('SamplesPerPixel', 1)) * int(ds.BitsAllocated) // 8
+      image = int(image * _compressed_fraction(path, image_codec))
       sizes.append(image + 2 * pixels // 8 + _ROW_OVERHEAD)
     except Exception:  # an unreadable header: the pipeline reports it
       continue
   return int(sum(sizes) / len(sizes)) if sizes else _ROW_OVERHEAD
+
+
+def _compressed_fraction(path: str, image_codec: str) -> float:
+  """What ``image_codec`` leaves of the file at ``path`` (at most 1)."""
+  name, level = settings.parse_image_codec(image_codec)
+  if name == 'none':
+    return 1.0
+  import pyarrow as pa
+
+  with open(path, 'rb') as f:
+    data = f.read()
+  if not data:
+    return 1.0
+  compressed = pa.Codec(name, compression_level=level).compress(data)
+  return min(1.0, len(compressed) / len(data))
 
 
 def human_bytes(n: float) -> str:

@@ -19,6 +19,7 @@ import pytest
 
 from beam_pipeline import arguments, cli, console, preflight, sample
 from tests.helpers import dataset_tables
+from transforms import settings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -87,7 +88,9 @@ _OURS = re.compile(
       'unknown option --direct_num_worker; did you mean --direct_num_workers?',
     ),
     (['--chunk-size', 'many'], "argument --chunk-size: invalid int value: 'many'"),
-    (['--image-codec', 'jpeg'], "argument --image-codec: invalid choice: 'jpeg'"),
+    (['--image-codec', 'jpeg'], "argument --image-codec: unknown codec 'jpeg' (choose"),
+    (['--image-codec', 'zstd:0'], 'zstd takes a level from 1 to 22'),
+    (['--image-codec', 'lz4:3'], 'argument --image-codec: lz4 takes no level'),
     (['stray'], "unexpected argument 'stray'"),
     (['--input', '/tmp/\udcffDATA'], '--input /tmp/\\xffDATA is not valid UTF-8'),
   ],
@@ -228,8 +231,10 @@ def test_a_dataset_larger_than_the_free_space_is_refused_unless_told(tmp_path):
   themselves take one slice's room."""
   root = tmp_path / 'DATA'
   sample.make_tree(str(root), patients=1, slices=1, rows=4096, columns=4096)
-  found = preflight.survey(str(root))
-  assert found.bytes_per_slice > 4096 * 4096 * 2  # the image, masks and the rest
+  raw = preflight.survey(str(root))
+  assert raw.bytes_per_slice > 4096 * 4096 * 2  # the image, masks and the rest
+  found = preflight.survey(str(root), settings.DEFAULT_IMAGE_CODEC)
+  assert found.bytes_per_slice < raw.bytes_per_slice  # the phantom compresses
   free = preflight.shutil.disk_usage(tmp_path).free
   copies = free // found.bytes_per_slice + 2
   assert copies < 200_000, f'{free} bytes free: too many links to make'

@@ -165,25 +165,35 @@ def test_clean_tree_exits_zero_and_schema_is_the_contract(clean_tree, tmp_path):
       group = metadata.row_group(g)
       assert 0 < group.num_rows <= 64  # one SliceChunk per row group
       columns = _column_chunks(group)
-      assert columns['image'].compression == 'UNCOMPRESSED'  # see --image-codec
+      assert columns['image'].compression == 'ZSTD'  # --image-codec zstd:2
       assert columns['patient_id'].compression == 'ZSTD'
       assert not columns['image'].is_stats_set and columns['slice_index'].is_stats_set
   assert read_errors(out).num_rows == 0
   assert {r['status'] for r in read_reconciliation(out).to_pylist()} == {s.MATCHED}
 
 
-def test_image_codec_compresses_the_image_column_only(clean_tree, tmp_path):
-  root, manifest = clean_tree
-  out = str(tmp_path / 'OUT')
-  assert _run(root, out, '--image-codec', 'zstd') == cli.EXIT_OK
-  _check_slices(out, manifest)
-  for name in os.listdir(os.path.join(out, s.SLICES_DIR)):
+def _image_chunks(out) -> list:
+  chunks = []
+  for name in sorted(os.listdir(os.path.join(out, s.SLICES_DIR))):
     metadata = pa.parquet.ParquetFile(os.path.join(out, s.SLICES_DIR, name)).metadata
-    codecs = _column_chunks(metadata.row_group(0))
-    assert codecs['image'].compression == 'ZSTD'
-    assert (
-      codecs['image'].total_compressed_size < codecs['image'].total_uncompressed_size
-    )
+    for g in range(metadata.num_row_groups):
+      chunks.append(_column_chunks(metadata.row_group(g))['image'])
+  return chunks
+
+
+def test_image_codec_sets_the_image_columns_codec_and_level(clean_tree, tmp_path):
+  root, manifest = clean_tree
+  stored = {}
+  for codec in ('none', 'zstd:1', 'zstd:9'):
+    out = str(tmp_path / codec.replace(':', '-'))
+    assert _run(root, out, '--image-codec', codec) == cli.EXIT_OK
+    _check_slices(out, manifest)
+    chunks = _image_chunks(out)
+    name = 'UNCOMPRESSED' if codec == 'none' else 'ZSTD'
+    assert {c.compression for c in chunks} == {name}
+    stored[codec] = sum(c.total_compressed_size for c in chunks)
+  # the level reaches the writer: a higher one stores the same images smaller
+  assert stored['zstd:9'] < stored['zstd:1'] < stored['none']
 
 
 def test_labeled_only_keeps_only_contoured_slices(clean_tree, tmp_path):

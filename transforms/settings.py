@@ -30,7 +30,31 @@ DEFAULT_DECODE_TIMEOUT = 120.0
 DEFAULT_DECODERS = 1
 DEFAULT_PROGRESS_SECONDS = 5.0
 IMAGE_CODECS = ('none', 'lz4', 'snappy', 'zstd', 'gzip', 'brotli')
-DEFAULT_IMAGE_CODEC = 'none'
+# The levels Arrow accepts for the codecs that take one (pyarrow.Codec).
+CODEC_LEVELS = {'zstd': (1, 22), 'gzip': (1, 9), 'brotli': (0, 11)}
+# zstd at level 2: the image column 6 % smaller than at level 1 (the
+# baseline script's), so the dataset is no larger than that script's output;
+# raw bytes (``none``) read back faster (BENCHMARKS.md, bench/codecs.py).
+DEFAULT_IMAGE_CODEC = 'zstd:2'
+
+
+def parse_image_codec(spec: str) -> tuple[str, int | None]:
+  """('zstd', 2) for 'zstd:2', ('none', None) for 'none'.
+
+  Raises:
+    ValueError: an unknown codec, or a level it does not take.
+  """
+  name, colon, level = spec.partition(':')
+  if name not in IMAGE_CODECS:
+    raise ValueError(f'unknown codec {name!r} (choose from {", ".join(IMAGE_CODECS)})')
+  if not colon:
+    return name, None
+  if name not in CODEC_LEVELS:
+    raise ValueError(f'{name} takes no level')
+  low, high = CODEC_LEVELS[name]
+  if not level.isdigit() or not low <= int(level) <= high:
+    raise ValueError(f'{name} takes a level from {low} to {high}, not {level!r}')
+  return name, int(level)
 
 
 class Limits(NamedTuple):

@@ -6,10 +6,10 @@ bundle leaves no duplicate.
 
 Parquet options are set per leaf column (Beam's WriteToParquet takes one
 codec for all, and list columns are named by their leaf, e.g.
-``pixel_spacing.list.element``): ``image`` is stored uncompressed by default
-(``--image-codec``): MR slices are noisy, zstd shrinks them only to about 60 %
-at 0.2 ms per 256 x 256 slice, more than writing the saved bytes costs, and
-training reads them without decompressing; every other column with zstd.
+``pixel_spacing.list.element``): ``image`` with ``--image-codec`` (zstd at
+level 2 by default, which keeps the dataset no larger than the plain
+script's zstd output; ``none`` writes and reads back faster at 1.75x the
+size, see bench/codecs.py), every other column with zstd.
 Only string columns are dictionary-encoded, all but the image and mask bytes
 carry min/max statistics (on those they cost time and help no reader),
 and every page carries a CRC checksum that readers verify. Each file is
@@ -37,7 +37,11 @@ from apache_beam.metrics import Metrics
 from beam_pipeline.contract import digests, metrics
 from beam_pipeline.contract import schema as s
 from transforms import _direct, _files, _tuning, stores
-from transforms.settings import DEFAULT_IMAGE_CODEC, DEFAULT_MAX_CHUNK_BYTES
+from transforms.settings import (
+  DEFAULT_IMAGE_CODEC,
+  DEFAULT_MAX_CHUNK_BYTES,
+  parse_image_codec,
+)
 from transforms.stores import is_local
 
 CODEC = 'zstd'
@@ -99,22 +103,26 @@ def leaf_paths(schema: pa.Schema) -> dict[str, list[str]]:
 
 def writer_options(schema: pa.Schema, image_codec: str | None = None) -> dict:
   """ParquetWriter options, per leaf: ``CODEC`` everywhere but ``image``
-  (``image_codec``); dictionaries for strings; statistics for all but the
-  image and mask bytes; a CRC checksum on every page."""
+  (``image_codec``, 'codec[:level]'); dictionaries for strings; statistics
+  for all but the image and mask bytes; a CRC checksum on every page."""
   leaves = leaf_paths(schema)
-  compression = {}
+  codec, level = parse_image_codec(image_codec) if image_codec else (CODEC, None)
+  compression, levels = {}, {}
   dictionary, statistics = [], []
   for f in schema:
     nested = pa.types.is_list(f.type) or pa.types.is_fixed_size_list(f.type)
     value = f.type.value_type if nested else f.type
     for path in leaves[f.name]:
-      compression[path] = image_codec if f.name == 'image' and image_codec else CODEC
+      compression[path] = codec if f.name == 'image' else CODEC
+      if f.name == 'image' and level is not None:
+        levels[path] = level
       if pa.types.is_string(value):
         dictionary.append(path)
       if f.name not in _BINARY_COLUMNS:
         statistics.append(path)
   return {
     'compression': compression,
+    'compression_level': levels or None,
     'use_dictionary': dictionary,
     'write_statistics': statistics,
     'write_page_checksum': True,
