@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import queue
+import threading
 
 import apache_beam as beam
 import pyarrow as pa
@@ -152,6 +154,54 @@ class _Hashed(stores.AppendOnlyFile):
     return self._hash.hexdigest()
 
 
+class _Background:
+  """A ParquetWriter whose tables are encoded, compressed and written by a
+  thread of their own while the caller decodes the next ones (Arrow releases
+  the GIL there), at most one table waiting. A failure there ends the thread
+  and is raised by the caller's next write_table or close."""
+
+  def __init__(self, writer: pq.ParquetWriter):
+    self._writer = writer
+    self._tables: queue.Queue = queue.Queue(maxsize=1)
+    self._failure: BaseException | None = None
+    self._thread = threading.Thread(
+      target=self._run, name='parquet-writer', daemon=True
+    )
+    self._thread.start()
+
+  def _run(self) -> None:
+    while (table := self._tables.get()) is not None:
+      try:
+        self._writer.write_table(table, row_group_size=max(1, table.num_rows))
+        if table.nbytes >= _RELEASE_AFTER:
+          pa.default_memory_pool().release_unused()
+      except BaseException as e:  # raised in the caller's thread
+        self._failure = e
+        return
+      del table
+
+  def _put(self, item: pa.Table | None) -> None:
+    while True:
+      if self._failure is not None:
+        raise self._failure
+      try:
+        self._tables.put(item, timeout=0.2)
+        return
+      except queue.Full:  # the thread is busy (or has just failed)
+        continue
+
+  def write_table(self, table: pa.Table) -> None:
+    """Queues ``table`` as one row group."""
+    self._put(table)
+
+  def close(self) -> None:
+    self._put(None)
+    self._thread.join()
+    if self._failure is not None:
+      raise self._failure
+    self._writer.close()
+
+
 class _ParquetSink(filebasedsink.FileBasedSink):
   """Writes Arrow tables (or row dicts, in batches) to Parquet with
   per-leaf options (``writer_options``) and records each file's size and
@@ -217,8 +267,10 @@ class _ParquetSink(filebasedsink.FileBasedSink):
     else:
       handle = super().open(temp_path)
     hashed = _Hashed(handle)
-    writer = pq.ParquetWriter(
-      hashed, self._schema, **writer_options(self._schema, self._image_codec)
+    writer = _Background(
+      pq.ParquetWriter(
+        hashed, self._schema, **writer_options(self._schema, self._image_codec)
+      )
     )
     return handle, hashed, writer, temp_path, [], []
 
@@ -249,13 +301,11 @@ class _ParquetSink(filebasedsink.FileBasedSink):
       labeled.clear()
 
   @staticmethod
-  def _write_table(writer, table: pa.Table) -> None:
+  def _write_table(writer: _Background, table: pa.Table) -> None:
     """One row group."""
-    writer.write_table(table, row_group_size=max(1, table.num_rows))
-    if table.nbytes >= _RELEASE_AFTER:
-      pa.default_memory_pool().release_unused()
+    writer.write_table(table)
 
-  def _flush_rows(self, writer, rows: list) -> None:
+  def _flush_rows(self, writer: _Background, rows: list) -> None:
     writer.write_table(pa.Table.from_pylist(rows, schema=self._schema))
     rows.clear()
 
