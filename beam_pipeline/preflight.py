@@ -32,6 +32,7 @@ _LOG = logging.getLogger(__name__)
 SCAN_SECONDS = 5.0  # the walk stops here; its count is then a lower bound
 _HEADER_SAMPLES = 8  # slices whose headers give the estimate of a row's size
 _ROW_OVERHEAD = 512  # metadata columns, quality columns, Parquet framing
+_RATIO_SAMPLE = 4 * 1024 * 1024  # bytes of a sample file compressed for the estimate
 WARN_FRACTION = 0.8  # warn when the estimate takes more of the free space
 
 # The DirectRunner's crossover (BENCHMARKS.md, 2 cores, 23,000 slices):
@@ -168,14 +169,15 @@ def _row_bytes(paths: list[str], image_codec: str) -> int:
 
 
 def _compressed_fraction(path: str, image_codec: str) -> float:
-  """What ``image_codec`` leaves of the file at ``path`` (at most 1)."""
+  """What ``image_codec`` leaves of the file at ``path`` (at most 1), from
+  its first _RATIO_SAMPLE bytes (a hostile file may be huge)."""
   name, level = settings.parse_image_codec(image_codec)
   if name == 'none':
     return 1.0
   import pyarrow as pa
 
   with open(path, 'rb') as f:
-    data = f.read()
+    data = f.read(_RATIO_SAMPLE)
   if not data:
     return 1.0
   compressed = pa.Codec(name, compression_level=level).compress(data)
