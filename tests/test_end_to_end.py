@@ -18,6 +18,7 @@ from beam_pipeline.dataset import (
   open_dataset,
   read_errors,
   read_reconciliation,
+  row_groups,
 )
 from tests.helpers import dataset_tables, reference_mask
 from transforms import write
@@ -173,12 +174,10 @@ def test_clean_tree_exits_zero_and_schema_is_the_contract(clean_tree, tmp_path):
 
 
 def _image_chunks(out) -> list:
-  chunks = []
-  for name in sorted(os.listdir(os.path.join(out, s.SLICES_DIR))):
-    metadata = pa.parquet.ParquetFile(os.path.join(out, s.SLICES_DIR, name)).metadata
-    for g in range(metadata.num_row_groups):
-      chunks.append(_column_chunks(metadata.row_group(g))['image'])
-  return chunks
+  return [
+    _column_chunks(pa.parquet.read_metadata(path).row_group(i))['image']
+    for path, i in row_groups(out)
+  ]
 
 
 def test_image_codec_sets_the_image_columns_codec_and_level(clean_tree, tmp_path):

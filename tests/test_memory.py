@@ -19,7 +19,7 @@ from pydicom.data import get_testdata_file
 from beam_pipeline import cli, sample
 from beam_pipeline.contract import schema as s
 from beam_pipeline.contract.errors import DicomError
-from beam_pipeline.dataset import open_dataset, read_errors
+from beam_pipeline.dataset import open_dataset, read_errors, row_groups
 from tests import crashers
 from transforms import _isolate, _native, assemble
 from transforms.decode import SliceDecoder
@@ -145,12 +145,7 @@ def test_the_default_headroom_admits_the_largest_slice_the_limits_allow():
 
 
 def _row_group_sizes(out):
-  groups = []
-  for name in sorted(os.listdir(os.path.join(out, s.SLICES_DIR))):
-    if name.endswith('.parquet'):
-      meta = pq.read_metadata(os.path.join(out, s.SLICES_DIR, name))
-      groups += [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
-  return groups
+  return [pq.read_metadata(path).row_group(i).num_rows for path, i in row_groups(out)]
 
 
 @pytest.mark.parametrize('labeled', [False, True])

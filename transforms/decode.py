@@ -347,8 +347,10 @@ def _row_groups(rows: list[dict]) -> Iterator[pa.Table]:
   slices apart from the others, so that a reader of the labeled slices skips
   the row groups of the others from their statistics, without reading one
   image of them (dataset.shuffled_rows)."""
-  labeled = [r for r in rows if r['i_mask'] is not None or r['o_mask'] is not None]
-  rest = [r for r in rows if r['i_mask'] is None and r['o_mask'] is None]
+  labeled, rest = [], []
+  for row in rows:
+    has_mask = row['i_mask'] is not None or row['o_mask'] is not None
+    (labeled if has_mask else rest).append(row)
   for part in (labeled, rest):
     if part:
       yield assemble.slice_table(part)

@@ -281,29 +281,26 @@ class _ParquetSink(filebasedsink.FileBasedSink):
         self._gather(writer, labeled, record)
         return
       if isinstance(record, pa.Table):
-        self._write_table(writer, record)
+        writer.write_table(record)
         return
       rows.append(record)
       if len(rows) >= _REPORT_BATCH:
         self._flush_rows(writer, rows)
 
-  def _gather(self, writer, labeled: list[pa.Table], table: pa.Table) -> None:
+  def _gather(
+    self, writer: _Background, labeled: list[pa.Table], table: pa.Table
+  ) -> None:
     """Adds a table of labeled slices to those held, writing them as one row
     group when they reach _LABELED_ROWS rows or the image budget."""
     images = lambda tables: sum(_image_bytes(t) for t in tables)  # noqa: E731
     if labeled and images(labeled) + images([table]) > self._max_group_bytes:
-      self._write_table(writer, pa.concat_tables(labeled))
+      writer.write_table(pa.concat_tables(labeled))
       labeled.clear()
     labeled.append(table)
     rows = sum(t.num_rows for t in labeled)
     if rows >= _LABELED_ROWS or images(labeled) >= self._max_group_bytes:
-      self._write_table(writer, pa.concat_tables(labeled))
+      writer.write_table(pa.concat_tables(labeled))
       labeled.clear()
-
-  @staticmethod
-  def _write_table(writer: _Background, table: pa.Table) -> None:
-    """One row group."""
-    writer.write_table(table)
 
   def _flush_rows(self, writer: _Background, rows: list) -> None:
     writer.write_table(pa.Table.from_pylist(rows, schema=self._schema))
@@ -313,7 +310,7 @@ class _ParquetSink(filebasedsink.FileBasedSink):
     handle, hashed, writer, path, rows, labeled = file_handle
     with _naming(path):
       if labeled:
-        self._write_table(writer, pa.concat_tables(labeled))
+        writer.write_table(pa.concat_tables(labeled))
       if rows:
         self._flush_rows(writer, rows)
       writer.close()
