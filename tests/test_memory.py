@@ -276,3 +276,32 @@ def test_reads_ahead_stay_in_order_and_within_the_byte_budget():
   assert peak[0] <= 4 + 1
   assert prefetcher._depth() == 1
   prefetcher.close()
+
+
+def test_no_shuffle_holds_an_element_per_file(tmp_path, monkeypatch):
+  """What waits in the runner's shuffles (the joins, the Reshuffle, the
+  duplicate search) is packed per folder, chunk or bucket, not an element
+  per file (issue 16, target 4): far fewer elements than slices."""
+  from apache_beam.coders.coder_impl import create_InputStream
+  from apache_beam.runners.portability.fn_api_runner import execution
+
+  held = []
+  append = execution.GroupingBuffer.append
+
+  def counting(self, elements_data):
+    append(self, elements_data)
+    stream = create_InputStream(elements_data)
+    coder = self._pre_grouped_coder.get_impl()
+    while stream.size() > 0:
+      held.append(coder.decode_from_stream(stream, True).value)
+
+  monkeypatch.setattr(execution.GroupingBuffer, 'append', counting)
+  root = str(tmp_path / 'tree')
+  manifest = sample.make_tree(
+    root, patients=4, slices=60, rows=ROWS, columns=COLUMNS, contour_every=2
+  )
+  out = str(tmp_path / 'out')
+  code = cli.main(['--input', root, '--output', out, '--direct_running_mode=in_memory'])
+  assert code == cli.EXIT_OK
+  assert len(manifest.slices) == 240
+  assert 0 < len(held) < len(manifest.slices) / 2, len(held)

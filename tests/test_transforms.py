@@ -1,6 +1,7 @@
 """The composite transforms on a TestPipeline: ReadLinks and ListTree,
 Reconcile, DecodeSlices and WriteDataset, each on small inputs."""
 
+import collections
 import json
 import os
 
@@ -14,9 +15,16 @@ from apache_beam.testing.util import assert_that, equal_to
 from beam_pipeline import sample, summary
 from beam_pipeline.contract import digests, metrics
 from beam_pipeline.contract import schema as s
-from beam_pipeline.contract.layout import ContourFile, DicomFile, Link, Patient
+from beam_pipeline.contract.layout import (
+  ContourFile,
+  DicomFile,
+  FileGroup,
+  Link,
+  Patient,
+)
 from beam_pipeline.dataset import image_of, mask_of
 from tests.helpers import reference_mask
+from transforms import listing
 from transforms.chunks import SliceTask, plan_chunks
 from transforms.decode import DecodeSlices
 from transforms.listing import ListTree, ReadLinks
@@ -29,11 +37,14 @@ def _status(row):
 
 
 def _reconcile(p, links, dicoms, contours):
-  """Reconcile applied to in-memory records."""
+  """Reconcile applied to in-memory records, each file in a FileGroup of its
+  own (an owner's files in several groups, as a listing may give them)."""
   return {
     Reconcile.LINKS: p | 'Links' >> beam.Create(links),
-    Reconcile.DICOMS: p | 'Dicoms' >> beam.Create(dicoms),
-    Reconcile.CONTOURS: p | 'Contours' >> beam.Create(contours),
+    Reconcile.DICOMS: p
+    | 'Dicoms' >> beam.Create([FileGroup.of(d.patient_id, (d,)) for d in dicoms]),
+    Reconcile.CONTOURS: p
+    | 'Contours' >> beam.Create([FileGroup.of(c.original_id, (c,)) for c in contours]),
   } | Reconcile()
 
 
@@ -121,6 +132,50 @@ def test_read_side_and_reconcile_report_every_quirk_of_a_tree(tree):
       equal_to(matched),
       label='Patients',
     )
+
+
+def test_list_tree_hands_on_each_file_once_in_groups_of_its_owner(
+  tmp_path, monkeypatch
+):
+  """A folder's files leave in one FileGroup, or several when it holds more
+  than a group carries; every file exactly once, under its own owner."""
+  root = str(tmp_path / 'tree')
+  sample.make_tree(root, patients=3, slices=7, rows=8, columns=8, contour_every=2)
+  monkeypatch.setattr(listing, '_GROUP_FILES', 3)
+  with TestPipeline() as p:
+    files = p | ListTree(root)
+    for tag, top in ((ListTree.DICOMS, 'dicoms'), (ListTree.CONTOURS, 'contourfiles')):
+      expected = _walked(root, top)
+      per_owner = collections.Counter(path.split('/')[1] for path in expected)
+      groups = files[tag]
+      assert_that(
+        groups
+        | f'{tag}Paths'
+        >> beam.FlatMap(lambda g: [(g.owner_id, f.path) for f in g.files]),
+        equal_to([(path.split('/')[1], path) for path in expected]),
+        label=f'{tag}Paths',
+      )
+      assert_that(
+        groups | f'{tag}Sizes' >> beam.Map(lambda g: (g.owner_id, len(g.files))),
+        lambda sizes, per_owner=per_owner: _check_group_sizes(sizes, per_owner, 3),
+        label=f'{tag}Sizes',
+      )
+
+
+def _walked(root, top):
+  """Every file under ``root/top``, relative to root."""
+  return sorted(
+    os.path.relpath(os.path.join(folder, name), root)
+    for folder, _, names in os.walk(os.path.join(root, top))
+    for name in names
+  )
+
+
+def _check_group_sizes(sizes, per_owner, most):
+  """An owner of n files comes in ceil(n / most) groups of at most ``most``."""
+  groups = collections.Counter(owner for owner, _ in sizes)
+  assert all(0 < n <= most for _, n in sizes), sizes
+  assert groups == {owner: -(-n // most) for owner, n in per_owner.items()}, sizes
 
 
 def test_plan_chunks_splits_in_order_and_filters_labeled():

@@ -26,7 +26,7 @@ import xxhash
 from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 
-from beam_pipeline.contract import columns, metrics, splits
+from beam_pipeline.contract import columns, metrics, packing, splits
 from beam_pipeline.contract import schema as s
 from beam_pipeline.contract.errors import FileTooLargeError
 from beam_pipeline.contract.layout import Patient
@@ -215,7 +215,7 @@ class _Counters:
       self.flags[flag].inc()
 
 
-@beam.typehints.with_input_types(SliceChunk)
+@beam.typehints.with_input_types(SliceChunk | bytes)
 @beam.typehints.with_output_types(pa.Table)
 class DecodeSlicesFn(beam.DoFn):
   """SliceChunk -> one Arrow table of slice rows; unusable inputs as ERRORS."""
@@ -261,7 +261,10 @@ class DecodeSlicesFn(beam.DoFn):
   def start_bundle(self):
     self._ahead = None  # (chunk, its outcomes) queued, not yet decoded
 
-  def process(self, chunk: SliceChunk) -> Iterator:
+  def process(self, chunk: SliceChunk | bytes) -> Iterator:
+    """``chunk``: a SliceChunk, or one packed by PlanChunksFn."""
+    if isinstance(chunk, bytes):
+      chunk = packing.unpack(chunk)
     started = (chunk, self._start(chunk))
     if not self._remote:
       yield from self._finish(*started)
@@ -398,16 +401,19 @@ def _content_digest(data) -> str | None:
 
 
 @beam.typehints.with_input_types(Patient)
-@beam.typehints.with_output_types(SliceChunk)
+@beam.typehints.with_output_types(bytes)
 class PlanChunksFn(beam.DoFn):
-  """Patient -> SliceChunks (see chunks.plan_chunks)."""
+  """Patient -> SliceChunks (see chunks.plan_chunks), each packed
+  (``packing``): the Reshuffle after it holds a chunk as one bytes value,
+  not a record per slice."""
 
   def __init__(self, chunk_size: int, labeled_only: bool):
     self._chunk_size = chunk_size
     self._labeled_only = labeled_only
 
-  def process(self, patient: Patient) -> Iterator[SliceChunk]:
-    yield from plan_chunks(patient, self._chunk_size, self._labeled_only)
+  def process(self, patient: Patient) -> Iterator[bytes]:
+    for chunk in plan_chunks(patient, self._chunk_size, self._labeled_only):
+      yield packing.pack(chunk)
 
 
 class DecodeSlices(beam.PTransform):

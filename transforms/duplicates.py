@@ -25,8 +25,8 @@ import apache_beam as beam
 import xxhash
 from apache_beam import pvalue
 
+from beam_pipeline.contract import packing, splits
 from beam_pipeline.contract import schema as s
-from beam_pipeline.contract import splits
 from transforms import stores
 
 SLICE_FLAG = s.DUPLICATE_SLICE
@@ -70,13 +70,16 @@ def _keys(identities: tuple) -> Iterator[tuple]:
 BUCKETS = 16
 
 
-def _bucketed(identities: tuple) -> Iterator[tuple]:
-  """(bucket, [(key hash, kind, reason, member)]) for one chunk's identities."""
+def _bucketed(identities: tuple) -> Iterator[tuple[int, bytes]]:
+  """(bucket, packed [(key hash, kind, reason, member)]) for one chunk's
+  identities: the shuffle holds one bytes value per chunk and bucket
+  (``packing``), not a record per slice."""
   buckets: dict[int, list] = {}
   for (kind, reason, value), member in _keys(identities):
     h = xxhash.xxh3_64_intdigest(f'{kind}|{reason}|{value}'.encode())
     buckets.setdefault(h % BUCKETS, []).append((h, kind, reason, member))
-  yield from buckets.items()
+  for bucket, batch in buckets.items():
+    yield bucket, packing.pack(batch)
 
 
 def _repeated(element) -> Iterator[tuple]:
@@ -85,7 +88,7 @@ def _repeated(element) -> Iterator[tuple]:
   _, batches = element
   seen: dict[tuple, list] = {}
   for batch in batches:
-    for h, kind, reason, member in batch:
+    for h, kind, reason, member in packing.unpack(batch):
       seen.setdefault((h, kind, reason), []).append(member)
   for (_, kind, reason), members in seen.items():
     if len(members) > 1 and len(distinct := sorted(set(members))) > 1:
@@ -240,7 +243,7 @@ class FindDuplicates(beam.PTransform):
 
     found = (
       identities
-      | 'Buckets' >> beam.FlatMap(_bucketed)
+      | 'Buckets' >> beam.FlatMap(_bucketed).with_output_types(tuple[int, bytes])
       | 'ByBucket' >> beam.GroupByKey()
       | 'Repeated' >> beam.FlatMap(_repeated)
       | 'Together' >> beam.combiners.ToList()

@@ -2,8 +2,9 @@
 
 ``ReadLinks`` reads link.csv, and ``ListTree`` lists every file under dicoms/
 and contourfiles/, classifying each by the input layout. Only ids and paths
-come out: Links, DicomFiles, ContourFiles, plus reconciliation rows for
-unusable link rows and error rows for unusable files.
+come out: Links, DicomFiles and ContourFiles (in FileGroups, a folder's files
+in one element), plus reconciliation rows for unusable link rows and error
+rows for unusable files.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from apache_beam.metrics import Metrics
 from beam_pipeline.contract import layout, metrics, pseudonyms
 from beam_pipeline.contract import schema as s
 from beam_pipeline.contract.pseudonyms import IDENTITY, Entry, Pseudonyms
-from transforms import _files, stores
+from transforms import _bundles, _files, stores
 from transforms.outcomes import Failed
 
 _LOG = logging.getLogger(__name__)
@@ -117,10 +118,40 @@ class ReadLinks(_FromTree):
     )
 
 
+# The most files one FileGroup carries: a folder of more comes in several.
+_GROUP_FILES = 4096
+
+
+class _Grouper:
+  """Files of one kind, gathered into a FileGroup while they have the same
+  owner (a listing gives a folder's files one after another)."""
+
+  def __init__(self, tag: str):
+    self._tag = tag
+    self._owner = ''
+    self._files: list = []
+
+  def add(self, owner: str, found) -> Iterator[pvalue.TaggedOutput]:
+    """Takes ``found``; yields the group it closes, if any."""
+    if owner != self._owner or len(self._files) >= _GROUP_FILES:
+      yield from self.close()
+      self._owner = owner
+    self._files.append(found)
+
+  def close(self) -> Iterator[pvalue.TaggedOutput]:
+    """Yields the open group, if it has files."""
+    if self._files:
+      yield pvalue.TaggedOutput(
+        self._tag, layout.FileGroup.of(self._owner, self._files)
+      )
+      self._files = []
+
+
 @beam.typehints.with_input_types(tuple[str, str | None])
 class _ClassifyFn(beam.DoFn):
   """Sorts listed files into DICOM slices, contour files and stray files
-  (pseudonymised, if so, with their id-map rows)."""
+  (pseudonymised, if so, with their id-map rows); slices and contour files
+  leave in FileGroups, a folder's files together."""
 
   def __init__(self, input_root: str, pseudonyms: Pseudonyms):
     self._input_root = input_root
@@ -129,6 +160,13 @@ class _ClassifyFn(beam.DoFn):
   def setup(self):
     self._stray = Metrics.counter(metrics.NAMESPACE, metrics.STRAY_FILES)
     self._recent = pseudonyms.Recent()
+
+  def start_bundle(self):
+    self._dicoms = _Grouper(ListTree.DICOMS)
+    self._contours = _Grouper(ListTree.CONTOURS)
+
+  def finish_bundle(self):
+    yield from _bundles.finished((*self._dicoms.close(), *self._contours.close()))
 
   def process(self, listed: tuple[str, str | None]) -> Iterator:
     path, problem = listed
@@ -146,9 +184,9 @@ class _ClassifyFn(beam.DoFn):
     if self._pseudonyms.mapped:
       yield from self._entries(listed, found.path)
     if isinstance(found, layout.DicomFile):
-      yield pvalue.TaggedOutput(ListTree.DICOMS, found)
+      yield from self._dicoms.add(found.patient_id, found)
     elif isinstance(found, layout.ContourFile):
-      yield pvalue.TaggedOutput(ListTree.CONTOURS, found)
+      yield from self._contours.add(found.original_id, found)
     else:
       self._stray.inc()
       yield pvalue.TaggedOutput(
@@ -203,7 +241,9 @@ _FOLDERS = 'folders'  # patient folders found by the top-level listing
 
 
 class ListTree(_FromTree):
-  """Lists every file under dicoms/ and contourfiles/ and classifies it.
+  """Lists every file under dicoms/ and contourfiles/ and classifies it:
+  DICOMS and CONTOURS are FileGroups (layout.DicomFile and
+  layout.ContourFile), ERRORS rows for the files the layout has no place for.
 
   Local trees are walked with os.scandir, which also reports what a glob
   would silently skip (unreadable or symlinked folders, special files).

@@ -1,5 +1,5 @@
 """The PACS side of reconciliation: link.csv's patients searched on a DICOMweb
-server, as the same DicomFile records a tree's listing gives.
+server, as the same DicomFile records (in FileGroups) a tree's listing gives.
 
 ``SearchPacs`` takes the Links, spreads their patient ids over the workers
 (a Reshuffle) and searches each with QIDO-RS (paged). ``choose_series``, a
@@ -218,7 +218,8 @@ class _SearchFn(beam.DoFn):
   @staticmethod
   def _outputs(link: layout.Link, chosen: Chosen) -> Iterator:
     pid = link.patient_id
-    yield from chosen.files
+    if chosen.files:
+      yield layout.FileGroup.of(pid, chosen.files)
     for status, detail in chosen.reconciliation:
       yield pvalue.TaggedOutput(
         SearchPacs.RECONCILIATION,
@@ -233,7 +234,8 @@ class _SearchFn(beam.DoFn):
 
 
 class SearchPacs(beam.PTransform):
-  """Links -> DICOMS (layout.DicomFile, paths under the service root),
+  """Links -> DICOMS (a layout.FileGroup of DicomFiles per patient, paths
+  under the service root),
   RECONCILIATION and ERRORS rows, and REPORTED: the patient ids whose missing
   slices these rows already explain (see Reconcile)."""
 

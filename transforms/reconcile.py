@@ -11,7 +11,9 @@ row by original_id, then links meet DICOM files by patient_id.
 
 from __future__ import annotations
 
+import itertools
 import operator
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import apache_beam as beam
@@ -53,7 +55,7 @@ class _AttachContoursFn(beam.DoFn):
   def process(self, element):
     original_id, grouped = element
     links = list(grouped['links'])
-    contours = tuple(sorted(grouped['contours']))
+    contours = tuple(sorted(_files_of(grouped['contours'])))
     if not links:
       yield pvalue.TaggedOutput(
         Reconcile.RECONCILIATION,
@@ -82,7 +84,7 @@ class _MatchPatientsFn(beam.DoFn):
     patient_id, grouped = element
     linked = list(grouped['linked'])
     reported = any(True for _ in grouped.get('reported', ()))
-    dicoms = sorted(grouped['dicoms'], key=lambda d: d.slice_index)
+    dicoms = sorted(_files_of(grouped['dicoms']), key=lambda d: d.slice_index)
     if not linked:
       yield self._row(
         patient_id,
@@ -145,6 +147,11 @@ class _MatchPatientsFn(beam.DoFn):
     )
 
 
+def _files_of(groups) -> Iterator:
+  """The files of an owner's FileGroups."""
+  return itertools.chain.from_iterable(group.files for group in groups)
+
+
 def _key_by(field: str, record: type) -> beam.PTransform:
   """Records as (record.<field>, record): a str key, encoded deterministically."""
   get = operator.attrgetter(field)
@@ -154,8 +161,9 @@ def _key_by(field: str, record: type) -> beam.PTransform:
 class Reconcile(beam.PTransform):
   """Link rows and the tree's files, reconciled.
 
-  Takes a dict of PCollections: LINKS (layout.Link), DICOMS
-  (layout.DicomFile) and CONTOURS (layout.ContourFile), and optionally
+  Takes a dict of PCollections: LINKS (layout.Link), DICOMS and CONTOURS
+  (layout.FileGroups of DicomFiles and of ContourFiles: the join holds one
+  element per folder, not per file), and optionally
   REPORTED: patient ids whose missing slices the source has already explained
   in rows of its own (a PACS search), so no missing_dicoms row is added.
   ``wording`` says where slices were looked for (TREE or PACS). Returns a dict:
@@ -180,7 +188,7 @@ class Reconcile(beam.PTransform):
         'links': found[self.LINKS]
         | 'LinksByOriginalId' >> _key_by('original_id', layout.Link),
         'contours': found[self.CONTOURS]
-        | 'ContoursByOriginalId' >> _key_by('original_id', layout.ContourFile),
+        | 'ContoursByOriginalId' >> _key_by('owner_id', layout.FileGroup),
       }
       | 'JoinByOriginalId' >> beam.CoGroupByKey()
       | 'AttachContours'
@@ -191,7 +199,7 @@ class Reconcile(beam.PTransform):
     by_patient = {
       'linked': linked.linked,
       'dicoms': found[self.DICOMS]
-      | 'DicomsByPatient' >> _key_by('patient_id', layout.DicomFile),
+      | 'DicomsByPatient' >> _key_by('owner_id', layout.FileGroup),
     }
     if self.REPORTED in found:
       by_patient['reported'] = found[self.REPORTED] | 'ReportedByPatient' >> beam.Map(

@@ -8,8 +8,9 @@ A data tree looks like this::
     DATA/contourfiles/<original_id>/o-contours/IM-0001-<nnnn>-ocontour-manual.txt
 
 It also declares the records the stages hand each other (ids and paths only,
-never pixels): Link, DicomFile, ContourFile and StrayFile from the listing,
-Patient from the reconciliation.
+never pixels): Link, DicomFile, ContourFile and StrayFile from the listing
+(which hands the files on in FileGroups, one element per folder rather than
+one per file), Patient from the reconciliation.
 
 Everything here is pure: no I/O, so it is tested without a pipeline.
 """
@@ -21,7 +22,7 @@ import io
 import re
 from typing import NamedTuple, Protocol
 
-from beam_pipeline.contract import splits
+from beam_pipeline.contract import packing, splits
 from beam_pipeline.contract.schema import DUPLICATE_LINK, MALFORMED_LINK
 
 LINK_FILE = 'link.csv'
@@ -129,6 +130,30 @@ class StrayFile(NamedTuple):
   owner_id: str
   path: str
   reason: str
+
+
+class FileGroup(NamedTuple):
+  """Listed files of one owner: a patient's DicomFiles or an original id's
+  ContourFiles, as the listing found them, packed (``packing``). The stages
+  hand the listing on in groups, so what waits in the reconciliation's joins
+  is one small element per folder, not a record per file; an owner's files
+  may arrive in several groups."""
+
+  owner_id: str
+  packed: bytes
+
+  @classmethod
+  def of(cls, owner_id: str, files) -> FileGroup:
+    """A group of ``files`` (DicomFiles or ContourFiles) of ``owner_id``."""
+    return cls(owner_id, packing.pack(tuple(files)))
+
+  @property
+  def files(self) -> tuple:
+    """The group's DicomFiles or ContourFiles, in listing order."""
+    return packing.unpack(self.packed)
+
+  def __repr__(self) -> str:
+    return f'FileGroup({self.owner_id!r}, {len(self.files)} files)'
 
 
 class Patient(NamedTuple):
