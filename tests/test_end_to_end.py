@@ -1,5 +1,6 @@
 """The whole job through main(), on generated trees, read back exactly."""
 
+import collections
 import errno
 import json
 import os
@@ -210,6 +211,23 @@ def test_small_chunks_and_another_split_give_the_same_rows(clean_tree, tmp_path)
   code = _run(root, out, '--chunk-size', '1', '--split', '0.5,0.5,0')
   assert code == cli.EXIT_OK
   _check_slices(out, manifest, split=(0.5, 0.5, 0.0))
+
+
+def test_a_shard_takes_a_bounded_number_of_tables(clean_tree, tmp_path, monkeypatch):
+  """Past _SHARD_TABLES tables a worker starts a new shard (a Parquet writer
+  holds every row group's metadata until it closes): the same rows, each
+  shard within the bound, every shard in the summary."""
+  root, manifest = clean_tree
+  out = str(tmp_path / 'OUT')
+  monkeypatch.setattr(write, '_SHARD_TABLES', 3)
+  assert _run(root, out, '--chunk-size', '4') == cli.EXIT_OK
+  _check_slices(out, manifest)
+  shards = sorted(os.listdir(os.path.join(out, s.SLICES_DIR)))
+  # row_groups checks every file against the summary's list and digests
+  per_shard = collections.Counter(path for path, _ in row_groups(out))
+  assert sorted(os.path.basename(path) for path in per_shard) == shards
+  assert len(shards) >= len(manifest.slices) / 4 / 3, per_shard
+  assert max(per_shard.values()) <= 3, per_shard
 
 
 def test_existing_output_is_refused_then_replaced_with_overwrite(

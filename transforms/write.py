@@ -57,6 +57,16 @@ _SIDECAR = '.digest.json'  # beside each temporary file: its size and digest
 _RELEASE_AFTER = 32 * 1024 * 1024
 
 
+# The most Arrow tables one slice shard takes; the next go to a new shard.
+# A Parquet writer keeps every row group's metadata until the file is
+# closed, about 39 KB per row group in memory here (41 columns with
+# statistics), so a worker writing one shard for the whole run grew with
+# the tree: 86 MiB in one process at 115,000 slices. At this bound a shard is
+# 128 row groups, about 7,500 slices of 256 x 256 (500 MB at zstd:2), and
+# its metadata 5 MB.
+_SHARD_TABLES = 128
+
+
 # A chunk's labeled slices come as a table of their own (decode._row_groups),
 # a handful of rows: one slice in 5 to 10 has a contour. Written as they come
 # they would make row groups of a handful of rows, and a reader of the
@@ -219,7 +229,10 @@ class _ParquetSink(filebasedsink.FileBasedSink):
     num_shards: int = 0,
     config: stores.StoreConfig | None = None,
     max_group_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+    max_tables: int | None = None,
   ):
+    """``max_tables``: the most records (Arrow tables or report rows) a
+    file takes before the next go to a new one (None: no bound)."""
     super().__init__(
       file_path_prefix,
       coder=None,
@@ -227,6 +240,7 @@ class _ParquetSink(filebasedsink.FileBasedSink):
       num_shards=num_shards,
       mime_type='application/x-parquet',
       compression_type=CompressionTypes.UNCOMPRESSED,
+      max_records_per_shard=max_tables,
     )
     self._schema = schema
     self._image_codec = image_codec
@@ -403,8 +417,9 @@ class WriteDataset(beam.PTransform):
 
   Slices go to ``OUT/slices/part-SSSSS-of-NNNNN.parquet``, one row group per
   Arrow table of unlabeled slices (from one SliceChunk), labeled slices
-  gathered into row groups of their own; the two reports to one file each, counted by
-  status and by stage. Returns the written file names under the same keys.
+  gathered into row groups of their own, at most _SHARD_TABLES tables a
+  shard; the two reports to one file each, counted by status and by stage.
+  Returns the written file names under the same keys.
   """
 
   SLICES = 'slices'
@@ -450,6 +465,7 @@ class WriteDataset(beam.PTransform):
           self._image_codec,
           config=self._config,
           max_group_bytes=self._max_group_bytes,
+          max_tables=_SHARD_TABLES,
         )
       )
     }
