@@ -72,9 +72,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def entry(argv: Sequence[str] | None = None) -> int:
   """``python run_pipeline.py`` and ``cardiac-mri run``: main() with the
-  descriptor-level stderr of child processes routed to the log file."""
+  descriptor-level stderr of child processes routed to the log file, and
+  glibc's malloc arenas capped before any thread starts
+  (``transforms.tuning.limit_arenas``)."""
   argv = list(sys.argv[1:] if argv is None else argv)
   if not any(a in argv for a in ('-h', '--help', arguments.HELP_BEAM)):
+    from transforms import tuning
+
+    tuning.limit_arenas()
     console.route_child_stderr()
   return main(argv)
 

@@ -173,14 +173,14 @@ def _in(repo: str, tweaks_off: str = '') -> dict:
   return {'env': env, 'cwd': repo}
 
 
-# transforms/_tuning.py's benchmark knob (read in every process of a run).
+# transforms/tuning.py's benchmark knob (read in every process of a run).
 TWEAKS_OFF = 'CARDIAC_MRI_TWEAKS_OFF'
-TWEAKS = ('malloc', 'direct')
+TWEAKS = ('malloc', 'direct', 'arenas')
 
 
 class Variant(NamedTuple):
   """Another pipeline to run in the same rounds: a version, or this one with
-  process-wide tweaks left off (transforms/_tuning.py's benchmark knob)."""
+  process-wide tweaks left off (transforms/tuning.py's benchmark knob)."""
 
   repo: str
   tweaks_off: str = ''
@@ -356,7 +356,7 @@ def main(argv=None) -> None:
     '--tweaks',
     action='store_true',
     help='also run this version with each process-wide tweak left off '
-    f'({", ".join(TWEAKS)}; see transforms/_tuning.py), in the same rounds',
+    f'({", ".join(TWEAKS)}; see transforms/tuning.py), in the same rounds',
   )
   parser.add_argument('--write', help='also write the report to this Markdown file')
   parser.add_argument(

@@ -69,12 +69,21 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--trees', required=True, help='comma-separated, 1x first')
   parser.add_argument('--runs', type=int, default=1)
+  parser.add_argument(
+    '--modes', default='in-process,processes', help='in-process, processes or both'
+  )
   parser.add_argument('--compare', action='append', default=[], help='LABEL=REF')
   parser.add_argument(
     '--env', action='append', default=[], help='KEY=VALUE: a variant of this version'
   )
   args = parser.parse_args(argv)
   trees = [os.path.abspath(tree) for tree in args.trees.split(',')]
+  chosen = args.modes.split(',')
+  modes = {
+    label: extra
+    for label, extra in MODES.items()
+    if label.split()[-1] in chosen or label in chosen
+  }
   scratch = tempfile.mkdtemp(prefix='scale-', dir=os.path.join(BENCH, 'data'))
   versions = {'this': (run.REPO, {})}
   for spec in args.compare:
@@ -89,14 +98,17 @@ def main(argv=None) -> None:
   found: dict[tuple, list[Peak]] = {}
   for k in range(args.runs):
     for tree in trees if k % 2 == 0 else trees[::-1]:
-      for mode, extra in MODES.items():
+      for mode, extra in modes.items():
         for label, (repo, extra_env) in versions.items():
           where = run._in(repo)  # noqa: SLF001 (the bench's own helper)
           run.settle(out)
           command = run.pipeline_command(tree, out, extra, repo)
           peak = peak_rss(command, {**where['env'], **extra_env}, where['cwd'])
           found.setdefault((label, mode, tree), []).append(peak)
-          print(f'{label} {mode} {tree}: {_mib(peak.total)} MiB', flush=True)
+          print(
+            f'{label} {mode} {tree}: {_mib(peak.total)} MiB, {peak.seconds:.1f} s',
+            flush=True,
+          )
   run.settle(out)
   shutil.rmtree(scratch, ignore_errors=True)
   print()
@@ -106,7 +118,7 @@ def main(argv=None) -> None:
   )
   print('| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |')
   for label in versions:
-    for mode in MODES:
+    for mode in modes:
       base = None
       for tree in trees:
         peaks = found[label, mode, tree]

@@ -2,6 +2,8 @@
 
 import errno
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -102,15 +104,36 @@ def test_a_failed_write_is_raised_and_the_file_closed(tmp_path, monkeypatch):
 
 
 def test_the_benchmark_knob_leaves_each_tweak_off(monkeypatch, tmp_path):
-  from transforms import _tuning, write
+  from transforms import tuning, write
 
-  assert _tuning.keep_freed_memory()  # glibc here
+  assert tuning.keep_freed_memory()  # glibc here
   shard = write._open_local_shard(str(tmp_path / 'direct'))
   shard.close()
   if not shard.direct:
     pytest.skip(f'{tmp_path} refuses O_DIRECT')
-  monkeypatch.setenv(_tuning.TWEAKS_OFF, 'malloc,direct')
-  assert not _tuning.keep_freed_memory()
+  monkeypatch.setenv(tuning.TWEAKS_OFF, 'malloc,direct')
+  assert not tuning.keep_freed_memory()
   shard = write._open_local_shard(str(tmp_path / 'shard'))
   shard.close()
   assert not shard.direct
+
+
+def test_malloc_arenas_are_capped_here_and_in_child_processes(monkeypatch):
+  from transforms import tuning
+
+  monkeypatch.delenv(tuning.ARENA_VARIABLE, raising=False)
+  monkeypatch.setenv(tuning.TWEAKS_OFF, 'arenas')
+  assert not tuning.limit_arenas()
+  assert tuning.ARENA_VARIABLE not in os.environ
+  monkeypatch.setenv(tuning.TWEAKS_OFF, '')
+  assert tuning.limit_arenas()  # glibc here
+  child = subprocess.run(
+    [sys.executable, '-c', f'import os; print(os.environ["{tuning.ARENA_VARIABLE}"])'],
+    capture_output=True,
+    text=True,
+    check=True,
+  )
+  assert child.stdout.strip() == str(tuning.ARENAS)
+  monkeypatch.setenv(tuning.ARENA_VARIABLE, '7')  # the user's choice stays
+  assert not tuning.limit_arenas()
+  assert os.environ[tuning.ARENA_VARIABLE] == '7'

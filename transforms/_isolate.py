@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 
 from beam_pipeline.contract import schema as s
 from beam_pipeline.contract.errors import DicomError
-from transforms import _files, _tuning
+from transforms import _files, tuning
 from transforms.outcomes import Decoded, Failed, Outcome
 from transforms.settings import Limits
 from transforms.stores import is_local
@@ -88,7 +88,7 @@ def _serve(conn, root: str, decode: Decoder, memory: int | None) -> None:
   A request is (path, data, limits): data None means "read it yourself".
   """
   signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
-  _tuning.keep_freed_memory()
+  tuning.keep_freed_memory()
   limit_address_space(memory)
   while True:
     request = conn.recv()

@@ -37,12 +37,12 @@ from transforms import (
   _isolate,
   _native,
   _progress,
-  _tuning,
   assemble,
   dicomweb,
   duplicates,
   quality,
   stores,
+  tuning,
 )
 from transforms.assemble import SliceResult, slice_row, unusable_slice
 from transforms.chunks import SliceChunk, SliceTask, plan_chunks
@@ -243,7 +243,7 @@ class DecodeSlicesFn(beam.DoFn):
     self._decode_fn = decode_fn
 
   def setup(self):
-    _tuning.keep_freed_memory()
+    tuning.keep_freed_memory()
     stores.configure(self._settings.store)
     self._counters = _Counters()
     self._recent = Recent()

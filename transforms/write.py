@@ -38,7 +38,7 @@ from apache_beam.metrics import Metrics
 
 from beam_pipeline.contract import digests, metrics
 from beam_pipeline.contract import schema as s
-from transforms import _direct, _files, _tuning, stores
+from transforms import _direct, _files, stores, tuning
 from transforms.settings import (
   DEFAULT_IMAGE_CODEC,
   DEFAULT_MAX_CHUNK_BYTES,
@@ -96,7 +96,7 @@ def _open_local_shard(path: str) -> _direct.DirectFile:
   page-cache pages. Buys (BENCHMARKS.md, 23,000 slices, same run): 27 % less
   CPU in-process and 31 % with 2 worker processes (1.20x the speed).
   """
-  return _direct.DirectFile(path, direct=_tuning.enabled('direct'))
+  return _direct.DirectFile(path, direct=tuning.enabled('direct'))
 
 
 def leaf_paths(schema: pa.Schema) -> dict[str, list[str]]:
