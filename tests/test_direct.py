@@ -121,7 +121,9 @@ def test_the_benchmark_knob_leaves_each_tweak_off(monkeypatch, tmp_path):
 def test_malloc_arenas_are_capped_here_and_in_child_processes(monkeypatch):
   from transforms import tuning
 
-  monkeypatch.delenv(tuning.ARENA_VARIABLE, raising=False)
+  # set, then removed: monkeypatch then restores whatever was there before
+  monkeypatch.setenv(tuning.ARENA_VARIABLE, 'unset')
+  monkeypatch.delenv(tuning.ARENA_VARIABLE)
   monkeypatch.setenv(tuning.TWEAKS_OFF, 'arenas')
   assert not tuning.limit_arenas()
   assert tuning.ARENA_VARIABLE not in os.environ
