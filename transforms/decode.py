@@ -215,7 +215,7 @@ class _Counters:
       self.flags[flag].inc()
 
 
-@beam.typehints.with_input_types(SliceChunk | bytes)
+@beam.typehints.with_input_types(SliceChunk)
 @beam.typehints.with_output_types(pa.Table)
 class DecodeSlicesFn(beam.DoFn):
   """SliceChunk -> one Arrow table of slice rows; unusable inputs as ERRORS."""
@@ -261,10 +261,7 @@ class DecodeSlicesFn(beam.DoFn):
   def start_bundle(self):
     self._ahead = None  # (chunk, its outcomes) queued, not yet decoded
 
-  def process(self, chunk: SliceChunk | bytes) -> Iterator:
-    """``chunk``: a SliceChunk, or one packed by PlanChunksFn."""
-    if isinstance(chunk, bytes):
-      chunk = packing.unpack(chunk)
+  def process(self, chunk: SliceChunk) -> Iterator:
     started = (chunk, self._start(chunk))
     if not self._remote:
       yield from self._finish(*started)
@@ -405,7 +402,8 @@ def _content_digest(data) -> str | None:
 class PlanChunksFn(beam.DoFn):
   """Patient -> SliceChunks (see chunks.plan_chunks), each packed
   (``packing``): the Reshuffle after it holds a chunk as one bytes value,
-  not a record per slice."""
+  not a record per slice; DecodeSlices unpacks it after the Reshuffle, in
+  the decode stage."""
 
   def __init__(self, chunk_size: int, labeled_only: bool):
     self._chunk_size = chunk_size
@@ -445,6 +443,7 @@ class DecodeSlices(beam.PTransform):
       | 'PlanChunks'
       >> beam.ParDo(PlanChunksFn(settings.chunk_size, settings.labeled_only))
       | 'FanOut' >> beam.Reshuffle()
+      | 'Unpack' >> beam.Map(packing.unpack).with_output_types(SliceChunk)
       | 'DecodeSlices'
       >> beam.ParDo(
         DecodeSlicesFn(self._input_root, settings, **self._fn_args)
