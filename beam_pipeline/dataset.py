@@ -318,6 +318,59 @@ def _keep(table: pa.Table, labeled_only: bool, split: str | None) -> pa.Table:
   return table.filter(keep)
 
 
+class _Buffers:
+  """Image buffers recycled between the rows of a read: a row's image is
+  copied out of its row group (so the row group is freed once read) into a
+  buffer that goes back here when its batch is built. A fresh 128 KiB
+  buffer per image costs about ten times the copy (page faults on new
+  memory; bench/reads.py). A buffer is made only when none is free, so
+  there are never more than the most rows held at once (the shuffle buffer,
+  a row group and a batch); at most ``keep`` free ones of a size are kept."""
+
+  def __init__(self, keep: int):
+    self._keep = keep
+    self._free: dict[int, list[np.ndarray]] = {}
+
+  def copy(self, view: np.ndarray) -> np.ndarray:
+    free = self._free.get(view.nbytes)
+    buffer = free.pop() if free else np.empty(view.nbytes, np.uint8)
+    buffer[:] = view
+    return buffer
+
+  def give_back(self, buffers: list) -> None:
+    for buffer in buffers:
+      if buffer is not None:
+        free = self._free.setdefault(buffer.nbytes, [])
+        if len(free) < self._keep:
+          free.append(buffer)
+
+
+def _binary_views(column: pa.ChunkedArray):
+  """Each value of a binary column as a uint8 view into Arrow's buffer
+  (None for a null), without a ``bytes`` object per value."""
+  for chunk in column.chunks:
+    _, offsets, data = chunk.buffers()
+    width = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
+    ends = np.frombuffer(offsets, width)[chunk.offset : chunk.offset + len(chunk) + 1]
+    values = np.empty(0, np.uint8) if data is None else np.frombuffer(data, np.uint8)
+    valid = chunk.is_valid().to_pylist() if chunk.null_count else None
+    for k in range(len(chunk)):
+      yield values[ends[k] : ends[k + 1]] if valid is None or valid[k] else None
+
+
+def _rows_of(table: pa.Table, buffers: _Buffers) -> list[tuple]:
+  """The table's rows as tuples in column order, images copied into
+  ``buffers`` (uint8 arrays), every other value as ``to_pylist`` gives it."""
+  columns = []
+  for name, column in zip(table.column_names, table.columns, strict=True):
+    if name == 'image':
+      views = _binary_views(column)
+      columns.append([v if v is None else buffers.copy(v) for v in views])
+    else:
+      columns.append(column.to_pylist())
+  return list(zip(*columns, strict=True))
+
+
 def shuffled_rows(
   output: str,
   seed: int,
@@ -341,6 +394,32 @@ def shuffled_rows(
     shard: (index, count): yield only this share of the row groups, so that
       ``count`` readers (e.g. DataLoader workers) together yield each row once.
   """
+  buffers = _Buffers(keep=shuffle_buffer)
+  rows = _shuffled(
+    output, seed, epoch, labeled_only, split, columns, shuffle_buffer, shard, buffers
+  )
+  for names, row in rows:
+    values = dict(zip(names, row, strict=True))
+    image = values.get('image')
+    if image is not None:
+      values['image'] = image.tobytes()
+      buffers.give_back([image])
+    yield values
+
+
+def _shuffled(
+  output: str,
+  seed: int,
+  epoch: int,
+  labeled_only: bool,
+  split: str | None,
+  columns: list[str] | None,
+  shuffle_buffer: int,
+  shard: tuple[int, int],
+  buffers: _Buffers,
+):
+  """shuffled_rows' rows as (column names, tuple), images as ``buffers``'
+  arrays, which the caller gives back."""
   rng = np.random.default_rng([seed, epoch])
   summary = check(output)
   footers: dict[str, pq.FileMetaData] = {}
@@ -354,15 +433,20 @@ def shuffled_rows(
     wanted = list(dict.fromkeys([*columns, *extra]))
   if split is not None and split not in splits.SPLITS:
     raise ValueError(f'split must be one of {", ".join(splits.SPLITS)}, got {split!r}')
-  buffer: list[dict] = []
+  buffer: list[tuple] = []
   kept = 0
+  opened: dict[str, pq.ParquetFile] = {}  # opening one costs 0.5 ms
   for g in order:
     path, index = groups[g]
-    parquet = _open_shard(path, summary, footers[path])
-    table = parquet.read_row_group(index, columns=wanted)
-    for row in _keep(table, labeled_only, split).to_pylist():
+    if path not in opened:
+      opened[path] = _open_shard(path, summary, footers[path])
+    table = _keep(
+      opened[path].read_row_group(index, columns=wanted), labeled_only, split
+    )
+    names = table.column_names
+    for row in _rows_of(table, buffers):
       kept += 1
-      buffer.append(row)
+      buffer.append((names, row))
       if len(buffer) >= shuffle_buffer:
         pick = int(rng.integers(len(buffer)))
         buffer[pick], buffer[-1] = buffer[-1], buffer[pick]
@@ -379,7 +463,7 @@ def shuffled_rows(
 
 def _column_array(values: list) -> np.ndarray:
   """A typed array, or a 1-D object array when values hold nulls or ragged lists."""
-  if not any(v is None for v in values):
+  if None not in values:
     try:
       return np.array(values)
     except ValueError:
@@ -389,28 +473,73 @@ def _column_array(values: list) -> np.ndarray:
   return array
 
 
-def _stack(rows: list[dict], columns: list[str] | None) -> dict:
-  names = columns if columns is not None else list(rows[0])
+def _image_type(row: tuple, at: dict[str, int]) -> tuple[tuple[int, ...], np.dtype]:
+  """(shape, dtype) of a row's image, as image_of gives it."""
+  shape = (row[at['rows']], row[at['columns']])
+  if row[at['samples_per_pixel']] > 1:
+    shape += (row[at['samples_per_pixel']],)
+  return shape, np.dtype(row[at['pixel_dtype']]).newbyteorder('<')
+
+
+def _images(rows: list[tuple], at: dict[str, int]):
+  """The rows' images, copied out of their buffers: one array (batch, ...)
+  when they share shape and dtype, else a list of arrays."""
+  images = [row[at['image']] for row in rows]
+  types = [_image_type(row, at) for row in rows]
+  if len(set(types)) > 1:
+    return [
+      np.frombuffer(image, dtype).reshape(shape).copy()
+      for image, (shape, dtype) in zip(images, types, strict=True)
+    ]
+  shape, dtype = types[0]
+  batch = np.empty((len(rows), *shape), dtype)
+  flat = batch.reshape(len(rows), -1).view(np.uint8)
+  for k, image in enumerate(images):
+    flat[k] = image
+  return batch
+
+
+def _masks(packed: list, shapes: list[tuple[int, int]]):
+  """Packed masks unpacked: one bool array (batch, rows, columns), False
+  where a row has none, when the rows share a shape, else a list (None
+  where a row has none). Masks whose bits fill whole bytes are unpacked
+  in one call."""
+  if len(set(shapes)) > 1:
+    return [
+      None if data is None else unpack_mask(data, *shape)
+      for data, shape in zip(packed, shapes, strict=True)
+    ]
+  rows, columns = shapes[0]
+  size = rows * columns
+  if size % 8 == 0 and all(data is None or len(data) == size // 8 for data in packed):
+    empty = bytes(size // 8)
+    joined = b''.join(empty if data is None else data for data in packed)
+    bits = np.unpackbits(np.frombuffer(joined, np.uint8))
+    return bits.view(bool).reshape(len(packed), rows, columns)
+  none = np.zeros((rows, columns), bool)
+  return np.stack(
+    [none if data is None else unpack_mask(data, rows, columns) for data in packed]
+  )
+
+
+def _stack(items: list[tuple], columns: list[str] | None, buffers: _Buffers) -> dict:
+  names = items[0][0]
+  at = {name: k for k, name in enumerate(names)}
+  rows = [row for _, row in items]
+  by_column = list(zip(*rows, strict=True))
   batch = {}
-  for name in names:
+  for name in columns if columns is not None else names:
+    values = by_column[at[name]]
     if name == 'image':
-      images = [image_of(r) for r in rows]
-      same = len({(i.shape, i.dtype) for i in images}) == 1
-      batch['image'] = np.stack(images) if same else images
+      batch['image'] = _images(rows, at)
     elif name in ('i_mask', 'o_mask'):
-      kind = name[0]
-      decoded = [mask_of(r, kind) for r in rows]
-      batch[f'has_{name}'] = np.array([m is not None for m in decoded])
-      shapes = {(r['rows'], r['columns']) for r in rows}
-      if len(shapes) == 1:
-        (shape,) = shapes
-        batch[name] = np.stack(
-          [m if m is not None else np.zeros(shape, bool) for m in decoded]
-        )
-      else:
-        batch[name] = decoded
+      batch[f'has_{name}'] = np.array([v is not None for v in values])
+      shapes = [(row[at['rows']], row[at['columns']]) for row in rows]
+      batch[name] = _masks(values, shapes)
     else:
-      batch[name] = _column_array([r[name] for r in rows])
+      batch[name] = _column_array(values)
+  if 'image' in at:
+    buffers.give_back(by_column[at['image']])
   return batch
 
 
@@ -452,21 +581,23 @@ def iter_batches(
   """
   if batch_size < 1:
     raise ValueError(f'batch_size must be at least 1, got {batch_size}')
+  buffers = _Buffers(keep=shuffle_buffer + batch_size)
   for epoch in range(epochs):
-    batch: list[dict] = []
-    for row in shuffled_rows(
+    batch: list[tuple] = []
+    for item in _shuffled(
       output,
       seed,
       epoch,
-      labeled_only=labeled_only,
-      split=split,
-      columns=columns,
-      shuffle_buffer=shuffle_buffer,
-      shard=shard,
+      labeled_only,
+      split,
+      columns,
+      shuffle_buffer,
+      shard,
+      buffers,
     ):
-      batch.append(row)
+      batch.append(item)
       if len(batch) == batch_size:
-        yield _stack(batch, columns)
+        yield _stack(batch, columns, buffers)
         batch = []
     if batch and not drop_last:
-      yield _stack(batch, columns)
+      yield _stack(batch, columns, buffers)

@@ -1,6 +1,7 @@
 """Benchmark: training reads, iter_batches on one core from the page cache.
 
     python bench/reads.py --data bench/data/x20 --runs 5 --compare before=HEAD~1
+    python bench/reads.py --data bench/data/x20 --runs 5 --image-codec none
 
 Writes the dataset of ``--data`` once with this checkout (and once with each
 ``--compare LABEL=REF`` version, a git commit or a checkout folder), then, in
@@ -56,6 +57,9 @@ def main(argv=None) -> None:
   parser.add_argument('--data', required=True, help='tree to write and read')
   parser.add_argument('--runs', type=int, default=5)
   parser.add_argument('--compare', action='append', default=[], metavar='LABEL=REF')
+  parser.add_argument(
+    '--image-codec', help="the pipeline's --image-codec (default: its default)"
+  )
   args = parser.parse_args(argv)
   scratch = tempfile.mkdtemp(prefix='bench-reads-')
   versions = {'this': REPO}
@@ -65,7 +69,8 @@ def main(argv=None) -> None:
   outs = {}
   for label, repo in versions.items():
     outs[label] = os.path.join(scratch, f'out-{label}')
-    command = pipeline_command(os.path.abspath(args.data), outs[label], [], repo)
+    extra = ['--image-codec', args.image_codec] if args.image_codec else []
+    command = pipeline_command(os.path.abspath(args.data), outs[label], extra, repo)
     done = subprocess.run(command, env=_env(repo), cwd=repo, capture_output=True)
     if done.returncode not in (0, 3):
       sys.exit(f'{label}: the pipeline failed:\n{done.stderr.decode()[-2000:]}')
@@ -82,7 +87,11 @@ def main(argv=None) -> None:
         check=True,
       )
       rates[label].append(json.loads(done.stdout))
-  print(f'{args.data}: iter_batches on one core, {args.runs} interleaved rounds\n')
+  codec = args.image_codec or 'default'
+  print(
+    f'{args.data}: iter_batches on one core, image codec {codec}, '
+    f'{args.runs} interleaved rounds\n'
+  )
   print('| version | labeled slices/s | all slices/s | labeled vs this | all vs this |')
   print('| --- | --- | --- | --- | --- |')
   for label in versions:

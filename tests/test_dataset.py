@@ -246,3 +246,34 @@ def test_slices_of_several_sizes_come_as_lists(tmp_path):
   assert extra.slices  # both sizes are in the dataset
   assert _assert_batches_hold_the_rows(out, 24)
   assert _assert_batches_hold_the_rows(out, 5, labeled_only=True)
+
+
+def test_odd_shapes_and_batches_kept_across_epochs(tmp_path):
+  # 13 x 11 = 143 mask bits: packed masks end mid-byte, so they cannot be
+  # unpacked joined. Every batch of two epochs is kept and checked after
+  # both are read: image buffers are recycled between rows, and no batch
+  # may share one.
+  root, out = str(tmp_path / 'DATA'), str(tmp_path / 'OUT')
+  manifest = sample.make_tree(root, patients=3, slices=8, rows=13, columns=11)
+  assert cli.main(['--input', root, '--output', out, '--chunk-size', '3']) == 0
+  batches = list(dataset.iter_batches(out, batch_size=5, seed=2, epochs=2))
+  assert sum(len(b['slice_index']) for b in batches) == 2 * len(manifest.slices)
+  labeled = 0
+  for batch in batches:
+    assert batch['image'].shape[1:] == (13, 11)
+    for i, (pid, k) in enumerate(
+      zip(batch['patient_id'], batch['slice_index'], strict=True)
+    ):
+      np.testing.assert_array_equal(
+        batch['image'][i], sample.expected_image(pid, int(k), 13, 11)
+      )
+      for kind in 'io':
+        vertices = getattr(manifest.slices[pid, int(k)], f'{kind}_vertices')
+        labeled += vertices is not None
+        want = (
+          reference_mask(vertices, 13, 11)
+          if vertices is not None
+          else np.zeros((13, 11), bool)
+        )
+        np.testing.assert_array_equal(batch[f'{kind}_mask'][i], want)
+  assert labeled
