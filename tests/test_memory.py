@@ -8,6 +8,8 @@ from __future__ import annotations
 import io
 import math
 import os
+import pickle
+import zlib
 
 import numpy as np
 import pyarrow as pa
@@ -17,6 +19,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from beam_pipeline import cli, sample
+from beam_pipeline.contract import packing
 from beam_pipeline.contract import schema as s
 from beam_pipeline.contract.errors import DicomError
 from beam_pipeline.dataset import open_dataset, read_errors, row_groups
@@ -305,3 +308,24 @@ def test_no_shuffle_holds_an_element_per_file(tmp_path, monkeypatch):
   assert code == cli.EXIT_OK
   assert len(manifest.slices) == 240
   assert 0 < len(held) < len(manifest.slices) / 2, len(held)
+  # ... and compressed: the packed values (file groups, chunks, identities)
+  # take well under their plain pickled size.
+  packed = list(_packed_values(held))
+  assert len(packed) >= len(held) / 2
+  plain = sum(
+    len(pickle.dumps(packing.unpack(v), pickle.HIGHEST_PROTOCOL)) for v in packed
+  )
+  assert sum(map(len, packed)) < 0.6 * plain
+
+
+def _packed_values(values):
+  """The bytes inside ``values`` (nested tuples) that packing.unpack takes."""
+  for value in values:
+    if isinstance(value, tuple):
+      yield from _packed_values(value)
+    elif isinstance(value, bytes):
+      try:
+        packing.unpack(value)
+      except (zlib.error, pickle.UnpicklingError):
+        continue
+      yield value
