@@ -209,6 +209,18 @@ def read_errors(output: str) -> pa.Table:
   return _read_report(output, s.ERRORS_DIR, s.ERROR_SCHEMA)
 
 
+# Columns needed to decode image and masks, whatever the caller projects.
+_SHAPE_COLUMNS = ('rows', 'columns', 'samples_per_pixel', 'pixel_dtype')
+
+
+def _image_type(
+  rows: int, columns: int, samples: int, pixel_dtype: str
+) -> tuple[tuple[int, ...], np.dtype]:
+  """(shape, dtype) of an image as stored, from its _SHAPE_COLUMNS."""
+  shape = (rows, columns) + ((samples,) if samples > 1 else ())
+  return shape, np.dtype(pixel_dtype).newbyteorder('<')
+
+
 def image_of(row: dict, rescale: bool = False) -> np.ndarray:
   """A row's image as stored, shape (rows, columns[, samples]).
 
@@ -217,10 +229,7 @@ def image_of(row: dict, rescale: bool = False) -> np.ndarray:
     rescale: apply ``rescale_slope`` and ``rescale_intercept`` (1 and 0 when
       absent), returning float64.
   """
-  shape = (row['rows'], row['columns'])
-  if row['samples_per_pixel'] > 1:
-    shape += (row['samples_per_pixel'],)
-  dtype = np.dtype(row['pixel_dtype']).newbyteorder('<')
+  shape, dtype = _image_type(*(row[name] for name in _SHAPE_COLUMNS))
   image = np.frombuffer(row['image'], dtype=dtype).reshape(shape)
   if not rescale:
     return image
@@ -241,10 +250,6 @@ def mask_of(row: dict, kind: str) -> np.ndarray | None:
   if data is None:
     return None
   return unpack_mask(data, row['rows'], row['columns'])
-
-
-# Columns needed to decode image and masks, whatever the caller projects.
-_SHAPE_COLUMNS = ('rows', 'columns', 'samples_per_pixel', 'pixel_dtype')
 
 
 def row_groups(output: str) -> list[tuple[str, int]]:
@@ -473,27 +478,17 @@ def _column_array(values: list) -> np.ndarray:
   return array
 
 
-def _image_type(row: tuple, at: dict[str, int]) -> tuple[tuple[int, ...], np.dtype]:
-  """(shape, dtype) of a row's image, as image_of gives it."""
-  shape = (row[at['rows']], row[at['columns']])
-  if row[at['samples_per_pixel']] > 1:
-    shape += (row[at['samples_per_pixel']],)
-  return shape, np.dtype(row[at['pixel_dtype']]).newbyteorder('<')
-
-
-def _images(rows: list[tuple], at: dict[str, int]):
-  """The rows' images, copied out of their buffers: one array (batch, ...)
-  when they share shape and dtype, else a list of arrays."""
-  images = [row[at['image']] for row in rows]
-  types = [_image_type(row, at) for row in rows]
+def _images(images: tuple, types: list[tuple[tuple[int, ...], np.dtype]]):
+  """The images (uint8 buffers) copied out, each with its (shape, dtype):
+  one array (batch, ...) when they share shape and dtype, else a list."""
   if len(set(types)) > 1:
     return [
       np.frombuffer(image, dtype).reshape(shape).copy()
       for image, (shape, dtype) in zip(images, types, strict=True)
     ]
   shape, dtype = types[0]
-  batch = np.empty((len(rows), *shape), dtype)
-  flat = batch.reshape(len(rows), -1).view(np.uint8)
+  batch = np.empty((len(images), *shape), dtype)
+  flat = batch.reshape(len(images), -1).view(np.uint8)
   for k, image in enumerate(images):
     flat[k] = image
   return batch
@@ -525,17 +520,17 @@ def _masks(packed: list, shapes: list[tuple[int, int]]):
 def _stack(items: list[tuple], columns: list[str] | None, buffers: _Buffers) -> dict:
   names = items[0][0]
   at = {name: k for k, name in enumerate(names)}
-  rows = [row for _, row in items]
-  by_column = list(zip(*rows, strict=True))
+  by_column = list(zip(*(row for _, row in items), strict=True))
   batch = {}
   for name in columns if columns is not None else names:
     values = by_column[at[name]]
     if name == 'image':
-      batch['image'] = _images(rows, at)
+      shapes = zip(*(by_column[at[c]] for c in _SHAPE_COLUMNS), strict=True)
+      batch['image'] = _images(values, [_image_type(*shape) for shape in shapes])
     elif name in ('i_mask', 'o_mask'):
       batch[f'has_{name}'] = np.array([v is not None for v in values])
-      shapes = [(row[at['rows']], row[at['columns']]) for row in rows]
-      batch[name] = _masks(values, shapes)
+      shapes = zip(by_column[at['rows']], by_column[at['columns']], strict=True)
+      batch[name] = _masks(values, list(shapes))
     else:
       batch[name] = _column_array(values)
   if 'image' in at:
