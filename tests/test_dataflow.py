@@ -29,8 +29,8 @@ def test_dataflow_dry_run_translates_every_stage(capsys):
     'Decode/FanOut',
     'Decode/DecodeSlices',
     'Write/WriteSlices',
-    'Write/Reconciliation',
-    'Write/Errors',
+    'Write/ByReport',
+    'Write/WriteReports',
   ):
     assert stage in names, stage
   assert job.proto.name.startswith('beamapp-')
