@@ -69,10 +69,20 @@ def show_worker_logs() -> None:
     logger.addFilter(WorkerLogFilter())
 
 
+# ``extra=FILE_ONLY`` on a log call: the line goes to the log file only (the
+# console already shows it another way, e.g. in the summary).
+FILE_ONLY = {'file_only': True}
+
+
 def _ours(record: logging.LogRecord) -> bool:
   """The console's rule: our own lines, without tracebacks (those are in the
-  log file, as is everything Beam and other libraries log)."""
-  return record.name.split('.')[0] in _OUR_LOGGERS and not record.exc_info
+  log file, as is everything Beam and other libraries log) and without the
+  lines logged with FILE_ONLY."""
+  return (
+    record.name.split('.')[0] in _OUR_LOGGERS
+    and not record.exc_info
+    and not getattr(record, 'file_only', False)
+  )
 
 
 def log_path() -> str:

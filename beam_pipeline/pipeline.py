@@ -30,6 +30,7 @@ from apache_beam.runners.runner import PipelineResult, PipelineState
 
 from beam_pipeline import (
   arguments,
+  console,
   duplicates,
   interrupts,
   keys,
@@ -408,6 +409,8 @@ def _launch(
       totals, outputs, seconds, output=ingest.output, split=ingest.split
     )
   )
-  for empty in summary.empty_splits(totals):
-    _LOG.warning('split %s is empty at --split %s', empty, ingest.split)
+  for empty in summary.empty_splits(totals):  # the summary has shown it
+    _LOG.warning(
+      'split %s is empty at --split %s', empty, ingest.split, extra=console.FILE_ONLY
+    )
   return Run(result, totals, ingest)

@@ -126,11 +126,15 @@ def test_the_quick_start_runs_twice_and_leaves_nothing_behind(tmp_path):
     assert code == cli.EXIT_OK, err
     assert 'Summary' in out
     assert all(_OURS.match(line) for line in err.splitlines()), err
+    # 3 patients leave val and test empty: one warning each, in the summary
+    for empty in ('val', 'test'):
+      assert (out + err).count(f'split {empty} is empty') == 1, (out, err)
   assert sorted(os.listdir(work)) == ['output', 'sample_data']
   assert os.listdir(temp) == ['cardiac-mri-logs']  # no beam-temp* folder
   logs = sorted(os.listdir(temp / 'cardiac-mri-logs'))
   assert len(logs) == 2
-  assert 'apache_beam' in (temp / 'cardiac-mri-logs' / logs[0]).read_text()
+  logged = (temp / 'cardiac-mri-logs' / logs[0]).read_text()
+  assert 'apache_beam' in logged and 'split val is empty' in logged
 
 
 def test_a_users_own_output_is_not_replaced_without_overwrite(tmp_path):
