@@ -85,7 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     dest='skip_space_check',
     action='store_true',
     help='Launch even when the estimated dataset size exceeds the free space '
-    'at a local --output (the estimate assumes an uncompressed image column).',
+    'at a local --output (the estimate compresses sampled files with '
+    '--image-codec).',
   )
   _add(
     io,
@@ -232,8 +233,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     + ', '.join(settings.IMAGE_CODECS)
     + ', with a level for zstd, gzip and brotli (e.g. zstd:3). zstd:2 keeps '
     "the dataset no larger than the plain script's; none (raw bytes) writes "
-    'and reads back fastest, at 1.75x the size (BENCHMARKS.md). Every other '
-    'column is zstd.',
+    'and reads back fastest, at 1.75x the size (BENCHMARKS.md). The masks '
+    'are zstd, the small columns LZ4.',
   )
   _add(
     performance,
