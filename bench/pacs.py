@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import urllib3
-from run import count_slices, measure, pipeline_command, settle
+from run import count_slices, first_patient, measure, pipeline_command, settle
 
 from tests import orthanc  # noqa: E402  (run puts the repo on the path)
 from transforms import dicomweb  # noqa: E402
@@ -64,19 +64,6 @@ def pacs_tree(data: str, target: str) -> str:
         setattr(ds, keyword, uid)
       ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
       ds.save_as(os.path.join(target, 'dicoms', folder, name))
-  return target
-
-
-def first_patient(data: str, target: str) -> str:
-  """A tree of ``data``'s first link.csv row only (its slices and contours)."""
-  with open(os.path.join(data, 'link.csv')) as f:
-    header, first = f.read().splitlines()[:2]
-  patient, original = first.split(',')
-  os.makedirs(target)
-  with open(os.path.join(target, 'link.csv'), 'w') as f:
-    f.write(f'{header}\n{first}\n')
-  for top, name in (('dicoms', patient), ('contourfiles', original)):
-    shutil.copytree(os.path.join(data, top, name), os.path.join(target, top, name))
   return target
 
 

@@ -124,6 +124,19 @@ def count_slices(data: str) -> int:
   )
 
 
+def first_patient(data: str, target: str) -> str:
+  """A tree of ``data``'s first link.csv row only (its slices and contours)."""
+  with open(os.path.join(data, 'link.csv')) as f:
+    header, first = f.read().splitlines()[:2]
+  patient, original = first.split(',')
+  os.makedirs(target)
+  with open(os.path.join(target, 'link.csv'), 'w') as f:
+    f.write(f'{header}\n{first}\n')
+  for top, name in (('dicoms', patient), ('contourfiles', original)):
+    shutil.copytree(os.path.join(data, top, name), os.path.join(target, top, name))
+  return target
+
+
 def pipeline_command(
   data: str, out: str, extra: list[str], repo: str = REPO
 ) -> list[str]:
