@@ -37,7 +37,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import urllib3
-from run import count_slices, first_patient, measure, pipeline_command, settle
+from run import (
+  count_slices,
+  first_patient,
+  mark_past_fixed_cost,
+  measure,
+  pipeline_command,
+  settle,
+)
 
 from tests import orthanc  # noqa: E402  (run puts the repo on the path)
 from transforms import dicomweb  # noqa: E402
@@ -171,10 +178,8 @@ def main(argv=None) -> None:
     return statistics.median(values) if values else None
 
   added = slices[data] - slices[one]
-  for name in ('tree', 'pacs'):  # past the fixed cost, which both sizes pay
-    pairs = zip(results[name], results[f'{name}, 1 patient'], strict=True)
-    for full, small in pairs:
-      full['marginal'] = added / (full['seconds'] - small['seconds'])
+  for name in ('tree', 'pacs'):
+    mark_past_fixed_cost(results[name], results[f'{name}, 1 patient'], added)
 
   def ratio(a: str, b: str, key: str = 'rate', key_b: str = 'rate') -> str:
     pairs = zip(results[a], results[b], strict=True)

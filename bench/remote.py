@@ -43,7 +43,14 @@ import tempfile
 import time
 
 import psutil
-from run import count_slices, first_patient, measure, pipeline_command, settle
+from run import (
+  count_slices,
+  first_patient,
+  mark_past_fixed_cost,
+  measure,
+  pipeline_command,
+  settle,
+)
 
 from tests import proxy  # noqa: E402  (run puts the repo on the path)
 from tests.helpers import free_port  # noqa: E402
@@ -213,11 +220,11 @@ def main(argv=None) -> None:
 
   # Objects/s, end to end and past the fixed cost that both sizes pay: the
   # unit boto3 alone is measured in (a slice is 1.17 objects with contours).
-  added = len(keys) - len(one_keys)
-  pairs = zip(results['s3'], results['s3, 1 patient'], strict=True)
-  for full, small in pairs:
+  for full in results['s3']:
     full['objects/s'] = len(keys) / full['seconds']
-    full['marginal'] = added / (full['seconds'] - small['seconds'])
+  mark_past_fixed_cost(
+    results['s3'], results['s3, 1 patient'], len(keys) - len(one_keys)
+  )
   print(
     f'\n{slices[args.data]} slices, {len(keys)} objects ({slices[one]} slices, '
     f"{len(one_keys)} objects the first patient's), {args.runs} rounds (medians)\n"

@@ -137,6 +137,15 @@ def first_patient(data: str, target: str) -> str:
   return target
 
 
+def mark_past_fixed_cost(full: list[dict], small: list[dict], added: int) -> None:
+  """Sets each full run's ``marginal``: the ``added`` items (slices or
+  objects) the full tree holds over the 1-patient tree (first_patient),
+  over the seconds they add in the same round; the fixed cost both pay
+  drops out."""
+  for big, one in zip(full, small, strict=True):
+    big['marginal'] = added / (big['seconds'] - one['seconds'])
+
+
 def pipeline_command(
   data: str, out: str, extra: list[str], repo: str = REPO
 ) -> list[str]:
