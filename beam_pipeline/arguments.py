@@ -302,6 +302,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     help='Instances asked for per QIDO-RS search page (limit/offset) on '
     '--dicomweb-url; lower it for a server that caps its answers.',
   )
+  _add(
+    performance,
+    '--dicomweb-retrieve',
+    dest='dicomweb_retrieve',
+    choices=dicomweb.RETRIEVE_MODES,
+    default=dicomweb.SERIES,
+    help="How slices are retrieved from --dicomweb-url: series (a patient's "
+    'series in one WADO-RS request, its instances held within '
+    '--max-chunk-bytes; what it does not bring is retrieved alone) or '
+    'instance (one request per instance, --chunk-size slices a work item).',
+  )
   qa = parser.add_argument_group(QA)
   _add(
     qa,

@@ -80,6 +80,7 @@ class IngestOptions(PipelineOptions):
       concurrency=self.read_concurrency,
       attempts=self.request_attempts,
       page_size=self.dicomweb_page_size,
+      retrieve=self.dicomweb_retrieve,
     )
 
   def parsed_series_filter(self) -> SeriesFilter | None:

@@ -8,7 +8,10 @@ interleaved rounds:
 
 - ``tree``: the pipeline on the local tree;
 - ``pacs``: the same tree with ``--dicomweb-url`` (its dicoms/ ignored): the
-  slices are searched and retrieved from Orthanc;
+  slices are searched and retrieved from Orthanc, a series a request (the
+  default, ``--dicomweb-retrieve series``);
+- ``pacs by instance``: the same with ``--dicomweb-retrieve instance``, a
+  request per instance;
 - ``tree, 1 patient`` and ``pacs, 1 patient``: the same with only the first
   link.csv row, to separate each mode's fixed cost (start-up, the pre-flight
   search, Beam's stages) from its rate: "past the fixed cost" is the slices
@@ -16,7 +19,10 @@ interleaved rounds:
 - ``wado-rs alone``: one pooled urllib3 client retrieving every instance of
   the tree with WADO-RS, 32 at a time, doing nothing else: what Orthanc
   serves on this machine, the baseline of the target (a rate with no fixed
-  cost, so it is compared with the pipeline's rate past its fixed cost).
+  cost, so it is compared with the pipeline's rate past its fixed cost);
+- ``wado-rs series alone``: the same client retrieving every series whole
+  (each answer read to its end), 32 at a time: the ceiling of the pipeline's
+  own way of asking.
 
 Prints medians of slices/s (instances/s for the baseline), wall and CPU
 seconds of the pipeline's process tree and of Orthanc (they share the
@@ -92,8 +98,9 @@ def instance_paths(server: orthanc.Server) -> list[str]:
   return [dicomweb.instance_of(item).path for item in json.loads(body)]
 
 
-def wado_alone(server: orthanc.Server, paths: list[str]) -> float:
-  """Instances/s of one pooled client retrieving ``paths``, 32 at a time."""
+def wado_alone(server: orthanc.Server, paths: list[str], instances: int) -> float:
+  """Instances/s of one pooled client retrieving ``paths`` (instances or
+  whole series, ``instances`` in all), 32 at a time."""
   pool = urllib3.PoolManager(maxsize=CONCURRENCY)
   headers = {
     'Authorization': orthanc.authorization(),
@@ -108,7 +115,7 @@ def wado_alone(server: orthanc.Server, paths: list[str]) -> float:
   start = time.perf_counter()
   with ThreadPoolExecutor(CONCURRENCY) as threads:
     list(threads.map(get, paths))
-  return len(paths) / (time.perf_counter() - start)
+  return instances / (time.perf_counter() - start)
 
 
 def main(argv=None) -> None:
@@ -138,6 +145,7 @@ def main(argv=None) -> None:
       file=sys.stderr,
     )
     paths = instance_paths(server)
+    series = sorted({p.rpartition('/instances/')[0] for p in paths})
     process = psutil.Process(server.pid)
 
     def server_cpu() -> float:
@@ -156,12 +164,16 @@ def main(argv=None) -> None:
       return run
 
     pacs = ['--dicomweb-url', server.dicomweb]
+    by_instance = [*pacs, '--dicomweb-retrieve', 'instance']
     modes = {
       'tree': pipeline(data, []),
       'pacs': pipeline(data, pacs),
+      'pacs by instance': pipeline(data, by_instance),
       'tree, 1 patient': pipeline(one, []),
       'pacs, 1 patient': pipeline(one, pacs),
-      'wado-rs alone': lambda: {'rate': wado_alone(server, paths)},
+      'pacs by instance, 1 patient': pipeline(one, by_instance),
+      'wado-rs alone': lambda: {'rate': wado_alone(server, paths, len(paths))},
+      'wado-rs series alone': lambda: {'rate': wado_alone(server, series, len(paths))},
     }
     for round_ in range(args.runs):
       order = list(modes) if round_ % 2 == 0 else list(reversed(modes))
@@ -178,7 +190,7 @@ def main(argv=None) -> None:
     return statistics.median(values) if values else None
 
   added = slices[data] - slices[one]
-  for name in ('tree', 'pacs'):
+  for name in ('tree', 'pacs', 'pacs by instance'):
     mark_past_fixed_cost(results[name], results[f'{name}, 1 patient'], added)
 
   def ratio(a: str, b: str, key: str = 'rate', key_b: str = 'rate') -> str:
@@ -196,17 +208,27 @@ def main(argv=None) -> None:
   for name in modes:
     keys = ('rate', 'marginal', 'seconds', 'cpu', 'server cpu')
     shown = ['' if c is None else f'{c:.1f}' for c in (median(name, k) for k in keys)]
-    unit = ' (instances/s)' if name == 'wado-rs alone' else ''
+    unit = ' (instances/s)' if name.startswith('wado-rs') else ''
     print(f'| {name} | {shown[0]}{unit} | {" | ".join(shown[1:])} |')
   print()
   print(
     f'- pacs / tree: {ratio("pacs", "tree")}; past the fixed cost: '
     f'{ratio("pacs", "tree", "marginal", "marginal")}'
   )
+  for name in ('pacs', 'pacs by instance'):
+    print(
+      f'- {name} / wado-rs alone, past the fixed cost: '
+      f'{ratio(name, "wado-rs alone", "marginal")} (target >= 0.5); end to end: '
+      f'{ratio(name, "wado-rs alone")}'
+    )
   print(
-    f'- pacs / wado-rs alone, past the fixed cost: '
-    f'{ratio("pacs", "wado-rs alone", "marginal")} (target >= 0.5); end to end: '
-    f'{ratio("pacs", "wado-rs alone")}'
+    f'- pacs / wado-rs series alone, past the fixed cost: '
+    f'{ratio("pacs", "wado-rs series alone", "marginal")}; end to end: '
+    f'{ratio("pacs", "wado-rs series alone")}'
+  )
+  print(
+    f'- pacs / pacs by instance: {ratio("pacs", "pacs by instance")}; past the '
+    f'fixed cost: {ratio("pacs", "pacs by instance", "marginal", "marginal")}'
   )
 
 

@@ -13,10 +13,12 @@ import os
 import subprocess
 import sys
 
+import pyarrow.parquet as pq
 import pydicom
 import pytest
 
 from beam_pipeline import cli, keys, sample
+from beam_pipeline.contract import metrics
 from beam_pipeline.contract import schema as s
 from tests import orthanc, proxy
 from tests.helpers import (
@@ -120,22 +122,56 @@ def _without_paths(tables):
   return sorted(slices, key=lambda r: (r['patient_id'], r['slice_index']))
 
 
-def test_a_pacs_gives_the_tree_dataset(pacs, credentials, tmp_path, capsys):
+def _fetches(out):
+  """(instances from series retrieves, instances retrieved alone, series
+  retrieves that ended early) of a run, from its summary's counters."""
+  with open(os.path.join(out, '_SUMMARY.json')) as f:
+    counters = json.load(f)['counters']
+  return tuple(counters.get(name, 0) for name in metrics.PACS_FETCHES)
+
+
+# How the slices are retrieved: --dicomweb-retrieve, and a --max-chunk-bytes
+# so small that a series' answer must let most instances go (each then
+# retrieved alone) while others are taken from it.
+MODES = {
+  'series': [],
+  'instance': ['--dicomweb-retrieve', 'instance'],
+  'series, small budget': ['--max-chunk-bytes', '4000'],
+}
+
+
+@pytest.mark.parametrize('mode', MODES)
+def test_a_pacs_gives_the_tree_dataset(pacs, credentials, tmp_path, capsys, mode):
   root = str(tmp_path / 'DATA')
+  prefix = 'EQ' + str(list(MODES).index(mode))
   _, refused = _uploaded_tree(
-    pacs, root, 'EQ', patients=3, slices=8, rows=24, columns=20, quirks=QUIRKS
+    pacs, root, prefix, patients=3, slices=8, rows=24, columns=20, quirks=QUIRKS
   )
   assert refused  # the broken slices: Orthanc stores only DICOM
   tree_out, pacs_out = str(tmp_path / 'tree'), str(tmp_path / 'pacs')
   assert cli.main(['--input', root, '--output', tree_out]) == cli.EXIT_QUARANTINED
   capsys.readouterr()
-  code = cli.main(_pacs_args(pacs.dicomweb, root, pacs_out))
+  code = cli.main(_pacs_args(pacs.dicomweb, root, pacs_out, *MODES[mode]))
   assert code == cli.EXIT_QUARANTINED
   assert (
     'dicoms is ignored: the slices come from --dicomweb-url' in capsys.readouterr().err
   )
   tree, pacs_tables = dataset_tables(tree_out), dataset_tables(pacs_out)
   assert len(tree['slices']) > 10
+  streamed, alone, incomplete = _fetches(pacs_out)
+  unusable = [  # fetched, and then found unusable
+    r
+    for r in pacs_tables['errors']
+    if r['path'].startswith('studies/') and r['stage'] != s.STAGE_SEARCH
+  ]
+  assert streamed + alone == len(pacs_tables['slices']) + len(unusable)
+  assert incomplete == 0
+  if mode == 'series':
+    assert alone == 0
+  elif mode == 'instance':
+    assert streamed == 0
+  else:
+    assert streamed > 0 and alone > 0
   assert _without_paths(pacs_tables) == _without_paths(tree)
   for row in pacs_tables['slices']:
     assert row['dicom_path'].startswith('studies/')
@@ -254,25 +290,57 @@ def test_search_pages_hold_fewer_instances_than_a_patient_has(
   found = list(dicomweb.DicomWebClient(config).search(patient))
   assert sorted(int(i.number) for i in found) == list(range(1, 24))
   out = str(tmp_path / 'OUT')
-  args = _pacs_args(pacs.dicomweb, root, out, '--dicomweb-page-size', '4')
+  args = _pacs_args(
+    pacs.dicomweb, root, out, '--dicomweb-page-size', '4', '--chunk-size', '5'
+  )
   assert cli.main(args) == cli.EXIT_OK
   written = sorted(r['slice_index'] for r in dataset_tables(out)['slices'])
   assert written == list(range(1, 24))
+  # One retrieve brought the series; it is written in the row groups of the
+  # tree's chunks of --chunk-size slices.
+  assert _fetches(out) == (23, 0, 0)
+  tree_out = str(tmp_path / 'TREE')
+  assert cli.main(['--input', root, '--output', tree_out, '--chunk-size', '5']) == 0
+
+  def sizes(folder):
+    found = []
+    for path in glob.glob(os.path.join(folder, 'slices', '*.parquet')):
+      meta = pq.ParquetFile(path).metadata
+      found += [meta.row_group(k).num_rows for k in range(meta.num_row_groups)]
+    return sorted(found)
+
+  assert sizes(out) == sizes(tree_out) and len(sizes(out)) >= 5
 
 
+@pytest.mark.parametrize(
+  'mode, concurrency, retrieves',
+  [('instance', 3, 32), ('series', 1, 2), ('series', 3, 2)],
+)
 def test_retrieves_in_flight_never_exceed_the_read_concurrency(
-  pacs, credentials, tmp_path
+  pacs, credentials, tmp_path, mode, concurrency, retrieves
 ):
   root = str(tmp_path / 'DATA')
-  _uploaded_tree(pacs, root, 'CONC', patients=2, slices=16, rows=8, columns=8)
+  prefix = f'CONC{mode[0]}{concurrency}'
+  _uploaded_tree(pacs, root, prefix, patients=2, slices=16, rows=8, columns=8)
   with proxy.started(pacs.root, '--http', '--delay', '0.05') as (endpoint, figures):
     args = _pacs_args(
-      endpoint + '/dicom-web', root, str(tmp_path / 'OUT'), '--read-concurrency', '3'
+      endpoint + '/dicom-web',
+      root,
+      str(tmp_path / 'OUT'),
+      '--read-concurrency',
+      str(concurrency),
+      '--dicomweb-retrieve',
+      mode,
     )
     assert cli.main(args) == cli.EXIT_OK
-  # 1 pre-flight search, 2 patients' searches (a page and an empty one each)
-  assert figures['requests'] == 1 + 2 * 2 + 32
-  assert 2 <= figures['max_in_flight'] <= 3
+  # 1 pre-flight search, 2 patients' searches (a page and an empty one each),
+  # then one retrieve per instance, or per series (its answer read while the
+  # next series is asked for, within the bound).
+  assert figures['requests'] == 1 + 2 * 2 + retrieves
+  assert min(2, concurrency) <= figures['max_in_flight'] <= concurrency
+  assert _fetches(str(tmp_path / 'OUT'))[:2] == (
+    (32, 0) if mode == 'series' else (0, 32)
+  )
 
 
 def test_wrong_credentials_are_one_line_and_exit_two_before_anything_runs(
@@ -334,16 +402,20 @@ def test_credentials_never_reach_logs_outputs_or_options(
   )
 
 
+@pytest.mark.parametrize('mode', [dicomweb.INSTANCE, dicomweb.SERIES])
 def test_a_server_stopped_mid_run_leaves_fetch_rows_and_a_dataset(
-  tmp_path, credentials
+  tmp_path, credentials, mode
 ):
   orthanc.require()
   root = str(tmp_path / 'DATA')
   with orthanc.started(str(tmp_path / 'orthanc')) as server:
     _uploaded_tree(server, root, 'STOP', patients=2, slices=12, rows=8, columns=8)
     # The proxy stops Orthanc (by its pid) once 9 requests have been answered:
-    # the pre-flight search, two per patient, then 4 retrieves.
-    stop = ['--stop-after', '9', '--upstream-pid', str(server.pid)]
+    # the pre-flight search, two per patient, then 4 retrieves; asking for
+    # series, once the searches are answered: both series' retrieves fail,
+    # and so does every instance then retrieved alone.
+    answered = '9' if mode == dicomweb.INSTANCE else '5'
+    stop = ['--stop-after', answered, '--upstream-pid', str(server.pid)]
     with proxy.started(server.root, '--http', *stop) as (endpoint, figures):
       out = str(tmp_path / 'OUT')
       args = _pacs_args(
@@ -354,12 +426,17 @@ def test_a_server_stopped_mid_run_leaves_fetch_rows_and_a_dataset(
         '1',
         '--request-attempts',
         '2',
+        '--dicomweb-retrieve',
+        mode,
       )
       assert cli.main(args) == cli.EXIT_QUARANTINED
   tables = dataset_tables(out)
   fetched = [r for r in tables['errors'] if r['stage'] == s.STAGE_FETCH]
   assert len(fetched) + len(tables['slices']) == 24
-  assert 4 <= len(tables['slices']) <= 6
+  if mode == dicomweb.INSTANCE:
+    assert 4 <= len(tables['slices']) <= 6
+  else:
+    assert tables['slices'] == [] and _fetches(out) == (0, 24, 2)
   assert all(
     r['error'].startswith('cannot retrieve: no answer from the server after 2')
     for r in fetched
@@ -378,7 +455,15 @@ def test_throttled_retrieves_are_retried_and_failing_ones_are_fetch_rows(
   rules = ['--fail', f'/{failing}=-1', '--fail', '/instances/1.=4']
   with proxy.started(pacs.root, *rules) as (endpoint, figures):
     out = str(tmp_path / 'OUT')
-    args = _pacs_args(endpoint + '/dicom-web', root, out, '--request-attempts', '3')
+    args = _pacs_args(
+      endpoint + '/dicom-web',
+      root,
+      out,
+      '--request-attempts',
+      '3',
+      '--dicomweb-retrieve',
+      'instance',
+    )
     assert cli.main(args) == cli.EXIT_QUARANTINED
   tables = dataset_tables(out)
   assert sorted(r['slice_index'] for r in tables['slices']) == [1, 2, 3, 5, 6]
@@ -386,6 +471,39 @@ def test_throttled_retrieves_are_retried_and_failing_ones_are_fetch_rows(
   assert row['stage'] == s.STAGE_FETCH and failing in row['path']
   assert 'HTTP 503 Service Unavailable after 3 attempts' in row['error']
   assert figures['faults'] == 3 + 4
+
+
+@pytest.mark.parametrize('refusals', [1, -1])
+def test_a_refused_series_retrieve_is_retried_then_taken_instance_by_instance(
+  pacs, credentials, tmp_path, refusals
+):
+  root = str(tmp_path / 'DATA')
+  _uploaded_tree(
+    pacs, root, f'SER{refusals + 1}', patients=1, slices=6, rows=8, columns=8
+  )
+  (patient,) = os.listdir(os.path.join(root, 'dicoms'))
+  found = _instances(pacs, patient)
+  (series,) = {i.series for i in found}
+  (failing,) = [i.sop for i in found if i.number == '4']
+  # The series' retrieve (its request line ends with the series UID) is
+  # answered 503 once (then served) or always; slice 4 alone always.
+  rules = ['--fail', f'/series/{series} HTTP={refusals}', '--fail', f'/{failing}=-1']
+  with proxy.started(pacs.root, *rules) as (endpoint, figures):
+    out = str(tmp_path / 'OUT')
+    args = _pacs_args(endpoint + '/dicom-web', root, out, '--request-attempts', '3')
+    code = cli.main(args)
+  tables = dataset_tables(out)
+  if refusals == 1:  # retried: every instance comes with the series
+    assert code == cli.EXIT_OK and figures['faults'] == 1
+    assert len(tables['slices']) == 6 and _fetches(out) == (6, 0, 0)
+    return
+  assert code == cli.EXIT_QUARANTINED
+  assert figures['faults'] == 3 + 3
+  assert sorted(r['slice_index'] for r in tables['slices']) == [1, 2, 3, 5, 6]
+  (row,) = tables['errors']
+  assert row['stage'] == s.STAGE_FETCH and failing in row['path']
+  assert 'HTTP 503 Service Unavailable after 3 attempts' in row['error']
+  assert _fetches(out) == (0, 6, 1)
 
 
 def _instance(number='7', series='1.2.3', sop='1.2.3.4', **more):

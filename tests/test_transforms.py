@@ -25,7 +25,7 @@ from beam_pipeline.contract.layout import (
 from beam_pipeline.dataset import image_of, mask_of
 from tests.helpers import reference_mask
 from transforms import listing
-from transforms.chunks import SliceTask, plan_chunks
+from transforms.chunks import SliceTask, bounds, plan_chunks
 from transforms.decode import DecodeSlices
 from transforms.listing import ListTree, ReadLinks
 from transforms.reconcile import Reconcile
@@ -193,6 +193,20 @@ def test_plan_chunks_splits_in_order_and_filters_labeled():
   labeled = plan_chunks(patient, chunk_size=3, labeled_only=True)
   assert [[t.slice_index for t in c.slices] for c in labeled] == [[3, 6]]
   assert plan_chunks(Patient('P', 'O', slices, ()), 3, labeled_only=True) == []
+
+
+def test_a_pacs_series_is_one_chunk_unless_few_of_its_slices_are_kept():
+  slices = tuple(_dicom('P', k) for k in range(1, 8))
+  contours = (ContourFile('O', 'i', 3, 'c3'), ContourFile('O', 'o', 6, 'c6'))
+  patient = Patient('P', 'O', slices, contours)
+  (whole,) = plan_chunks(patient, chunk_size=3, whole_series=True)
+  assert whole.whole_series and whole.is_last
+  assert [t.slice_index for t in whole.slices] == list(range(1, 8))
+  # 2 of 7 slices kept: retrieved one by one, in chunks as usual
+  labeled = plan_chunks(patient, 3, labeled_only=True, whole_series=True)
+  assert [c.whole_series for c in labeled] == [False]
+  assert bounds(7, 3) == [0, 2, 4, 7] and bounds(230, 64) == [0, 57, 115, 172, 230]
+  assert bounds(0, 5) == [0, 0]
 
 
 def _decode(root, patients):

@@ -367,3 +367,44 @@ def decode(data: bytes, max_pixels: int) -> Decoded | None:
   meta['samples_per_pixel'] = samples
   meta[PIXEL_DTYPE.name] = image.dtype.name
   return Decoded(meta, image, len(data), risk)
+
+
+_SOP_INSTANCE_UID = 0x00080018
+_DEFLATED_LE = '1.2.840.10008.1.2.1.99'
+
+
+def instance_uid(head: bytes) -> str | None:
+  """The data set's SOP Instance UID (0008,0018) from the first bytes of a
+  DICOM file (PS3.10: preamble, meta group, data set), or None when it is
+  not among them or the data set is not little endian (a deflated one is
+  inflated as far as needed; big endian is not read).
+
+  Read from the data set, not the meta group's copy (0002,0003): it is the
+  UID a server indexes the instance by, and a file whose two copies differ
+  is then never taken for another instance.
+  """
+  import zlib
+
+  try:
+    syntax, pos = _file_meta(head)
+    data = head
+    if syntax == _DEFLATED_LE:
+      # The head may end mid-stream: inflate what is there, at most 64 KB.
+      data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(head[pos:], 65536)
+      pos, syntax = 0, EXPLICIT_LE
+    if syntax is None or syntax == '1.2.840.10008.1.2.2':  # explicit big endian
+      return None
+    explicit = syntax != IMPLICIT_LE  # the encapsulated syntaxes are explicit LE
+    while pos < len(data):
+      tag, vr, length, pos = _header(data, pos, explicit)
+      if tag > _SOP_INSTANCE_UID or length == _UNDEFINED:
+        return None  # past it, or a sequence before it: not looked into
+      if pos + length > len(data):
+        return None
+      if tag == _SOP_INSTANCE_UID:
+        uid = data[pos : pos + length].decode('ascii').rstrip(' \x00')
+        return uid or None
+      pos += length
+  except (_Unsupported, zlib.error, UnicodeDecodeError):
+    return None
+  return None

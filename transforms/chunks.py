@@ -54,7 +54,9 @@ class SliceTask(NamedTuple):
 
 
 class SliceChunk(NamedTuple):
-  """Up to chunk_size slices of one patient."""
+  """Up to chunk_size slices of one patient, or, with ``whole_series``, all
+  its slices of one PACS series: they are retrieved in one request and
+  written as row groups of up to chunk_size slices (``bounds``)."""
 
   patient_id: str
   original_id: str
@@ -62,6 +64,7 @@ class SliceChunk(NamedTuple):
   chunks: int
   slices: tuple[SliceTask, ...]
   position: float | None = None  # see layout.Link.position
+  whole_series: bool = False
 
   @property
   def is_last(self) -> bool:
@@ -76,8 +79,18 @@ class SliceChunk(NamedTuple):
     return splits.split_at(self.position, fractions)
 
 
+def bounds(n: int, size: int) -> list[int]:
+  """Where ``n`` items split into ``ceil(n / size)`` runs of nearly equal
+  length, in order: [0, ..., n] (230 at 64: 0, 57, 115, 172, 230)."""
+  count = max(1, math.ceil(n / size))
+  return [k * n // count for k in range(count + 1)]
+
+
 def plan_chunks(
-  patient: Patient, chunk_size: int, labeled_only: bool = False
+  patient: Patient,
+  chunk_size: int,
+  labeled_only: bool = False,
+  whole_series: bool = False,
 ) -> list[SliceChunk]:
   """Splits a patient's slices into chunks of nearly equal size, in slice order.
 
@@ -86,6 +99,11 @@ def plan_chunks(
   items out by count, so even items keep every worker busy to the end.
   With ``labeled_only``, only slices with at least one contour file are kept;
   a patient without any then yields no chunk.
+
+  With ``whole_series`` (slices from a PACS, all of one series), one chunk
+  holds them all when they are at least half of the patient's slices, so
+  that the series is retrieved once; fewer (``labeled_only`` keeping a few)
+  are planned as above and retrieved one by one.
   """
   contours: dict[int, dict[str, layout.ContourFile]] = {}
   for contour in patient.contours:
@@ -97,18 +115,29 @@ def plan_chunks(
   ]
   if not tasks:
     return []
-  count = math.ceil(len(tasks) / chunk_size)
-  bounds = [k * len(tasks) // count for k in range(count + 1)]
+  if whole_series and len(tasks) > 1 and 2 * len(tasks) >= len(patient.slices):
+    return [
+      SliceChunk(
+        patient.patient_id,
+        patient.original_id,
+        0,
+        1,
+        tuple(tasks),
+        patient.position,
+        whole_series=True,
+      )
+    ]
+  cuts = bounds(len(tasks), chunk_size)
   return [
     SliceChunk(
       patient.patient_id,
       patient.original_id,
       k,
-      count,
-      tuple(tasks[bounds[k] : bounds[k + 1]]),
+      len(cuts) - 1,
+      tuple(tasks[cuts[k] : cuts[k + 1]]),
       patient.position,
     )
-    for k in range(count)
+    for k in range(len(cuts) - 1)
   ]
 
 

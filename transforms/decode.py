@@ -16,7 +16,9 @@ routes outcomes and counts them.
 
 from __future__ import annotations
 
+import collections
 import logging
+import threading
 import uuid
 from collections.abc import Iterator
 
@@ -41,11 +43,12 @@ from transforms import (
   dicomweb,
   duplicates,
   quality,
+  series,
   stores,
   tuning,
 )
 from transforms.assemble import SliceResult, slice_row, unusable_slice
-from transforms.chunks import SliceChunk, SliceTask, plan_chunks
+from transforms.chunks import SliceChunk, SliceTask, bounds, plan_chunks
 from transforms.dicom import decode_dicom
 from transforms.outcomes import Decoded, Failed, Outcome
 from transforms.settings import DecodeSettings
@@ -67,6 +70,10 @@ class SliceDecoder:
   the files (slices and their contour files, in the order they are used) are
   fetched ahead, ``settings.store.read_concurrency`` requests in flight
   (stores.Prefetcher), so the network's latency overlaps with decoding.
+  From a PACS, a whole series is retrieved in one request
+  (transforms.series), its instances held until used within
+  ``settings.max_chunk_bytes`` for all of the worker's series at once; an
+  instance the series' answer does not bring is retrieved on its own.
   """
 
   def __init__(self, input_root: str, settings: DecodeSettings, decode_fn):
@@ -81,6 +88,12 @@ class SliceDecoder:
       if stores.is_local(input_root) and self._pacs is None
       else stores.Prefetcher(settings.store.read_concurrency, self._window_bytes)
     )
+    # The PACS requests in flight (series answers being read included).
+    self._slots = threading.BoundedSemaphore(max(1, settings.store.read_concurrency))
+    self._budget = series.Budget(settings.max_chunk_bytes)
+    self._fetches: collections.Counter[str] = collections.Counter()
+    self._fetches_lock = threading.Lock()
+    self._stream_failures = 0
     if settings.isolate:
       memory = _isolate.decoder_headroom(self._limits)
       self._fallback = _isolate.DecoderPool(
@@ -105,29 +118,88 @@ class SliceDecoder:
       _LOG.exception('native reader failed on %s', label)
       return None
 
-  def _read(self, item: tuple[str, bool]) -> bytes | Failed:
+  def _count(self, name: str) -> None:
+    with self._fetches_lock:
+      self._fetches[name] += 1
+
+  def fetch_counts(self) -> dict[str, int]:
+    """{counter name: count} of the PACS fetches since the last call (the
+    caller's thread adds them to Beam's counters, which are per thread)."""
+    with self._fetches_lock:
+      counts, self._fetches = dict(self._fetches), collections.Counter()
+    return counts
+
+  def _read(
+    self, item: tuple[str, bool], stream: series.SeriesStream | None = None
+  ) -> bytes | Failed:
     """The bytes of (path, whether it is a slice), from the PACS for slices
-    when there is one, else from the tree."""
+    when there is one (from ``stream`` if it brings them), else from the
+    tree."""
     path, is_slice = item
     if not (is_slice and self._pacs is not None):
       return _files.read_or_fail(self._root, path, self._limits.max_file_bytes)
+    if stream is not None:
+      found = stream.take(_instance_uid(path))
+      if isinstance(found, bytes):
+        self._count(metrics.PACS_INSTANCES_STREAMED)
+        return found
+      if found is not None:  # FileTooLargeError
+        return Failed(s.STAGE_FETCH, str(found))
+    self._count(metrics.PACS_INSTANCES_RETRIEVED)
     try:
-      return self._pacs.retrieve(path, self._limits.max_file_bytes)
+      with self._slots:
+        return self._pacs.retrieve(path, self._limits.max_file_bytes)
     except FileTooLargeError as e:
       return Failed(s.STAGE_FETCH, str(e))
     except Exception as e:  # DicomWebError (with its status) or a bug
       return Failed(s.STAGE_FETCH, f'cannot retrieve: {e}')
 
-  def _reads(self, items: list[tuple[str, bool]]) -> Iterator[bytes | Failed]:
+  def _stream(self, paths: list[str]) -> series.SeriesStream | None:
+    """A stream of the series that holds every one of ``paths`` (instance
+    paths of a PACS), or None if they are not of one series."""
+    series_paths = {path.rpartition('/instances/')[0] for path in paths}
+    if self._pacs is None or len(series_paths) != 1 or '' in series_paths:
+      return None
+    (series_path,) = series_paths
+    pacs = self._pacs
+    return series.SeriesStream(
+      lambda: pacs.open_series(series_path),
+      [_instance_uid(path) for path in paths],
+      self._limits.max_file_bytes,
+      self._budget,
+      self._slots,
+      self._stream_ended,
+    )
+
+  def _stream_ended(self, reason: str | None) -> None:
+    if reason is None:
+      return
+    self._count(metrics.PACS_SERIES_INCOMPLETE)
+    self._stream_failures += 1
+    log = _LOG.warning if self._stream_failures == 1 else _LOG.debug
+    log(
+      'a WADO-RS series retrieve ended early (%s); what it did not bring is '
+      'retrieved instance by instance',
+      reason,
+    )
+
+  def _reads(
+    self, items: list[tuple[str, bool]], stream: series.SeriesStream | None = None
+  ) -> Iterator[bytes | Failed]:
     if self._prefetcher is None:
       return map(self._read, items)
-    return self._prefetcher.fetch(items, self._read)
+    if stream is None:
+      return self._prefetcher.fetch(items, self._read)
+    return _closing(
+      self._prefetcher.fetch(items, lambda item: self._read(item, stream)), stream
+    )
 
   def outcomes(
     self,
     paths: list[str],
     extras: list[dict[str, str]] | None = None,
     labels: list[str] | None = None,
+    whole_series: bool = False,
   ) -> Iterator[tuple[Outcome, dict[str, bytes | Failed]]]:
     """(the outcome of each path, the bytes of its ``extras``: {name: path}
     of other files read with it, such as its contour files), in order, a
@@ -135,14 +207,17 @@ class SliceDecoder:
     ``settings.dicomweb``) the reads are queued at
     once (stores.Prefetcher): call it for the next chunk before consuming
     this one's, and requests stay out while this one is finished.
-    ``labels``: how log lines name the slices (default: their paths)."""
+    ``labels``: how log lines name the slices (default: their paths).
+    ``whole_series``: the paths are a PACS series' instances, retrieved in
+    one request (see the class)."""
     extras = extras or [{}] * len(paths)
     reads = self._reads(
       [
         item
         for path, more in zip(paths, extras, strict=True)
         for item in ((path, True), *((p, False) for p in more.values()))
-      ]
+      ],
+      self._stream(paths) if whole_series else None,
     )
     return self._decoded(paths, extras, reads, labels or paths)
 
@@ -182,6 +257,19 @@ class SliceDecoder:
       self._prefetcher.close()
 
 
+def _instance_uid(path: str) -> str:
+  """The SOP Instance UID that ends a WADO-RS instance path."""
+  return path.rpartition('/instances/')[2]
+
+
+def _closing(reads: Iterator, stream: series.SeriesStream) -> Iterator:
+  """``reads``, then ``stream`` closed (also when abandoned part-way)."""
+  try:
+    yield from reads
+  finally:
+    stream.close()
+
+
 class _Counters:
   """The decode stage's counters (see beam_pipeline.contract.metrics)."""
 
@@ -198,6 +286,7 @@ class _Counters:
     self.split_slices = {
       s: counter(metrics.split_slices_counter(s)) for s in splits.SPLITS
     }
+    self.fetches = {name: counter(name) for name in metrics.PACS_FETCHES}
 
   def chunk_done(self, chunk: SliceChunk, split: str, rows: int) -> None:
     done = int(chunk.is_last)
@@ -300,6 +389,7 @@ class DecodeSlicesFn(beam.DoFn):
       [task.dicom_source for task in chunk.slices],
       [task.contour_sources() for task in chunk.slices],
       [task.dicom_path for task in chunk.slices],
+      whole_series=chunk.whole_series,
     )
 
   def _finish(self, chunk: SliceChunk, outcomes) -> Iterator:
@@ -307,7 +397,15 @@ class DecodeSlicesFn(beam.DoFn):
     pseudonyms = self._settings.pseudonyms or IDENTITY
     rows, held, written = [], 0, 0
     slices, contour_ids = [], []
-    for task, (outcome, contours) in zip(chunk.slices, outcomes, strict=True):
+    # A whole series is written as row groups of up to chunk_size slices.
+    cuts = set(bounds(len(chunk.slices), self._settings.chunk_size)[1:-1])
+    for k, (task, (outcome, contours)) in enumerate(
+      zip(chunk.slices, outcomes, strict=True)
+    ):
+      if k in cuts and rows:
+        yield from _row_groups(rows)
+        written += len(rows)
+        rows, held = [], 0
       if self._settings.exclude_burned_in and isinstance(outcome, Decoded):
         outcome = _excluded(outcome)
       if pseudonyms.active:
@@ -336,6 +434,8 @@ class DecodeSlicesFn(beam.DoFn):
         rows, held = [], 0
     written += len(rows)
     self._counters.chunk_done(chunk, split, written)
+    for name, n in self._decoder.fetch_counts().items():
+      self._counters.fetches[name].inc(n)
     self._progress.add(patients=int(chunk.is_last), slices=len(chunk.slices))
     yield from _row_groups(rows)
     if slices or contour_ids:
@@ -405,12 +505,15 @@ class PlanChunksFn(beam.DoFn):
   not a record per slice; DecodeSlices unpacks it after the Reshuffle, in
   the decode stage."""
 
-  def __init__(self, chunk_size: int, labeled_only: bool):
+  def __init__(self, chunk_size: int, labeled_only: bool, whole_series: bool = False):
     self._chunk_size = chunk_size
     self._labeled_only = labeled_only
+    self._whole_series = whole_series
 
   def process(self, patient: Patient) -> Iterator[bytes]:
-    for chunk in plan_chunks(patient, self._chunk_size, self._labeled_only):
+    for chunk in plan_chunks(
+      patient, self._chunk_size, self._labeled_only, self._whole_series
+    ):
       yield packing.pack(chunk)
 
 
@@ -441,7 +544,14 @@ class DecodeSlices(beam.PTransform):
     return (
       patients
       | 'PlanChunks'
-      >> beam.ParDo(PlanChunksFn(settings.chunk_size, settings.labeled_only))
+      >> beam.ParDo(
+        PlanChunksFn(
+          settings.chunk_size,
+          settings.labeled_only,
+          settings.dicomweb is not None
+          and settings.dicomweb.retrieve == dicomweb.SERIES,
+        )
+      )
       | 'FanOut' >> beam.Reshuffle()
       | 'Unpack' >> beam.Map(packing.unpack).with_output_types(SliceChunk)
       | 'DecodeSlices'

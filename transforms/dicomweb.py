@@ -69,6 +69,8 @@ class DicomWebConfig:
       --read-concurrency retrieves in flight).
     attempts: tries per request (throttling, 5xx and connection errors).
     page_size: instances asked for per search page (limit/offset).
+    retrieve: SERIES (a patient's series in one request, transforms.series)
+      or INSTANCE (one request per instance).
   """
 
   url: str
@@ -77,6 +79,12 @@ class DicomWebConfig:
   concurrency: int = 32
   attempts: int = 8
   page_size: int = DEFAULT_PAGE_SIZE
+  retrieve: str = 'series'
+
+
+SERIES = 'series'
+INSTANCE = 'instance'
+RETRIEVE_MODES = (SERIES, INSTANCE)
 
 
 class DicomWebError(OSError):
@@ -413,6 +421,37 @@ class DicomWebClient:
     if limit is not None and len(data) > limit:
       raise _too_large(len(data), limit)
     return data
+
+  def open_series(self, series: str):
+    """(read, content type, close) of the WADO-RS retrieve of a whole
+    series (``studies/{uid}/series/{uid}``), its body not yet read: read(n)
+    gives up to n bytes more (b'' at the end); close() lets the connection go.
+
+    Raises:
+      DicomWebError: no answer, or the server refused (with its status).
+    """
+    url = f'{self._root}/{quote(series)}'
+    try:
+      response = self._pool.request(
+        'GET',
+        url,
+        headers={**self._headers, 'Accept': _ACCEPT_DICOM},
+        preload_content=False,
+      )
+    except Exception as e:  # urllib3's, after its retries; it names no secret
+      reason = getattr(e, 'reason', None) or e
+      raise DicomWebError(
+        f'no answer from the server after {self._attempts} attempts: {reason}'
+      ) from None
+    if response.status != 200:
+      response.close()
+      raise self._failed(response.status, 'WADO-RS series retrieve')
+
+    def close():
+      response.close()
+      response.release_conn()
+
+    return response.read, response.headers.get('Content-Type', ''), close
 
 
 class _Oversized(Exception):

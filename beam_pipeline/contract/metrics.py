@@ -22,6 +22,16 @@ MASKS_WRITTEN = {'i': I_MASKS_WRITTEN, 'o': O_MASKS_WRITTEN}
 SLICE_BYTES_READ = 'dicom_bytes_read'
 STRAY_FILES = 'stray_files'
 PACS_INSTANCES_FOUND = 'pacs_instances_found'  # by the DICOMweb searches
+# Instances fetched from a series' retrieve, and one by one; series retrieves
+# that ended before bringing all they were asked for.
+PACS_INSTANCES_STREAMED = 'pacs_instances_streamed'
+PACS_INSTANCES_RETRIEVED = 'pacs_instances_retrieved'
+PACS_SERIES_INCOMPLETE = 'pacs_series_incomplete'
+PACS_FETCHES = (
+  PACS_INSTANCES_STREAMED,
+  PACS_INSTANCES_RETRIEVED,
+  PACS_SERIES_INCOMPLETE,
+)
 
 _QA_PREFIX = 'qa_'
 
