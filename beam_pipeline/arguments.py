@@ -37,9 +37,12 @@ def _image_codec(spec: str) -> str:
   return spec
 
 
-def _add(group, *flags: str, help: str, **kwargs) -> None:
-  """One option, its help ending with its default (``off`` for a switch)."""
-  if kwargs.get('action') == 'store_true':
+def _add(group, *flags: str, help: str, shown: str | None = None, **kwargs) -> None:
+  """One option, its help ending with its default (``off`` for a switch;
+  ``shown`` when the default is None only to tell whether it was given)."""
+  if shown is not None:
+    pass
+  elif kwargs.get('action') == 'store_true':
     shown = 'off'
   elif kwargs.get('default') is None:
     shown = 'none'
@@ -307,7 +310,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     '--dicomweb-retrieve',
     dest='dicomweb_retrieve',
     choices=dicomweb.RETRIEVE_MODES,
-    default=dicomweb.SERIES,
+    default=None,
+    shown=dicomweb.SERIES,
     help="How slices are retrieved from --dicomweb-url: series (a patient's "
     'series in one WADO-RS request, its instances held within '
     '--max-chunk-bytes; what it does not bring is retrieved alone) or '
@@ -383,7 +387,12 @@ def validate(values) -> None:
 
 def _validate_dicomweb(values) -> None:
   if values.dicomweb_url is None:
-    for flag in ('dicomweb_auth_file', 'dicomweb_ca_bundle', 'series_filter'):
+    for flag in (
+      'dicomweb_auth_file',
+      'dicomweb_ca_bundle',
+      'series_filter',
+      'dicomweb_retrieve',
+    ):
       if getattr(values, flag) is not None:
         raise UsageError(f'--{flag.replace("_", "-")} needs --dicomweb-url')
     return

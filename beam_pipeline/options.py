@@ -17,6 +17,7 @@ from beam_pipeline.contract import splits
 from beam_pipeline.contract.errors import UsageError
 from beam_pipeline.contract.pseudonyms import IDENTITY, Pseudonyms
 from transforms.dicomweb import (
+  SERIES,
   DicomWebConfig,
   SeriesFilter,
   check_url,
@@ -80,7 +81,7 @@ class IngestOptions(PipelineOptions):
       concurrency=self.read_concurrency,
       attempts=self.request_attempts,
       page_size=self.dicomweb_page_size,
-      retrieve=self.dicomweb_retrieve,
+      retrieve=self.dicomweb_retrieve or SERIES,
     )
 
   def parsed_series_filter(self) -> SeriesFilter | None:

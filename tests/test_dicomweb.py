@@ -565,6 +565,14 @@ def test_a_series_filter_matches_ignoring_case_and_can_match_nothing():
   [
     (['--series-filter', 'Modality=MR'], '--series-filter needs --dicomweb-url'),
     (
+      ['--dicomweb-retrieve', 'instance'],
+      '--dicomweb-retrieve needs --dicomweb-url',
+    ),
+    (
+      ['--dicomweb-url', 'http://127.0.0.1:1/x', '--dicomweb-retrieve', 'study'],
+      "--dicomweb-retrieve: invalid choice: 'study'",
+    ),
+    (
       ['--dicomweb-url', 'http://u:p@127.0.0.1:1/dicom-web'],
       '--dicomweb-url must not hold a user name or password',
     ),
