@@ -40,14 +40,10 @@ def _image_codec(spec: str) -> str:
 def _add(group, *flags: str, help: str, shown: str | None = None, **kwargs) -> None:
   """One option, its help ending with its default (``off`` for a switch;
   ``shown`` when the default is None only to tell whether it was given)."""
-  if shown is not None:
-    pass
-  elif kwargs.get('action') == 'store_true':
+  if shown is None and kwargs.get('action') == 'store_true':
     shown = 'off'
-  elif kwargs.get('default') is None:
-    shown = 'none'
-  else:
-    shown = '%(default)s'
+  elif shown is None:
+    shown = 'none' if kwargs.get('default') is None else '%(default)s'
   group.add_argument(*flags, help=f'{help} (default: {shown})', **kwargs)
 
 

@@ -38,6 +38,10 @@ ENV_USERNAME = 'DICOMWEB_USERNAME'
 ENV_PASSWORD = 'DICOMWEB_PASSWORD'
 ENV_TOKEN = 'DICOMWEB_TOKEN'
 DEFAULT_PAGE_SIZE = 1000
+# How slices are retrieved (--dicomweb-retrieve).
+SERIES = 'series'
+INSTANCE = 'instance'
+RETRIEVE_MODES = (SERIES, INSTANCE)
 # What a multipart envelope may add to an instance's bytes.
 _ENVELOPE_BYTES = 64 * 1024
 # The largest search page read (a page of 1,000 instances is about 1 MB).
@@ -79,12 +83,7 @@ class DicomWebConfig:
   concurrency: int = 32
   attempts: int = 8
   page_size: int = DEFAULT_PAGE_SIZE
-  retrieve: str = 'series'
-
-
-SERIES = 'series'
-INSTANCE = 'instance'
-RETRIEVE_MODES = (SERIES, INSTANCE)
+  retrieve: str = SERIES
 
 
 class DicomWebError(OSError):
@@ -314,16 +313,7 @@ class DicomWebClient:
       DicomWebError: no answer after the retries.
       _Oversized: the body holds more than ``limit`` bytes.
     """
-    url = f'{self._root}/{relative}'
-    try:
-      response = self._pool.request(
-        'GET', url, headers={**self._headers, 'Accept': accept}, preload_content=False
-      )
-    except Exception as e:  # urllib3's, after its retries; it names no secret
-      reason = getattr(e, 'reason', None) or e
-      raise DicomWebError(
-        f'no answer from the server after {self._attempts} attempts: {reason}'
-      ) from None
+    response = self._send(relative, accept)
     try:
       declared = response.headers.get('Content-Length') or ''
       size = int(declared) if declared.isdigit() else 0
@@ -337,6 +327,25 @@ class DicomWebClient:
       return response.status, response.headers.get('Content-Type', ''), body
     finally:
       response.release_conn()
+
+  def _send(self, relative: str, accept: str):
+    """The response to a GET below the service root, its body not read.
+
+    Raises:
+      DicomWebError: no answer after the retries.
+    """
+    try:
+      return self._pool.request(
+        'GET',
+        f'{self._root}/{relative}',
+        headers={**self._headers, 'Accept': accept},
+        preload_content=False,
+      )
+    except Exception as e:  # urllib3's, after its retries; it names no secret
+      reason = getattr(e, 'reason', None) or e
+      raise DicomWebError(
+        f'no answer from the server after {self._attempts} attempts: {reason}'
+      ) from None
 
   def _failed(self, status: int, what: str) -> DicomWebError:
     from http import HTTPStatus
@@ -430,19 +439,7 @@ class DicomWebClient:
     Raises:
       DicomWebError: no answer, or the server refused (with its status).
     """
-    url = f'{self._root}/{quote(series)}'
-    try:
-      response = self._pool.request(
-        'GET',
-        url,
-        headers={**self._headers, 'Accept': _ACCEPT_DICOM},
-        preload_content=False,
-      )
-    except Exception as e:  # urllib3's, after its retries; it names no secret
-      reason = getattr(e, 'reason', None) or e
-      raise DicomWebError(
-        f'no answer from the server after {self._attempts} attempts: {reason}'
-      ) from None
+    response = self._send(quote(series), _ACCEPT_DICOM)
     if response.status != 200:
       response.close()
       raise self._failed(response.status, 'WADO-RS series retrieve')
