@@ -2,8 +2,11 @@
 
     python bench/remote.py --data bench/data/x1 --runs 3
 
-Starts an S3-compatible server (moto) and two proxies (tests/proxy.py) on
-127.0.0.1, uploads the tree once, then runs in interleaved rounds:
+Starts an S3-compatible server and two proxies (tests/proxy.py) on
+127.0.0.1, uploads the tree once, then runs in interleaved rounds. The
+server is moto's S3 with keep-alive connections (tests/s3server.py), or
+with ``--server moto_server`` moto's own development server, which closes
+every connection and costs about twice the CPU per request. The modes:
 
 - ``local``: ``--input`` on the local disk;
 - ``s3``: ``--input s3://...`` straight to the server;
@@ -35,9 +38,7 @@ import argparse
 import contextlib
 import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,42 +53,10 @@ from run import (
   settle,
 )
 
-from tests import proxy  # noqa: E402  (run puts the repo on the path)
-from tests.helpers import free_port  # noqa: E402
+from tests import proxy, s3server  # noqa: E402  (run puts the repo on the path)
 
 BUCKET = 'bench'
 LATENCY = 0.030
-
-
-def _wait_for(port: int, process: subprocess.Popen) -> None:
-  deadline = time.monotonic() + 60
-  while True:
-    with socket.socket() as probe:
-      if probe.connect_ex(('127.0.0.1', port)) == 0:
-        return
-    if process.poll() is not None or time.monotonic() > deadline:
-      raise RuntimeError('server did not start')
-    time.sleep(0.2)
-
-
-@contextlib.contextmanager
-def moto_server():
-  port = free_port()
-  server = shutil.which('moto_server') or os.path.join(
-    os.path.dirname(sys.executable), 'moto_server'
-  )
-  process = subprocess.Popen(
-    [server, '-H', '127.0.0.1', '-p', str(port)],
-    stdout=subprocess.DEVNULL,
-    stderr=subprocess.DEVNULL,
-    start_new_session=True,
-  )
-  try:
-    _wait_for(port, process)
-    yield f'http://127.0.0.1:{port}', process.pid
-  finally:
-    process.terminate()
-    process.wait(timeout=30)
 
 
 def _client(endpoint: str):
@@ -151,6 +120,12 @@ def main(argv=None) -> None:
   parser.add_argument('--data', required=True, help='a local data tree')
   parser.add_argument('--runs', type=int, default=3)
   parser.add_argument('--scratch', default=None)
+  parser.add_argument(
+    '--server',
+    choices=('keep-alive', 'moto_server'),
+    default='keep-alive',
+    help="moto's S3 kept alive (tests/s3server.py) or moto's own server",
+  )
   args = parser.parse_args(argv)
   os.environ.setdefault('AWS_ACCESS_KEY_ID', 'bench')
   os.environ.setdefault('AWS_SECRET_ACCESS_KEY', 'bench')
@@ -159,7 +134,7 @@ def main(argv=None) -> None:
   slices = {args.data: count_slices(args.data), one: count_slices(one)}
   out = os.path.join(scratch, 'out')
   results: dict[str, list[dict]] = {}
-  with moto_server() as (endpoint, server_pid):
+  with s3server.started(kind=args.server) as (endpoint, server_pid):
     server = psutil.Process(server_pid)
 
     def server_cpu() -> float:
@@ -227,7 +202,8 @@ def main(argv=None) -> None:
   )
   print(
     f'\n{slices[args.data]} slices, {len(keys)} objects ({slices[one]} slices, '
-    f"{len(one_keys)} objects the first patient's), {args.runs} rounds (medians)\n"
+    f"{len(one_keys)} objects the first patient's), {args.runs} rounds (medians), "
+    f'server: {args.server}\n'
   )
   print(
     '| mode | slices/s | wall s | CPU s | server CPU s | requests/s | mean in flight |'

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import os
 import socket
+import time
 import warnings
 
 import numpy as np
@@ -50,6 +51,20 @@ def free_port() -> int:
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     return s.getsockname()[1]
+
+
+def wait_for_port(port: int, process, what: str, seconds: float = 90) -> None:
+  """Waits until something listens on ``port`` of 127.0.0.1; raises if
+  ``process`` (a Popen) exits first or ``seconds`` pass."""
+  deadline = time.monotonic() + seconds
+  while time.monotonic() < deadline:
+    if process.poll() is not None:
+      raise RuntimeError(f'{what} exited with {process.returncode}')
+    with socket.socket() as s:
+      if s.connect_ex(('127.0.0.1', port)) == 0:
+        return
+    time.sleep(0.2)
+  raise TimeoutError(f'{what}: nothing listens on port {port} after {seconds} s')
 
 
 def reference_mask(vertices, rows, columns):

