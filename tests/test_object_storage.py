@@ -273,6 +273,43 @@ def test_reads_reuse_their_pooled_connections(s3_store, s3_endpoint):
   assert figures['connections'] <= 4 + 8  # the pool's size: concurrency + 8
 
 
+def test_patient_folders_are_listed_at_once_within_the_read_concurrency(
+  s3_store, s3_endpoint, tmp_path
+):
+  """ListTree on S3 through a proxy holding each request 0.2 s: the 12
+  patient folders (6 patients, dicoms/ and contourfiles/) are listed several
+  at a time, never more than --read-concurrency, and every file is found
+  once, as a local walk finds them."""
+  import apache_beam as beam
+  from apache_beam.testing.test_pipeline import TestPipeline
+  from apache_beam.testing.util import assert_that, equal_to
+
+  from transforms.listing import ListTree
+
+  root = str(tmp_path / 'DATA')
+  sample.make_tree(root, patients=6, slices=3, rows=8, columns=8)
+  walked = []
+  for dirpath, _, files in os.walk(root):
+    for name in files:
+      relative = os.path.relpath(os.path.join(dirpath, name), root)
+      s3_store.upload_file(os.path.join(dirpath, name), BUCKET, f'LISTED/{relative}')
+      if relative.startswith(('dicoms', 'contourfiles')):
+        walked.append(relative)
+  with proxy.started(s3_endpoint, '--http', '--delay', '0.2') as (endpoint, figures):
+    config = stores.StoreConfig(
+      s3_endpoint_url=endpoint, s3_region='us-east-1', read_concurrency=4
+    )
+    with TestPipeline() as p:
+      listed = p | ListTree(f's3://{BUCKET}/LISTED', config)
+      paths = [
+        listed[tag] | f'{tag}Paths' >> beam.FlatMap(lambda g: [f.path for f in g.files])
+        for tag in (ListTree.DICOMS, ListTree.CONTOURS)
+      ]
+      assert_that(paths | beam.Flatten(), equal_to(walked))
+  assert figures['requests'] == 2 + 12  # the two top folders, then each patient's
+  assert 2 <= figures['max_in_flight'] <= 4
+
+
 def test_uploads_go_in_parts_as_they_are_written(s3_store):
   client = s3_store
   path = f's3://{BUCKET}/PARTS/big.bin'

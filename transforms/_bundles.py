@@ -1,13 +1,15 @@
-"""What a DoFn emits from ``finish_bundle``.
+"""Work kept ahead within a bundle, and what a DoFn emits from ``finish_bundle``.
 
 Stages that keep work ahead within a bundle (the decode stage's next chunk,
-the PACS searches in flight) emit the rest when the bundle ends, where no
-input element gives the outputs a window.
+the PACS searches and the object-store listings in flight) emit the rest
+when the bundle ends, where no input element gives the outputs a window.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import collections
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from apache_beam import pvalue
 from apache_beam.transforms.window import GlobalWindow
@@ -29,3 +31,45 @@ def finished(outputs: Iterable) -> Iterator:
       yield pvalue.TaggedOutput(output.tag, in_global_window(output.value))
     else:
       yield in_global_window(output)
+
+
+class Ahead:
+  """Calls run on ``depth`` threads while the bundle goes on, their results
+  taken in the order the calls were put, so a worker with many elements that
+  each wait on a server (a search, a listing) has ``depth`` of them waiting
+  at once rather than one after another.
+
+  Made in ``setup`` (its threads persist); ``drop`` in ``start_bundle`` (what
+  a failed bundle left is not emitted twice), ``rest`` in ``finish_bundle``,
+  ``close`` in ``teardown``.
+  """
+
+  def __init__(self, depth: int, name: str):
+    self.depth = max(1, depth)
+    self._pool = ThreadPoolExecutor(self.depth, thread_name_prefix=name)
+    self._pending: collections.deque[Future] = collections.deque()
+
+  def put(self, call: Callable, *args) -> list:
+    """Starts ``call(*args)``; returns the results that are ready, the
+    oldest first (waiting for the oldest while more than ``depth`` run)."""
+    self._pending.append(self._pool.submit(call, *args))
+    ready = []
+    while self._pending and (
+      len(self._pending) > self.depth or self._pending[0].done()
+    ):
+      ready.append(self._pending.popleft().result())
+    return ready
+
+  def rest(self) -> Iterator:
+    """The results not yet taken, in order, each waited for."""
+    while self._pending:
+      yield self._pending.popleft().result()
+
+  def drop(self) -> None:
+    for future in self._pending:
+      future.cancel()
+    self._pending.clear()
+
+  def close(self) -> None:
+    self.drop()
+    self._pool.shutdown(wait=False, cancel_futures=True)

@@ -209,10 +209,13 @@ def _walk_tops(root: str, tops: tuple[str, ...]) -> Iterator[tuple[str, str | No
 
 
 class _ListFn(beam.DoFn):
-  """Lists a folder of an object store: ``level`` gives the files and
+  """Lists folders of an object store: ``level`` gives the files and
   sub-folders of a top folder, ``files`` everything under one patient's
-  folder (paged by the store's client). A folder that cannot be listed is
-  one (path, reason) pair, classified as a stray like any unusable entry."""
+  folder (paged by the store's client). Up to ``--read-concurrency``
+  folders of a bundle are listed at once (threads), so a worker given many
+  patients is not one round trip after another. A folder that cannot be
+  listed is one (path, reason) pair, classified as a stray like any
+  unusable entry."""
 
   def __init__(self, config: stores.StoreConfig, top: bool):
     self._config = config
@@ -220,21 +223,40 @@ class _ListFn(beam.DoFn):
 
   def setup(self):
     stores.configure(self._config)
+    self._listings = _bundles.Ahead(self._config.read_concurrency, 'list')
+
+  def teardown(self):
+    self._listings.close()
+
+  def start_bundle(self):
+    self._listings.drop()
 
   def process(self, folder: str) -> Iterator:
+    for outputs in self._listings.put(self._list, folder):
+      yield from outputs
+
+  def finish_bundle(self):
+    for outputs in self._listings.rest():
+      yield from _bundles.finished(outputs)
+
+  def _list(self, folder: str) -> list:
+    """One folder's outputs: (path, None) for each file, TaggedOutput
+    _FOLDERS for each sub-folder of a top folder; if the listing fails part
+    way, what it found and then (folder, reason)."""
     store = stores.store(folder)
+    found: list = []
     try:
       if self._top:
         files, folders = store.level(folder)
-        yield from ((path, None) for path in files)
-        for path in folders:
-          yield pvalue.TaggedOutput(_FOLDERS, path)
+        found += [(path, None) for path in files]
+        found += [pvalue.TaggedOutput(_FOLDERS, path) for path in folders]
       else:
         for path in store.files(folder):
           if not path.endswith('/'):  # a "folder" marker object
-            yield path, None
+            found.append((path, None))
     except OSError as e:
-      yield folder, f'cannot list folder: {e}'
+      found.append((folder, f'cannot list folder: {e}'))
+    return found
 
 
 _FOLDERS = 'folders'  # patient folders found by the top-level listing

@@ -15,7 +15,6 @@ from __future__ import annotations
 import collections
 import logging
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple
 
 import apache_beam as beam
@@ -178,28 +177,24 @@ class _SearchFn(beam.DoFn):
   def setup(self):
     self._client = dicomweb.client(self._config)
     self._instances = Metrics.counter(metrics.NAMESPACE, metrics.PACS_INSTANCES_FOUND)
-    self._depth = max(1, min(_SEARCHES, self._config.concurrency))
-    self._pool = ThreadPoolExecutor(self._depth, thread_name_prefix='search')
+    self._searches = _bundles.Ahead(min(_SEARCHES, self._config.concurrency), 'search')
 
   def teardown(self):
-    self._pool.shutdown(wait=False, cancel_futures=True)
+    self._searches.close()
 
   def start_bundle(self):
-    self._pending: collections.deque[Future] = collections.deque()
+    self._searches.drop()
 
   def process(self, link: layout.Link) -> Iterator:
-    self._pending.append(self._pool.submit(self._search, link))
-    while self._pending and (
-      len(self._pending) > self._depth or self._pending[0].done()
-    ):
-      yield from self._done(self._pending.popleft())
+    for done in self._searches.put(self._search, link):
+      yield from self._done(done)
 
   def finish_bundle(self):
-    while self._pending:
-      yield from _bundles.finished(self._done(self._pending.popleft()))
+    for done in self._searches.rest():
+      yield from _bundles.finished(self._done(done))
 
-  def _done(self, future: Future) -> Iterator:
-    link, found, chosen = future.result()
+  def _done(self, done: tuple[layout.Link, int, Chosen]) -> Iterator:
+    link, found, chosen = done
     self._instances.inc(found)  # here: Beam's metrics are per thread
     yield from self._outputs(link, chosen)
 
