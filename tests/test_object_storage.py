@@ -270,7 +270,7 @@ def test_reads_reuse_their_pooled_connections(s3_store, s3_endpoint):
       read = list(pool.map(lambda key: store.read(f's3://{BUCKET}/{key}'), keys))
   assert read == [key.encode() for key in keys]
   assert figures['requests'] >= len(keys)
-  assert figures['connections'] <= 4 + 8  # the pool's size: concurrency + 8
+  assert figures['connections'] <= 4 + stores.SPARE_CONNECTIONS  # the pool's size
 
 
 def test_patient_folders_are_listed_at_once_within_the_read_concurrency(

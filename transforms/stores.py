@@ -40,6 +40,9 @@ from typing import Protocol
 
 DEFAULT_READ_CONCURRENCY = 32
 DEFAULT_ATTEMPTS = 8
+# Connections each client's pool keeps beyond --read-concurrency (the
+# requests in flight a worker allows).
+SPARE_CONNECTIONS = 8
 PART_SIZE = 8 * 1024 * 1024  # multipart upload parts (S3's minimum is 5 MiB)
 _READ_STEP = 8 * 1024 * 1024
 
@@ -312,7 +315,7 @@ def http_pool(concurrency: int, attempts: int, tls: dict):
   import urllib3
 
   return urllib3.PoolManager(
-    maxsize=concurrency + 8,
+    maxsize=concurrency + SPARE_CONNECTIONS,
     timeout=urllib3.Timeout(connect=10, read=60),
     retries=urllib3.Retry(
       total=attempts - 1,
@@ -417,7 +420,7 @@ class S3Store:
       region_name=config.s3_region,
       verify=config.s3_verify,
       config=Config(
-        max_pool_connections=config.read_concurrency + 8,
+        max_pool_connections=config.read_concurrency + SPARE_CONNECTIONS,
         retries={'mode': 'standard', 'total_max_attempts': config.attempts},
         connect_timeout=10,
         read_timeout=60,
@@ -549,7 +552,7 @@ class GcsStore:
     # requests keeps 10 connections per host by default: one per read in
     # flight instead, or every read past the tenth opens a new connection.
     adapter = requests.adapters.HTTPAdapter(
-      pool_connections=4, pool_maxsize=config.read_concurrency + 8
+      pool_connections=4, pool_maxsize=config.read_concurrency + SPARE_CONNECTIONS
     )
     self._client._http.mount('https://', adapter)
     self._client._http.mount('http://', adapter)
