@@ -2,7 +2,7 @@
 
 import sys
 
-from beam_pipeline.cli import entry
+from beam_pipeline.launch.cli import entry
 
 if __name__ == '__main__':
   sys.exit(entry())

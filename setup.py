@@ -11,7 +11,7 @@ setuptools.setup(
   packages=setuptools.find_packages(include=['beam_pipeline*', 'transforms*']),
   package_data={'beam_pipeline': ['py.typed'], 'transforms': ['py.typed']},
   python_requires='>=3.10',
-  entry_points={'console_scripts': ['cardiac-mri = beam_pipeline.cli:command']},
+  entry_points={'console_scripts': ['cardiac-mri = beam_pipeline.launch.cli:command']},
   install_requires=[
     'apache-beam>=2.77,<3',
     'pydicom>=3.0,<4',

@@ -1,12 +1,9 @@
 """Cardiac-MRI DICOM + contour trees to a training-ready Parquet dataset.
 
-Layers, top down (README "Architecture"): ``cli`` (the command line);
-the application (``pipeline``: graph and launch, ``options``, ``arguments``,
-``publish``, ``summary``, ``console``); the user tools (``dataset``: reading
-the output back, ``torch_data``, ``render``, ``inspect``, ``qa``, ``verify``,
-``sample``: the data generator); the stages live in the ``transforms``
-package; ``contract`` (schema, column table, input layout, splits, metric
-names, errors) is at the bottom.
+What a user runs, in layers (docs/ARCHITECTURE.md): ``launch`` (the command
+line and one run, from options to summary) over ``pipeline`` (the graph) over
+``tools`` (the other commands) over ``dataset`` (the reader training scripts
+import). The stages and the contract they share live in ``transforms``.
 """
 
 __version__ = '0.1.0'

@@ -5,7 +5,7 @@ against one worker process per core, and the mode the pipeline picks itself.
 
 For each tree, in interleaved rounds (every other one in reverse order), runs
 the pipeline in-process, with one worker process per core, and with no mode
-option (the pipeline's own choice, beam_pipeline.preflight), and prints the
+option (the pipeline's own choice, beam_pipeline.launch.preflight), and prints the
 median wall seconds, the ratio in-process / processes (above 1: processes
 win) and what the pipeline chose. The figures check the crossover the
 pipeline computes from its rate constants.
@@ -22,7 +22,7 @@ import tempfile
 from run import CORES, REPO, count_slices, measure, pipeline_command, settle
 
 sys.path.insert(0, REPO)
-from beam_pipeline import preflight  # noqa: E402
+from beam_pipeline.launch import preflight
 
 MODES = {
   'in-process': ['--direct_running_mode=in_memory'],

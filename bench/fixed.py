@@ -24,7 +24,7 @@ import time
 from run import REPO, settle
 
 _IMPORTS = (
-  'import apache_beam, pyarrow.parquet, pydicom, numpy; import beam_pipeline.pipeline'
+  'import apache_beam, pyarrow.parquet, pydicom, numpy; import beam_pipeline.launch.run'
 )
 
 
@@ -44,7 +44,7 @@ def main(argv=None) -> None:
   parser.add_argument('--runs', type=int, default=5)
   args = parser.parse_args(argv)
   sys.path.insert(0, REPO)
-  from beam_pipeline import sample
+  from beam_pipeline.tools import sample
 
   scratch = tempfile.mkdtemp(prefix='bench-fixed-')
   tree, out = os.path.join(scratch, 'one'), os.path.join(scratch, 'out')

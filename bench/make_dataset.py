@@ -13,7 +13,7 @@ allows; every other copy is a distinct slice, as in a real tree: a new SOP
 Instance UID and its last (corner) pixel set to 2000 + k, and its contour
 files end with k more newlines (same polygon, other bytes). Hard-linked
 copies would all be duplicates of each other (the pipeline reports and
-flags those: README, "duplicate_slice").
+flags those: docs/OUTPUT.md, "duplicate_slice").
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import pydicom
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from beam_pipeline import sample  # noqa: E402
-from beam_pipeline.contract import layout  # noqa: E402
+from beam_pipeline.tools import sample
+from transforms.contract import layout
 
 
 def _link_or_copy(source: str, target: str) -> None:

@@ -38,12 +38,12 @@ sys.path.insert(0, os.path.dirname(BENCH))
 
 import run  # noqa: E402  (bench/run.py: measure, settle, checkout)
 
-from beam_pipeline import sample  # noqa: E402
-from transforms import _native  # noqa: E402
+from beam_pipeline.tools import sample  # noqa: E402
+from transforms.decode import _native  # noqa: E402
 
 DATA = os.path.join(BENCH, 'data', 'memory')
 PID, ORIGINAL = 'SCD0000101', 'SC-HF-I-101'
-BUDGET = 1 << 30  # per worker process (README: --max-chunk-bytes)
+BUDGET = 1 << 30  # per worker process (docs/OPTIONS.md: --max-chunk-bytes)
 PIXEL_DATA = struct.pack('<HH', 0x7FE0, 0x0010)
 
 

@@ -53,7 +53,7 @@ from run import (
 )
 
 from tests import orthanc  # noqa: E402  (run puts the repo on the path)
-from transforms import dicomweb  # noqa: E402
+from transforms.io import dicomweb
 
 CONCURRENCY = 32
 

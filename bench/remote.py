@@ -21,7 +21,7 @@ every connection and costs about twice the CPU per request. The modes:
   adds, the figure to set against ``boto3 alone`` (a rate with no start-up);
 - ``boto3 alone``: one client fetching every object of the tree
   sequentially (what the server gives one plain reader);
-- ``server ceiling``: the pipeline's own reader (transforms.stores) fetching
+- ``server ceiling``: the pipeline's own reader (transforms.io.stores) fetching
   every object, 32 at a time, doing nothing else: the most this server
   serves on this machine, whatever the client.
 
@@ -94,7 +94,7 @@ def ceiling(endpoint: str, keys: list[str]) -> float:
   """Objects/s of the pipeline's reader fetching ``keys``, 32 at a time."""
   from concurrent.futures import ThreadPoolExecutor
 
-  from transforms import stores
+  from transforms.io import stores
 
   stores.configure(stores.StoreConfig(s3_endpoint_url=endpoint, s3_region='us-east-1'))
   store = stores.store(f's3://{BUCKET}')

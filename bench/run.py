@@ -47,7 +47,7 @@ sys.path.insert(0, REPO)
 CORES = os.cpu_count() or 1
 PAUSE = 2.0  # seconds between runs
 
-from beam_pipeline import sample  # noqa: E402
+from beam_pipeline.tools import sample  # noqa: E402
 
 
 class Measured(NamedTuple):

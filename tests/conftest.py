@@ -5,7 +5,8 @@ from typing import NamedTuple
 
 import pytest
 
-from beam_pipeline import cli, console, sample
+from beam_pipeline.launch import cli, console
+from beam_pipeline.tools import sample
 
 # The image size of the shared output (``written``).
 WRITTEN_ROWS, WRITTEN_COLUMNS = 40, 48

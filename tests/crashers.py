@@ -8,7 +8,7 @@ triggers the fault; anything else is decoded normally.
 import ctypes
 import time
 
-from transforms.dicom import decode_dicom
+from transforms.decode.dicom import decode_dicom
 
 SEGFAULT = b'SEGFAULT'
 HANG = b'HANG'

@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pydicom
 from pydicom.data import get_testdata_file
 
-from beam_pipeline import sample
-from beam_pipeline.contract import layout
+from beam_pipeline.tools import sample
+from transforms.contract import layout
 
 _SORT_KEYS = {
   'slices': ('patient_id', 'slice_index'),

@@ -17,7 +17,8 @@ import termios
 import pyarrow.parquet as pq
 import pytest
 
-from beam_pipeline import arguments, cli, console, preflight, sample
+from beam_pipeline.launch import arguments, cli, console, preflight
+from beam_pipeline.tools import sample
 from tests.helpers import dataset_tables
 from transforms import settings
 
@@ -25,7 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _PROBE = """
 import sys
-from beam_pipeline import cli
+from beam_pipeline.launch import cli
 code = cli.main(['--help'])
 heavy = sorted(m for m in ('apache_beam', 'pydicom', 'pyarrow') if m in sys.modules)
 print('exit', code, 'heavy', heavy)
@@ -148,15 +149,16 @@ def test_a_users_own_output_is_not_replaced_without_overwrite(tmp_path):
 
 _NOISE = """
 import logging, sys
-from beam_pipeline import console
+from beam_pipeline.launch import console
 path = console.configure_logging(sys.argv[1])
 logging.warning('apitools not found, and bigquery client libraries are missing')
 logging.getLogger('apache_beam.runners').info('Running stage 12')
-logging.getLogger('beam_pipeline.pipeline').info('reading DATA')
+logging.getLogger('beam_pipeline.launch.run').info('reading DATA')
 try:
   1 / 0
 except ZeroDivisionError:
-  logging.getLogger('beam_pipeline.cli').error('the pipeline failed', exc_info=True)
+  log = logging.getLogger('beam_pipeline.launch.cli')
+  log.error('the pipeline failed', exc_info=True)
 """
 
 
@@ -171,7 +173,7 @@ def test_the_console_shows_our_lines_and_the_log_file_keeps_everything(tmp_path)
   )
   assert done.returncode == 0, done.stderr
   (line,) = done.stderr.splitlines()
-  assert line.endswith('INFO beam_pipeline.pipeline: reading DATA')
+  assert line.endswith('INFO beam_pipeline.launch.run: reading DATA')
   kept = log.read_text()
   for text in ('apitools not found', 'Running stage 12', 'reading DATA'):
     assert text in kept
@@ -344,12 +346,12 @@ def test_progress_is_a_live_bar_on_a_terminal_and_lines_with_totals_otherwise(
   assert code == cli.EXIT_OK, shown
   assert '\r' in shown and f'{total}/{total} [' in shown, shown  # tqdm's bar
   assert '100%|' in shown and 'slices/s' in shown and '3 patients done' in shown
-  assert 'beam_pipeline.progress' not in shown  # the bar replaces the lines
+  assert 'beam_pipeline.launch.progress' not in shown  # the bar replaces the lines
   first = shown.splitlines()[0]
-  assert 'INFO beam_pipeline.pipeline: reading ' in first  # log lines stay whole
+  assert 'INFO beam_pipeline.launch.run: reading ' in first  # log lines stay whole
   code, _, err = _cli(tmp_path, '--input', 'DATA', '--output', 'B')
   assert code == cli.EXIT_OK, err
-  lines = [x for x in err.splitlines() if 'INFO beam_pipeline.progress: ' in x]
+  lines = [x for x in err.splitlines() if 'INFO beam_pipeline.launch.progress: ' in x]
   assert f'progress: {total}/{total} slices (100%), ' in lines[-1], err
   assert '\r' not in err
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from beam_pipeline import cli, pipeline
+from beam_pipeline.launch import cli, run
 
 pytest.importorskip('apache_beam.runners.dataflow.internal.apiclient')
 
@@ -18,11 +18,11 @@ ARGS = [
 
 
 def test_dataflow_dry_run_translates_every_stage(capsys):
-  job = pipeline.run(ARGS).result.job
+  job = run.run(ARGS).result.job
   names = {t.unique_name for t in job.proto_pipeline.components.transforms.values()}
   for stage in (
-    'ReadLinks',
-    'ListTree',
+    'Source/ReadLinks',
+    'Source/ListTree',
     'Reconcile/JoinByOriginalId',
     'Reconcile/JoinByPatient',
     'Decode/PlanChunks',
@@ -48,8 +48,8 @@ def test_a_pacs_job_translates_and_its_options_hold_no_secret(monkeypatch):
     '--dicomweb-url=https://pacs.example/dicom-web',
     '--series-filter=SeriesDescription=*cine*',
   ]
-  job = pipeline.run(args).result.job
+  job = run.run(args).result.job
   names = {t.unique_name for t in job.proto_pipeline.components.transforms.values()}
-  assert 'SearchPacs/Search' in names and 'Decode/DecodeSlices' in names
+  assert 'Source/SearchPacs/Search' in names and 'Decode/DecodeSlices' in names
   assert b'token-never-in-the-graph' not in job.proto_pipeline.SerializeToString()
   assert 'token-never-in-the-graph' not in str(job.proto)

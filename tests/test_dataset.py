@@ -9,10 +9,12 @@ import pyarrow.parquet as pq
 import pydicom
 import pytest
 
-from beam_pipeline import cli, dataset, sample
-from beam_pipeline.contract import splits
+from beam_pipeline import dataset
+from beam_pipeline.launch import cli
+from beam_pipeline.tools import sample
 from tests.conftest import WRITTEN_SHAPE
 from tests.helpers import reference_mask
+from transforms.contract import splits
 
 
 def _keys(batches):

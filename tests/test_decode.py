@@ -10,10 +10,10 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from beam_pipeline import sample
-from beam_pipeline.contract.errors import DicomError
-from transforms import _native
-from transforms.dicom import decode_dicom, native_pixels
+from beam_pipeline.tools import sample
+from transforms.contract.errors import DicomError
+from transforms.decode import _native
+from transforms.decode.dicom import decode_dicom, native_pixels
 
 
 def _read(name):

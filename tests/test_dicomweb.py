@@ -17,9 +17,8 @@ import pyarrow.parquet as pq
 import pydicom
 import pytest
 
-from beam_pipeline import cli, keys, sample
-from beam_pipeline.contract import metrics
-from beam_pipeline.contract import schema as s
+from beam_pipeline.launch import cli
+from beam_pipeline.tools import keys, sample
 from tests import orthanc, proxy
 from tests.helpers import (
   dataset_tables,
@@ -29,8 +28,10 @@ from tests.helpers import (
   set_tags,
   texts_under,
 )
-from transforms import dicomweb
-from transforms import pacs as pacs_stage
+from transforms.contract import metrics
+from transforms.contract import schema as s
+from transforms.io import dicomweb
+from transforms.sources import pacs as pacs_stage
 
 QUIRKS = [
   'missing_contours',

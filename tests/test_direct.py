@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from transforms import _direct
-from transforms._direct import ALIGNMENT, DirectFile
+from transforms.io import direct
+from transforms.io.direct import ALIGNMENT, DirectFile
 
 BUFFER = 2 * ALIGNMENT
 
@@ -24,12 +24,12 @@ def _pieces(seed: int) -> list[bytes]:
   return [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in sizes]
 
 
-@pytest.mark.parametrize('direct', [True, False], ids=['direct', 'buffered'])
+@pytest.mark.parametrize('unbuffered', [True, False], ids=['direct', 'buffered'])
 @pytest.mark.parametrize('tail', [0, 1, ALIGNMENT - 1], ids=lambda n: f'tail{n}')
-def test_the_file_holds_exactly_what_was_written(tmp_path, direct, tail):
+def test_the_file_holds_exactly_what_was_written(tmp_path, unbuffered, tail):
   pieces = _pieces(tail) + [b'x' * tail]
   path = str(tmp_path / 'sub' / 'f.bin')
-  with DirectFile(path, buffer_size=BUFFER, direct=direct) as f:
+  with DirectFile(path, buffer_size=BUFFER, direct=unbuffered) as f:
     for piece in pieces:
       assert f.write(piece) == len(piece)
     assert f.tell() == sum(map(len, pieces))
@@ -62,7 +62,7 @@ def test_a_file_system_refusing_o_direct_gets_buffered_writes(tmp_path, monkeypa
       raise OSError(errno.EINVAL, 'Invalid argument')
     return real_open(path, flags, mode)
 
-  monkeypatch.setattr(_direct.os, 'open', refusing_open)
+  monkeypatch.setattr(direct.os, 'open', refusing_open)
   path = str(tmp_path / 'f.bin')
   with DirectFile(path, buffer_size=BUFFER) as f:
     assert not f.direct
@@ -75,11 +75,11 @@ def test_o_direct_refused_at_write_time_falls_back(tmp_path, monkeypatch):
   real_write = os.write
 
   def refusing_write(fd, data):
-    if _direct.fcntl.fcntl(fd, _direct.fcntl.F_GETFL) & os.O_DIRECT:
+    if direct.fcntl.fcntl(fd, direct.fcntl.F_GETFL) & os.O_DIRECT:
       raise OSError(errno.EINVAL, 'Invalid argument')
     return real_write(fd, data)
 
-  monkeypatch.setattr(_direct.os, 'write', refusing_write)
+  monkeypatch.setattr(direct.os, 'write', refusing_write)
   path = str(tmp_path / 'f.bin')
   data = os.urandom(3 * BUFFER + 11)
   with DirectFile(path, buffer_size=BUFFER) as f:
@@ -91,7 +91,7 @@ def test_a_failed_write_is_raised_and_the_file_closed(tmp_path, monkeypatch):
   def full_disk(fd, data):
     raise OSError(errno.ENOSPC, 'No space left on device')
 
-  monkeypatch.setattr(_direct.os, 'write', full_disk)
+  monkeypatch.setattr(direct.os, 'write', full_disk)
   f = DirectFile(str(tmp_path / 'f.bin'), buffer_size=BUFFER)
   fd = f._fd
   with pytest.raises(OSError, match='No space left'):

@@ -6,9 +6,9 @@ import re
 import pyarrow as pa
 from pydicom import datadict
 
-from beam_pipeline.contract import columns
-from beam_pipeline.contract import schema as s
-from beam_pipeline.contract.flags import FLAGS
+from transforms.contract import columns
+from transforms.contract import schema as s
+from transforms.contract.flags import FLAGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,7 +52,7 @@ def test_readme_column_table_is_the_column_table():
   )
   assert block, 'the generated slice-column block is missing from the README'
   assert block.group(1) == columns.markdown_table(), (
-    'README out of date: paste the output of python -m beam_pipeline.contract.columns'
+    'README out of date: paste the output of python -m transforms.contract.columns'
   )
 
 
@@ -85,7 +85,7 @@ def test_header_columns_name_real_dicom_tags_keywords_and_vrs():
 
 
 def test_readme_options_table_lists_every_option_of_the_pipeline():
-  from beam_pipeline import arguments
+  from beam_pipeline.launch import arguments
 
   readme = _read('README.md')
   for action in arguments.help_parser()._actions:

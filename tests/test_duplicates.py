@@ -10,11 +10,12 @@ import shutil
 import pydicom
 import pytest
 
-from beam_pipeline import cli, sample, verify
-from beam_pipeline.contract import metrics, splits
-from beam_pipeline.contract import schema as s
 from beam_pipeline.dataset import open_dataset, read_reconciliation
+from beam_pipeline.launch import cli
+from beam_pipeline.tools import sample, verify
 from transforms import duplicates
+from transforms.contract import metrics, splits
+from transforms.contract import schema as s
 
 ROWS = COLUMNS = 16
 
@@ -244,7 +245,7 @@ def test_a_row_group_with_nothing_to_change_keeps_its_types():
 
   import pyarrow as pa
 
-  from beam_pipeline import duplicates as applying
+  from beam_pipeline.launch import duplicate_plan as applying
 
   rows = []
   for k in (1, 2):

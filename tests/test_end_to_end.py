@@ -9,10 +9,6 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from beam_pipeline import cli, sample
-from beam_pipeline import problems as problems_tool
-from beam_pipeline.contract import schema as s
-from beam_pipeline.contract import splits
 from beam_pipeline.dataset import (
   iter_batches,
   mask_of,
@@ -21,8 +17,13 @@ from beam_pipeline.dataset import (
   read_reconciliation,
   row_groups,
 )
+from beam_pipeline.launch import cli
+from beam_pipeline.tools import problems as problems_tool
+from beam_pipeline.tools import sample
 from tests.helpers import dataset_tables, reference_mask
 from transforms import write
+from transforms.contract import schema as s
+from transforms.contract import splits
 
 
 def _run(root, out, *extra):
@@ -106,7 +107,7 @@ def test_every_quirk_is_reported_and_every_good_slice_lands(tree, tmp_path, caps
   assert 'missing_dicoms: 1' in printed and 'contour: 2' in printed
   problems = [r for r in manifest.reconciliation if r[2] != s.MATCHED]
   count = len(problems) + len(manifest.errors)
-  command = f'python -m beam_pipeline.problems {out}'
+  command = f'python -m beam_pipeline.tools.problems {out}'
   assert (
     f'quarantined        {count} problem rows; list them with: {command}' in printed
   )
@@ -301,7 +302,9 @@ def test_worker_processes_report_progress_without_beams_chatter(
   assert code == cli.EXIT_OK
   _check_slices(out, manifest)
   err = capsys.readouterr().err
-  progress = [x for x in err.splitlines() if 'INFO beam_pipeline.progress: ' in x]
+  progress = [
+    x for x in err.splitlines() if 'INFO beam_pipeline.launch.progress: ' in x
+  ]
   total = len(manifest.slices)
   assert f'progress: {total}/{total} slices (100%)' in progress[-1], err[-2000:]
   done = [int(line.split('progress: ')[-1].split('/')[0]) for line in progress]

@@ -11,10 +11,11 @@ import time
 
 import pytest
 
-from beam_pipeline import cli, lock, publish, sample, verify
-from beam_pipeline.contract import schema as s
 from beam_pipeline.dataset import open_dataset
+from beam_pipeline.launch import cli, lock, publish
+from beam_pipeline.tools import sample, verify
 from tests.helpers import dataset_tables
+from transforms.contract import schema as s
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'run_pipeline.py')
 

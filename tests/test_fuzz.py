@@ -8,12 +8,12 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from beam_pipeline.contract import schema as s
-from beam_pipeline.contract.errors import DicomError
 from tests.helpers import fuzz_seeds, mutate
-from transforms.chunks import SliceChunk, SliceTask
-from transforms.decode import DecodeSlicesFn
-from transforms.dicom import decode_dicom
+from transforms.contract import schema as s
+from transforms.contract.errors import DicomError
+from transforms.decode.chunks import SliceChunk, SliceTask
+from transforms.decode.dicom import decode_dicom
+from transforms.decode.stage import DecodeSlicesFn
 
 CASES = 400
 

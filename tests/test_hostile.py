@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from pydicom.data import get_testdata_file
 
-from beam_pipeline import cli, sample
-from beam_pipeline.contract import layout
-from beam_pipeline.contract import schema as s
 from beam_pipeline.dataset import open_dataset, read_errors, read_reconciliation
+from beam_pipeline.launch import cli
+from beam_pipeline.tools import sample
 from tests.helpers import reference_mask, set_tags
+from transforms.contract import layout
+from transforms.contract import schema as s
 
 P1, O1 = 'SCD0000101', 'SC-HF-I-101'
 P2, O2 = 'SCD0000102', 'SC-HF-I-102'
@@ -260,7 +261,7 @@ def test_broken_dicoms_are_each_one_error_row(base, tmp_path):
 def test_a_huge_header_is_rejected_before_any_allocation(tmp_path):
   import tracemalloc
 
-  from transforms.dicom import decode_dicom
+  from transforms.decode.dicom import decode_dicom
 
   data = _dicom_bytes(tmp_path, Rows=65535, Columns=65535)
   tracemalloc.start()
@@ -383,8 +384,8 @@ def test_a_crash_hang_or_memory_error_costs_only_its_slice(tmp_path, isolate):
   from apache_beam.testing.util import assert_that, equal_to
 
   from tests import crashers
-  from transforms.chunks import SliceChunk, SliceTask
-  from transforms.decode import DecodeSlicesFn
+  from transforms.decode.chunks import SliceChunk, SliceTask
+  from transforms.decode.stage import DecodeSlicesFn
   from transforms.settings import DecodeSettings
 
   root = tmp_path / 'DATA'

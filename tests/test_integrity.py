@@ -13,9 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from beam_pipeline import dataset, verify
-from beam_pipeline.contract import digests
-from beam_pipeline.contract import schema as s
+from beam_pipeline import dataset
+from beam_pipeline.tools import verify
+from transforms.contract import digests
+from transforms.contract import schema as s
 
 _TABLES = {
   s.SLICES_DIR: s.SLICE_SCHEMA,

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from beam_pipeline import interrupts
+from beam_pipeline.launch import interrupts
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ def test_a_wrapped_interrupt_is_found_behind_the_runners_exception():
 
 _STOPPER = """
 import subprocess, sys, time
-from beam_pipeline import interrupts
+from beam_pipeline.launch import interrupts
 sleeper = [sys.executable, '-c', 'import time; time.sleep(60)']
 spawner = f'import subprocess, time; subprocess.Popen({sleeper!r}); time.sleep(60)'
 subprocess.Popen([sys.executable, '-c', spawner])

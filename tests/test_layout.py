@@ -2,8 +2,8 @@
 
 import pytest
 
-from beam_pipeline.contract import layout
-from beam_pipeline.contract.layout import ContourFile, DicomFile, Link, StrayFile
+from transforms.contract import layout
+from transforms.contract.layout import ContourFile, DicomFile, Link, StrayFile
 
 
 def _statuses(problems):

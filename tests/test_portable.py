@@ -14,7 +14,8 @@ import sys
 
 import pytest
 
-from beam_pipeline import cli, sample
+from beam_pipeline.launch import cli
+from beam_pipeline.tools import sample
 from tests.helpers import dataset_tables, free_port, wait_for_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -5,9 +5,10 @@ import os
 
 import pytest
 
-from beam_pipeline import cli, preflight, sample
-from beam_pipeline.contract.errors import UsageError
+from beam_pipeline.launch import cli, preflight
+from beam_pipeline.tools import sample
 from transforms import settings
+from transforms.contract.errors import UsageError
 
 
 def test_the_survey_counts_slices_and_labelled_slices_and_sizes_a_row(tmp_path):

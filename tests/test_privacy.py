@@ -16,12 +16,13 @@ import pydicom
 import pytest
 from dicomanonymizer.dicom_anonymization_databases import dicomfields_2026c as ps315
 
-from beam_pipeline import cli, sample
-from beam_pipeline.contract import columns, flags, metrics
-from beam_pipeline.contract import schema as s
+from beam_pipeline.launch import cli
+from beam_pipeline.tools import sample
 from tests.helpers import dataset_tables
-from transforms import _native
-from transforms.dicom import decode_dicom
+from transforms.contract import columns, flags, metrics
+from transforms.contract import schema as s
+from transforms.decode import _native
+from transforms.decode.dicom import decode_dicom
 
 
 def _actions() -> dict[tuple[int, int], set[str]]:

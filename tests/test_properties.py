@@ -5,9 +5,9 @@ import string
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from beam_pipeline.contract import layout
-from beam_pipeline.contract.errors import ContourError
-from transforms import masks
+from transforms.contract import layout
+from transforms.contract.errors import ContourError
+from transforms.decode import masks
 
 _NUMBERISH = st.one_of(
   st.floats(allow_nan=True, allow_infinity=True).map(repr),

@@ -16,9 +16,11 @@ import sys
 
 import pytest
 
-from beam_pipeline import cli, keys, sample
-from beam_pipeline.contract import layout, splits
-from beam_pipeline.contract.pseudonyms import (
+from beam_pipeline.launch import cli
+from beam_pipeline.tools import keys, sample
+from tests.helpers import dataset_tables, identifiers, leaks, parquet_text, texts_under
+from transforms.contract import layout, splits
+from transforms.contract.pseudonyms import (
   IDENTITY,
   KEY_BYTES,
   ORIGINAL_ID,
@@ -26,7 +28,6 @@ from beam_pipeline.contract.pseudonyms import (
   UID,
   Pseudonyms,
 )
-from tests.helpers import dataset_tables, identifiers, leaks, parquet_text, texts_under
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = bytes(range(32))

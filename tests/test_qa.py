@@ -12,10 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from beam_pipeline import cli, inspect, qa, render, sample, verify
-from beam_pipeline.contract import schema as s
 from beam_pipeline.dataset import mask_of
+from beam_pipeline.launch import cli
+from beam_pipeline.tools import overlay, qa, render, sample, verify
 from tests.conftest import WRITTEN_COLUMNS, WRITTEN_ROWS
+from transforms.contract import schema as s
 
 
 def _labeled(manifest):
@@ -39,7 +40,7 @@ def test_inspect_draws_contours_on_the_mask_edges(written, tmp_path):
   e = _labeled(manifest)
   png = str(tmp_path / 'slice.png')
   assert (
-    inspect.main(
+    overlay.main(
       [
         out,
         '--patient',
@@ -59,7 +60,7 @@ def test_inspect_draws_contours_on_the_mask_edges(written, tmp_path):
     picture.shape[0] > 2 * WRITTEN_ROWS and picture.shape[1] == 2 * WRITTEN_COLUMNS
   )  # + legend
   drawn = picture[: 2 * WRITTEN_ROWS : 2, ::2]  # one pixel per image pixel
-  row = inspect.find_slice(out, e.patient_id, e.slice_index)
+  row = overlay.find_slice(out, e.patient_id, e.slice_index)
   inner, outer = _edge(mask_of(row, 'i')), _edge(mask_of(row, 'o'))
   assert inner.any() and outer.any()
   assert (drawn[inner] == render.INNER_COLOUR).all()
@@ -72,7 +73,7 @@ def test_inspect_draws_contours_on_the_mask_edges(written, tmp_path):
 
 def test_inspect_reports_a_missing_slice(written, tmp_path, capsys):
   out, _, manifest = written
-  code = inspect.main(
+  code = overlay.main(
     [out, '--patient', 'NOPE', '--slice', '1', '-o', str(tmp_path / 'x.png')]
   )
   err = capsys.readouterr().err
@@ -80,7 +81,7 @@ def test_inspect_reports_a_missing_slice(written, tmp_path, capsys):
   for e in manifest.slices.values():  # every valid id pair is listed
     assert f'{e.patient_id} ({e.original_id})' in err
   e = _labeled(manifest)
-  code = inspect.main(
+  code = overlay.main(
     [out, '--patient', e.original_id, '--slice', '99', '-o', str(tmp_path / 'x.png')]
   )
   err = capsys.readouterr().err

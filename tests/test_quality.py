@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import xxhash
 
-from beam_pipeline.contract import splits
-from beam_pipeline.contract.errors import UsageError
 from tests.helpers import reference_mask
-from transforms import quality
+from transforms.contract import splits
+from transforms.contract.errors import UsageError
+from transforms.decode import quality
 
 SQUARE = [(10.0, 10.0), (30.0, 10.0), (30.0, 30.0), (10.0, 30.0)]
 BOWTIE = [(10.0, 10.0), (30.0, 30.0), (30.0, 10.0), (10.0, 30.0)]

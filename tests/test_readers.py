@@ -9,10 +9,11 @@ import pandas as pd
 import polars as pl
 import pytest
 
-from beam_pipeline import cli, sample
-from beam_pipeline.contract import schema as s
+from beam_pipeline.launch import cli
+from beam_pipeline.tools import sample
 from tests.helpers import reference_mask
 from transforms import settings
+from transforms.contract import schema as s
 
 
 def _expected(manifest, rows, columns):

@@ -5,20 +5,19 @@ import os
 
 from apache_beam.portability.api import beam_fn_api_pb2
 
-from beam_pipeline import console, progress, summary
-from beam_pipeline.contract import metrics
-from beam_pipeline.contract import progress as counts
-from beam_pipeline.contract import schema as s
-from transforms import _progress
+from beam_pipeline.launch import console, progress, summary
+from transforms import _worker_progress
+from transforms.contract import counts, metrics
+from transforms.contract import schema as s
 
 
 def test_progress_logs_at_most_once_per_interval(caplog):
   caplog.set_level(logging.INFO, logger='transforms.progress')
-  progress = _progress.Progress(interval=3600)
+  progress = _worker_progress.Progress(interval=3600)
   for _ in range(50):
     progress.add(patients=1, slices=10)
   assert caplog.messages == []
-  progress = _progress.Progress(interval=0)
+  progress = _worker_progress.Progress(interval=0)
   progress.add(patients=1, slices=10)
   progress.add(patients=1, slices=5)
   assert caplog.messages[-1].startswith('progress: 2 patients done, 15 slices done')
@@ -86,7 +85,8 @@ def test_summary_shows_each_split_and_warns_of_an_empty_one():
   assert 'split val is empty: no patient hashed into it at --split 0.8,0.1,0.1' in text
   assert 'split test is empty' not in text
   assert (
-    "2 problem rows; list them with: python -m beam_pipeline.problems '/o u t'" in text
+    "2 problem rows; list them with: python -m beam_pipeline.tools.problems '/o u t'"
+    in text
   )
   assert summary.empty_splits({}) == []  # nothing written: no split to blame
 
@@ -107,7 +107,7 @@ def test_a_progress_line_has_the_total_the_rate_and_the_eta():
 def test_the_launcher_sums_the_count_files_of_every_worker_process(tmp_path, caplog):
   """Two processes' count files (and files that are not one, skipped) sum
   into the launcher's line; the folder is gone afterwards."""
-  caplog.set_level(logging.INFO, logger='beam_pipeline.progress')
+  caplog.set_level(logging.INFO, logger='beam_pipeline.launch.progress')
   with progress.Reporter(total=30, interval=3600, live=False) as reporter:
     folder = reporter.folder
     with open(os.path.join(folder, '101.count'), 'wb') as f:
@@ -139,7 +139,7 @@ def test_a_count_caught_mid_write_keeps_its_last_record(tmp_path):
 
 
 def test_a_worker_writes_its_counts_where_the_launcher_reads_them(tmp_path):
-  worker = _progress.Progress(interval=3600, folder=str(tmp_path))
+  worker = _worker_progress.Progress(interval=3600, folder=str(tmp_path))
   worker.add(patients=1, slices=7)
   worker.add(slices=5)
   worker.flush()

@@ -13,9 +13,10 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from beam_pipeline import sample
-from beam_pipeline.contract.errors import FileTooLargeError
-from transforms import _native, multipart, series
+from beam_pipeline.tools import sample
+from transforms.contract.errors import FileTooLargeError
+from transforms.decode import _native, series
+from transforms.io import multipart
 
 
 def _body(parts, boundary=b'xB0', sized=True, preamble=b'', epilogue=b'\r\n'):

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from beam_pipeline import sample
+from beam_pipeline.tools import sample
 
 torch = pytest.importorskip('torch')
 
-from beam_pipeline.torch_data import SliceDataset  # noqa: E402
+from beam_pipeline.dataset.torch_data import SliceDataset  # noqa: E402
 from tests.conftest import WRITTEN_SHAPE  # noqa: E402
 
 

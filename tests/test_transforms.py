@@ -12,23 +12,18 @@ import pyarrow.parquet as pq
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from beam_pipeline import sample, summary
-from beam_pipeline.contract import digests, metrics
-from beam_pipeline.contract import schema as s
-from beam_pipeline.contract.layout import (
-  ContourFile,
-  DicomFile,
-  FileGroup,
-  Link,
-  Patient,
-)
 from beam_pipeline.dataset import image_of, mask_of
+from beam_pipeline.launch import summary
+from beam_pipeline.tools import sample
 from tests.helpers import reference_mask
-from transforms import listing
-from transforms.chunks import SliceTask, bounds, plan_chunks
-from transforms.decode import DecodeSlices
-from transforms.listing import ListTree, ReadLinks
+from transforms.contract import digests, metrics
+from transforms.contract import schema as s
+from transforms.contract.layout import ContourFile, DicomFile, FileGroup, Link, Patient
+from transforms.decode.chunks import SliceTask, bounds, plan_chunks
+from transforms.decode.stage import DecodeSlices
 from transforms.reconcile import Reconcile
+from transforms.sources import listing
+from transforms.sources.listing import ListTree, ReadLinks
 from transforms.write import WriteDataset
 
 

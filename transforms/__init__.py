@@ -1,5 +1,8 @@
-"""The pipeline's stages, one module each: listing, reconcile, decode, write.
+"""The pipeline's stages, PTransforms and DoFns (docs/ARCHITECTURE.md).
 
-They import only ``beam_pipeline.contract`` and their own parts (chunks,
-dicom, assemble, masks, quality, the private helpers), never each other.
+Six stages: ``sources`` (a tree, or a PACS with the tree's contours),
+``reconcile``, ``decode``, ``duplicates`` and ``write``; below them the
+modules they share (``settings``, ``tuning``, ``outcomes``), ``io`` (stores,
+DICOMweb) and ``contract`` (what every part of the project agrees on). None of
+them imports ``beam_pipeline``.
 """

@@ -10,7 +10,7 @@ which rows get which quality flag, which copies ``--drop-duplicates`` drops
 (all but the first by path), and which patients change split so that no two
 copies of one image end up in different splits. The rows are already
 written by then: the launcher applies the plan to the few shards it touches
-(``beam_pipeline.duplicates``).
+(``beam_pipeline.launch.duplicate_plan``).
 
 A constant image (every pixel the same value, e.g. an empty slice) is not
 matched by its pixels: identical blank slices are not copies.
@@ -25,31 +25,14 @@ import apache_beam as beam
 import xxhash
 from apache_beam import pvalue
 
-from beam_pipeline.contract import packing, splits
-from beam_pipeline.contract import schema as s
-from transforms import stores
+from transforms.contract import packing, splits
+from transforms.contract import schema as s
+from transforms.io import stores
 
 SLICE_FLAG = s.DUPLICATE_SLICE
 CONTOUR_FLAG = s.DUPLICATE_CONTOUR
 
-# The decode stage's identity records (plain tuples: any coder carries them).
-# slice:   (patient_id, original_id, slice_index, dicom_path, split, sop_uid,
-#           pixel_hash or None)
-# contour: (patient_id, original_id, slice_index, kind, path, content_hash)
-
-
-def slice_identity(row: dict) -> tuple:
-  """A written row's identity, for FindDuplicates."""
-  constant = 'constant_image' in row['qa_flags']  # see quality.pixel_checks
-  return (
-    row['patient_id'],
-    row['original_id'],
-    row['slice_index'],
-    row['dicom_path'],
-    row['split'],
-    row['sop_instance_uid'],
-    None if constant else row['pixel_xxh3'],
-  )
+# The identity records come from the decode stage: see layout.slice_identity.
 
 
 def _keys(identities: tuple) -> Iterator[tuple]:

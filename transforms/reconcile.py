@@ -1,8 +1,8 @@
 """Reconciliation: link rows against the tree's files, joined with CoGroupByKey.
 
 Only ids and paths travel through the joins; pixels are read later, per
-patient, after the join (see ``transforms.decode``). The inputs come from
-``transforms.listing`` (or any source of the same records).
+patient, after the join (see ``transforms.decode.stage``). The inputs come from
+``transforms.sources.listing`` (or any source of the same records).
 
 The data tree keys DICOM folders by patient_id and contour folders by
 original_id, so there are two joins: contour files are attached to their link
@@ -19,28 +19,10 @@ from typing import NamedTuple
 import apache_beam as beam
 from apache_beam import pvalue
 
-from beam_pipeline.contract import layout
-from beam_pipeline.contract import schema as s
-from beam_pipeline.contract.layout import Patient
-
-
-class Wording(NamedTuple):
-  """How reconciliation rows say where a patient's slices were looked for:
-  format strings over ``patient_id`` (and ``slice_index``)."""
-
-  no_slices: str
-  no_slice: str
-
-
-TREE = Wording(
-  f'no slices under {layout.DICOM_DIR}/{{patient_id}}/',
-  f'no {layout.DICOM_DIR}/{{patient_id}}/{{slice_index}}.dcm',
-)
-PACS = Wording(
-  'the DICOMweb server has no instance with PatientID {patient_id}',
-  'no instance with InstanceNumber {slice_index} in the series of PatientID '
-  '{patient_id}',
-)
+from transforms.contract import layout
+from transforms.contract import schema as s
+from transforms.contract.layout import Patient
+from transforms.sources.source import TREE, Source, Wording
 
 
 class _Linked(NamedTuple):
@@ -171,10 +153,10 @@ class Reconcile(beam.PTransform):
   (report rows: one per matched patient and one per mismatch found).
   """
 
-  LINKS = 'links'
-  DICOMS = 'dicoms'
-  CONTOURS = 'contours'
-  REPORTED = 'reported'
+  LINKS = Source.LINKS
+  DICOMS = Source.DICOMS
+  CONTOURS = Source.CONTOURS
+  REPORTED = Source.REPORTED
   PATIENTS = 'patients'
   RECONCILIATION = 'reconciliation'
 

@@ -1,6 +1,6 @@
 """The stages' settings and their defaults, in one light module.
 
-The command line (``beam_pipeline.options``) reads the defaults from here
+The command line (``beam_pipeline.launch.options``) reads the defaults from here
 without importing Beam, pydicom or pyarrow, so ``--help`` stays instant.
 """
 
@@ -9,12 +9,12 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, NamedTuple
 
-from beam_pipeline.contract import splits
-from transforms.dicomweb import DicomWebConfig
-from transforms.stores import StoreConfig
+from transforms.contract import splits
+from transforms.io.dicomweb import DicomWebConfig
+from transforms.io.stores import StoreConfig
 
 if TYPE_CHECKING:  # pseudonyms imports pyarrow (through the schema): not for --help
-  from beam_pipeline.contract.pseudonyms import Pseudonyms
+  from transforms.contract.pseudonyms import Pseudonyms
 
 DEFAULT_CHUNK_SIZE = 64
 DEFAULT_MAX_PIXELS = 4096 * 4096

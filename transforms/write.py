@@ -16,11 +16,11 @@ Only string columns are dictionary-encoded, all but the image and mask bytes
 carry min/max statistics (on those they cost time and help no reader),
 and every page carries a CRC checksum that readers verify. Each file is
 hashed as it is written; the run summary lists every file's size and digest
-(``beam_pipeline.contract.digests``). Each Arrow table of unlabeled slices,
+(``transforms.contract.digests``). Each Arrow table of unlabeled slices,
 from one SliceChunk of one patient, is one row group; the labeled slices of
 several chunks are gathered into row groups of their own (``_LABELED_ROWS``).
 Local shards are written with O_DIRECT where the file system allows it
-(transforms/_direct.py).
+(transforms/direct.py).
 """
 
 from __future__ import annotations
@@ -41,15 +41,16 @@ from apache_beam.io import filebasedsink
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.metrics import Metrics
 
-from beam_pipeline.contract import digests, metrics
-from beam_pipeline.contract import schema as s
-from transforms import _direct, _files, stores, tuning
+from transforms import tuning
+from transforms.contract import digests, metrics
+from transforms.contract import schema as s
+from transforms.io import direct, files, stores
+from transforms.io.stores import is_local
 from transforms.settings import (
   DEFAULT_IMAGE_CODEC,
   DEFAULT_MAX_CHUNK_BYTES,
   parse_image_codec,
 )
-from transforms.stores import is_local
 
 CODEC = 'zstd'  # the masks' codec, and the image's unless image_codec says
 # Every other column: a few hundred bytes a slice, read in pages of a few
@@ -99,14 +100,14 @@ def _all_labeled(table: pa.Table) -> bool:
   return pc.all(s.has_mask(table)).as_py()
 
 
-def _open_local_shard(path: str) -> _direct.DirectFile:
+def _open_local_shard(path: str) -> direct.DirectFile:
   """A new local shard, written around the page cache (O_DIRECT) by a thread.
 
   The kernel no longer copies every shard byte into newly allocated
   page-cache pages. Buys (BENCHMARKS.md, 23,000 slices, same run): 27 % less
   CPU in-process and 31 % with 2 worker processes (1.20x the speed).
   """
-  return _direct.DirectFile(path, direct=tuning.enabled('direct'))
+  return direct.DirectFile(path, direct=tuning.enabled('direct'))
 
 
 def leaf_paths(schema: pa.Schema) -> dict[str, list[str]]:
@@ -362,7 +363,7 @@ class _ParquetSink(filebasedsink.FileBasedSink):
     if self._remote():
       # No rename on an object store: the temporary objects stay where they
       # are, and the launcher copies each once, straight into OUT/ when the
-      # run publishes (beam_pipeline.publish).
+      # run publishes (beam_pipeline.launch.publish).
       for temp, final in zip(results, finals, strict=True):
         manifest[final.rsplit('/', 1)[-1]][digests.SOURCE] = temp
       yield from finals
@@ -389,7 +390,7 @@ def _naming(path: str):
 
 
 def _prefix(output_root: str, folder: str) -> str:
-  return _files.join_path(output_root, f'{folder}/part')
+  return files.join_path(output_root, f'{folder}/part')
 
 
 REPORT_FILE = 'part-00000-of-00001.parquet'  # each report's one file
@@ -522,12 +523,12 @@ class WriteDataset(beam.PTransform):
       >> beam.Map(lambda row, key=key: (key, row)).with_output_types(tuple[str, dict])
       for key in reports
     ]
-    files = (
+    report_files = (
       (markers, *tagged)
       | 'AllReports' >> beam.Flatten()
       | 'ByReport' >> beam.GroupByKey()
       | 'WriteReports'
       >> beam.ParDo(_WriteReportsFn(root, reports, self._config)).with_outputs(*reports)
     )
-    written.update({key: files[key] for key in reports})
+    written.update({key: report_files[key] for key in reports})
     return written

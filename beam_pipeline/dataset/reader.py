@@ -1,0 +1,598 @@
+"""Reading the pipeline's output back: pure pyarrow and numpy, no Beam.
+
+ds = open_dataset('output')
+for row in ds.to_table(filter=pc.field('patient_id') == 'SCD0000101').to_pylist():
+    image = image_of(row)                  # (rows, columns) numpy array
+    inner = mask_of(row, 'i')              # bool array, or None
+
+Every reader here first checks the folder against its ``_SUMMARY.json``: a
+missing summary (the run never completed), a missing, extra or resized file,
+or an altered summary raise ``DatasetError``. The training readers
+(``shuffled_rows``, ``iter_batches``) also hash each shard the first time a
+process opens it, and every page's checksum is verified as it is read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from transforms.contract import digests, splits
+from transforms.contract import schema as s
+
+
+class DatasetError(ValueError):
+  """The folder is not a complete, unaltered pipeline output: no summary, or
+  a file missing, extra, resized or changed against the summary's digests."""
+
+
+def _folder(output: str, name: str) -> str:
+  """``output/name``, which must exist.
+
+  Raises:
+    FileNotFoundError: ``output`` is not a pipeline output.
+  """
+  folder = os.path.join(output, name)
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f'{folder} not found: is {output} a pipeline output?')
+  return folder
+
+
+def read_summary(output: str) -> dict:
+  """``_SUMMARY.json``, checked against its own digest.
+
+  Raises:
+    DatasetError: it is missing (the run never completed), unreadable, altered
+      or from a version that recorded no file digests.
+  """
+  path = os.path.join(output, s.SUMMARY_FILE)
+  try:
+    with open(path, 'rb') as f:
+      summary = json.loads(f.read())
+  except FileNotFoundError:
+    raise DatasetError(
+      f'{path} not found: no run completed into {output} (a dataset is '
+      'complete only once its summary is written)'
+    ) from None
+  except (OSError, ValueError) as e:  # ValueError: not JSON, not UTF-8
+    raise DatasetError(f'{path} is unreadable: {e}') from None
+  if not isinstance(summary, dict) or digests.FILES not in summary:
+    raise DatasetError(f'{path} lists no file digests: re-run the pipeline')
+  if summary.get(digests.SUMMARY_DIGEST) != digests.of_summary(summary):
+    raise DatasetError(f'{path} was altered: its content does not match its digest')
+  return summary
+
+
+def _tables_files(output: str) -> set[str]:
+  """Every Parquet file under the three table folders, relative to output."""
+  found = set()
+  for entry in (s.SLICES_DIR, s.RECONCILIATION_DIR, s.ERRORS_DIR):
+    folder = _folder(output, entry)
+    found |= {f'{entry}/{n}' for n in os.listdir(folder) if n.endswith('.parquet')}
+  return found
+
+
+def file_problems(output: str, summary: dict, full: bool) -> list[str]:
+  """What differs between the files on disk and the summary's record: missing,
+  extra and resized files, and with ``full`` changed content (each file is
+  read and hashed). Empty when the dataset is as written."""
+  recorded = summary[digests.FILES]
+  present = _tables_files(output)
+  problems = [f'{name} is missing' for name in sorted(set(recorded) - present)]
+  problems += [
+    f"{name} is not one of the run's files" for name in sorted(present - set(recorded))
+  ]
+  for name in sorted(present & set(recorded)):
+    path = os.path.join(output, name)
+    size = os.path.getsize(path)
+    expected = recorded[name]
+    if size != expected['bytes']:
+      problems.append(f'{name} holds {size} bytes, the run wrote {expected["bytes"]}')
+    elif full and _digest(path) != expected[digests.ALGORITHM]:
+      problems.append(f'{name} was altered: its content does not match its digest')
+  return problems
+
+
+def _digest(path: str) -> str:
+  with open(path, 'rb') as f:
+    return digests.of_stream(f)[1]
+
+
+def check(output: str, full: bool = False) -> dict:
+  """Checks ``output`` against its summary and returns the summary.
+
+  Args:
+    full: also hash every file (reads the whole dataset); otherwise only the
+      set of files and their sizes are compared.
+
+  Raises:
+    FileNotFoundError: ``output`` is not a pipeline output.
+    DatasetError: see :func:`read_summary` and :func:`file_problems`.
+  """
+  _folder(output, s.SLICES_DIR)
+  summary = read_summary(output)
+  problems = file_problems(output, summary, full)
+  if problems:
+    more = f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''
+    raise DatasetError(
+      f'{output} is not the dataset its run wrote: {problems[0]}{more}; '
+      f'python -m beam_pipeline.tools.verify {output} lists every problem'
+    )
+  return summary
+
+
+# Shards whose digest this process has checked: {(path, size, mtime): True}.
+_VERIFIED: dict[tuple[str, int, int], bool] = {}
+
+
+def _open_shard(
+  path: str, summary: dict, metadata: pq.FileMetaData | None = None
+) -> pq.ParquetFile:
+  """A slice shard, hashed against the summary the first time this process
+  opens it, read with page checksums verified. ``metadata``: its footer, if
+  already read (parsing a footer of hundreds of row groups costs more than
+  reading one of them)."""
+  stat = os.stat(path)
+  key = (path, stat.st_size, stat.st_mtime_ns)
+  if key not in _VERIFIED:
+    name = f'{s.SLICES_DIR}/{os.path.basename(path)}'
+    if _digest(path) != summary[digests.FILES][name][digests.ALGORITHM]:
+      raise DatasetError(f'{path} was altered: its content does not match its digest')
+    _VERIFIED[key] = True
+  return pq.ParquetFile(path, metadata=metadata, page_checksum_verification=True)
+
+
+def _parquet_format() -> pads.ParquetFileFormat:
+  return pads.ParquetFileFormat(
+    default_fragment_scan_options=pads.ParquetFragmentScanOptions(
+      page_checksum_verification=True
+    )
+  )
+
+
+def open_dataset(output: str) -> pads.Dataset:
+  """The slices of a pipeline output folder, as a pyarrow Dataset.
+
+  The files are checked against the summary (set and sizes; ``check(output,
+  full=True)`` hashes them too) and every page's checksum is verified as it is
+  read.
+
+  Raises:
+    FileNotFoundError: ``output`` holds no slices folder.
+    DatasetError: a file is missing, extra or resized, or the summary is.
+  """
+  summary = check(output)
+  shards = sorted(n for n in summary[digests.FILES] if n.startswith(s.SLICES_DIR + '/'))
+  return pads.dataset(
+    [os.path.join(output, n) for n in shards],
+    format=_parquet_format(),
+    schema=s.SLICE_SCHEMA,
+  )
+
+
+def _read_report(output: str, name: str, schema: pa.Schema) -> pa.Table:
+  summary = check(output)
+  files = sorted(n for n in summary[digests.FILES] if n.startswith(name + '/'))
+  if not files:
+    return schema.empty_table()
+  tables = []
+  for n in files:
+    path = os.path.join(output, n)
+    if _digest(path) != summary[digests.FILES][n][digests.ALGORITHM]:
+      raise DatasetError(f'{path} was altered: its content does not match its digest')
+    tables.append(pq.read_table(path, schema=schema, page_checksum_verification=True))
+  return pa.concat_tables(tables)
+
+
+def read_reconciliation(output: str) -> pa.Table:
+  """The reconciliation report (patient_id, original_id, status, detail).
+
+  Raises:
+    DatasetError: the dataset is not as its run wrote it (see :func:`check`).
+  """
+  return _read_report(output, s.RECONCILIATION_DIR, s.RECONCILIATION_SCHEMA)
+
+
+def read_errors(output: str) -> pa.Table:
+  """The dead-letter table (patient_id, path, stage, error).
+
+  Raises:
+    DatasetError: the dataset is not as its run wrote it (see :func:`check`).
+  """
+  return _read_report(output, s.ERRORS_DIR, s.ERROR_SCHEMA)
+
+
+# Columns needed to decode image and masks, whatever the caller projects.
+_SHAPE_COLUMNS = ('rows', 'columns', 'samples_per_pixel', 'pixel_dtype')
+
+
+def _image_type(
+  rows: int, columns: int, samples: int, pixel_dtype: str
+) -> tuple[tuple[int, ...], np.dtype]:
+  """(shape, dtype) of an image as stored, from its _SHAPE_COLUMNS."""
+  shape = (rows, columns) + ((samples,) if samples > 1 else ())
+  return shape, np.dtype(pixel_dtype).newbyteorder('<')
+
+
+def image_of(row: dict, rescale: bool = False) -> np.ndarray:
+  """A row's image as stored, shape (rows, columns[, samples]).
+
+  Args:
+    row: a slice row (a dict, e.g. from ``Table.to_pylist()``).
+    rescale: apply ``rescale_slope`` and ``rescale_intercept`` (1 and 0 when
+      absent), returning float64.
+  """
+  shape, dtype = _image_type(*(row[name] for name in _SHAPE_COLUMNS))
+  image = np.frombuffer(row['image'], dtype=dtype).reshape(shape)
+  if not rescale:
+    return image
+  slope = row['rescale_slope'] if row['rescale_slope'] is not None else 1.0
+  intercept = row['rescale_intercept'] if row['rescale_intercept'] is not None else 0.0
+  return image.astype(np.float64) * slope + intercept
+
+
+def unpack_mask(data: bytes, rows: int, columns: int) -> np.ndarray:
+  """Inverse of ``numpy.packbits``: the (rows, columns) boolean mask."""
+  bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=rows * columns)
+  return bits.astype(bool).reshape(rows, columns)
+
+
+def mask_of(row: dict, kind: str) -> np.ndarray | None:
+  """A row's ``i`` (inner) or ``o`` (outer) mask, or None if it has none."""
+  data = row[f'{kind}_mask']
+  if data is None:
+    return None
+  return unpack_mask(data, row['rows'], row['columns'])
+
+
+def row_groups(output: str) -> list[tuple[str, int]]:
+  """Every (shard path, row group index) of the slices, in a stable order.
+
+  Raises:
+    DatasetError: the dataset is not as its run wrote it (see :func:`check`).
+  """
+  return _row_groups(output, check(output))
+
+
+def _row_groups(
+  output: str,
+  summary: dict,
+  labeled_only: bool = False,
+  footers: dict[str, pq.FileMetaData] | None = None,
+) -> list[tuple[str, int]]:
+  """Every (shard, row group); with ``labeled_only``, those whose statistics
+  do not prove that they hold no mask (the pipeline writes a chunk's
+  labeled slices in a row group of their own). ``footers`` receives each
+  shard's parsed footer."""
+  groups = []
+  for name in sorted(summary[digests.FILES]):
+    if name.startswith(s.SLICES_DIR + '/'):
+      path = os.path.join(output, name)
+      metadata = pq.read_metadata(path)
+      if footers is not None:
+        footers[path] = metadata
+      witnesses = _mask_witnesses(metadata) if labeled_only else None
+      groups += [
+        (path, i)
+        for i in range(metadata.num_row_groups)
+        if not (witnesses and _holds_no_mask(metadata.row_group(i), witnesses))
+      ]
+  return groups
+
+
+# A mask is drawn exactly when its contour's vertex count is set; the counts
+# carry statistics (null counts), the masks do not (transforms/write.py).
+_MASK_WITNESSES = ('i_vertex_count', 'o_vertex_count')
+
+
+def _mask_witnesses(metadata: pq.FileMetaData) -> list[int] | None:
+  """The column indices of _MASK_WITNESSES in a shard (None when it has
+  not got them: not a pipeline's slice table, so every row group is read)."""
+  names = metadata.schema.names
+  if not all(name in names for name in _MASK_WITNESSES):
+    return None
+  return [names.index(name) for name in _MASK_WITNESSES]
+
+
+def _holds_no_mask(group: pq.RowGroupMetaData, witnesses: list[int]) -> bool:
+  """True when the row group's statistics show no row with a mask."""
+  for column in witnesses:
+    stats = group.column(column).statistics
+    if stats is None or not stats.has_null_count or stats.null_count < group.num_rows:
+      return False
+  return True
+
+
+def _keep(table: pa.Table, labeled_only: bool, split: str | None) -> pa.Table:
+  """The rows to yield (the table itself, not a copy, when that is all)."""
+  keep = None
+  if labeled_only:
+    keep = s.has_mask(table)
+  if split is not None:
+    in_split = pc.equal(table['split'], split)
+    keep = in_split if keep is None else pc.and_(keep, in_split)
+  if keep is None or pc.all(keep).as_py():
+    return table
+  return table.filter(keep)
+
+
+class _Buffers:
+  """Image buffers recycled between the rows of a read: a row's image is
+  copied out of its row group (so the row group is freed once read) into a
+  buffer that goes back here when its batch is built. A fresh 128 KiB
+  buffer per image costs about ten times the copy (page faults on new
+  memory; bench/reads.py). A buffer is made only when none is free, so
+  there are never more than the most rows held at once (the shuffle buffer,
+  a row group and a batch); at most ``keep`` free ones of a size are kept."""
+
+  def __init__(self, keep: int):
+    self._keep = keep
+    self._free: dict[int, list[np.ndarray]] = {}
+
+  def copy(self, view: np.ndarray) -> np.ndarray:
+    free = self._free.get(view.nbytes)
+    buffer = free.pop() if free else np.empty(view.nbytes, np.uint8)
+    buffer[:] = view
+    return buffer
+
+  def give_back(self, buffers: list) -> None:
+    for buffer in buffers:
+      if buffer is not None:
+        free = self._free.setdefault(buffer.nbytes, [])
+        if len(free) < self._keep:
+          free.append(buffer)
+
+
+def _binary_views(column: pa.ChunkedArray):
+  """Each value of a binary column as a uint8 view into Arrow's buffer
+  (None for a null), without a ``bytes`` object per value."""
+  for chunk in column.chunks:
+    _, offsets, data = chunk.buffers()
+    width = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
+    ends = np.frombuffer(offsets, width)[chunk.offset : chunk.offset + len(chunk) + 1]
+    values = np.empty(0, np.uint8) if data is None else np.frombuffer(data, np.uint8)
+    valid = chunk.is_valid().to_pylist() if chunk.null_count else None
+    for k in range(len(chunk)):
+      yield values[ends[k] : ends[k + 1]] if valid is None or valid[k] else None
+
+
+def _rows_of(table: pa.Table, buffers: _Buffers) -> list[tuple]:
+  """The table's rows as tuples in column order, images copied into
+  ``buffers`` (uint8 arrays), every other value as ``to_pylist`` gives it."""
+  columns = []
+  for name, column in zip(table.column_names, table.columns, strict=True):
+    if name == 'image':
+      views = _binary_views(column)
+      columns.append([v if v is None else buffers.copy(v) for v in views])
+    else:
+      columns.append(column.to_pylist())
+  return list(zip(*columns, strict=True))
+
+
+def shuffled_rows(
+  output: str,
+  seed: int,
+  epoch: int = 0,
+  *,
+  labeled_only: bool = False,
+  split: str | None = None,
+  columns: list[str] | None = None,
+  shuffle_buffer: int = 512,
+  shard: tuple[int, int] = (0, 1),
+):
+  """Yields every selected row once, as a dict, in a seeded random order.
+
+  Row groups are visited in a random order, and rows pass through a shuffle
+  buffer of ``shuffle_buffer`` rows: at most that many rows plus one row
+  group (one chunk of one patient) are held in memory at once, however large
+  the dataset. The order depends only on (seed, epoch) and the dataset.
+
+  Args:
+    split: only rows of this split; warns (UserWarning) when it holds none.
+    shard: (index, count): yield only this share of the row groups, so that
+      ``count`` readers (e.g. DataLoader workers) together yield each row once.
+  """
+  buffers = _Buffers(keep=shuffle_buffer)
+  rows = _shuffled(
+    output, seed, epoch, labeled_only, split, columns, shuffle_buffer, shard, buffers
+  )
+  for names, row in rows:
+    values = dict(zip(names, row, strict=True))
+    image = values.get('image')
+    if image is not None:
+      values['image'] = image.tobytes()
+      buffers.give_back([image])
+    yield values
+
+
+def _shuffled(
+  output: str,
+  seed: int,
+  epoch: int,
+  labeled_only: bool,
+  split: str | None,
+  columns: list[str] | None,
+  shuffle_buffer: int,
+  shard: tuple[int, int],
+  buffers: _Buffers,
+):
+  """shuffled_rows' rows as (column names, tuple), images as ``buffers``'
+  arrays, which the caller gives back."""
+  rng = np.random.default_rng([seed, epoch])
+  summary = check(output)
+  footers: dict[str, pq.FileMetaData] = {}
+  groups = _row_groups(output, summary, labeled_only, footers)
+  order = rng.permutation(len(groups))[shard[0] :: shard[1]]
+  wanted = None
+  if columns is not None:
+    extra = list(_SHAPE_COLUMNS)
+    extra += ['i_mask', 'o_mask'] if labeled_only else []
+    extra += ['split'] if split is not None else []
+    wanted = list(dict.fromkeys([*columns, *extra]))
+  if split is not None and split not in splits.SPLITS:
+    raise ValueError(f'split must be one of {", ".join(splits.SPLITS)}, got {split!r}')
+  buffer: list[tuple] = []
+  kept = 0
+  opened: dict[str, pq.ParquetFile] = {}  # opening one costs 0.5 ms
+  for g in order:
+    path, index = groups[g]
+    if path not in opened:
+      opened[path] = _open_shard(path, summary, footers[path])
+    table = _keep(
+      opened[path].read_row_group(index, columns=wanted), labeled_only, split
+    )
+    names = table.column_names
+    for row in _rows_of(table, buffers):
+      kept += 1
+      buffer.append((names, row))
+      if len(buffer) >= shuffle_buffer:
+        pick = int(rng.integers(len(buffer)))
+        buffer[pick], buffer[-1] = buffer[-1], buffer[pick]
+        yield buffer.pop()
+  rng.shuffle(buffer)
+  if split is not None and not kept and shard[1] == 1:
+    warnings.warn(
+      f'split {split!r} holds no slices in {output}: no patient hashed into it '
+      "(the run summary's splits line shows each split's patients)",
+      stacklevel=3,
+    )
+  yield from buffer
+
+
+def _column_array(values: list) -> np.ndarray:
+  """A typed array, or a 1-D object array when values hold nulls or ragged lists."""
+  if None not in values:
+    try:
+      return np.array(values)
+    except ValueError:
+      pass
+  array = np.empty(len(values), dtype=object)
+  array[:] = values
+  return array
+
+
+def _images(images: tuple, types: list[tuple[tuple[int, ...], np.dtype]]):
+  """The images (uint8 buffers) copied out, each with its (shape, dtype):
+  one array (batch, ...) when they share shape and dtype, else a list."""
+  if len(set(types)) > 1:
+    return [
+      np.frombuffer(image, dtype).reshape(shape).copy()
+      for image, (shape, dtype) in zip(images, types, strict=True)
+    ]
+  shape, dtype = types[0]
+  batch = np.empty((len(images), *shape), dtype)
+  flat = batch.reshape(len(images), -1).view(np.uint8)
+  for k, image in enumerate(images):
+    flat[k] = image
+  return batch
+
+
+def _masks(packed: list, shapes: list[tuple[int, int]]):
+  """Packed masks unpacked: one bool array (batch, rows, columns), False
+  where a row has none, when the rows share a shape, else a list (None
+  where a row has none). Masks whose bits fill whole bytes are unpacked
+  in one call."""
+  if len(set(shapes)) > 1:
+    return [
+      None if data is None else unpack_mask(data, *shape)
+      for data, shape in zip(packed, shapes, strict=True)
+    ]
+  rows, columns = shapes[0]
+  size = rows * columns
+  if size % 8 == 0 and all(data is None or len(data) == size // 8 for data in packed):
+    empty = bytes(size // 8)
+    joined = b''.join(empty if data is None else data for data in packed)
+    bits = np.unpackbits(np.frombuffer(joined, np.uint8))
+    return bits.view(bool).reshape(len(packed), rows, columns)
+  none = np.zeros((rows, columns), bool)
+  return np.stack(
+    [none if data is None else unpack_mask(data, rows, columns) for data in packed]
+  )
+
+
+def _stack(items: list[tuple], columns: list[str] | None, buffers: _Buffers) -> dict:
+  names = items[0][0]
+  at = {name: k for k, name in enumerate(names)}
+  by_column = list(zip(*(row for _, row in items), strict=True))
+  batch = {}
+  for name in columns if columns is not None else names:
+    values = by_column[at[name]]
+    if name == 'image':
+      shapes = zip(*(by_column[at[c]] for c in _SHAPE_COLUMNS), strict=True)
+      batch['image'] = _images(values, [_image_type(*shape) for shape in shapes])
+    elif name in ('i_mask', 'o_mask'):
+      batch[f'has_{name}'] = np.array([v is not None for v in values])
+      shapes = zip(by_column[at['rows']], by_column[at['columns']], strict=True)
+      batch[name] = _masks(values, list(shapes))
+    else:
+      batch[name] = _column_array(values)
+  if 'image' in at:
+    buffers.give_back(by_column[at['image']])
+  return batch
+
+
+def iter_batches(
+  output: str,
+  batch_size: int,
+  seed: int = 0,
+  epochs: int = 1,
+  *,
+  labeled_only: bool = False,
+  split: str | None = None,
+  columns: list[str] | None = None,
+  shuffle_buffer: int = 512,
+  drop_last: bool = False,
+  shard: tuple[int, int] = (0, 1),
+):
+  """Yields dicts of stacked numpy arrays, shuffled, epoch after epoch.
+
+  ``image`` becomes an array (batch, rows, columns[, samples]) of the stored
+  dtype (a list of arrays if shapes differ within the batch); ``i_mask`` and
+  ``o_mask`` become bool arrays (batch, rows, columns), all False where the
+  slice has no such mask, with ``has_i_mask`` / ``has_o_mask`` saying which.
+  Other columns become 1-D arrays (object arrays when they hold nulls).
+
+  Args:
+    output: a pipeline output folder.
+    batch_size: rows per batch; the last batch of an epoch may be smaller
+      unless ``drop_last``.
+    seed: the same seed gives the same order; each epoch has its own order.
+    epochs: how many passes; every selected slice appears once per epoch.
+    labeled_only: only slices with at least one mask.
+    split: only slices of this split ('train', 'val' or 'test'); warns
+      (UserWarning) when it holds none.
+    columns: the columns to return (default all); only these (and what is
+      needed to decode them) are read from disk.
+    shuffle_buffer: rows held for shuffling (memory bound; 1 = no shuffle
+      within row groups, row groups still in random order).
+    shard: see :func:`shuffled_rows`.
+  """
+  if batch_size < 1:
+    raise ValueError(f'batch_size must be at least 1, got {batch_size}')
+  buffers = _Buffers(keep=shuffle_buffer + batch_size)
+  for epoch in range(epochs):
+    batch: list[tuple] = []
+    for item in _shuffled(
+      output,
+      seed,
+      epoch,
+      labeled_only,
+      split,
+      columns,
+      shuffle_buffer,
+      shard,
+      buffers,
+    ):
+      batch.append(item)
+      if len(batch) == batch_size:
+        yield _stack(batch, columns, buffers)
+        batch = []
+    if batch and not drop_last:
+      yield _stack(batch, columns, buffers)

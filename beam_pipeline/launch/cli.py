@@ -1,0 +1,177 @@
+"""The command line: ``python run_pipeline.py [options]``, and its exit codes.
+
+  0  the run completed and every input was used;
+  3  the run completed, and some inputs are in OUT/errors or OUT/reconciliation
+     has problem rows (the good slices are written);
+  4  as 3, with --strict: the run counts as failed (the reports are written);
+  2  invalid options or input (nothing was launched);
+  1  the pipeline failed (crash): OUT/_SUMMARY.json is not written;
+  130, 143  interrupted by SIGINT (Ctrl-C) or SIGTERM: nothing is published
+     (an interrupt during publishing waits for it to finish).
+
+``--help`` is answered before Beam, pydicom or pyarrow are imported.
+
+The console command ``cardiac-mri`` (installed by setup.py) runs the pipeline
+and its tools: ``cardiac-mri run|inspect|qa|verify|sample|problems|keygen ...``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from beam_pipeline.launch import arguments, console, interrupts
+from transforms.contract.errors import UsageError, causes
+
+_LOG = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_QUARANTINED = 3
+EXIT_STRICT = 4
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Runs the pipeline from command-line arguments; returns the exit code."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if '-h' in argv or '--help' in argv:
+    command = sys.argv[0] if sys.argv[0].startswith('cardiac-mri') else ''
+    arguments.help_parser(command or 'run_pipeline.py').print_help()
+    return EXIT_OK
+  if arguments.HELP_BEAM in argv:
+    from beam_pipeline.launch import options
+
+    print("Apache Beam's pipeline options (every runner's; this pipeline's too):")
+    options.beam_parser().print_help()
+    return EXIT_OK
+  log_file = console.configure_logging()
+  interrupts.handle_signals()
+  try:
+    run = _run(argv)
+  except UsageError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return EXIT_USAGE
+  except (interrupts.Interrupted, Exception) as e:
+    stop = interrupts.interrupted_by(e)
+    if stop is not None:
+      _LOG.info('interrupted by %s', stop, exc_info=True)  # the log file only
+      interrupts.stop_descendants()
+      print(_interrupted(stop), file=sys.stderr)
+      return stop.exit_code
+    _LOG.error('the pipeline failed', exc_info=True)
+    print(f'error: the pipeline failed: {_reason(e)}{_see(log_file)}', file=sys.stderr)
+    return EXIT_FAILED
+  if run.dry_run or not run.issues:
+    return EXIT_OK
+  return EXIT_STRICT if run.options.strict else EXIT_QUARANTINED
+
+
+def entry(argv: Sequence[str] | None = None) -> int:
+  """``python run_pipeline.py`` and ``cardiac-mri run``: main() with the
+  descriptor-level stderr of child processes routed to the log file, and
+  glibc's malloc arenas capped before any thread starts
+  (``transforms.tuning.limit_arenas``)."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if not any(a in argv for a in ('-h', '--help', arguments.HELP_BEAM)):
+    from transforms import tuning
+
+    tuning.limit_arenas()
+    console.route_child_stderr()
+  return main(argv)
+
+
+# The console command: `cardiac-mri COMMAND ...` (setup.py's entry point).
+COMMANDS = {
+  'run': 'run the pipeline (the options of run_pipeline.py; --help lists them)',
+  'inspect': 'draw one slice with its contours to a PNG',
+  'qa': 'write the QA page: overlays, flags and contact sheets',
+  'verify': 'check an output: shards, schema, row counts, hashes',
+  'sample': 'generate a synthetic data tree (the test-data generator)',
+  'problems': 'list the inputs a run quarantined',
+  'keygen': 'write a new pseudonymisation key for --pseudonymize-key-file',
+}
+
+
+def _usage() -> str:
+  width = max(len(name) for name in COMMANDS)
+  lines = [f'  {name:<{width}}  {text}' for name, text in COMMANDS.items()]
+  return (
+    'usage: cardiac-mri COMMAND [ARGS]\n\ncommands:\n'
+    + '\n'.join(lines)
+    + '\n\n`cardiac-mri COMMAND --help` describes one.'
+  )
+
+
+def _tool(name: str):
+  """The main(argv) of a command other than run (imported when chosen)."""
+  if name == 'inspect':
+    from beam_pipeline.tools import overlay as tool
+  elif name == 'qa':
+    from beam_pipeline.tools import qa as tool
+  elif name == 'verify':
+    from beam_pipeline.tools import verify as tool
+  elif name == 'sample':
+    from beam_pipeline.tools import sample as tool
+  elif name == 'keygen':
+    from beam_pipeline.tools import keys as tool
+  else:
+    from beam_pipeline.tools import problems as tool
+  return tool.main
+
+
+def command(argv: Sequence[str] | None = None) -> int:
+  """``cardiac-mri COMMAND [ARGS]``: the pipeline and its tools, one command."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if not argv or argv[0] in ('-h', '--help'):
+    print(_usage(), file=sys.stdout if argv else sys.stderr)
+    return EXIT_OK if argv else EXIT_USAGE
+  name, rest = argv[0], argv[1:]
+  if name not in COMMANDS:
+    close = difflib.get_close_matches(name, COMMANDS, n=1)
+    hint = f'; did you mean {close[0]}?' if close else ''
+    print(
+      f'error: unknown command {name!r}{hint} (commands: {", ".join(COMMANDS)})',
+      file=sys.stderr,
+    )
+    return EXIT_USAGE
+  sys.argv[0] = f'cardiac-mri {name}'  # argparse's usage lines name the command
+  if name == 'run':
+    return entry(rest)
+  try:
+    code = _tool(name)(rest) or EXIT_OK
+    sys.stdout.flush()  # here, where a closed pipe can still be caught
+  except BrokenPipeError:  # `cardiac-mri problems OUT | head`: the reader is done
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return EXIT_OK
+  return code
+
+
+def _run(argv: list[str]):
+  from beam_pipeline.launch import run  # Beam: loaded after logging is set up
+
+  console.show_worker_logs()
+  return run.run(argv)
+
+
+def _interrupted(e: interrupts.Interrupted) -> str:
+  if e.published:
+    return f'interrupted ({e}) after the new dataset was published; it is complete'
+  return f'interrupted ({e}): nothing published, previous dataset untouched'
+
+
+def _reason(e: BaseException) -> str:
+  """One line: the innermost cause's type and message; an OSError that names
+  its file is preferred to a deeper one that does not."""
+  chain = causes(e)
+  named = [x for x in chain if isinstance(x, OSError) and x.filename is not None]
+  e = named[-1] if named else chain[-1]
+  text = str(e).strip().splitlines()
+  return f'{type(e).__name__}: {text[0] if text else ""}'.rstrip(': ')
+
+
+def _see(log_file: str | None) -> str:
+  return f' (full traceback in {log_file})' if log_file else ''

@@ -1,0 +1,324 @@
+"""Checks before launch: what the input holds, whether the output can take
+the dataset, and which mode the local runner should use.
+
+Everything here runs in the launching process before the pipeline starts, so
+a problem costs one line and exit 2 (``UsageError``), not a failed job:
+
+- :func:`survey` counts the slices of a local tree (a walk of ``dicoms/`` and
+  ``contourfiles/``, bounded in time) and estimates the dataset's size from a
+  few slices' headers.
+- :func:`check_output` proves the output writable by writing a probe file (a
+  local folder, or an object under ``s3://``/``gs://``: the bucket is reachable
+  with the given credentials), and compares the estimate with the free space.
+- :func:`choose_direct_mode` picks in-process or worker processes for the
+  DirectRunner from the slice count and the cores, unless the user chose.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+import uuid
+from typing import NamedTuple
+
+from transforms import settings
+from transforms.contract import layout
+from transforms.contract.errors import UsageError, causes
+from transforms.io import dicomweb, stores
+
+_LOG = logging.getLogger(__name__)
+
+SCAN_SECONDS = 5.0  # the walk stops here; its count is then a lower bound
+_HEADER_SAMPLES = 8  # slices whose headers give the estimate of a row's size
+_ROW_OVERHEAD = 512  # metadata columns, quality columns, Parquet framing
+_RATIO_SAMPLE = 4 * 1024 * 1024  # bytes of a sample file compressed for the estimate
+WARN_FRACTION = 0.8  # warn when the estimate takes more of the free space
+
+# The DirectRunner's crossover (BENCHMARKS.md, 2 cores, 23,000 slices):
+# in-process about 3,650 slices/s after a 2.0 s fixed cost; each worker process
+# about 2,800 slices/s, the processes costing 1.8 s more to start.
+IN_PROCESS_RATE = 3650.0
+WORKER_RATE = 2800.0
+WORKER_START_SECONDS = 1.8
+MAX_WORKERS = 16
+
+
+class Survey(NamedTuple):
+  """What a local tree holds, found before launch."""
+
+  slices: int  # files at dicoms/<patient_id>/<n>.dcm of linked patients
+  labeled: int  # distinct (original_id, slice) pairs of linked patients
+  bytes_per_slice: int  # estimated size of one written row
+  complete: bool  # False: the walk hit SCAN_SECONDS, the counts are lower bounds
+
+  def rows(self, labeled_only: bool) -> int:
+    return min(self.slices, self.labeled) if labeled_only else self.slices
+
+  def dataset_bytes(self, labeled_only: bool) -> int:
+    return self.rows(labeled_only) * self.bytes_per_slice
+
+
+def _walk(root: str, top: str, deadline: float):
+  """Paths below ``root/top`` relative to ``root`` ('/'-separated); stops at
+  ``deadline``. Symlinks are not followed; unreadable folders are skipped (the
+  pipeline's own listing reports them)."""
+  pending = [top]
+  while pending and time.monotonic() < deadline:
+    relative = pending.pop()
+    try:
+      with os.scandir(os.path.join(root, relative)) as entries:
+        for entry in entries:
+          path = f'{relative}/{entry.name}'
+          if entry.is_dir(follow_symlinks=False):
+            pending.append(path)
+          elif entry.is_file(follow_symlinks=False):
+            yield path
+    except OSError:
+      continue
+  if pending:
+    raise TimeoutError
+
+
+def check_dicomweb(config: dicomweb.DicomWebConfig, root: str) -> None:
+  """Reads the credentials and runs one search on the PACS, so that a wrong
+  URL, certificate or credential is one line before anything runs.
+
+  Raises:
+    UsageError: the auth file is unusable, or the server cannot be reached or
+      refuses the search.
+  """
+  try:
+    dicomweb.client(config).check()
+  except dicomweb.DicomWebError as e:
+    if e.status in (401, 403):
+      raise UsageError(
+        f'--dicomweb-url {config.url}: the server refused the credentials '
+        f'(HTTP {e.status}); see docs/SOURCES.md, "From a PACS"'
+      ) from None
+    raise UsageError(f'--dicomweb-url {config.url}: {e}') from None
+  folder = stores.join(root, layout.DICOM_DIR)
+  if (
+    os.path.isdir(folder)
+    if stores.is_local(folder)
+    else next(iter(stores.store(folder).files(folder)), None) is not None
+  ):
+    _LOG.warning(
+      '%s is ignored: the slices come from --dicomweb-url %s', folder, config.url
+    )
+
+
+def survey(root: str, image_codec: str = 'none') -> Survey | None:
+  """Counts the slices and labelled slices of the linked patients (link.csv's
+  rows, as the pipeline parses them) of the local tree at ``root``, and
+  estimates a row's size with the image column in ``image_codec``
+  (``--image-codec``).
+
+  Returns None for a tree on an object store (not walked twice there).
+  """
+  if not stores.is_local(root):
+    return None
+  try:
+    with open(os.path.join(root, layout.LINK_FILE), 'rb') as f:
+      links, _ = layout.parse_links(f.read())
+  except OSError:
+    links = []
+  patients = {link.patient_id for link in links}
+  originals = {link.original_id for link in links}
+  deadline = time.monotonic() + SCAN_SECONDS
+  slices, labeled, samples = 0, set(), []
+  complete = True
+  try:
+    for top in (layout.DICOM_DIR, layout.CONTOUR_DIR):
+      for path in _walk(root, top, deadline):
+        found = layout.classify_path(path)
+        if isinstance(found, layout.DicomFile) and found.patient_id in patients:
+          slices += 1
+          if len(samples) < _HEADER_SAMPLES and found.slice_index == 1:
+            samples.append(os.path.join(root, path))
+        elif isinstance(found, layout.ContourFile) and found.original_id in originals:
+          labeled.add((found.original_id, found.slice_index))
+  except TimeoutError:
+    complete = False
+  return Survey(slices, len(labeled), _row_bytes(samples, image_codec), complete)
+
+
+def _row_bytes(paths: list[str], image_codec: str) -> int:
+  """The mean size of a written row, from the headers of ``paths``: the
+  image, two bit-packed masks and the other columns. The image is its raw
+  size times what ``image_codec`` makes of the whole file (for an
+  uncompressed slice, mostly its pixels; a compressed one stays near its raw
+  size, an upper bound)."""
+  import pydicom
+
+  sizes = []
+  for path in paths:
+    try:
+      ds = pydicom.dcmread(
+        path,
+        stop_before_pixels=True,
+        specific_tags=['Rows', 'Columns', 'SamplesPerPixel', 'BitsAllocated'],
+      )
+      pixels = int(ds.Rows) * int(ds.Columns)
+      image = pixels * int(ds.get('SamplesPerPixel', 1)) * int(ds.BitsAllocated) // 8
+      image = int(image * _compressed_fraction(path, image_codec))
+      sizes.append(image + 2 * pixels // 8 + _ROW_OVERHEAD)
+    except Exception:  # an unreadable header: the pipeline reports it
+      continue
+  return int(sum(sizes) / len(sizes)) if sizes else _ROW_OVERHEAD
+
+
+def _compressed_fraction(path: str, image_codec: str) -> float:
+  """What ``image_codec`` leaves of the file at ``path`` (at most 1), from
+  its first _RATIO_SAMPLE bytes (a hostile file may be huge)."""
+  name, level = settings.parse_image_codec(image_codec)
+  if name == 'none':
+    return 1.0
+  import pyarrow as pa
+
+  with open(path, 'rb') as f:
+    data = f.read(_RATIO_SAMPLE)
+  if not data:
+    return 1.0
+  compressed = pa.Codec(name, compression_level=level).compress(data)
+  return min(1.0, len(compressed) / len(data))
+
+
+def human_bytes(n: float) -> str:
+  for unit in ('bytes', 'KB', 'MB', 'GB', 'TB'):
+    if n < 1000 or unit == 'TB':
+      return f'{n:.0f} {unit}' if unit == 'bytes' else f'{n:.1f} {unit}'
+    n /= 1000
+  raise AssertionError('unreachable')
+
+
+def check_output(output: str, needed: int | None, space_check: bool = True) -> None:
+  """Raises UsageError unless ``output`` can take a dataset of ``needed`` bytes.
+
+  Locally the output must be, or become, a folder in which a file can be
+  written; with ``space_check`` a dataset larger than the free space is
+  refused and one near it warned about. On an object store, a probe object is
+  written under the staging prefix and deleted: the bucket exists and the
+  credentials may write. The previous dataset is not touched.
+  """
+  if stores.is_local(output):
+    _check_local(output, needed if space_check else None)
+  else:
+    _check_remote(output)
+
+
+def _check_local(output: str, needed: int | None) -> None:
+  if os.path.exists(output) and not os.path.isdir(output):
+    raise UsageError(f'--output {output} is a file, not a folder')
+  made = []
+  folder = output
+  while not os.path.exists(folder):
+    made.append(folder)
+    folder = os.path.dirname(folder)
+  if not os.path.isdir(folder):
+    raise UsageError(f'--output {output}: {folder} is a file, not a folder')
+  try:
+    os.makedirs(output, exist_ok=True)
+    probe = os.path.join(output, f'.write-probe-{uuid.uuid4().hex}')
+    with open(probe, 'wb') as f:
+      f.write(b'probe')
+    os.remove(probe)
+  except OSError as e:
+    _remove_made(made)
+    raise UsageError(f'--output {output} is not writable: {_cause(e)}') from e
+  if needed is None:
+    return
+  free = shutil.disk_usage(output).free
+  if needed > free:
+    _remove_made(made)
+    raise UsageError(
+      f'--output {output}: the dataset needs about {human_bytes(needed)} and '
+      f'{human_bytes(free)} is free there; free some space, choose another '
+      '--output, or pass --skip-space-check'
+    )
+  if needed > WARN_FRACTION * free:
+    _LOG.warning(
+      'the dataset needs about %s, %s of the %s free at %s',
+      human_bytes(needed),
+      f'{needed / free:.0%}',
+      human_bytes(free),
+      output,
+    )
+
+
+def _remove_made(made: list[str]) -> None:
+  """Removes the (empty) folders this check created, deepest first."""
+  for folder in made:
+    try:
+      os.rmdir(folder)
+    except OSError:
+      pass
+
+
+def _check_remote(output: str) -> None:
+  probe = stores.join(output, f'.write-probe-{uuid.uuid4().hex}')
+  try:
+    stores.write_bytes(probe, b'probe')
+    stores.store(probe).delete([probe])
+  except Exception as e:
+    raise UsageError(f'--output {output} is not writable: {_cause(e)}') from e
+
+
+def _cause(e: BaseException) -> str:
+  """The innermost cause of ``e`` in one line."""
+  e = causes(e)[-1]
+  if isinstance(e, OSError) and e.strerror:
+    return e.strerror
+  text = str(e).strip().splitlines()
+  return text[0] if text else type(e).__name__
+
+
+def cores() -> int:
+  """CPUs this process may run on."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    return os.cpu_count() or 1
+
+
+def crossover(workers: int) -> float:
+  """Slices above which ``workers`` processes beat one in-process runner."""
+  gain = 1 / IN_PROCESS_RATE - 1 / (WORKER_RATE * workers)
+  return WORKER_START_SECONDS / gain if workers > 1 and gain > 0 else float('inf')
+
+
+class DirectMode(NamedTuple):
+  """The DirectRunner's mode: 'in_memory' (in-process) or 'multi_processing'."""
+
+  running_mode: str
+  workers: int
+  reason: str
+
+  def describe(self) -> str:
+    if self.running_mode == 'multi_processing':
+      return f'{self.workers} worker processes ({self.reason})'
+    return f'in-process ({self.reason})'
+
+
+def choose_direct_mode(found: Survey | None, cpus: int) -> DirectMode:
+  """In-process below the crossover for ``cpus`` cores, else one worker
+  process per core (at most MAX_WORKERS)."""
+  workers = min(cpus, MAX_WORKERS)
+  if found is None:
+    return DirectMode(
+      'in_memory', 1, 'slice count not known ahead: an object store or a PACS'
+    )
+  count = f'{found.slices:,}{"" if found.complete else "+"} slices'
+  limit = crossover(workers)
+  if workers < 2:
+    return DirectMode('in_memory', 1, f'{count}, 1 core')
+  if found.slices < limit:
+    return DirectMode(
+      'in_memory', 1, f'{count} < {limit:,.0f}, the crossover for {workers} cores'
+    )
+  return DirectMode(
+    'multi_processing',
+    workers,
+    f'{count} >= {limit:,.0f}, the crossover for {workers} cores',
+  )

@@ -1,0 +1,353 @@
+"""Running the job: ``run`` (the command line's ``run``) from start to summary.
+
+``run`` resolves the options once into frozen settings, checks the input and
+output before anything launches, takes the output's lock (``lock``), runs the
+job (``beam_pipeline.pipeline``) into its own ``OUT/_incomplete-<run id>/``,
+publishes the dataset only when the job succeeded (``publish``), writes
+``_SUMMARY.json`` last and prints the summary. The command line and its exit
+codes are ``cli``'s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import (
+  DirectOptions,
+  PipelineOptions,
+  StandardOptions,
+  TestOptions,
+)
+from apache_beam.runners.runner import PipelineResult, PipelineState
+
+from beam_pipeline.launch import (
+  arguments,
+  console,
+  duplicate_plan,
+  interrupts,
+  lock,
+  preflight,
+  progress,
+  publish,
+  summary,
+)
+from beam_pipeline.launch.options import IngestOptions, Resolved, check_known
+from beam_pipeline.pipeline import Job, build_pipeline
+from beam_pipeline.tools import keys, qa, sample
+from transforms.contract import layout, metrics
+from transforms.contract.errors import UsageError, causes
+from transforms.io import stores
+
+_LOG = logging.getLogger(__name__)
+
+
+class Paths(NamedTuple):
+  """The run's paths, absolute, checked before anything launches."""
+
+  input: str
+  output: str
+  qa_dir: str | None = None
+  id_map: str | None = None
+  # Whether a dataset in output may be replaced (--overwrite, or the
+  # default output of the built-in sample).
+  overwrite: bool = False
+
+
+def resolve_paths(ingest: IngestOptions) -> Paths:
+  """The run's paths: --input and --output made absolute (the built-in
+  sample generated if --input is unset), --qa-dir and --id-map checked.
+
+  Raises:
+    UsageError: the input is not a data tree, or the output is inside it.
+  """
+  overwrite = ingest.overwrite
+  if ingest.input is None:
+    input_root = publish.absolute(ingest.sample_dir)
+    # The default output of the built-in sample is the sample's to replace:
+    # the quick start can run again. Any other output needs --overwrite.
+    overwrite = overwrite or (
+      ingest.output == arguments.DEFAULT_OUTPUT
+      and publish.made_from(publish.absolute(ingest.output)) == input_root
+    )
+    manifest = sample.make_builtin_sample(input_root)
+    print(
+      f'No --input given: generated the built-in sample at '
+      f'{input_root} ({len(manifest.slices)} slices).'
+    )
+  else:
+    input_root = ingest.input
+  input_root = publish.absolute(input_root).rstrip('/')
+  output = publish.absolute(ingest.output).rstrip('/')
+  link_file = stores.join(input_root, layout.LINK_FILE)
+  if not stores.store(link_file).exists(link_file):
+    raise UsageError(f'--input {input_root} is not a data tree: {link_file} not found')
+  qa_dir = ingest.qa_dir
+  if qa_dir is not None:
+    if not stores.is_local(output) or not stores.is_local(qa_dir):
+      raise UsageError('--qa-dir needs a local --output and a local --qa-dir')
+    qa_dir = publish.absolute(qa_dir)
+  if output == input_root or output.startswith(input_root + '/'):
+    raise UsageError('--output must not be inside --input')
+  paths = Paths(input_root, output, qa_dir, None, overwrite)
+  if ingest.id_map is not None:
+    paths = paths._replace(id_map=_checked_id_map(ingest.id_map, paths))
+  return paths
+
+
+def _checked_id_map(id_map: str, paths: Paths) -> str:
+  """--id-map, absolute: a local file outside --output (and --input), in an
+  existing folder; one already there is replaced only with --overwrite."""
+  if not stores.is_local(id_map):
+    raise UsageError(f'--id-map {id_map} must be a local file')
+  id_map = publish.absolute(id_map)
+  for root, name in ((paths.output, '--output'), (paths.input, '--input')):
+    if id_map == root or id_map.startswith(root.rstrip('/') + '/'):
+      raise UsageError(
+        f'--id-map {id_map} is inside {name}: the id map re-identifies '
+        'the dataset, so it is kept apart from it'
+      )
+  folder = os.path.dirname(id_map)
+  if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+    raise UsageError(f'--id-map {id_map}: {folder} is not a writable folder')
+  if os.path.isdir(id_map):
+    raise UsageError(f'--id-map {id_map} is a folder, not a file')
+  if os.path.exists(id_map) and not paths.overwrite:
+    raise UsageError(f'--id-map {id_map} exists: add --overwrite to replace it')
+  return id_map
+
+
+def job_of(
+  ingest: IngestOptions,
+  settings: Resolved,
+  paths: Paths,
+  run_id: str,
+  progress_dir: str | None = None,
+) -> Job:
+  """The graph's frozen settings for this run."""
+  return Job(
+    input=paths.input,
+    staging=publish.staging_path(paths.output, run_id),
+    decode=dataclasses.replace(settings.decode, progress_dir=progress_dir),
+    series_filter=settings.series_filter,
+    drop_duplicates=ingest.drop_duplicates,
+    image_codec=ingest.image_codec,
+    id_map_parts=None
+    if paths.id_map is None
+    else keys.parts_folder(paths.id_map, run_id),
+  )
+
+
+_DIRECT_FLAGS = ('--direct_running_mode', '--direct_num_workers')
+
+
+def choose_direct_mode(
+  options: PipelineOptions, argv: Sequence[str], found: preflight.Survey | None
+) -> str:
+  """Sets the DirectRunner's mode from the slice count, unless the command
+  line chose it; returns the runner's description for the first log line."""
+  standard = options.view_as(StandardOptions)
+  if standard.runner not in (None, 'DirectRunner'):
+    return standard.runner if isinstance(standard.runner, str) else 'a custom runner'
+  direct = options.view_as(DirectOptions)
+  given = [a.replace('-', '_').split('=')[0] for a in argv]
+  if any(flag.replace('-', '_') in given for flag in _DIRECT_FLAGS):
+    workers = direct.direct_num_workers
+    return f'DirectRunner, {direct.direct_running_mode} x{workers} (as given)'
+  mode = preflight.choose_direct_mode(found, preflight.cores())
+  direct.direct_running_mode = mode.running_mode
+  direct.direct_num_workers = mode.workers
+  return f'DirectRunner, {mode.describe()}'
+
+
+def _runner(options: PipelineOptions):
+  """The runner to launch: for the DirectRunner (the default), its FnApiRunner
+  engine, built as the DirectRunner builds it.
+
+  Beam's DirectRunner first tries the Prism runner, which downloads a binary:
+  offline it fails (leaving an empty beam-temp* folder behind) and falls back
+  to the FnApiRunner; online it would run on Prism, which was never measured
+  here. Choosing the engine directly makes a run the same everywhere. Any
+  other runner, PrismRunner included, is used as given.
+  """
+  standard = options.view_as(StandardOptions)
+  if standard.runner not in (None, 'DirectRunner'):
+    return None
+  from apache_beam.portability.api import beam_provision_api_pb2
+  from apache_beam.runners.portability.fn_api_runner import fn_runner
+  from apache_beam.runners.portability.portable_runner import JobServiceHandle
+
+  standard.runner = 'DirectRunner'
+  encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
+  return fn_runner.FnApiRunner(
+    provision_info=fn_runner.ExtendedProvisionInfo(
+      beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded)
+    )
+  )
+
+
+@contextlib.contextmanager
+def _naming_output(staging: str):
+  """A job failing on an OSError that names no file (a full disk, a quota, a
+  file size limit, a read-only remount; the inputs' errors are rows, not
+  failures) is re-raised naming the staging folder it was writing."""
+  try:
+    yield
+  except Exception as e:
+    chain = causes(e)
+    if any(isinstance(x, OSError) and x.filename is not None for x in chain):
+      raise
+    unnamed = [x for x in chain if isinstance(x, OSError)]
+    if not unnamed:
+      raise
+    raise OSError(unnamed[-1].errno, unnamed[-1].strerror, staging) from e
+
+
+class Run(NamedTuple):
+  """A finished run: Beam's result, the project's counters and the options."""
+
+  result: PipelineResult
+  counters: dict[str, int]
+  options: IngestOptions
+  dry_run: bool = False
+
+  @property
+  def issues(self) -> int:
+    """Reconciliation problems plus error rows (0 for a clean run)."""
+    return metrics.issue_count(self.counters)
+
+
+def _dry_run(options: PipelineOptions, ingest: IngestOptions) -> Run:
+  """Builds and translates the job (e.g. DataflowRunner --dry_run) without I/O.
+
+  Nothing is read, listed, generated or published: the input and output need
+  not exist, nor be reachable from here.
+  """
+  settings = ingest.resolve()
+  if ingest.input is None:
+    raise UsageError('--dry_run needs an explicit --input')
+  paths = Paths(
+    publish.absolute(ingest.input).rstrip('/'),
+    publish.absolute(ingest.output).rstrip('/'),
+  )
+  p = beam.Pipeline(options=options)
+  build_pipeline(p, job_of(ingest, settings, paths, 'dry-run'))
+  result = p.run()
+  print(
+    f'Dry run: the job graph for {paths.input} was built and translated; '
+    'nothing was submitted, read or written.'
+  )
+  return Run(result, {}, ingest, dry_run=True)
+
+
+def run(argv: Sequence[str] | None = None) -> Run:
+  """Parses options, runs the job, waits, publishes, prints the summary.
+
+  Raises:
+    UsageError: an unknown option, invalid values or input, before anything
+      launches.
+    RuntimeError: the job did not finish DONE; nothing was published.
+  """
+  argv = list(argv or [])
+  check_known(argv)
+  options = PipelineOptions(argv)
+  ingest = options.view_as(IngestOptions)
+  if options.view_as(TestOptions).dry_run:
+    return _dry_run(options, ingest)
+  settings = ingest.resolve()
+  stores.configure(settings.decode.store)
+  paths = resolve_paths(ingest)
+  publish.check_replaceable(paths.output, paths.overwrite)
+  if settings.decode.dicomweb is None:
+    found = preflight.survey(paths.input, ingest.image_codec)
+  else:  # nothing to count ahead: the slices are on the server
+    preflight.check_dicomweb(settings.decode.dicomweb, paths.input)
+    found = None
+  needed = found.dataset_bytes(ingest.labeled_only) if found else None
+  preflight.check_output(paths.output, needed, not ingest.skip_space_check)
+  run_id = lock.new_run_id()
+  with lock.hold(paths.output, run_id), _id_map_parts(paths.id_map, run_id):
+    publish.check_replaceable(paths.output, paths.overwrite)  # again, under the lock
+    return _launch(options, argv, ingest, settings, paths, found, run_id)
+
+
+@contextlib.contextmanager
+def _id_map_parts(id_map: str | None, run_id: str):
+  """Whatever happens, no part of the id map is left beside it."""
+  try:
+    yield
+  finally:
+    if id_map is not None:
+      shutil.rmtree(keys.parts_folder(id_map, run_id), ignore_errors=True)
+
+
+def _launch(
+  options: PipelineOptions,
+  argv: list[str],
+  ingest: IngestOptions,
+  settings: Resolved,
+  paths: Paths,
+  found: preflight.Survey | None,
+  run_id: str,
+) -> Run:
+  """Runs the job into its own staging folder and publishes it (the caller
+  holds the output's lock)."""
+  described = choose_direct_mode(options, argv, found)
+  _LOG.info('reading %s, writing %s; runner %s', paths.input, paths.output, described)
+  publish.clear_staging(paths.output)
+  runner = _runner(options)  # None: not the DirectRunner, no shared folder
+  start = time.monotonic()
+  p = beam.Pipeline(runner=runner, options=options)
+  total = found.rows(ingest.labeled_only) if found and found.complete else None
+  reporter = progress.Reporter(total, ingest.progress_seconds)
+  with reporter if runner is not None else contextlib.nullcontext() as shared:
+    job = job_of(ingest, settings, paths, run_id, shared.folder if shared else None)
+    build_pipeline(p, job)
+    with _naming_output(job.staging):
+      result = p.run()
+      result.wait_until_finish()
+  if result.state != PipelineState.DONE:
+    raise RuntimeError(
+      f'the pipeline ended in state {result.state}; nothing was published to '
+      f'{paths.output}'
+    )
+  seconds = time.monotonic() - start
+  totals = summary.counters(result)
+  dropped = duplicate_plan.apply_plan(job.staging, totals, ingest.image_codec)
+  with interrupts.deferred():  # all of the new dataset, or the old one
+    files = publish.take_manifests(paths.output, run_id)
+    outputs = publish.publish(paths.output, run_id, files)
+    outputs['summary'] = summary.write_summary(
+      paths.output,
+      totals,
+      seconds,
+      publish.recorded(files),
+      input=paths.input,
+      labeled_only=ingest.labeled_only,
+      strict=ingest.strict,
+      drop_duplicates=ingest.drop_duplicates,
+      dropped_duplicates=dropped,
+      pseudonymized=ingest.pseudonymize_key_file is not None,
+    )
+  if paths.id_map is not None:
+    rows = keys.assemble_id_map(job.id_map_parts, paths.id_map)
+    outputs['id map'] = f'{paths.id_map} ({rows} rows; keep it apart from the dataset)'
+  if paths.qa_dir is not None:
+    outputs['qa'] = qa.write_qa(paths.output, paths.qa_dir)
+  print(
+    summary.summary_text(
+      totals, outputs, seconds, output=paths.output, split=ingest.split
+    )
+  )
+  for empty in summary.empty_splits(totals):  # the summary has shown it
+    _LOG.warning(
+      'split %s is empty at --split %s', empty, ingest.split, extra=console.FILE_ONLY
+    )
+  return Run(result, totals, ingest)

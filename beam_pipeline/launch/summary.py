@@ -1,0 +1,152 @@
+"""The end of a run: counters read back, ``_SUMMARY.json`` and the summary text."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from collections.abc import Mapping
+
+import apache_beam as beam
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.runners.runner import PipelineResult
+
+from transforms.contract import digests, metrics, splits
+from transforms.contract import schema as s
+from transforms.io import stores
+
+
+def counters(result: PipelineResult) -> dict[str, int]:
+  """The project's counters, summed over steps (committed where available)."""
+  totals: dict[str, int] = {}
+  query = result.metrics().query(MetricsFilter().with_namespace(metrics.NAMESPACE))
+  for counter in query['counters']:
+    value = counter.committed if counter.committed is not None else counter.attempted
+    name = counter.key.metric.name
+    totals[name] = totals.get(name, 0) + (value or 0)
+  return totals
+
+
+def write_summary(
+  output: str,
+  totals: Mapping[str, int],
+  seconds: float,
+  files: Mapping[str, dict],
+  **settings,
+) -> str:
+  """Writes ``OUT/_SUMMARY.json`` (last: it marks the dataset complete).
+
+  Args:
+    output: the output root.
+    totals: the run's counters.
+    seconds: the run's wall time.
+    files: {path relative to ``output``: size and digest} of every file.
+    settings: recorded as they are (input, labeled_only, strict).
+
+  Returns:
+    The summary's path.
+  """
+  path = stores.join(output, s.SUMMARY_FILE)
+  summary = {
+    'schema_version': s.SCHEMA_VERSION,
+    'beam_version': beam.__version__,
+    **settings,
+    'issues': metrics.issue_count(totals),
+    'seconds': round(seconds, 3),
+    'counters': dict(sorted(totals.items())),
+    digests.FILES: dict(sorted(files.items())),
+  }
+  summary[digests.SUMMARY_DIGEST] = digests.of_summary(summary)
+  stores.write_bytes(path, json.dumps(summary, indent=2).encode() + b'\n')
+  return path
+
+
+def _plural(n: int, word: str) -> str:
+  return f'{n} {word}' if n == 1 else f'{n} {word}s'
+
+
+def split_line(counters: Mapping[str, int]) -> str:
+  """Patients and slices per split, e.g. ``train: 4 patients, 920 slices; ...``."""
+  parts = []
+  for split in splits.SPLITS:
+    patients = counters.get(metrics.split_patients_counter(split), 0)
+    slices = counters.get(metrics.split_slices_counter(split), 0)
+    parts.append(f'{split}: {_plural(patients, "patient")}, {_plural(slices, "slice")}')
+  return '; '.join(parts)
+
+
+def empty_splits(counters: Mapping[str, int]) -> list[str]:
+  """The splits that got no slice (while some other split got slices)."""
+  written = {s: counters.get(metrics.split_slices_counter(s), 0) for s in splits.SPLITS}
+  if not any(written.values()):
+    return []
+  return [split for split, n in written.items() if n == 0]
+
+
+def problems_command(output: str) -> str:
+  """The command that lists a run's quarantined inputs."""
+  return f'python -m beam_pipeline.tools.problems {shlex.quote(output)}'
+
+
+def summary_text(
+  counters: Mapping[str, int],
+  outputs: Mapping[str, str],
+  seconds: float,
+  output: str | None = None,
+  split: str | None = None,
+) -> str:
+  """The end-of-run summary printed on stdout.
+
+  Args:
+    counters: the run's counters.
+    outputs: {name: path} of what was written.
+    seconds: the run's wall time.
+    output: the output root, for the command that lists quarantined inputs.
+    split: the --split fractions, named in the warning about an empty split.
+  """
+  slices = counters.get(metrics.SLICES_WRITTEN, 0)
+  lines = [
+    'Summary',
+    '  patients matched   '
+    f'{counters.get(metrics.reconciliation_counter(s.MATCHED), 0)}',
+    f'  slices written     {slices}'
+    f'  ({slices / seconds if seconds else 0:.1f} slices/s over {seconds:.1f} s)',
+    f'  masks written      i: {counters.get(metrics.I_MASKS_WRITTEN, 0)}'
+    f'  o: {counters.get(metrics.O_MASKS_WRITTEN, 0)}',
+  ]
+  issues = [
+    (status, counters.get(metrics.reconciliation_counter(status), 0))
+    for status in s.STATUSES
+    if status != s.MATCHED
+  ]
+  lines.append(
+    '  reconciliation     '
+    + (', '.join(f'{status}: {n}' for status, n in issues if n) or 'no issues')
+  )
+  errors = [
+    (stage, counters.get(metrics.error_counter(stage), 0)) for stage in s.STAGES
+  ]
+  lines.append(
+    '  errors             '
+    + (', '.join(f'{stage}: {n}' for stage, n in errors if n) or 'none')
+  )
+  flags = metrics.qa_flag_counts(counters)
+  lines.append(
+    '  quality flags      '
+    + (', '.join(f'{flag}: {n}' for flag, n in flags.items()) or 'none')
+  )
+  lines.append(f'  splits             {split_line(counters)}')
+  for empty in empty_splits(counters):
+    at = f' at --split {split}' if split else ''
+    lines.append(
+      f'  warning            split {empty} is empty: no patient hashed into it'
+      f'{at}; more patients or other fractions fill it'
+    )
+  issues = metrics.issue_count(counters)
+  if issues and output:
+    lines.append(
+      f'  quarantined        {_plural(issues, "problem row")}; list them with: '
+      f'{problems_command(output)}'
+    )
+  for name, path in outputs.items():
+    lines.append(f'  {name:<18} {path}')
+  return '\n'.join(lines)

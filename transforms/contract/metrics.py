@@ -1,0 +1,79 @@
+"""Counter names, and what counts as an issue.
+
+All counters live in one Beam metrics namespace, NAMESPACE. The stages count
+what happens; the application reads the counters back when the run ends for
+the summary, ``_SUMMARY.json`` and the exit code; ``verify`` checks the
+output against them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from transforms.contract import schema as s
+
+NAMESPACE = 'cardiac_mri'
+
+PATIENTS_DONE = 'patients_done'
+SLICES_WRITTEN = 'slices_written'
+I_MASKS_WRITTEN = 'i_masks_written'
+O_MASKS_WRITTEN = 'o_masks_written'
+MASKS_WRITTEN = {'i': I_MASKS_WRITTEN, 'o': O_MASKS_WRITTEN}
+SLICE_BYTES_READ = 'dicom_bytes_read'
+STRAY_FILES = 'stray_files'
+PACS_INSTANCES_FOUND = 'pacs_instances_found'  # by the DICOMweb searches
+# Instances fetched from a series' retrieve, and one by one; series retrieves
+# that ended before bringing all they were asked for.
+PACS_INSTANCES_STREAMED = 'pacs_instances_streamed'
+PACS_INSTANCES_RETRIEVED = 'pacs_instances_retrieved'
+PACS_SERIES_INCOMPLETE = 'pacs_series_incomplete'
+PACS_FETCHES = (
+  PACS_INSTANCES_STREAMED,
+  PACS_INSTANCES_RETRIEVED,
+  PACS_SERIES_INCOMPLETE,
+)
+
+_QA_PREFIX = 'qa_'
+
+
+def reconciliation_counter(status: str) -> str:
+  """The counter of reconciliation rows with ``status``."""
+  return f'reconciliation_{status}'
+
+
+def error_counter(stage: str) -> str:
+  """The counter of error rows of ``stage``."""
+  return f'errors_{stage}'
+
+
+def split_patients_counter(split: str) -> str:
+  """The counter of patients done in ``split``."""
+  return f'patients_{split}'
+
+
+def split_slices_counter(split: str) -> str:
+  """The counter of slices written in ``split``."""
+  return f'slices_{split}'
+
+
+def qa_counter(flag: str) -> str:
+  """The counter of slices that raised the quality flag ``flag``."""
+  return f'{_QA_PREFIX}{flag}'
+
+
+def qa_flag_counts(counters: Mapping[str, int]) -> dict[str, int]:
+  """{flag: slices} for every quality flag raised at least once."""
+  return {
+    name.removeprefix(_QA_PREFIX): n
+    for name, n in sorted(counters.items())
+    if name.startswith(_QA_PREFIX) and n
+  }
+
+
+def issue_count(counters: Mapping[str, int]) -> int:
+  """Reconciliation problems plus error rows: 0 for a clean run."""
+  return sum(
+    counters.get(reconciliation_counter(status), 0)
+    for status in s.STATUSES
+    if status != s.MATCHED
+  ) + sum(counters.get(error_counter(stage), 0) for stage in s.STAGES)

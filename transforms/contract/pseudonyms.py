@@ -1,0 +1,223 @@
+"""Keyed pseudonyms for what identifies a patient: ids, UIDs and path names.
+
+With a key (``--pseudonymize-key-file``), each value becomes a keyed
+HMAC-SHA256 of itself, with a domain per kind of value, so a pseudonym
+cannot be reversed or guessed without the key (an unkeyed hash of an MRN
+can: there are few MRNs), the same key always gives the same pseudonym, and
+equal values stay equal (the joins and the study/series grouping survive):
+
+==============  =========================  ==================================
+value           pseudonym                  e.g.
+==============  =========================  ==================================
+patient_id      ``P`` + 20 base32 chars    ``PZK4VQ2M7XH3D5ELW6RNA``
+original_id     ``O`` + 20 base32 chars    ``O2HT6B...``
+a path name     ``N`` + 20 base32 chars    a folder or file name that is not
+                                           one of the layout's own
+a UID           ``2.25.`` + a 128-bit int  ``2.25.2795...`` (at most 44
+                                           characters; PS3.5 B.2)
+==============  =========================  ==================================
+
+100 bits of HMAC make a collision between two ids of one dataset
+improbable beyond concern (about 1 in 10^18 at a million ids).
+
+Without a key, every function returns its input: ``IDENTITY``.
+
+Pure: no I/O (the key file is read by ``beam_pipeline.tools.keys``).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+from collections.abc import Iterator
+from typing import NamedTuple
+
+from transforms.contract import layout
+
+KEY_BYTES = 32  # the shortest key accepted: 256 bits, SHA-256's own size
+_ID_CHARS = 20  # base32 characters: 100 bits
+_UID_ROOT = '2.25.'  # a UUID-derived UID (PS3.5 B.2): no registered root needed
+
+# An absolute path quoted in a message: a "/" that starts a word (not one
+# inside a URL, after "http:", "/" or a host name).
+_ABSOLUTE_PATH = re.compile(r'(?<![\w:/.~-])/[^\s\'",;)]+')
+# A PACS instance's path (dicomweb.Instance.path): its UIDs are replaced.
+_PACS_PATH = re.compile(r'studies/([^/]+)/series/([^/]+)/instances/([^/]+)')
+
+
+class Entry(NamedTuple):
+  """One row of the id map: a value and its pseudonym."""
+
+  kind: str  # one of KINDS
+  original: str
+  pseudonym: str
+
+
+PATIENT_ID = 'patient_id'
+ORIGINAL_ID = 'original_id'
+NAME = 'name'
+UID = 'uid'
+KINDS = (PATIENT_ID, ORIGINAL_ID, NAME, UID)
+
+
+class Pseudonyms:
+  """The pseudonyms of one key (or none: ``IDENTITY``).
+
+  Picklable, so that it reaches every worker with the DoFns that use it;
+  its repr never shows the key.
+  """
+
+  def __init__(self, key: bytes | None = None, mapped: bool = False):
+    """``mapped``: the stages also emit the id-map rows of what they
+    replace (--id-map); without it they spend nothing on them."""
+    if key is not None and len(key) < KEY_BYTES:
+      raise ValueError(f'a pseudonymisation key has at least {KEY_BYTES} bytes')
+    self._key = key
+    self.mapped = mapped and key is not None
+
+  def __repr__(self) -> str:
+    return f'Pseudonyms({"keyed" if self._key else "none"})'
+
+  def __eq__(self, other) -> bool:
+    return (
+      isinstance(other, Pseudonyms)
+      and other._key == self._key
+      and other.mapped == self.mapped
+    )
+
+  def __hash__(self) -> int:
+    return hash((self._key, self.mapped))
+
+  @property
+  def active(self) -> bool:
+    """True when values are replaced (a key was given)."""
+    return self._key is not None
+
+  def with_map(self) -> Pseudonyms:
+    """The same pseudonyms, with their id-map rows emitted."""
+    return Pseudonyms(self._key, mapped=True)
+
+  def _digest(self, domain: str, value: str) -> bytes:
+    message = domain.encode() + b'\0' + value.encode('utf-8', 'surrogateescape')
+    return hmac.new(self._key, message, hashlib.sha256).digest()
+
+  def _text(self, prefix: str, domain: str, value: str) -> str:
+    if self._key is None:
+      return value
+    encoded = base64.b32encode(self._digest(domain, value)).decode()
+    return prefix + encoded[:_ID_CHARS]
+
+  def patient(self, patient_id: str) -> str:
+    """The pseudonym of a patient_id (a dicoms/ folder name)."""
+    return self._text('P', PATIENT_ID, patient_id) if patient_id else patient_id
+
+  def original(self, original_id: str) -> str:
+    """The pseudonym of an original_id (a contourfiles/ folder name)."""
+    return self._text('O', ORIGINAL_ID, original_id) if original_id else original_id
+
+  def name(self, name: str) -> str:
+    """A path name as shown: kept when it is one of the layout's own names
+    (``48.dcm``, ``i-contours``), else replaced (it may carry an id)."""
+    if self._key is None or not name or layout.is_layout_name(name):
+      return name
+    return self._text('N', NAME, name)
+
+  def uid(self, uid: str | None) -> str | None:
+    """The pseudonym of a UID: ``2.25.`` and the HMAC's first 128 bits."""
+    if self._key is None or not uid:
+      return uid
+    return _UID_ROOT + str(int.from_bytes(self._digest(UID, uid)[:16], 'big'))
+
+  def _owner(self, top: str):
+    """(kind, pseudonym function) of the owner folder under ``top``: a
+    patient_id under dicoms/, an original_id under contourfiles/."""
+    if top == layout.DICOM_DIR:
+      return PATIENT_ID, self.patient
+    if top == layout.CONTOUR_DIR:
+      return ORIGINAL_ID, self.original
+    return NAME, self.name
+
+  def path(self, relative: str) -> str:
+    """A path under the input root as shown: the owner folder
+    (``dicoms/<patient_id>``, ``contourfiles/<original_id>``) by its id's
+    pseudonym, every other name by :meth:`name`."""
+    if self._key is None:
+      return relative
+    if match := _PACS_PATH.fullmatch(relative):
+      study, series, sop = (self.uid(u) for u in match.groups())
+      return f'studies/{study}/series/{series}/instances/{sop}'
+    parts = relative.split('/')
+    shown = [self.name(parts[0])]
+    if len(parts) > 1:
+      shown.append(self._owner(parts[0])[1](parts[1]))
+    shown += [self.name(part) for part in parts[2:]]
+    return '/'.join(shown)
+
+  def entries(self, relative: str, shown: str | None = None) -> list[Entry]:
+    """The id-map rows of the ids, names and UIDs that :meth:`path` replaces
+    in ``relative``; ``shown``: that path, if already made."""
+    if self._key is None:
+      return []
+    shown = self.path(relative) if shown is None else shown
+    parts = relative.split('/')
+    pacs = _PACS_PATH.fullmatch(relative) is not None
+    found = []
+    for k, (part, pseudonym) in enumerate(zip(parts, shown.split('/'), strict=True)):
+      if part != pseudonym:
+        kind = UID if pacs else self._owner(parts[0])[0] if k == 1 else NAME
+        found.append(Entry(kind, part, pseudonym))
+    return found
+
+  def listed(
+    self, found: layout.DicomFile | layout.ContourFile | layout.StrayFile
+  ) -> layout.DicomFile | layout.ContourFile | layout.StrayFile:
+    """A listed file as shown: ids by their pseudonyms, the path by
+    :meth:`path` (the path as listed kept in ``source`` to read it), a stray
+    file's reason without the path as listed."""
+    if self._key is None:
+      return found
+    shown = self.path(found.path)
+    if isinstance(found, layout.DicomFile):
+      pid = self.patient(found.patient_id)
+      return found._replace(patient_id=pid, path=shown, source=found.path)
+    if isinstance(found, layout.ContourFile):
+      oid = self.original(found.original_id)
+      return found._replace(original_id=oid, path=shown, source=found.path)
+    _, show_owner = self._owner(found.path.split('/')[0])
+    reason = self.scrub(found.reason, found.path, shown)
+    return layout.StrayFile(show_owner(found.owner_id), shown, reason)
+
+  def scrub(self, text: str, real: str, shown: str) -> str:
+    """``text`` (a message that may quote a path: an OSError's, a server's)
+    with ``real`` replaced by ``shown``, and, under a key, every absolute
+    path it still quotes (the input root joined to the shown path, where a
+    symlink leads) by ``<path>``: such a path may hold any name."""
+    if self._key is None:
+      return text
+    if real and real != shown:
+      text = text.replace(real, shown)
+    return _ABSOLUTE_PATH.sub('<path>', text)
+
+
+IDENTITY = Pseudonyms()
+
+
+class Recent:
+  """The id-map rows a worker sent lately (at most ``size``), so that a
+  patient's id or a study's UID is not sent once per file; the pipeline
+  keeps each row once whatever is sent twice."""
+
+  def __init__(self, size: int = 10_000):
+    self._size = size
+    self._sent: set[Entry] = set()
+
+  def fresh(self, entries: list[Entry]) -> Iterator[Entry]:
+    """Those of ``entries`` not sent lately (now counted as sent)."""
+    for entry in entries:
+      if entry not in self._sent:
+        if len(self._sent) >= self._size:
+          self._sent.clear()
+        self._sent.add(entry)
+        yield entry
