@@ -1,9 +1,11 @@
-"""The README stays true: its commands, its column table and its statuses."""
+"""The docs stay true: the README's commands, the column, status, option and
+flag tables of docs/, and every link between them."""
 
 import os
 import re
 
 import pyarrow as pa
+import pytest
 from pydicom import datadict
 
 from transforms.contract import columns
@@ -39,20 +41,21 @@ def test_readme_starts_with_install_and_run():
   assert first.endswith('python run_pipeline.py')
 
 
-def test_readme_documents_every_status_and_stage():
-  readme = _read('README.md')
+def test_output_doc_documents_every_status_and_stage():
+  output = _read('docs', 'OUTPUT.md')
   for name in (*s.STATUSES, *s.STAGES):
-    assert f'| `{name}` |' in readme, name
+    assert f'| `{name}` |' in output, name
 
 
-def test_readme_column_table_is_the_column_table():
-  readme = _read('README.md')
+def test_output_doc_column_table_is_the_column_table():
+  output = _read('docs', 'OUTPUT.md')
   block = re.search(
-    r'<!-- slice columns:.*?-->\n(.*?)\n<!-- end of slice columns -->', readme, re.S
+    r'<!-- slice columns:.*?-->\n(.*?)\n<!-- end of slice columns -->', output, re.S
   )
-  assert block, 'the generated slice-column block is missing from the README'
+  assert block, 'the generated slice-column block is missing from docs/OUTPUT.md'
   assert block.group(1) == columns.markdown_table(), (
-    'README out of date: paste the output of python -m transforms.contract.columns'
+    'docs/OUTPUT.md out of date: paste the output of python -m '
+    'transforms.contract.columns'
   )
 
 
@@ -84,19 +87,19 @@ def test_header_columns_name_real_dicom_tags_keywords_and_vrs():
     assert multiplicity == (str(column.values) if column.values else '1'), column.name
 
 
-def test_readme_options_table_lists_every_option_of_the_pipeline():
+def test_options_doc_lists_every_option_of_the_pipeline():
   from beam_pipeline.launch import arguments
 
-  readme = _read('README.md')
+  options = _read('docs', 'OPTIONS.md')
   for action in arguments.help_parser()._actions:
     for flag in action.option_strings:
       if flag.startswith('--') and flag not in ('--help', arguments.HELP_BEAM):
-        assert f'| `{flag}` |' in readme, flag
+        assert f'| `{flag}` |' in options, flag
 
 
-def test_readme_flag_table_names_every_quality_flag_and_no_other():
-  readme = _read('README.md')
-  section = readme.split('### Quality checks', 1)[1].split('\n\n| flag |', 1)[1]
+def test_output_doc_flag_table_names_every_quality_flag_and_no_other():
+  output = _read('docs', 'OUTPUT.md')
+  section = output.split('## Quality checks', 1)[1].split('\n\n| flag |', 1)[1]
   table = section.split('\n\n', 1)[0]
   named = set(
     re.findall(
@@ -104,3 +107,36 @@ def test_readme_flag_table_names_every_quality_flag_and_no_other():
     )
   )
   assert named == set(FLAGS)
+
+
+def test_the_readme_is_a_map():
+  assert len(_read('README.md').splitlines()) <= 250
+
+
+def _anchor(heading):
+  """GitHub's anchor of a Markdown heading."""
+  text = re.sub(r'[^\w\- ]', '', heading.strip().lower())
+  return text.replace(' ', '-')
+
+
+_DOCS = ['README.md', 'BENCHMARKS.md'] + [
+  os.path.join('docs', name) for name in sorted(os.listdir(os.path.join(REPO, 'docs')))
+]
+
+
+@pytest.mark.parametrize('doc', _DOCS)
+def test_every_link_between_the_docs_leads_somewhere(doc):
+  text = _read(doc)
+  here = os.path.dirname(os.path.join(REPO, doc))
+  for target in re.findall(r'\]\(([^)\s]+)\)', text):
+    if re.match(r'[a-z]+:', target):
+      continue  # another site
+    path, _, anchor = target.partition('#')
+    full = (
+      os.path.normpath(os.path.join(here, path)) if path else os.path.join(REPO, doc)
+    )
+    assert os.path.exists(full), f'{doc}: {target} leads nowhere'
+    if anchor and full.endswith('.md'):
+      with open(full) as f:
+        headings = [_anchor(h) for h in re.findall(r'^#+ (.*)$', f.read(), re.M)]
+      assert anchor in headings, f'{doc}: {target}: no such heading'
