@@ -13,7 +13,7 @@ import dataclasses
 import apache_beam as beam
 
 from beam_pipeline.tools import keys
-from transforms.contract import schema as s
+from transforms.contract import schema
 from transforms.decode.stage import DecodeSlices
 from transforms.duplicates import FindDuplicates
 from transforms.io import stores
@@ -69,7 +69,7 @@ def build_pipeline(p: beam.Pipeline, job: Job) -> None:
     job.input, job.decode
   )
   copies = decoded[DecodeSlices.IDENTITIES] | 'FindDuplicates' >> FindDuplicates(
-    stores.join(job.staging, s.DUPLICATES_PLAN_FILE),
+    stores.join(job.staging, schema.DUPLICATES_PLAN_FILE),
     job.drop_duplicates,
     job.decode.store,
   )

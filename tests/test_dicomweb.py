@@ -28,8 +28,7 @@ from tests.helpers import (
   set_tags,
   texts_under,
 )
-from transforms.contract import metrics
-from transforms.contract import schema as s
+from transforms.contract import metrics, schema
 from transforms.io import dicomweb
 from transforms.sources import pacs as pacs_stage
 
@@ -163,7 +162,7 @@ def test_a_pacs_gives_the_tree_dataset(pacs, credentials, tmp_path, capsys, mode
   unusable = [  # fetched, and then found unusable
     r
     for r in pacs_tables['errors']
-    if r['path'].startswith('studies/') and r['stage'] != s.STAGE_SEARCH
+    if r['path'].startswith('studies/') and r['stage'] != schema.STAGE_SEARCH
   ]
   assert streamed + alone == len(pacs_tables['slices']) + len(unusable)
   assert incomplete == 0
@@ -187,19 +186,21 @@ def test_a_pacs_gives_the_tree_dataset(pacs, credentials, tmp_path, capsys, mode
 
   # unlinked_dicoms is not computed for a PACS: nothing searches for them.
   assert statuses(pacs_tables['reconciliation'], ()) == statuses(
-    tree['reconciliation'], (s.UNLINKED_DICOMS,)
+    tree['reconciliation'], (schema.UNLINKED_DICOMS,)
   )
-  assert any(r['status'] == s.MISSING_DICOMS for r in pacs_tables['reconciliation'])
+  assert any(
+    r['status'] == schema.MISSING_DICOMS for r in pacs_tables['reconciliation']
+  )
 
   def errors(rows):  # the tree's stray files under dicoms/ never reach a PACS
     return sorted(
       (r['patient_id'], r['stage'], r['error'])
       for r in rows
-      if not (r['stage'] == s.STAGE_LIST and r['path'].startswith('dicoms/'))
+      if not (r['stage'] == schema.STAGE_LIST and r['path'].startswith('dicoms/'))
     )
 
   assert errors(pacs_tables['errors']) == errors(tree['errors'])
-  assert any(r['stage'] == s.STAGE_CONTOUR for r in pacs_tables['errors'])
+  assert any(r['stage'] == schema.STAGE_CONTOUR for r in pacs_tables['errors'])
 
 
 def _instances(server, patient_id):
@@ -237,7 +238,7 @@ def test_a_patient_with_two_series_is_ambiguous_until_a_filter_chooses(
   assert cli.main(_pacs_args(pacs.dicomweb, root, out)) == cli.EXIT_QUARANTINED
   tables = dataset_tables(out)
   (row,) = [r for r in tables['reconciliation'] if r['patient_id'] == patient]
-  assert row['status'] == s.AMBIGUOUS_SERIES
+  assert row['status'] == schema.AMBIGUOUS_SERIES
   assert second in row['detail'] and first.pop() in row['detail']
   assert patient not in {r['patient_id'] for r in tables['slices']}
   assert len(tables['slices']) == 4  # the other patient's
@@ -254,7 +255,7 @@ def test_a_patient_with_two_series_is_ambiguous_until_a_filter_chooses(
   assert len(tables['slices']) == 4
   # The filter applies to every patient: the other one has no such series.
   (other,) = [r for r in tables['reconciliation'] if r['patient_id'] != patient]
-  assert other['status'] == s.MISSING_DICOMS
+  assert other['status'] == schema.MISSING_DICOMS
   assert 'none of the 1 series' in other['detail']
   assert 'SeriesDescription=loc*' in other['detail']
 
@@ -273,7 +274,7 @@ def test_instances_without_or_sharing_an_instance_number_are_error_rows(
   tables = dataset_tables(out)
   assert sorted(r['slice_index'] for r in tables['slices']) == [1, 2, 4, 5]
   errors = tables['errors']
-  assert [r['stage'] for r in errors] == [s.STAGE_SEARCH] * 3
+  assert [r['stage'] for r in errors] == [schema.STAGE_SEARCH] * 3
   assert sum('has no InstanceNumber' in r['error'] for r in errors) == 1
   assert (
     sum('InstanceNumber 3 is held by 2 instances' in r['error'] for r in errors) == 2
@@ -432,7 +433,7 @@ def test_a_server_stopped_mid_run_leaves_fetch_rows_and_a_dataset(
       )
       assert cli.main(args) == cli.EXIT_QUARANTINED
   tables = dataset_tables(out)
-  fetched = [r for r in tables['errors'] if r['stage'] == s.STAGE_FETCH]
+  fetched = [r for r in tables['errors'] if r['stage'] == schema.STAGE_FETCH]
   assert len(fetched) + len(tables['slices']) == 24
   if mode == dicomweb.INSTANCE:
     assert 4 <= len(tables['slices']) <= 6
@@ -469,7 +470,7 @@ def test_throttled_retrieves_are_retried_and_failing_ones_are_fetch_rows(
   tables = dataset_tables(out)
   assert sorted(r['slice_index'] for r in tables['slices']) == [1, 2, 3, 5, 6]
   (row,) = tables['errors']
-  assert row['stage'] == s.STAGE_FETCH and failing in row['path']
+  assert row['stage'] == schema.STAGE_FETCH and failing in row['path']
   assert 'HTTP 503 Service Unavailable after 3 attempts' in row['error']
   assert figures['faults'] == 3 + 4
 
@@ -502,7 +503,7 @@ def test_a_refused_series_retrieve_is_retried_then_taken_instance_by_instance(
   assert figures['faults'] == 3 + 3
   assert sorted(r['slice_index'] for r in tables['slices']) == [1, 2, 3, 5, 6]
   (row,) = tables['errors']
-  assert row['stage'] == s.STAGE_FETCH and failing in row['path']
+  assert row['stage'] == schema.STAGE_FETCH and failing in row['path']
   assert 'HTTP 503 Service Unavailable after 3 attempts' in row['error']
   assert _fetches(out) == (0, 6, 1)
 
@@ -549,7 +550,7 @@ def test_a_series_filter_matches_ignoring_case_and_can_match_nothing():
   ]
   ambiguous = pacs_stage.choose_series('P1', 'q', instances)
   ((status, detail),) = ambiguous.reconciliation
-  assert status == s.AMBIGUOUS_SERIES and '1.5 (' in detail and '1.6 (' in detail
+  assert status == schema.AMBIGUOUS_SERIES and '1.5 (' in detail and '1.6 (' in detail
   assert ambiguous.files == []
   cine = dicomweb.parse_series_filter('SeriesDescription=*cine*')
   (chosen,) = pacs_stage.choose_series('P1', 'q', instances, cine).files
@@ -558,7 +559,7 @@ def test_a_series_filter_matches_ignoring_case_and_can_match_nothing():
   ((status, detail),) = pacs_stage.choose_series(
     'P1', 'q', instances, none
   ).reconciliation
-  assert status == s.MISSING_DICOMS and 'Modality=CT' in detail
+  assert status == schema.MISSING_DICOMS and 'Modality=CT' in detail
 
 
 @pytest.mark.parametrize(
@@ -727,13 +728,13 @@ def test_a_failing_search_is_a_search_row_and_the_other_patients_are_written(
   tables = dataset_tables(out)
   assert {r['patient_id'] for r in tables['slices']} == {second}
   (error,) = tables['errors']
-  assert error['stage'] == s.STAGE_SEARCH and error['patient_id'] == first
+  assert error['stage'] == schema.STAGE_SEARCH and error['patient_id'] == first
   assert error['path'] == f'instances?PatientID={first}'
   assert 'HTTP 503 Service Unavailable after 2 attempts' in error['error']
   # The search row explains the missing slices: no missing_dicoms row too.
   statuses = {(r['patient_id'], r['status']) for r in tables['reconciliation']}
-  assert (first, s.MISSING_DICOMS) not in statuses
-  assert (second, s.MATCHED) in statuses
+  assert (first, schema.MISSING_DICOMS) not in statuses
+  assert (second, schema.MATCHED) in statuses
 
 
 def test_a_pseudonymised_pacs_run_shows_no_stored_id_or_uid(

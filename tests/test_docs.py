@@ -8,8 +8,7 @@ import pyarrow as pa
 import pytest
 from pydicom import datadict
 
-from transforms.contract import columns
-from transforms.contract import schema as s
+from transforms.contract import columns, schema
 from transforms.contract.flags import FLAGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,7 +42,7 @@ def test_readme_starts_with_install_and_run():
 
 def test_output_doc_documents_every_status_and_stage():
   output = _read('docs', 'OUTPUT.md')
-  for name in (*s.STATUSES, *s.STAGES):
+  for name in (*schema.STATUSES, *schema.STAGES):
     assert f'| `{name}` |' in output, name
 
 
@@ -60,9 +59,9 @@ def test_output_doc_column_table_is_the_column_table():
 
 
 def test_every_slice_column_is_in_the_schema_with_its_description():
-  assert [c.name for c in columns.SLICE_COLUMNS] == s.SLICE_SCHEMA.names
+  assert [c.name for c in columns.SLICE_COLUMNS] == schema.SLICE_SCHEMA.names
   for column in columns.SLICE_COLUMNS:
-    field = s.SLICE_SCHEMA.field(column.name)
+    field = schema.SLICE_SCHEMA.field(column.name)
     assert field.type == column.type and field.nullable == column.nullable
     assert field.metadata[b'description'].decode() == column.description
 

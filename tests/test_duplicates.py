@@ -14,8 +14,7 @@ from beam_pipeline.dataset import open_dataset, read_reconciliation
 from beam_pipeline.launch import cli
 from beam_pipeline.tools import sample, verify
 from transforms import duplicates
-from transforms.contract import metrics, splits
-from transforms.contract import schema as s
+from transforms.contract import metrics, schema, splits
 
 ROWS = COLUMNS = 16
 
@@ -33,7 +32,7 @@ def test_groups_sharing_a_slice_are_one_row_and_the_plan_names_every_copy():
   ]
   rows, plan = duplicates.plan(groups, drop=False)
   (row,) = rows
-  assert row['status'] == s.DUPLICATE_SLICE and row['patient_id'] == 'A'
+  assert row['status'] == schema.DUPLICATE_SLICE and row['patient_id'] == 'A'
   for path in ('dicoms/A/1.dcm', 'dicoms/B/4.dcm', 'dicoms/C/2.dcm'):
     assert path in row['detail']
   assert 'identical pixels and the same SOP Instance UID' in row['detail']
@@ -65,7 +64,7 @@ def test_identical_contours_are_one_row_flagging_every_slice():
   )
   rows, plan = duplicates.plan([('contour', 'identical bytes', members)], drop=False)
   (row,) = rows
-  assert row['status'] == s.DUPLICATE_CONTOUR
+  assert row['status'] == schema.DUPLICATE_CONTOUR
   assert members[0][0] in row['detail'] and members[1][0] in row['detail']
   assert plan['flags'] == [['A', 1, 'duplicate_contour'], ['B', 7, 'duplicate_contour']]
   assert plan['moves'] == {}
@@ -132,7 +131,7 @@ def _rows(out):
 
 
 def _summary(out):
-  with open(os.path.join(out, s.SUMMARY_FILE)) as f:
+  with open(os.path.join(out, schema.SUMMARY_FILE)) as f:
     return json.load(f)
 
 
@@ -148,12 +147,12 @@ def test_copies_are_reported_flagged_and_kept_in_one_split(tmp_path):
   found = sorted(
     (r['status'], r['detail'])
     for r in read_reconciliation(out).to_pylist()
-    if r['status'] != s.MATCHED
+    if r['status'] != schema.MATCHED
   )
   assert [status for status, _ in found] == [
-    s.DUPLICATE_CONTOUR,
-    s.DUPLICATE_SLICE,
-    s.DUPLICATE_SLICE,
+    schema.DUPLICATE_CONTOUR,
+    schema.DUPLICATE_SLICE,
+    schema.DUPLICATE_SLICE,
   ]
   contour, (_, same_file), (_, same_uid) = found
   if f'dicoms/{p}/3.dcm' not in same_file:
@@ -189,7 +188,7 @@ def test_copies_are_reported_flagged_and_kept_in_one_split(tmp_path):
   assert counters[metrics.qa_counter('duplicate_contour')] == 2
   assert counters[metrics.split_slices_counter(split)] == 12
   assert counters[metrics.split_patients_counter(split)] == 2
-  assert counters[metrics.reconciliation_counter(s.DUPLICATE_SLICE)] == 2
+  assert counters[metrics.reconciliation_counter(schema.DUPLICATE_SLICE)] == 2
   assert verify.verify(out).failures == []
 
 
@@ -218,9 +217,9 @@ def test_a_tree_without_copies_has_no_duplicate_rows(tmp_path):
   sample.make_tree(root, patients=3, slices=4, rows=ROWS, columns=COLUMNS)
   out = str(tmp_path / 'OUT')
   assert cli.main(['--input', root, '--output', out]) == cli.EXIT_OK
-  copies = {s.DUPLICATE_SLICE, s.DUPLICATE_CONTOUR}
+  copies = {schema.DUPLICATE_SLICE, schema.DUPLICATE_CONTOUR}
   assert not [k for k, r in _rows(out).items() if copies & set(r['qa_flags'])]
-  assert not os.path.exists(os.path.join(out, s.DUPLICATES_PLAN_FILE))
+  assert not os.path.exists(os.path.join(out, schema.DUPLICATES_PLAN_FILE))
 
 
 @pytest.mark.parametrize('blank', [0, 100])
@@ -249,11 +248,11 @@ def test_a_row_group_with_nothing_to_change_keeps_its_types():
 
   rows = []
   for k in (1, 2):
-    row = dict.fromkeys(s.SLICE_SCHEMA.names)
+    row = dict.fromkeys(schema.SLICE_SCHEMA.names)
     row.update(patient_id='A', slice_index=k, split='train', qa_flags=[])
     rows.append(row)
-  table = pa.Table.from_pylist(rows, schema=s.SLICE_SCHEMA)
+  table = pa.Table.from_pylist(rows, schema=schema.SLICE_SCHEMA)
   counts = collections.Counter()
   changed = applying._changed(table, {}, set(), {}, counts)
-  assert changed.schema.equals(s.SLICE_SCHEMA)
+  assert changed.schema.equals(schema.SLICE_SCHEMA)
   assert changed.equals(table) and not counts

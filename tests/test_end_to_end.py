@@ -22,8 +22,7 @@ from beam_pipeline.tools import problems as problems_tool
 from beam_pipeline.tools import sample
 from tests.helpers import dataset_tables, reference_mask
 from transforms import write
-from transforms.contract import schema as s
-from transforms.contract import splits
+from transforms.contract import schema, splits
 
 
 def _run(root, out, *extra):
@@ -97,15 +96,15 @@ def test_every_quirk_is_reported_and_every_good_slice_lands(tree, tmp_path, caps
   assert sorted((r['path'], r['stage']) for r in errors) == sorted(manifest.errors)
   assert all(r['error'] for r in errors)
 
-  summary = json.load(open(os.path.join(out, s.SUMMARY_FILE)))
+  summary = json.load(open(os.path.join(out, schema.SUMMARY_FILE)))
   assert summary['counters']['slices_written'] == len(manifest.slices)
   assert summary['counters']['errors_decode'] == sum(
-    stage == s.STAGE_DECODE for _, stage in manifest.errors
+    stage == schema.STAGE_DECODE for _, stage in manifest.errors
   )
   printed = capsys.readouterr().out
   assert f'slices written     {len(manifest.slices)}' in printed
   assert 'missing_dicoms: 1' in printed and 'contour: 2' in printed
-  problems = [r for r in manifest.reconciliation if r[2] != s.MATCHED]
+  problems = [r for r in manifest.reconciliation if r[2] != schema.MATCHED]
   count = len(problems) + len(manifest.errors)
   command = f'python -m beam_pipeline.tools.problems {out}'
   assert (
@@ -159,11 +158,13 @@ def test_clean_tree_exits_zero_and_schema_is_the_contract(clean_tree, tmp_path):
   out = str(tmp_path / 'OUT')
   assert _run(root, out) == cli.EXIT_OK
   _check_slices(out, manifest)
-  for name in os.listdir(os.path.join(out, s.SLICES_DIR)):
-    written = pa.parquet.read_schema(os.path.join(out, s.SLICES_DIR, name))
-    assert written.equals(s.SLICE_SCHEMA, check_metadata=False)
+  for name in os.listdir(os.path.join(out, schema.SLICES_DIR)):
+    written = pa.parquet.read_schema(os.path.join(out, schema.SLICES_DIR, name))
+    assert written.equals(schema.SLICE_SCHEMA, check_metadata=False)
     assert written.field('image').metadata[b'description']
-    metadata = pa.parquet.ParquetFile(os.path.join(out, s.SLICES_DIR, name)).metadata
+    metadata = pa.parquet.ParquetFile(
+      os.path.join(out, schema.SLICES_DIR, name)
+    ).metadata
     for g in range(metadata.num_row_groups):
       group = metadata.row_group(g)
       assert 0 < group.num_rows <= 64  # one SliceChunk per row group
@@ -173,7 +174,7 @@ def test_clean_tree_exits_zero_and_schema_is_the_contract(clean_tree, tmp_path):
       assert columns['patient_id'].compression == 'LZ4'
       assert not columns['image'].is_stats_set and columns['slice_index'].is_stats_set
   assert read_errors(out).num_rows == 0
-  assert {r['status'] for r in read_reconciliation(out).to_pylist()} == {s.MATCHED}
+  assert {r['status'] for r in read_reconciliation(out).to_pylist()} == {schema.MATCHED}
 
 
 def _image_chunks(out) -> list:
@@ -224,7 +225,7 @@ def test_a_shard_takes_a_bounded_number_of_tables(clean_tree, tmp_path, monkeypa
   monkeypatch.setattr(write, '_SHARD_TABLES', 3)
   assert _run(root, out, '--chunk-size', '4') == cli.EXIT_OK
   _check_slices(out, manifest)
-  shards = sorted(os.listdir(os.path.join(out, s.SLICES_DIR)))
+  shards = sorted(os.listdir(os.path.join(out, schema.SLICES_DIR)))
   # row_groups checks every file against the summary's list and digests
   per_shard = collections.Counter(path for path, _ in row_groups(out))
   assert sorted(os.path.basename(path) for path in per_shard) == shards

@@ -15,7 +15,7 @@ from beam_pipeline.dataset import open_dataset
 from beam_pipeline.launch import cli, lock, publish
 from beam_pipeline.tools import sample, verify
 from tests.helpers import dataset_tables
-from transforms.contract import schema as s
+from transforms.contract import schema
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'run_pipeline.py')
 
@@ -46,7 +46,7 @@ def _staging_has_files(out):
   return any(
     files
     for name in names
-    if name.startswith(s.STAGING_DIR)
+    if name.startswith(schema.STAGING_DIR)
     for _, _, files in os.walk(os.path.join(out, name))
   )
 
@@ -56,7 +56,7 @@ def _published(out):
   return {
     k: v
     for k, v in _snapshot(out).items()
-    if not k.startswith(s.STAGING_DIR) and k != lock.LOCK_FILE
+    if not k.startswith(schema.STAGING_DIR) and k != lock.LOCK_FILE
   }
 
 
@@ -81,11 +81,11 @@ def test_killed_first_run_looks_incomplete_and_a_rerun_completes(big_tree, tmp_p
   root, manifest = big_tree
   out = str(tmp_path / 'OUT')
   _kill_half_way(['--input', root, '--output', out], out)
-  assert not os.path.exists(os.path.join(out, s.SUMMARY_FILE))
-  assert not os.path.exists(os.path.join(out, s.SLICES_DIR))
+  assert not os.path.exists(os.path.join(out, schema.SUMMARY_FILE))
+  assert not os.path.exists(os.path.join(out, schema.SLICES_DIR))
   # The same command again: leftovers are cleared, the dataset is complete.
   assert cli.main(['--input', root, '--output', out]) == cli.EXIT_OK
-  assert not [n for n in os.listdir(out) if n.startswith(s.STAGING_DIR)]
+  assert not [n for n in os.listdir(out) if n.startswith(schema.STAGING_DIR)]
   assert not os.path.exists(os.path.join(out, lock.LOCK_FILE))  # taken over, released
   assert verify.verify(out).failures == []
   assert open_dataset(out).count_rows() == len(manifest.slices)
@@ -219,7 +219,7 @@ def test_two_runs_into_one_output_never_mix_and_the_loser_changes_nothing(
   assert cli.EXIT_OK in [code for code, _ in results]
   final = dataset_tables(out)
   assert final in (references['big'], references['other'])
-  with open(os.path.join(out, s.SUMMARY_FILE)) as f:
+  with open(os.path.join(out, schema.SUMMARY_FILE)) as f:
     made_from = json.load(f)['input']
   assert final == references['big' if made_from == big_tree[0] else 'other']
   assert sorted(os.listdir(out)) == sorted(publish.OUTPUT_ENTRIES)

@@ -9,7 +9,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from tests.helpers import fuzz_seeds, mutate
-from transforms.contract import schema as s
+from transforms.contract import schema
 from transforms.contract.errors import DicomError
 from transforms.decode.chunks import SliceChunk, SliceTask
 from transforms.decode.dicom import decode_dicom
@@ -19,7 +19,7 @@ CASES = 400
 
 
 def _only_decode_stage(stages):
-  assert set(stages) <= {s.STAGE_DECODE}, stages
+  assert set(stages) <= {schema.STAGE_DECODE}, stages
 
 
 @pytest.fixture(scope='module')

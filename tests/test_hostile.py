@@ -14,8 +14,7 @@ from beam_pipeline.dataset import open_dataset, read_errors, read_reconciliation
 from beam_pipeline.launch import cli
 from beam_pipeline.tools import sample
 from tests.helpers import reference_mask, set_tags
-from transforms.contract import layout
-from transforms.contract import schema as s
+from transforms.contract import layout, schema
 
 P1, O1 = 'SCD0000101', 'SC-HF-I-101'
 P2, O2 = 'SCD0000102', 'SC-HF-I-102'
@@ -53,7 +52,7 @@ def _run(root, out, *extra):
     sorted(
       (r['patient_id'], r['original_id'], r['status'])
       for r in read_reconciliation(out).to_pylist()
-      if r['status'] != s.MATCHED
+      if r['status'] != schema.MATCHED
     ),
     sorted((r['path'], r['stage']) for r in read_errors(out).to_pylist()),
   )
@@ -71,10 +70,10 @@ HEADER = 'patient_id,original_id\n'
 BOTH = f'{P1},{O1}\n{P2},{O2}\n'
 ALL_SLICES = [(p, k) for p in (P1, P2) for k in (1, 2, 3)]
 UNLINKED_BOTH = [
-  (P1, '', s.UNLINKED_DICOMS),
-  (P2, '', s.UNLINKED_DICOMS),
-  ('', O1, s.UNLINKED_CONTOURS),
-  ('', O2, s.UNLINKED_CONTOURS),
+  (P1, '', schema.UNLINKED_DICOMS),
+  (P2, '', schema.UNLINKED_DICOMS),
+  ('', O1, schema.UNLINKED_CONTOURS),
+  ('', O2, schema.UNLINKED_CONTOURS),
 ]
 
 
@@ -82,18 +81,18 @@ UNLINKED_BOTH = [
   'content, slices, problems',
   [
     pytest.param(
-      b'', [], [('', '', s.MALFORMED_LINK)] + UNLINKED_BOTH, id='empty file'
+      b'', [], [('', '', schema.MALFORMED_LINK)] + UNLINKED_BOTH, id='empty file'
     ),
     pytest.param(
       HEADER.encode(),
       [],
-      [('', '', s.MALFORMED_LINK)] + UNLINKED_BOTH,
+      [('', '', schema.MALFORMED_LINK)] + UNLINKED_BOTH,
       id='header only',
     ),
     pytest.param(
       ('pid,oid\n' + BOTH).encode(),
       [],
-      [('', '', s.MALFORMED_LINK)] + UNLINKED_BOTH,
+      [('', '', schema.MALFORMED_LINK)] + UNLINKED_BOTH,
       id='wrong header names',
     ),
     pytest.param(
@@ -124,9 +123,9 @@ UNLINKED_BOTH = [
       HEADER.encode() + f'{P1},{O1}\n'.encode() + b'SCD\xff\xfe02,' + O2.encode(),
       ALL_SLICES[:3],
       [
-        ('SCD\ufffd\ufffd02', O2, s.MALFORMED_LINK),
-        (P2, '', s.UNLINKED_DICOMS),
-        ('', O2, s.UNLINKED_CONTOURS),
+        ('SCD\ufffd\ufffd02', O2, schema.MALFORMED_LINK),
+        (P2, '', schema.UNLINKED_DICOMS),
+        ('', O2, schema.UNLINKED_CONTOURS),
       ],
       id='non-UTF-8 bytes',
     ),
@@ -134,25 +133,25 @@ UNLINKED_BOTH = [
       f'{HEADER}{P1}\n{P2},{O2}\n'.encode(),
       ALL_SLICES[3:],
       [
-        (P1, '', s.MALFORMED_LINK),
-        (P1, '', s.UNLINKED_DICOMS),
-        ('', O1, s.UNLINKED_CONTOURS),
+        (P1, '', schema.MALFORMED_LINK),
+        (P1, '', schema.UNLINKED_DICOMS),
+        ('', O1, schema.UNLINKED_CONTOURS),
       ],
       id='row with one field',
     ),
     pytest.param(
       f'{HEADER}{BOTH}{P1},{O1}\n'.encode(),
       ALL_SLICES,
-      [(P1, O1, s.DUPLICATE_LINK)],
+      [(P1, O1, schema.DUPLICATE_LINK)],
       id='duplicate patient id',
     ),
     pytest.param(
       f'{HEADER}{P1},{O1}\n{P2},{O1}\n'.encode(),
       ALL_SLICES[:3],
       [
-        (P2, O1, s.DUPLICATE_LINK),
-        (P2, '', s.UNLINKED_DICOMS),
-        ('', O2, s.UNLINKED_CONTOURS),
+        (P2, O1, schema.DUPLICATE_LINK),
+        (P2, '', schema.UNLINKED_DICOMS),
+        ('', O2, schema.UNLINKED_CONTOURS),
       ],
       id='two patients share an original_id',
     ),
@@ -205,9 +204,14 @@ def test_ids_and_symlinks_never_lead_outside_the_input(base, tmp_path, open_audi
   open_audit.clear()  # from here on, only the job's own opens
   code, written, found, errors = _run(root, str(tmp_path / 'OUT'))
   assert written == ALL_SLICES
-  assert found == sorted((b, f'O-{n}', s.MALFORMED_LINK) for n, b in enumerate(bad_ids))
+  assert found == sorted(
+    (b, f'O-{n}', schema.MALFORMED_LINK) for n, b in enumerate(bad_ids)
+  )
   assert errors == sorted(
-    [('dicoms/SCD0000999', s.STAGE_LIST), (f'dicoms/{P1}/4.dcm', s.STAGE_READ)]
+    [
+      ('dicoms/SCD0000999', schema.STAGE_LIST),
+      (f'dicoms/{P1}/4.dcm', schema.STAGE_READ),
+    ]
   )
   assert code == cli.EXIT_QUARANTINED
   allowed = (os.path.realpath(root), os.path.realpath(tmp_path / 'OUT'))
@@ -248,7 +252,7 @@ def test_broken_dicoms_are_each_one_error_row(base, tmp_path):
   )
   code, written, found, errors = _run(root, str(tmp_path / 'OUT'))
   assert written == sorted(ALL_SLICES + [(P1, 13)])  # a CT slice is accepted
-  assert errors == sorted((f'dicoms/{P1}/{k}.dcm', s.STAGE_DECODE) for k in broken)
+  assert errors == sorted((f'dicoms/{P1}/{k}.dcm', schema.STAGE_DECODE) for k in broken)
   messages = {
     r['path']: r['error'] for r in read_errors(str(tmp_path / 'OUT')).to_pylist()
   }
@@ -319,10 +323,10 @@ def test_broken_contours_are_each_one_error_row_and_odd_good_ones_land(base, tmp
   code, written, found, errors = _run(root, out)
   assert written == ALL_SLICES
   assert errors == sorted(
-    [(p, s.STAGE_CONTOUR) for p in bad]
-    + [(f'{i_dir}/IM-0001-7-icontour.txt', s.STAGE_LIST)]
+    [(p, schema.STAGE_CONTOUR) for p in bad]
+    + [(f'{i_dir}/IM-0001-7-icontour.txt', schema.STAGE_LIST)]
   )
-  assert found == [(P1, O1, s.CONTOUR_WITHOUT_DICOM)]
+  assert found == [(P1, O1, schema.CONTOUR_WITHOUT_DICOM)]
   rows = {
     (r['patient_id'], r['slice_index']): r
     for r in open_dataset(out).to_table().to_pylist()
@@ -350,10 +354,10 @@ def test_special_entries_in_the_tree(base, tmp_path):
   assert written == ALL_SLICES
   assert errors == sorted(
     [
-      (f'dicoms/{P1}/4.dcm', s.STAGE_LIST),
-      (f'dicoms/{P1}/5.dcm', s.STAGE_LIST),
-      (f'dicoms/{P1}/6.dcm', s.STAGE_LIST),
-      ('/'.join(['dicoms', P2, *['d'] * 150, '1.dcm']), s.STAGE_LIST),
+      (f'dicoms/{P1}/4.dcm', schema.STAGE_LIST),
+      (f'dicoms/{P1}/5.dcm', schema.STAGE_LIST),
+      (f'dicoms/{P1}/6.dcm', schema.STAGE_LIST),
+      ('/'.join(['dicoms', P2, *['d'] * 150, '1.dcm']), schema.STAGE_LIST),
     ]
   )
   assert code == cli.EXIT_QUARANTINED
@@ -374,7 +378,9 @@ def test_strict_fails_the_run_after_writing_the_reports(base, tmp_path):
   _write(root, f'dicoms/{P1}/4.dcm', b'')
   code, written, found, errors = _run(root, str(tmp_path / 'OUT'), '--strict')
   assert code == cli.EXIT_STRICT
-  assert written == ALL_SLICES and errors == [(f'dicoms/{P1}/4.dcm', s.STAGE_DECODE)]
+  assert written == ALL_SLICES and errors == [
+    (f'dicoms/{P1}/4.dcm', schema.STAGE_DECODE)
+  ]
 
 
 @pytest.mark.parametrize('isolate', [True, False], ids=['isolated', 'in-process'])
@@ -444,7 +450,7 @@ def test_a_crash_hang_or_memory_error_costs_only_its_slice(tmp_path, isolate):
       | beam.Map(
         lambda r: (r['path'], r['stage'], reasons[int(r['path'][-5])] in r['error'])
       ),
-      equal_to([(f'dicoms/{P1}/{k}.dcm', s.STAGE_DECODE, True) for k in faults]),
+      equal_to([(f'dicoms/{P1}/{k}.dcm', schema.STAGE_DECODE, True) for k in faults]),
       label='OneErrorEach',
     )
 
@@ -476,8 +482,8 @@ def test_unreadable_files_and_folders(base, tmp_path):
   assert 'Traceback' not in done.stderr
   errors = sorted((r['path'], r['stage']) for r in read_errors(out).to_pylist())
   assert errors == [
-    (f'dicoms/{P1}/2.dcm', s.STAGE_READ),
-    (f'dicoms/{P2}', s.STAGE_LIST),
+    (f'dicoms/{P1}/2.dcm', schema.STAGE_READ),
+    (f'dicoms/{P2}', schema.STAGE_LIST),
   ]
   written = (
     open_dataset(out).to_table(columns=['patient_id', 'slice_index']).to_pylist()
@@ -516,7 +522,7 @@ def test_a_name_that_is_not_utf8_is_one_list_row_and_the_run_goes_on(
     assert code == cli.EXIT_OK and errors == []
     return
   assert code == cli.EXIT_QUARANTINED
-  assert errors == [(shown, s.STAGE_LIST)]
+  assert errors == [(shown, schema.STAGE_LIST)]
   (row,) = read_errors(str(tmp_path / 'OUT')).to_pylist()
   assert 'not valid UTF-8' in row['error']
 
@@ -534,11 +540,13 @@ def test_the_reconciliation_says_what_happened_to_a_patient_without_contours(
   out = str(tmp_path / 'OUT')
   code, written, found, errors = _run(root, out)
   assert written == [(P1, k) for k in (1, 2, 3)]
-  assert found == [(P2, O2, s.MISSING_CONTOURS)]
-  (row,) = [r for r in read_reconciliation(out).to_pylist() if r['status'] != s.MATCHED]
+  assert found == [(P2, O2, schema.MISSING_CONTOURS)]
+  (row,) = [
+    r for r in read_reconciliation(out).to_pylist() if r['status'] != schema.MATCHED
+  ]
   assert row['detail'].endswith('; its 3 slice files have no masks'), row
   assert 'written' not in row['detail']
-  assert errors == [(f'dicoms/{P2}/{k}.dcm', s.STAGE_DECODE) for k in (1, 2, 3)]
+  assert errors == [(f'dicoms/{P2}/{k}.dcm', schema.STAGE_DECODE) for k in (1, 2, 3)]
   assert code == cli.EXIT_QUARANTINED
 
 
@@ -571,7 +579,7 @@ def test_pixel_data_that_disagrees_with_its_header_is_one_decode_row_each(
   out = str(tmp_path / 'OUT')
   code, written, found, errors = _run(root, out)
   assert written == [(P2, k) for k in (1, 2, 3)]
-  assert errors == [(f'dicoms/{P1}/{k}.dcm', s.STAGE_DECODE) for k in cases]
+  assert errors == [(f'dicoms/{P1}/{k}.dcm', schema.STAGE_DECODE) for k in cases]
   reasons = {r['path']: r['error'] for r in read_errors(out).to_pylist()}
   for k, (_, expected) in cases.items():
     assert expected in reasons[f'dicoms/{P1}/{k}.dcm'], reasons

@@ -15,13 +15,12 @@ import pytest
 
 from beam_pipeline import dataset
 from beam_pipeline.tools import verify
-from transforms.contract import digests
-from transforms.contract import schema as s
+from transforms.contract import digests, schema
 
 _TABLES = {
-  s.SLICES_DIR: s.SLICE_SCHEMA,
-  s.RECONCILIATION_DIR: s.RECONCILIATION_SCHEMA,
-  s.ERRORS_DIR: s.ERROR_SCHEMA,
+  schema.SLICES_DIR: schema.SLICE_SCHEMA,
+  schema.RECONCILIATION_DIR: schema.RECONCILIATION_SCHEMA,
+  schema.ERRORS_DIR: schema.ERROR_SCHEMA,
 }
 
 
@@ -49,7 +48,7 @@ def _flip(path, offset, bit=0):
 def test_every_leaf_gets_its_options(written):
   """Compression, dictionaries and statistics apply to every leaf, the list
   columns' included (``pixel_spacing.list.element``, not ``pixel_spacing``)."""
-  for folder, schema in _TABLES.items():
+  for folder, arrow_schema in _TABLES.items():
     for path in _files(written.out, folder):
       meta = pq.read_metadata(path)
       for g in range(meta.num_row_groups):
@@ -58,7 +57,7 @@ def test_every_leaf_gets_its_options(written):
         for i in range(group.num_columns):
           chunk = group.column(i)
           top = chunk.path_in_schema.split('.')[0]
-          field = schema.field(top)
+          field = arrow_schema.field(top)
           leaf = field.type
           if pa.types.is_list(leaf) or pa.types.is_fixed_size_list(leaf):
             leaf = leaf.value_type
@@ -74,7 +73,7 @@ def test_every_leaf_gets_its_options(written):
 def test_list_columns_are_compressed(written):
   """The list columns were stored uncompressed when options named top-level
   columns: each now takes fewer bytes than its raw values."""
-  (path, *_) = _files(written.out, s.SLICES_DIR)
+  (path, *_) = _files(written.out, schema.SLICES_DIR)
   group = pq.read_metadata(path).row_group(0)
   for i in range(group.num_columns):
     chunk = group.column(i)
@@ -84,11 +83,11 @@ def test_list_columns_are_compressed(written):
 
 def test_a_flipped_bit_in_a_page_fails_its_checksum(written, tmp_path):
   copy = _copy(written.out, tmp_path)
-  (path, *_) = _files(copy, s.SLICES_DIR)
+  (path, *_) = _files(copy, schema.SLICES_DIR)
   chunk = (
     pq.read_metadata(path)
     .row_group(0)
-    .column(s.SLICE_SCHEMA.get_field_index('slice_index'))
+    .column(schema.SLICE_SCHEMA.get_field_index('slice_index'))
   )
   # The chunk's last byte is page data (its header comes first).
   _flip(path, chunk.data_page_offset + chunk.total_compressed_size - 1, bit=3)
@@ -119,7 +118,7 @@ def test_the_summary_records_every_file(written):
 
 
 def _summary_without_self_check(out):
-  with open(os.path.join(out, s.SUMMARY_FILE)) as f:
+  with open(os.path.join(out, schema.SUMMARY_FILE)) as f:
     return json.load(f)
 
 
@@ -133,7 +132,7 @@ def _refused(out, match):
 @pytest.mark.parametrize('case', ['missing', 'extra', 'truncated', 'appended'])
 def test_the_reader_refuses_a_changed_file_set(written, tmp_path, case):
   copy = _copy(written.out, tmp_path)
-  (path, *_) = _files(copy, s.SLICES_DIR)
+  (path, *_) = _files(copy, schema.SLICES_DIR)
   name = os.path.basename(path)
   if case == 'missing':
     os.remove(path)
@@ -156,7 +155,7 @@ def test_the_reader_refuses_a_changed_file_set(written, tmp_path, case):
 
 def test_the_reader_refuses_an_altered_shard(written, tmp_path):
   copy = _copy(written.out, tmp_path)
-  for path in _files(copy, s.SLICES_DIR):
+  for path in _files(copy, schema.SLICES_DIR):
     _flip(path, os.path.getsize(path) // 2)
   with pytest.raises(dataset.DatasetError, match='was altered'):
     list(dataset.iter_batches(copy, batch_size=8))
@@ -166,13 +165,13 @@ def test_the_reader_refuses_an_altered_or_missing_summary(written, tmp_path):
   copy = _copy(written.out, tmp_path)
   summary = _summary_without_self_check(copy)
   summary['labeled_only'] = not summary['labeled_only']
-  with open(os.path.join(copy, s.SUMMARY_FILE), 'w') as f:
+  with open(os.path.join(copy, schema.SUMMARY_FILE), 'w') as f:
     json.dump(summary, f)
   _refused(copy, 'altered')
-  with open(os.path.join(copy, s.SUMMARY_FILE), 'wb') as f:
+  with open(os.path.join(copy, schema.SUMMARY_FILE), 'wb') as f:
     f.write(b'{"files": \xff}')
   _refused(copy, 'unreadable')
-  os.remove(os.path.join(copy, s.SUMMARY_FILE))
+  os.remove(os.path.join(copy, schema.SUMMARY_FILE))
   _refused(copy, 'no run completed')
   with pytest.raises(dataset.DatasetError):
     dataset.read_errors(copy)
@@ -183,14 +182,14 @@ def _flip_positions(out, rng, n):
   non-image columns and footers of the slice shards (where flips used to
   pass unnoticed)."""
   paths = [p for folder in _TABLES for p in _files(out, folder)]
-  paths.append(os.path.join(out, s.SUMMARY_FILE))
+  paths.append(os.path.join(out, schema.SUMMARY_FILE))
   positions = []
   for _ in range(n // 2):
     path = rng.choice(paths)
     positions.append((path, rng.randrange(os.path.getsize(path)), rng.randrange(8)))
-  image = s.SLICE_SCHEMA.get_field_index('image')
+  image = schema.SLICE_SCHEMA.get_field_index('image')
   ranges = []
-  for path in _files(out, s.SLICES_DIR):
+  for path in _files(out, schema.SLICES_DIR):
     meta = pq.read_metadata(path)
     for g in range(meta.num_row_groups):
       group = meta.row_group(g)

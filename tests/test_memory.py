@@ -22,8 +22,7 @@ from beam_pipeline.dataset import open_dataset, read_errors, row_groups
 from beam_pipeline.launch import cli
 from beam_pipeline.tools import sample
 from tests import crashers
-from transforms.contract import packing
-from transforms.contract import schema as s
+from transforms.contract import packing, schema
 from transforms.contract.errors import DicomError
 from transforms.decode import _isolate, _native, assemble
 from transforms.decode.dicom import decode_dicom
@@ -110,11 +109,11 @@ def test_files_above_max_file_bytes_are_refused_unread(tmp_path):
   assert code == cli.EXIT_QUARANTINED
   errors = {(r['path'], r['stage']): r['error'] for r in read_errors(out).to_pylist()}
   size = os.path.getsize(os.path.join(root, 'dicoms', pid, '2.dcm'))
-  assert errors[(f'dicoms/{pid}/2.dcm', s.STAGE_READ)].startswith(
+  assert errors[(f'dicoms/{pid}/2.dcm', schema.STAGE_READ)].startswith(
     f'file of {size} bytes is larger than --max-file-bytes {limit}'
   )
-  assert 'larger than --max-file-bytes' in errors[(contour, s.STAGE_READ)]
-  assert 'inflates to more than' in errors[(f'dicoms/{pid}/1.dcm', s.STAGE_DECODE)]
+  assert 'larger than --max-file-bytes' in errors[(contour, schema.STAGE_READ)]
+  assert 'inflates to more than' in errors[(f'dicoms/{pid}/1.dcm', schema.STAGE_DECODE)]
   assert len(errors) == 3
   rows = open_dataset(out).to_table(columns=['patient_id', 'slice_index']).to_pylist()
   assert len(rows) == 6 - 2
@@ -229,15 +228,15 @@ def test_the_slice_table_equals_the_row_by_row_table():
   images = [rng.integers(-500, 500, (4, 5 + k), np.int16) for k in range(3)]
   rows = []
   for k, image in enumerate(images):
-    row = dict.fromkeys(s.SLICE_SCHEMA.names)
+    row = dict.fromkeys(schema.SLICE_SCHEMA.names)
     row.update(patient_id='P', original_id='O', slice_index=k, split='train')
     row.update(dicom_path=f'd/{k}.dcm', qa_flags=[], image=image)
     rows.append(row)
   expected = pa.Table.from_pylist(
-    [{**r, 'image': r['image'].tobytes()} for r in rows], schema=s.SLICE_SCHEMA
+    [{**r, 'image': r['image'].tobytes()} for r in rows], schema=schema.SLICE_SCHEMA
   )
   table = assemble.slice_table(rows)
-  assert table.schema.equals(s.SLICE_SCHEMA, check_metadata=True)
+  assert table.schema.equals(schema.SLICE_SCHEMA, check_metadata=True)
   assert table.equals(expected)
   assert math.prod(images[0].shape) * 2 == len(table['image'][0].as_py())
 

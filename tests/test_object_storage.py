@@ -19,7 +19,7 @@ from beam_pipeline.launch import cli, lock
 from beam_pipeline.tools import keys, sample, verify
 from tests import proxy, s3server
 from tests.helpers import dataset_tables, free_port, leaks, parquet_text, texts_under
-from transforms.contract import schema as s
+from transforms.contract import schema
 from transforms.io import stores
 
 QUIRKS = ['stray_files', 'not_dicom', 'bad_contour', 'unlinked_dicoms']
@@ -186,12 +186,12 @@ def test_a_file_that_keeps_failing_is_one_read_row(s3_endpoint, broken_tree, tmp
   assert figures['faults'] == 3  # every attempt, then the file is given up
   _download(_client(s3_endpoint), 'FAILING', tmp_path / 'out')
   got, want = dataset_tables(str(tmp_path / 'out')), dataset_tables(local)
-  (row,) = [r for r in got[s.ERRORS_DIR] if r['path'] == victim]
-  assert row['stage'] == s.STAGE_READ
+  (row,) = [r for r in got[schema.ERRORS_DIR] if r['path'] == victim]
+  assert row['stage'] == schema.STAGE_READ
   assert '503' in row['error'] and 'SlowDown' in row['error'], row
-  assert [r for r in got[s.ERRORS_DIR] if r is not row] == want[s.ERRORS_DIR]
-  assert [r for r in want[s.SLICES_DIR] if r['dicom_path'] != victim] == got[
-    s.SLICES_DIR
+  assert [r for r in got[schema.ERRORS_DIR] if r is not row] == want[schema.ERRORS_DIR]
+  assert [r for r in want[schema.SLICES_DIR] if r['dicom_path'] != victim] == got[
+    schema.SLICES_DIR
   ]
 
 
@@ -217,8 +217,10 @@ def test_a_pseudonymised_s3_run_names_no_id_even_in_a_failed_read(
   out = tmp_path / 'out'
   _download(_client(s3_endpoint), 'KEYED', out)
   shown = keys.load(str(key)).path(victim)
-  (row,) = [r for r in dataset_tables(str(out))[s.ERRORS_DIR] if r['path'] == shown]
-  assert row['stage'] == s.STAGE_READ and '503' in row['error']
+  (row,) = [
+    r for r in dataset_tables(str(out))[schema.ERRORS_DIR] if r['path'] == shown
+  ]
+  assert row['stage'] == schema.STAGE_READ and '503' in row['error']
   found = set(os.listdir(os.path.join(root, 'dicoms')))
   found |= set(os.listdir(os.path.join(root, 'contourfiles')))
   places = [*texts_under(str(out)), ('parquet values', parquet_text(str(out)))]
@@ -383,7 +385,7 @@ def test_gcs_input_and_output_give_the_local_dataset(
   assert cli.main(args) == cli.EXIT_USAGE  # a dataset is there now
   keys = [blob.name for blob in client.list_blobs('cardiac-gcs', prefix='OUT/')]
   assert 'OUT/_SUMMARY.json' in keys
-  assert not [k for k in keys if s.STAGING_DIR in k or lock.LOCK_FILE in k]
+  assert not [k for k in keys if schema.STAGING_DIR in k or lock.LOCK_FILE in k]
   for key in keys:
     target = tmp_path / 'out' / key[len('OUT/') :]
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -419,9 +421,9 @@ def test_duplicates_on_s3_give_the_local_dataset(s3_endpoint, tmp_path):
   ]
   assert cli.main(args) == cli.EXIT_QUARANTINED
   keys = _download(client, 'COPIES_OUT', tmp_path / 'out')
-  assert not [k for k in keys if s.STAGING_DIR in k or 'beam-temp' in k]
+  assert not [k for k in keys if schema.STAGING_DIR in k or 'beam-temp' in k]
   got, want = dataset_tables(str(tmp_path / 'out')), dataset_tables(local)
   assert got == want
-  assert any(s.DUPLICATE_SLICE in r['qa_flags'] for r in got[s.SLICES_DIR])
+  assert any(schema.DUPLICATE_SLICE in r['qa_flags'] for r in got[schema.SLICES_DIR])
   # sizes and digests in _SUMMARY.json match the rewritten, copied shards
   assert verify.verify(str(tmp_path / 'out')).failures == []

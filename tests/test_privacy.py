@@ -19,8 +19,7 @@ from dicomanonymizer.dicom_anonymization_databases import dicomfields_2026c as p
 from beam_pipeline.launch import cli
 from beam_pipeline.tools import sample
 from tests.helpers import dataset_tables
-from transforms.contract import columns, flags, metrics
-from transforms.contract import schema as s
+from transforms.contract import columns, flags, metrics, schema
 from transforms.decode import _native
 from transforms.decode.dicom import decode_dicom
 
@@ -142,9 +141,9 @@ def test_a_burned_in_slice_is_flagged_or_excluded_with_a_row(tmp_path):
   assert len(tables['slices']) == len(rows) - 1
   assert (pid, k) not in {(r['patient_id'], r['slice_index']) for r in tables['slices']}
   (error,) = tables['errors']
-  assert error['stage'] == s.STAGE_EXCLUDED
+  assert error['stage'] == schema.STAGE_EXCLUDED
   assert error['path'] == f'dicoms/{pid}/{k}.dcm'
   assert 'BurnedInAnnotation is YES' in error['error']
   with open(os.path.join(excluded, '_SUMMARY.json')) as f:
     counters = json.load(f)['counters']
-  assert counters[metrics.error_counter(s.STAGE_EXCLUDED)] == 1
+  assert counters[metrics.error_counter(schema.STAGE_EXCLUDED)] == 1

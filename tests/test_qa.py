@@ -16,7 +16,7 @@ from beam_pipeline.dataset import mask_of
 from beam_pipeline.launch import cli
 from beam_pipeline.tools import overlay, qa, render, sample, verify
 from tests.conftest import WRITTEN_COLUMNS, WRITTEN_ROWS
-from transforms.contract import schema as s
+from transforms.contract import schema
 
 
 def _labeled(manifest):
@@ -237,7 +237,8 @@ def test_the_qa_page_names_flags_links_overlays_and_has_a_readable_legend(
   colour swatches are the outline colours."""
   out, qa_dir, spoiled = flagged_qa
   table = pq.read_table(
-    os.path.join(out, s.SLICES_DIR), columns=['patient_id', 'slice_index', 'qa_flags']
+    os.path.join(out, schema.SLICES_DIR),
+    columns=['patient_id', 'slice_index', 'qa_flags'],
   ).to_pylist()
   flagged = {
     (r['patient_id'], r['slice_index']): r['qa_flags'] for r in table if r['qa_flags']
@@ -298,7 +299,7 @@ def test_verify_passes_on_a_fresh_output(written, capsys):
 
 def test_verify_catches_a_duplicated_shard(written, tmp_path):
   copy = _copy(written.out, tmp_path)
-  folder = os.path.join(copy, s.SLICES_DIR)
+  folder = os.path.join(copy, schema.SLICES_DIR)
   name = sorted(os.listdir(folder))[0]
   shutil.copy(os.path.join(folder, name), os.path.join(folder, 'extra-' + name))
   failures = verify.verify(copy).failures
@@ -310,13 +311,13 @@ def test_verify_catches_a_duplicated_shard(written, tmp_path):
 
 def test_verify_catches_a_corrupted_image(written, tmp_path):
   copy = _copy(written.out, tmp_path)
-  folder = os.path.join(copy, s.SLICES_DIR)
+  folder = os.path.join(copy, schema.SLICES_DIR)
   path = os.path.join(folder, sorted(os.listdir(folder))[0])
   table = pq.read_table(path)
   images = table['image'].to_pylist()
   images[0] = bytes([images[0][0] ^ 1]) + images[0][1:]
   table = table.set_column(
-    table.schema.get_field_index('image'), s.SLICE_SCHEMA.field('image'), [images]
+    table.schema.get_field_index('image'), schema.SLICE_SCHEMA.field('image'), [images]
   )
   pq.write_table(table, path)
   assert verify.verify(copy).failures == [
@@ -327,17 +328,17 @@ def test_verify_catches_a_corrupted_image(written, tmp_path):
 
 def test_verify_catches_missing_summary_and_lost_reports(written, tmp_path):
   copy = _copy(written.out, tmp_path)
-  with open(os.path.join(copy, s.SUMMARY_FILE)) as f:
+  with open(os.path.join(copy, schema.SUMMARY_FILE)) as f:
     summary = json.load(f)
   summary['counters']['slices_written'] += 1
-  with open(os.path.join(copy, s.SUMMARY_FILE), 'w') as f:
+  with open(os.path.join(copy, schema.SUMMARY_FILE), 'w') as f:
     json.dump(summary, f)
   checks = verify.verify(copy)
   assert checks.failures == ['run completed']
   assert 'was altered' in checks.lines[0]
-  shutil.rmtree(os.path.join(copy, s.RECONCILIATION_DIR))
-  os.makedirs(os.path.join(copy, s.RECONCILIATION_DIR))
-  os.remove(os.path.join(copy, s.SUMMARY_FILE))
+  shutil.rmtree(os.path.join(copy, schema.RECONCILIATION_DIR))
+  os.makedirs(os.path.join(copy, schema.RECONCILIATION_DIR))
+  os.remove(os.path.join(copy, schema.SUMMARY_FILE))
   failures = verify.verify(copy).failures
   assert 'run completed' in failures and 'every written patient is matched' in failures
   assert verify.main([str(tmp_path / 'nothing')]) == 2

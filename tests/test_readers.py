@@ -13,7 +13,7 @@ from beam_pipeline.launch import cli
 from beam_pipeline.tools import sample
 from tests.helpers import reference_mask
 from transforms import settings
-from transforms.contract import schema as s
+from transforms.contract import schema
 
 
 def _expected(manifest, rows, columns):
@@ -33,7 +33,7 @@ def test_duckdb_polars_and_pandas_read_every_slice(codec, tmp_path):
   root, out = str(tmp_path / 'DATA'), str(tmp_path / 'OUT')
   manifest = sample.make_tree(root, patients=2, slices=6, rows=rows, columns=columns)
   assert cli.main(['--input', root, '--output', out, '--image-codec', codec]) == 0
-  shards = os.path.join(out, s.SLICES_DIR, '*.parquet')
+  shards = os.path.join(out, schema.SLICES_DIR, '*.parquet')
   want = _expected(manifest, rows, columns)
   query = f"SELECT patient_id, slice_index, image, i_mask FROM read_parquet('{shards}')"
   tables = {
@@ -43,7 +43,7 @@ def test_duckdb_polars_and_pandas_read_every_slice(codec, tmp_path):
     .rows(),
     'pandas': [
       tuple(r)
-      for r in pd.read_parquet(os.path.join(out, s.SLICES_DIR))[
+      for r in pd.read_parquet(os.path.join(out, schema.SLICES_DIR))[
         ['patient_id', 'slice_index', 'image', 'i_mask']
       ].itertuples(index=False)
     ],
@@ -64,7 +64,7 @@ def test_duckdb_polars_and_pandas_read_every_slice(codec, tmp_path):
 def test_small_columns_are_lz4_raw_for_every_reader(written):
   # pyarrow names both LZ4 codecs 'LZ4'; the Hadoop-framed one is deprecated
   # and not every reader takes it. DuckDB reads the codec from the footer.
-  shards = os.path.join(written.out, s.SLICES_DIR, '*.parquet')
+  shards = os.path.join(written.out, schema.SLICES_DIR, '*.parquet')
   found = dict(
     duckdb.sql(
       'SELECT path_in_schema, list(DISTINCT compression) '

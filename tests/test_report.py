@@ -7,8 +7,7 @@ from apache_beam.portability.api import beam_fn_api_pb2
 
 from beam_pipeline.launch import console, progress, summary
 from transforms import _worker_progress
-from transforms.contract import counts, metrics
-from transforms.contract import schema as s
+from transforms.contract import counts, metrics, schema
 
 
 def test_progress_logs_at_most_once_per_interval(caplog):
@@ -26,9 +25,9 @@ def test_progress_logs_at_most_once_per_interval(caplog):
 
 def test_summary_lists_issues_by_status_and_errors_by_stage():
   counters = {
-    metrics.reconciliation_counter(s.MATCHED): 3,
-    metrics.reconciliation_counter(s.MISSING_DICOMS): 2,
-    metrics.error_counter(s.STAGE_DECODE): 1,
+    metrics.reconciliation_counter(schema.MATCHED): 3,
+    metrics.reconciliation_counter(schema.MISSING_DICOMS): 2,
+    metrics.error_counter(schema.STAGE_DECODE): 1,
     metrics.SLICES_WRITTEN: 40,
     metrics.I_MASKS_WRITTEN: 7,
   }
@@ -42,7 +41,10 @@ def test_summary_lists_issues_by_status_and_errors_by_stage():
 
 
 def test_a_clean_run_has_no_issues():
-  counters = {metrics.reconciliation_counter(s.MATCHED): 3, metrics.SLICES_WRITTEN: 9}
+  counters = {
+    metrics.reconciliation_counter(schema.MATCHED): 3,
+    metrics.SLICES_WRITTEN: 9,
+  }
   assert metrics.issue_count(counters) == 0
   assert 'no issues' in summary.summary_text(counters, {}, 1.0)
 
@@ -75,7 +77,7 @@ def test_summary_shows_each_split_and_warns_of_an_empty_one():
     metrics.split_slices_counter('train'): 920,
     metrics.split_patients_counter('test'): 1,
     metrics.split_slices_counter('test'): 1,
-    metrics.reconciliation_counter(s.MISSING_DICOMS): 2,
+    metrics.reconciliation_counter(schema.MISSING_DICOMS): 2,
   }
   text = summary.summary_text(counters, {}, 1.0, output='/o u t', split='0.8,0.1,0.1')
   assert (

@@ -16,8 +16,7 @@ from beam_pipeline.dataset import image_of, mask_of
 from beam_pipeline.launch import summary
 from beam_pipeline.tools import sample
 from tests.helpers import reference_mask
-from transforms.contract import digests, metrics
-from transforms.contract import schema as s
+from transforms.contract import digests, metrics, schema
 from transforms.contract.layout import ContourFile, DicomFile, FileGroup, Link, Patient
 from transforms.decode.chunks import SliceTask, bounds, plan_chunks
 from transforms.decode.stage import DecodeSlices
@@ -66,14 +65,14 @@ def test_reconcile_reports_each_status_and_carries_only_matched_patients():
       found[Reconcile.RECONCILIATION] | beam.Map(_status),
       equal_to(
         [
-          ('P1', 'O1', s.MATCHED),
-          ('P1', 'O1', s.CONTOUR_WITHOUT_DICOM),
-          ('P2', 'O2', s.MISSING_CONTOURS),
-          ('P2', 'O2', s.MATCHED),
-          ('P3', 'O3', s.MISSING_CONTOURS),
-          ('P3', 'O3', s.MISSING_DICOMS),
-          ('P9', '', s.UNLINKED_DICOMS),
-          ('', 'O8', s.UNLINKED_CONTOURS),
+          ('P1', 'O1', schema.MATCHED),
+          ('P1', 'O1', schema.CONTOUR_WITHOUT_DICOM),
+          ('P2', 'O2', schema.MISSING_CONTOURS),
+          ('P2', 'O2', schema.MATCHED),
+          ('P3', 'O3', schema.MISSING_CONTOURS),
+          ('P3', 'O3', schema.MISSING_DICOMS),
+          ('P9', '', schema.UNLINKED_DICOMS),
+          ('', 'O8', schema.UNLINKED_CONTOURS),
         ]
       ),
       label='Reconciliation',
@@ -98,7 +97,9 @@ def test_reconcile_reports_each_status_and_carries_only_matched_patients():
 def test_read_side_and_reconcile_report_every_quirk_of_a_tree(tree):
   root, manifest = tree
   matched = [
-    (pid, oid) for pid, oid, status in manifest.reconciliation if status == s.MATCHED
+    (pid, oid)
+    for pid, oid, status in manifest.reconciliation
+    if status == schema.MATCHED
   ]
   with TestPipeline() as p:
     links = p | ReadLinks(root)
@@ -119,7 +120,7 @@ def test_read_side_and_reconcile_report_every_quirk_of_a_tree(tree):
       (links[ReadLinks.ERRORS], files[ListTree.ERRORS])
       | 'AllErrors' >> beam.Flatten()
       | 'PathsAndStages' >> beam.Map(lambda r: (r['path'], r['stage'])),
-      equal_to([e for e in manifest.errors if e[1] == s.STAGE_LIST]),
+      equal_to([e for e in manifest.errors if e[1] == schema.STAGE_LIST]),
       label='Errors',
     )
     assert_that(
@@ -241,9 +242,9 @@ def test_decode_slices_writes_rows_and_dead_letters(tmp_path):
     errors | beam.Map(lambda r: (r['patient_id'], r['path'], r['stage'])),
     equal_to(
       [
-        ('P', 'bad.txt', s.STAGE_CONTOUR),
-        ('P', 'dicoms/P/2.dcm', s.STAGE_DECODE),
-        ('P', 'dicoms/P/3.dcm', s.STAGE_READ),
+        ('P', 'bad.txt', schema.STAGE_CONTOUR),
+        ('P', 'dicoms/P/2.dcm', schema.STAGE_DECODE),
+        ('P', 'dicoms/P/3.dcm', schema.STAGE_READ),
       ]
     ),
     label='Errors',
@@ -266,7 +267,7 @@ def test_symlink_leaving_the_input_is_not_followed(tmp_path):
   assert_that(slices, equal_to([]), label='NoSlices')
   assert_that(
     errors | beam.Map(lambda r: (r['stage'], 'outside the input root' in r['error'])),
-    equal_to([(s.STAGE_READ, True)]),
+    equal_to([(schema.STAGE_READ, True)]),
     label='Errors',
   )
   p.run().wait_until_finish()
@@ -293,18 +294,18 @@ def _slice_table(patient_id, indices):
         'qa_flags': [],
       }
     )
-  return pa.Table.from_pylist(rows, schema=s.SLICE_SCHEMA)
+  return pa.Table.from_pylist(rows, schema=schema.SLICE_SCHEMA)
 
 
 def test_write_dataset_writes_three_tables_and_counts_the_reports(tmp_path):
   out = str(tmp_path / 'OUT')
   tables = [_slice_table('A', [1, 2, 3]), _slice_table('B', [1])]
   reconciliation = [
-    s.reconciliation_row('A', 'OA', s.MATCHED, '3 slices'),
-    s.reconciliation_row('B', 'OB', s.MATCHED, '1 slice'),
-    s.reconciliation_row('C', 'OC', s.MISSING_DICOMS, 'line 4'),
+    schema.reconciliation_row('A', 'OA', schema.MATCHED, '3 slices'),
+    schema.reconciliation_row('B', 'OB', schema.MATCHED, '1 slice'),
+    schema.reconciliation_row('C', 'OC', schema.MISSING_DICOMS, 'line 4'),
   ]
-  errors = [s.error_row('A', 'dicoms/A/9.dcm', s.STAGE_DECODE, 'truncated')]
+  errors = [schema.error_row('A', 'dicoms/A/9.dcm', schema.STAGE_DECODE, 'truncated')]
   p = TestPipeline()
   written = {
     WriteDataset.SLICES: p | 'Tables' >> beam.Create(tables),
@@ -325,17 +326,17 @@ def test_write_dataset_writes_three_tables_and_counts_the_reports(tmp_path):
   with open(os.path.join(out, 'slices', digests.MANIFEST_FILE)) as f:
     assert sorted(json.load(f)) == parquet
   shards = [pq.ParquetFile(os.path.join(out, 'slices', name)) for name in parquet]
-  assert all(f.schema_arrow.equals(s.SLICE_SCHEMA) for f in shards)
+  assert all(f.schema_arrow.equals(schema.SLICE_SCHEMA) for f in shards)
   groups = [f.metadata.row_group(g) for f in shards for g in range(f.num_row_groups)]
   assert sorted(g.num_rows for g in groups) == [1, 3]  # one row group per table
   image_chunk = (
-    shards[0].metadata.row_group(0).column(s.SLICE_SCHEMA.names.index('image'))
+    shards[0].metadata.row_group(0).column(schema.SLICE_SCHEMA.names.index('image'))
   )
   assert image_chunk.compression == 'ZSTD'
   read_back = pq.read_table(os.path.join(out, 'reconciliation')).to_pylist()
   assert sorted(map(_status, read_back)) == sorted(map(_status, reconciliation))
   assert pq.read_table(os.path.join(out, 'errors')).to_pylist() == errors
   counted = summary.counters(result)
-  assert counted[metrics.reconciliation_counter(s.MATCHED)] == 2
-  assert counted[metrics.reconciliation_counter(s.MISSING_DICOMS)] == 1
-  assert counted[metrics.error_counter(s.STAGE_DECODE)] == 1
+  assert counted[metrics.reconciliation_counter(schema.MATCHED)] == 2
+  assert counted[metrics.reconciliation_counter(schema.MISSING_DICOMS)] == 1
+  assert counted[metrics.error_counter(schema.STAGE_DECODE)] == 1

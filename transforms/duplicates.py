@@ -25,12 +25,11 @@ import apache_beam as beam
 import xxhash
 from apache_beam import pvalue
 
-from transforms.contract import packing, splits
-from transforms.contract import schema as s
+from transforms.contract import packing, schema, splits
 from transforms.io import stores
 
-SLICE_FLAG = s.DUPLICATE_SLICE
-CONTOUR_FLAG = s.DUPLICATE_CONTOUR
+SLICE_FLAG = schema.DUPLICATE_SLICE
+CONTOUR_FLAG = schema.DUPLICATE_CONTOUR
 
 # The identity records come from the decode stage: see layout.slice_identity.
 
@@ -154,20 +153,20 @@ def _slice_row(members: list, reasons: dict, drop: bool, moves: dict) -> dict:
   done += ''.join(
     f'; patient {p} moved from split {moves[p][0]} to {moves[p][1]}' for p in moved
   )
-  return s.reconciliation_row(
+  return schema.reconciliation_row(
     members[0][1],
     members[0][2],
-    s.DUPLICATE_SLICE,
+    schema.DUPLICATE_SLICE,
     f'{len(members)} copies of one image ({" and ".join(why)}): {paths}; {done}',
   )
 
 
 def _contour_row(members: list, reasons: dict) -> dict:
   paths = ', '.join(m[0] for m in members)
-  return s.reconciliation_row(
+  return schema.reconciliation_row(
     members[0][1],
     members[0][2],
-    s.DUPLICATE_CONTOUR,
+    schema.DUPLICATE_CONTOUR,
     f'{len(members)} identical contour files: {paths}; the slices they belong '
     f'to are flagged {CONTOUR_FLAG}',
   )

@@ -19,8 +19,7 @@ from typing import NamedTuple
 import apache_beam as beam
 from apache_beam import pvalue
 
-from transforms.contract import layout
-from transforms.contract import schema as s
+from transforms.contract import layout, schema
 from transforms.contract.layout import Patient
 from transforms.sources.source import TREE, Source, Wording
 
@@ -41,10 +40,10 @@ class _AttachContoursFn(beam.DoFn):
     if not links:
       yield pvalue.TaggedOutput(
         Reconcile.RECONCILIATION,
-        s.reconciliation_row(
+        schema.reconciliation_row(
           '',
           original_id,
-          s.UNLINKED_CONTOURS,
+          schema.UNLINKED_CONTOURS,
           f'{layout.CONTOUR_DIR}/{original_id}/ holds {len(contours)} contour '
           'files and no link.csv row names it',
         ),
@@ -71,7 +70,7 @@ class _MatchPatientsFn(beam.DoFn):
       yield self._row(
         patient_id,
         '',
-        s.UNLINKED_DICOMS,
+        schema.UNLINKED_DICOMS,
         f'{layout.DICOM_DIR}/{patient_id}/ holds {len(dicoms)} '
         'slices and no link.csv row names it',
       )
@@ -82,7 +81,7 @@ class _MatchPatientsFn(beam.DoFn):
       yield self._row(
         patient_id,
         original_id,
-        s.MISSING_CONTOURS,
+        schema.MISSING_CONTOURS,
         f'line {link.line}: no contour files under '
         f'{layout.CONTOUR_DIR}/{original_id}/'
         + (f'; its {len(dicoms)} slice files have no masks' if dicoms else ''),
@@ -92,7 +91,7 @@ class _MatchPatientsFn(beam.DoFn):
         yield self._row(
           patient_id,
           original_id,
-          s.MISSING_DICOMS,
+          schema.MISSING_DICOMS,
           f'line {link.line}: ' + self._wording.no_slices.format(patient_id=patient_id),
         )
       return
@@ -105,7 +104,7 @@ class _MatchPatientsFn(beam.DoFn):
         yield self._row(
           patient_id,
           original_id,
-          s.CONTOUR_WITHOUT_DICOM,
+          schema.CONTOUR_WITHOUT_DICOM,
           f'{contour.path}: '
           + self._wording.no_slice.format(
             patient_id=patient_id, slice_index=contour.slice_index
@@ -115,7 +114,7 @@ class _MatchPatientsFn(beam.DoFn):
     yield self._row(
       patient_id,
       original_id,
-      s.MATCHED,
+      schema.MATCHED,
       f'{len(dicoms)} slices, {kinds.count("i")} i-contours, '
       f'{kinds.count("o")} o-contours',
     )
@@ -125,7 +124,7 @@ class _MatchPatientsFn(beam.DoFn):
   def _row(patient_id, original_id, status, detail):
     return pvalue.TaggedOutput(
       Reconcile.RECONCILIATION,
-      s.reconciliation_row(patient_id, original_id, status, detail),
+      schema.reconciliation_row(patient_id, original_id, status, detail),
     )
 
 

@@ -42,8 +42,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.metrics import Metrics
 
 from transforms import tuning
-from transforms.contract import digests, metrics
-from transforms.contract import schema as s
+from transforms.contract import digests, metrics, schema
 from transforms.io import direct, files, stores
 from transforms.io.stores import is_local
 from transforms.settings import (
@@ -97,7 +96,7 @@ def _all_labeled(table: pa.Table) -> bool:
   """True for a slice table in which every row has a mask."""
   if 'i_mask' not in table.column_names or not table.num_rows:
     return False
-  return pc.all(s.has_mask(table)).as_py()
+  return pc.all(schema.has_mask(table)).as_py()
 
 
 def _open_local_shard(path: str) -> direct.DirectFile:
@@ -110,30 +109,30 @@ def _open_local_shard(path: str) -> direct.DirectFile:
   return direct.DirectFile(path, direct=tuning.enabled('direct'))
 
 
-def leaf_paths(schema: pa.Schema) -> dict[str, list[str]]:
+def leaf_paths(arrow_schema: pa.Schema) -> dict[str, list[str]]:
   """{column: its Parquet leaf paths}: ``pixel_spacing`` is stored as
   ``pixel_spacing.list.element``, and Parquet's per-column options name
   leaves (a top-level name of a list column silently matches nothing)."""
   buffer = pa.BufferOutputStream()
-  pq.write_table(schema.empty_table(), buffer)
+  pq.write_table(arrow_schema.empty_table(), buffer)
   parquet_schema = pq.read_metadata(buffer.getvalue()).schema
-  leaves: dict[str, list[str]] = {name: [] for name in schema.names}
+  leaves: dict[str, list[str]] = {name: [] for name in arrow_schema.names}
   for i in range(len(parquet_schema)):
     path = parquet_schema.column(i).path
     leaves[path.split('.', 1)[0]].append(path)
   return leaves
 
 
-def writer_options(schema: pa.Schema, image_codec: str | None = None) -> dict:
+def writer_options(arrow_schema: pa.Schema, image_codec: str | None = None) -> dict:
   """ParquetWriter options, per leaf: ``image`` in ``image_codec``
   ('codec[:level]', default ``CODEC``), the masks in ``CODEC``, every other
   column in ``SMALL_CODEC``; dictionaries for strings; statistics
   for all but the image and mask bytes; a CRC checksum on every page."""
-  leaves = leaf_paths(schema)
+  leaves = leaf_paths(arrow_schema)
   codec, level = parse_image_codec(image_codec) if image_codec else (CODEC, None)
   compression, levels = {}, {}
   dictionary, statistics = [], []
-  for f in schema:
+  for f in arrow_schema:
     nested = pa.types.is_list(f.type) or pa.types.is_fixed_size_list(f.type)
     value = f.type.value_type if nested else f.type
     for path in leaves[f.name]:
@@ -239,7 +238,7 @@ class _ParquetSink(filebasedsink.FileBasedSink):
   def __init__(
     self,
     file_path_prefix: str,
-    schema: pa.Schema,
+    arrow_schema: pa.Schema,
     image_codec: str | None = None,
     num_shards: int = 0,
     config: stores.StoreConfig | None = None,
@@ -257,7 +256,7 @@ class _ParquetSink(filebasedsink.FileBasedSink):
       compression_type=CompressionTypes.UNCOMPRESSED,
       max_records_per_shard=max_tables,
     )
-    self._schema = schema
+    self._schema = arrow_schema
     self._image_codec = image_codec
     self._config = config or stores.StoreConfig()
     self._max_group_bytes = max_group_bytes
@@ -422,14 +421,14 @@ class _WriteReportsFn(beam.DoFn):
 
   def process(self, grouped):
     key, rows = grouped
-    folder, schema, field, _ = self._reports[key]
+    folder, arrow_schema, field, _ = self._reports[key]
     path = stores.join(self._root, folder, REPORT_FILE)
     counters = self._counters[key]
     with _naming(path):
       temp = f'{path}.{uuid.uuid4().hex}.tmp' if is_local(path) else path
       handle = stores.store(temp).create(temp)
       hashed = _Hashed(handle)
-      writer = pq.ParquetWriter(hashed, schema, **writer_options(schema))
+      writer = pq.ParquetWriter(hashed, arrow_schema, **writer_options(arrow_schema))
       batch: list[dict] = []
       for row in rows:
         if row is None:
@@ -437,10 +436,10 @@ class _WriteReportsFn(beam.DoFn):
         counters[row[field]].inc()
         batch.append(row)
         if len(batch) >= _REPORT_BATCH:
-          writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+          writer.write_table(pa.Table.from_pylist(batch, schema=arrow_schema))
           batch.clear()
       if batch:
-        writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+        writer.write_table(pa.Table.from_pylist(batch, schema=arrow_schema))
       writer.close()
       handle.close()
       if temp != path:
@@ -470,13 +469,19 @@ class WriteDataset(beam.PTransform):
   # key -> (folder, schema, field counted, its values, counter name of a value)
   _REPORTS = {
     RECONCILIATION: (
-      s.RECONCILIATION_DIR,
-      s.RECONCILIATION_SCHEMA,
+      schema.RECONCILIATION_DIR,
+      schema.RECONCILIATION_SCHEMA,
       'status',
-      s.STATUSES,
+      schema.STATUSES,
       metrics.reconciliation_counter,
     ),
-    ERRORS: (s.ERRORS_DIR, s.ERROR_SCHEMA, 'stage', s.STAGES, metrics.error_counter),
+    ERRORS: (
+      schema.ERRORS_DIR,
+      schema.ERROR_SCHEMA,
+      'stage',
+      schema.STAGES,
+      metrics.error_counter,
+    ),
   }
 
   def __init__(
@@ -501,8 +506,8 @@ class WriteDataset(beam.PTransform):
       | 'WriteSlices'
       >> beam.io.Write(
         _ParquetSink(
-          _prefix(root, s.SLICES_DIR),
-          s.SLICE_SCHEMA,
+          _prefix(root, schema.SLICES_DIR),
+          schema.SLICE_SCHEMA,
           self._image_codec,
           config=self._config,
           max_group_bytes=self._max_group_bytes,
@@ -511,8 +516,8 @@ class WriteDataset(beam.PTransform):
       )
     }
     reports = {
-      key: (folder, schema, field, {value: counter(value) for value in values})
-      for key, (folder, schema, field, values, counter) in self._REPORTS.items()
+      key: (folder, arrow_schema, field, {value: counter(value) for value in values})
+      for key, (folder, arrow_schema, field, values, counter) in self._REPORTS.items()
     }
     markers = outputs[self.SLICES].pipeline | 'Reports' >> beam.Create(
       [(key, None) for key in reports], reshuffle=False

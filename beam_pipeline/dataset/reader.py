@@ -24,8 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from transforms.contract import digests, splits
-from transforms.contract import schema as s
+from transforms.contract import digests, schema, splits
 
 
 class DatasetError(ValueError):
@@ -52,7 +51,7 @@ def read_summary(output: str) -> dict:
     DatasetError: it is missing (the run never completed), unreadable, altered
       or from a version that recorded no file digests.
   """
-  path = os.path.join(output, s.SUMMARY_FILE)
+  path = os.path.join(output, schema.SUMMARY_FILE)
   try:
     with open(path, 'rb') as f:
       summary = json.loads(f.read())
@@ -73,7 +72,7 @@ def read_summary(output: str) -> dict:
 def _tables_files(output: str) -> set[str]:
   """Every Parquet file under the three table folders, relative to output."""
   found = set()
-  for entry in (s.SLICES_DIR, s.RECONCILIATION_DIR, s.ERRORS_DIR):
+  for entry in (schema.SLICES_DIR, schema.RECONCILIATION_DIR, schema.ERRORS_DIR):
     folder = _folder(output, entry)
     found |= {f'{entry}/{n}' for n in os.listdir(folder) if n.endswith('.parquet')}
   return found
@@ -116,7 +115,7 @@ def check(output: str, full: bool = False) -> dict:
     FileNotFoundError: ``output`` is not a pipeline output.
     DatasetError: see :func:`read_summary` and :func:`file_problems`.
   """
-  _folder(output, s.SLICES_DIR)
+  _folder(output, schema.SLICES_DIR)
   summary = read_summary(output)
   problems = file_problems(output, summary, full)
   if problems:
@@ -142,7 +141,7 @@ def _open_shard(
   stat = os.stat(path)
   key = (path, stat.st_size, stat.st_mtime_ns)
   if key not in _VERIFIED:
-    name = f'{s.SLICES_DIR}/{os.path.basename(path)}'
+    name = f'{schema.SLICES_DIR}/{os.path.basename(path)}'
     if _digest(path) != summary[digests.FILES][name][digests.ALGORITHM]:
       raise DatasetError(f'{path} was altered: its content does not match its digest')
     _VERIFIED[key] = True
@@ -169,25 +168,29 @@ def open_dataset(output: str) -> pads.Dataset:
     DatasetError: a file is missing, extra or resized, or the summary is.
   """
   summary = check(output)
-  shards = sorted(n for n in summary[digests.FILES] if n.startswith(s.SLICES_DIR + '/'))
+  shards = sorted(
+    n for n in summary[digests.FILES] if n.startswith(schema.SLICES_DIR + '/')
+  )
   return pads.dataset(
     [os.path.join(output, n) for n in shards],
     format=_parquet_format(),
-    schema=s.SLICE_SCHEMA,
+    schema=schema.SLICE_SCHEMA,
   )
 
 
-def _read_report(output: str, name: str, schema: pa.Schema) -> pa.Table:
+def _read_report(output: str, name: str, arrow_schema: pa.Schema) -> pa.Table:
   summary = check(output)
   files = sorted(n for n in summary[digests.FILES] if n.startswith(name + '/'))
   if not files:
-    return schema.empty_table()
+    return arrow_schema.empty_table()
   tables = []
   for n in files:
     path = os.path.join(output, n)
     if _digest(path) != summary[digests.FILES][n][digests.ALGORITHM]:
       raise DatasetError(f'{path} was altered: its content does not match its digest')
-    tables.append(pq.read_table(path, schema=schema, page_checksum_verification=True))
+    tables.append(
+      pq.read_table(path, schema=arrow_schema, page_checksum_verification=True)
+    )
   return pa.concat_tables(tables)
 
 
@@ -197,7 +200,7 @@ def read_reconciliation(output: str) -> pa.Table:
   Raises:
     DatasetError: the dataset is not as its run wrote it (see :func:`check`).
   """
-  return _read_report(output, s.RECONCILIATION_DIR, s.RECONCILIATION_SCHEMA)
+  return _read_report(output, schema.RECONCILIATION_DIR, schema.RECONCILIATION_SCHEMA)
 
 
 def read_errors(output: str) -> pa.Table:
@@ -206,7 +209,7 @@ def read_errors(output: str) -> pa.Table:
   Raises:
     DatasetError: the dataset is not as its run wrote it (see :func:`check`).
   """
-  return _read_report(output, s.ERRORS_DIR, s.ERROR_SCHEMA)
+  return _read_report(output, schema.ERRORS_DIR, schema.ERROR_SCHEMA)
 
 
 # Columns needed to decode image and masks, whatever the caller projects.
@@ -273,7 +276,7 @@ def _row_groups(
   shard's parsed footer."""
   groups = []
   for name in sorted(summary[digests.FILES]):
-    if name.startswith(s.SLICES_DIR + '/'):
+    if name.startswith(schema.SLICES_DIR + '/'):
       path = os.path.join(output, name)
       metadata = pq.read_metadata(path)
       if footers is not None:
@@ -314,7 +317,7 @@ def _keep(table: pa.Table, labeled_only: bool, split: str | None) -> pa.Table:
   """The rows to yield (the table itself, not a copy, when that is all)."""
   keep = None
   if labeled_only:
-    keep = s.has_mask(table)
+    keep = schema.has_mask(table)
   if split is not None:
     in_split = pc.equal(table['split'], split)
     keep = in_split if keep is None else pc.and_(keep, in_split)

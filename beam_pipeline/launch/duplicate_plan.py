@@ -20,8 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from transforms.contract import digests, metrics
-from transforms.contract import schema as s
+from transforms.contract import digests, metrics, schema
 from transforms.io import stores
 from transforms.io.stores import is_local
 from transforms.write import writer_options
@@ -36,7 +35,7 @@ def apply_plan(
   Returns:
     {patient_id: slices dropped} (empty unless --drop-duplicates).
   """
-  path = stores.join(staging, s.DUPLICATES_PLAN_FILE)
+  path = stores.join(staging, schema.DUPLICATES_PLAN_FILE)
   plan = json.loads(stores.read_bytes(path))
   stores.store(path).delete([path])
   flags: dict[tuple[str, int], list[str]] = collections.defaultdict(list)
@@ -47,7 +46,7 @@ def apply_plan(
   if not (flags or drop or moves):
     return {}
   patients = {key[0] for key in flags} | {key[0] for key in drop} | set(moves)
-  folder = stores.join(staging, s.SLICES_DIR)
+  folder = stores.join(staging, schema.SLICES_DIR)
   manifest_path = stores.join(folder, digests.MANIFEST_FILE)
   manifest = json.loads(stores.read_bytes(manifest_path))
   counts: collections.Counter = collections.Counter()
@@ -83,7 +82,7 @@ def _rewrite(
   with _readable(shard) as source:
     parquet = pq.ParquetFile(source, page_checksum_verification=True)
     writer = pq.ParquetWriter(
-      sink, s.SLICE_SCHEMA, **writer_options(s.SLICE_SCHEMA, image_codec)
+      sink, schema.SLICE_SCHEMA, **writer_options(schema.SLICE_SCHEMA, image_codec)
     )
     for g in range(parquet.num_row_groups):
       table = parquet.read_row_group(g)
@@ -131,7 +130,7 @@ def _changed(
     qa.append(row['qa_flags'] + added)
   table = table.filter(pa.array(keep, pa.bool_()))
   for name, values in (('split', splits), ('qa_flags', qa)):
-    field = s.SLICE_SCHEMA.field(name)
+    field = schema.SLICE_SCHEMA.field(name)
     column = pa.array(values, type=field.type)
     table = table.set_column(table.schema.get_field_index(name), field, column)
   return table

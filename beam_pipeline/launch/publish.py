@@ -14,22 +14,21 @@ import json
 import logging
 import os
 
-from transforms.contract import digests
-from transforms.contract import schema as s
+from transforms.contract import digests, schema
 from transforms.contract.errors import UsageError
 from transforms.io import stores
 from transforms.io.stores import is_local
 
 _LOG = logging.getLogger(__name__)
 
-DATA_ENTRIES = (s.SLICES_DIR, s.RECONCILIATION_DIR, s.ERRORS_DIR)
-OUTPUT_ENTRIES = (*DATA_ENTRIES, s.SUMMARY_FILE)
+DATA_ENTRIES = (schema.SLICES_DIR, schema.RECONCILIATION_DIR, schema.ERRORS_DIR)
+OUTPUT_ENTRIES = (*DATA_ENTRIES, schema.SUMMARY_FILE)
 
 
 def staging_path(output: str, run_id: str) -> str:
   """Where the run ``run_id`` writes before its dataset is moved into
   ``output``: a folder of its own, so no run can publish another's files."""
-  return stores.join(output, f'{s.STAGING_DIR}-{run_id}')
+  return stores.join(output, f'{schema.STAGING_DIR}-{run_id}')
 
 
 exists = stores.exists
@@ -38,7 +37,7 @@ delete_tree = stores.delete_tree
 
 def made_from(output: str) -> str | None:
   """The --input recorded in ``output``'s _SUMMARY.json, or None."""
-  path = stores.join(output, s.SUMMARY_FILE)
+  path = stores.join(output, schema.SUMMARY_FILE)
   try:
     return json.loads(stores.read_bytes(path)).get('input')
   except Exception:  # absent, unreadable or not ours: nothing is known
@@ -64,7 +63,7 @@ def clear_staging(output: str) -> None:
   if is_local(output):
     names = os.listdir(output) if os.path.isdir(output) else []
     left = sorted(
-      {os.path.join(output, n) for n in names if n.startswith(s.STAGING_DIR)}
+      {os.path.join(output, n) for n in names if n.startswith(schema.STAGING_DIR)}
     )
   else:
     prefix = output.rstrip('/') + '/'
@@ -72,7 +71,7 @@ def clear_staging(output: str) -> None:
       {
         prefix + path[len(prefix) :].split('/', 1)[0]
         for path in stores.files_under(output)
-        if path[len(prefix) :].startswith(s.STAGING_DIR)
+        if path[len(prefix) :].startswith(schema.STAGING_DIR)
       }
     )
   for staging in left:
@@ -116,7 +115,7 @@ def publish(output: str, run_id: str, files: dict[str, dict]) -> dict[str, str]:
     {entry: its path} for each published table folder.
   """
   staging = staging_path(output, run_id)
-  summary = stores.join(output, s.SUMMARY_FILE)
+  summary = stores.join(output, schema.SUMMARY_FILE)
   stores.store(summary).delete([summary])
   for entry in DATA_ENTRIES:
     old = stores.join(output, entry)

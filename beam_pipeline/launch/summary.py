@@ -10,8 +10,7 @@ import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.runners.runner import PipelineResult
 
-from transforms.contract import digests, metrics, splits
-from transforms.contract import schema as s
+from transforms.contract import digests, metrics, schema, splits
 from transforms.io import stores
 
 
@@ -45,9 +44,9 @@ def write_summary(
   Returns:
     The summary's path.
   """
-  path = stores.join(output, s.SUMMARY_FILE)
+  path = stores.join(output, schema.SUMMARY_FILE)
   summary = {
-    'schema_version': s.SCHEMA_VERSION,
+    'schema_version': schema.SCHEMA_VERSION,
     'beam_version': beam.__version__,
     **settings,
     'issues': metrics.issue_count(totals),
@@ -107,7 +106,7 @@ def summary_text(
   lines = [
     'Summary',
     '  patients matched   '
-    f'{counters.get(metrics.reconciliation_counter(s.MATCHED), 0)}',
+    f'{counters.get(metrics.reconciliation_counter(schema.MATCHED), 0)}',
     f'  slices written     {slices}'
     f'  ({slices / seconds if seconds else 0:.1f} slices/s over {seconds:.1f} s)',
     f'  masks written      i: {counters.get(metrics.I_MASKS_WRITTEN, 0)}'
@@ -115,15 +114,15 @@ def summary_text(
   ]
   issues = [
     (status, counters.get(metrics.reconciliation_counter(status), 0))
-    for status in s.STATUSES
-    if status != s.MATCHED
+    for status in schema.STATUSES
+    if status != schema.MATCHED
   ]
   lines.append(
     '  reconciliation     '
     + (', '.join(f'{status}: {n}' for status, n in issues if n) or 'no issues')
   )
   errors = [
-    (stage, counters.get(metrics.error_counter(stage), 0)) for stage in s.STAGES
+    (stage, counters.get(metrics.error_counter(stage), 0)) for stage in schema.STAGES
   ]
   lines.append(
     '  errors             '

@@ -13,7 +13,7 @@ import collections
 import sys
 
 from beam_pipeline import dataset
-from transforms.contract import schema as s
+from transforms.contract import schema
 
 
 def problem_lines(output: str) -> list[str]:
@@ -24,7 +24,7 @@ def problem_lines(output: str) -> list[str]:
   """
   lines = []
   for row in dataset.read_reconciliation(output).to_pylist():
-    if row['status'] != s.MATCHED:
+    if row['status'] != schema.MATCHED:
       ids = f'{row["patient_id"] or "-"}/{row["original_id"] or "-"}'
       lines.append(f'reconciliation\t{row["status"]}\t{ids}\t{row["detail"]}')
   for row in dataset.read_errors(output).to_pylist():

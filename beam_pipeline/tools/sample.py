@@ -26,8 +26,7 @@ import pydicom.config
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 
-from transforms.contract import layout
-from transforms.contract import schema as s
+from transforms.contract import layout, schema
 from transforms.contract.errors import UsageError
 
 MARKER_FILE = '.cardiac-mri-sample'
@@ -315,7 +314,7 @@ def make_tree(
   ids = _patient_ids(patients + 8)
   for pid, oid in ids[:patients]:
     add_patient(pid, oid, slices)
-    manifest.reconciliation.append((pid, oid, s.MATCHED))
+    manifest.reconciliation.append((pid, oid, schema.MATCHED))
     manifest.links.append((pid, oid))
   extra = iter(ids[patients:])
   first_pid, first_oid = ids[0]
@@ -325,37 +324,37 @@ def make_tree(
     add_patient(pid, oid, 4, with_contours=False)
     manifest.links.append((pid, oid))
     manifest.reconciliation += [
-      (pid, oid, s.MATCHED),
-      (pid, oid, s.MISSING_CONTOURS),
+      (pid, oid, schema.MATCHED),
+      (pid, oid, schema.MISSING_CONTOURS),
     ]
   if 'missing_dicoms' in quirks:
     pid, oid = next(extra)
     add_patient(pid, oid, 4, with_dicoms=False)
     manifest.links.append((pid, oid))
-    manifest.reconciliation.append((pid, oid, s.MISSING_DICOMS))
+    manifest.reconciliation.append((pid, oid, schema.MISSING_DICOMS))
   if 'unlinked_dicoms' in quirks:
     pid, oid = next(extra)
     add_patient(pid, oid, 2, with_contours=False)
     for k in (1, 2):
       del manifest.slices[pid, k]
-    manifest.reconciliation.append((pid, '', s.UNLINKED_DICOMS))
+    manifest.reconciliation.append((pid, '', schema.UNLINKED_DICOMS))
   if 'unlinked_contours' in quirks:
     pid, oid = next(extra)
     add_patient(pid, oid, contour_every, with_dicoms=False)
-    manifest.reconciliation.append(('', oid, s.UNLINKED_CONTOURS))
+    manifest.reconciliation.append(('', oid, schema.UNLINKED_CONTOURS))
   if 'contour_without_dicom' in quirks:
     k = slices + 5
     _write_contour(
       _contour_path(root, first_oid, 'o', k),
       polygon(first_pid, k, 'o', rows, columns),
     )
-    manifest.reconciliation.append((first_pid, first_oid, s.CONTOUR_WITHOUT_DICOM))
+    manifest.reconciliation.append((first_pid, first_oid, schema.CONTOUR_WITHOUT_DICOM))
   if 'duplicate_link' in quirks:
     manifest.links.append((first_pid, first_oid))
-    manifest.reconciliation.append((first_pid, first_oid, s.DUPLICATE_LINK))
+    manifest.reconciliation.append((first_pid, first_oid, schema.DUPLICATE_LINK))
   if 'malformed_link' in quirks:
     manifest.links.append(('../escape', 'SC-HF-I-X'))
-    manifest.reconciliation.append(('../escape', 'SC-HF-I-X', s.MALFORMED_LINK))
+    manifest.reconciliation.append(('../escape', 'SC-HF-I-X', schema.MALFORMED_LINK))
   if 'stray_files' in quirks:
     for relative in (
       f'{layout.DICOM_DIR}/{first_pid}/.DS_Store',
@@ -364,7 +363,7 @@ def make_tree(
     ):
       with open(os.path.join(root, *relative.split('/')), 'wb') as f:
         f.write(b'\0\1stray')
-      manifest.errors.append((relative, s.STAGE_LIST))
+      manifest.errors.append((relative, schema.STAGE_LIST))
 
   if 'phi' in quirks:  # before the quirks that break a file
     _add_phi(dicoms)
@@ -389,14 +388,14 @@ def make_tree(
     with open(path, 'a') as f:
       f.write('12.5 not-a-number\n')
     manifest.slices[first_pid, k].i_vertices = None
-    manifest.errors.append((_relative(root, path), s.STAGE_CONTOUR))
+    manifest.errors.append((_relative(root, path), schema.STAGE_CONTOUR))
   if 'short_contour' in quirks:
     k = 2 * contour_every
     path = _contour_path(root, first_oid, 'o', k)
     _write_contour(path, [(10.0, 10.0), (20.0, 20.0)])
     if manifest.slices.get((first_pid, k)):
       manifest.slices[first_pid, k].o_vertices = None
-    manifest.errors.append((_relative(root, path), s.STAGE_CONTOUR))
+    manifest.errors.append((_relative(root, path), schema.STAGE_CONTOUR))
 
   if 'burned_in' in quirks and (first_pid, slices) in manifest.slices:
     path = os.path.join(root, *dicom_relative(slices).split('/'))
@@ -448,7 +447,7 @@ def _relative(root: str, path: str) -> str:
 
 def _drop_slice(manifest: Manifest, root: str, pid: str, oid: str, k: int) -> None:
   del manifest.slices[pid, k]
-  manifest.errors.append((f'{layout.DICOM_DIR}/{pid}/{k}.dcm', s.STAGE_DECODE))
+  manifest.errors.append((f'{layout.DICOM_DIR}/{pid}/{k}.dcm', schema.STAGE_DECODE))
 
 
 def _write_links(path: str, links: list[tuple[str, str]], quirks: set[str]) -> None:

@@ -22,8 +22,7 @@ import pyarrow.parquet as pq
 import xxhash
 
 from beam_pipeline import dataset
-from transforms.contract import digests, metrics
-from transforms.contract import schema as s
+from transforms.contract import digests, metrics, schema
 
 _MATCHED_DETAIL = re.compile(r'(\d+) slices')
 
@@ -96,13 +95,13 @@ def _parquet_files(output: str, folder: str) -> list[str]:
   )
 
 
-def _read_report(checks: _Checks, output: str, folder: str, schema) -> list[dict]:
+def _read_report(checks: _Checks, output: str, folder: str, arrow_schema) -> list[dict]:
   """A report's rows, each file read on its own; an unreadable file is a FAIL."""
   rows = []
   for path in _parquet_files(output, folder):
     name = f'{folder}/{os.path.basename(path)}'
     with checks.guard(f'{name} readable'):
-      table = pq.read_table(path, schema=schema, page_checksum_verification=True)
+      table = pq.read_table(path, schema=arrow_schema, page_checksum_verification=True)
       rows += table.to_pylist()
   return rows
 
@@ -114,7 +113,7 @@ def verify(output: str) -> _Checks:
   Raises:
     FileNotFoundError: ``output`` is not a pipeline output.
   """
-  for folder in (s.SLICES_DIR, s.RECONCILIATION_DIR, s.ERRORS_DIR):
+  for folder in (schema.SLICES_DIR, schema.RECONCILIATION_DIR, schema.ERRORS_DIR):
     if not os.path.isdir(os.path.join(output, folder)):
       raise FileNotFoundError(
         f'{os.path.join(output, folder)} not found: is {output} a pipeline output?'
@@ -141,12 +140,12 @@ def verify(output: str) -> _Checks:
   keys = collections.Counter()
   per_patient = collections.Counter()
   bad_rows = []
-  for path in _parquet_files(output, s.SLICES_DIR):
-    name = f'{s.SLICES_DIR}/{os.path.basename(path)}'
+  for path in _parquet_files(output, schema.SLICES_DIR):
+    name = f'{schema.SLICES_DIR}/{os.path.basename(path)}'
     with checks.guard(f'{name} readable'):
       shard = pq.ParquetFile(path, page_checksum_verification=True)
       checks.check(
-        shard.schema_arrow.equals(s.SLICE_SCHEMA, check_metadata=False),
+        shard.schema_arrow.equals(schema.SLICE_SCHEMA, check_metadata=False),
         f'schema of {name}',
       )
       for batch in shard.iter_batches(batch_size=256):
@@ -177,22 +176,24 @@ def verify(output: str) -> _Checks:
   against_summary('o masks', masks_o, metrics.O_MASKS_WRITTEN)
 
   reconciliation = _read_report(
-    checks, output, s.RECONCILIATION_DIR, s.RECONCILIATION_SCHEMA
+    checks, output, schema.RECONCILIATION_DIR, schema.RECONCILIATION_SCHEMA
   )
   statuses = collections.Counter(r['status'] for r in reconciliation)
-  for status in s.STATUSES:
+  for status in schema.STATUSES:
     against_summary(
       f'reconciliation {status}',
       statuses[status],
       metrics.reconciliation_counter(status),
     )
-  errors = _read_report(checks, output, s.ERRORS_DIR, s.ERROR_SCHEMA)
+  errors = _read_report(checks, output, schema.ERRORS_DIR, schema.ERROR_SCHEMA)
   stages = collections.Counter(r['stage'] for r in errors)
-  for stage in s.STAGES:
+  for stage in schema.STAGES:
     against_summary(f'errors {stage}', stages[stage], metrics.error_counter(stage))
 
   matched = {
-    r['patient_id']: r['detail'] for r in reconciliation if r['status'] == s.MATCHED
+    r['patient_id']: r['detail']
+    for r in reconciliation
+    if r['status'] == schema.MATCHED
   }
   strays = sorted(set(per_patient) - set(matched), key=str)
   checks.check(
@@ -202,7 +203,7 @@ def verify(output: str) -> _Checks:
     unused = collections.Counter(
       r['patient_id']
       for r in errors
-      if r['stage'] in (s.STAGE_DECODE, s.STAGE_READ)
+      if r['stage'] in (schema.STAGE_DECODE, schema.STAGE_READ)
       and str(r['path']).endswith('.dcm')
     )
     unused.update(summary.get('dropped_duplicates') or {})  # --drop-duplicates

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from transforms.contract import schema as s
+from transforms.contract import schema
 
 NAMESPACE = 'cardiac_mri'
 
@@ -74,6 +74,6 @@ def issue_count(counters: Mapping[str, int]) -> int:
   """Reconciliation problems plus error rows: 0 for a clean run."""
   return sum(
     counters.get(reconciliation_counter(status), 0)
-    for status in s.STATUSES
-    if status != s.MATCHED
-  ) + sum(counters.get(error_counter(stage), 0) for stage in s.STAGES)
+    for status in schema.STATUSES
+    if status != schema.MATCHED
+  ) + sum(counters.get(error_counter(stage), 0) for stage in schema.STAGES)

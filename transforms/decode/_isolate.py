@@ -26,7 +26,7 @@ import signal
 from collections.abc import Callable, Iterator
 
 from transforms import tuning
-from transforms.contract import schema as s
+from transforms.contract import schema
 from transforms.contract.errors import DicomError
 from transforms.io import files
 from transforms.io.stores import is_local
@@ -46,12 +46,12 @@ def decode_bytes(data: bytes, path: str, limits: Limits, decode: Decoder) -> Out
   try:
     return decode(data, limits.max_pixels, limits.max_file_bytes)
   except DicomError as e:
-    return Failed(s.STAGE_DECODE, str(e))
+    return Failed(schema.STAGE_DECODE, str(e))
   except Exception as e:  # MemoryError or a decoder bug: this slice only.
     # Not the path: it is where the file was read, which pseudonymisation
     # never shows; the slice's error row names it as shown.
     _LOG.warning('decoding failed: %s: %s (see the error rows)', type(e).__name__, e)
-    return Failed(s.STAGE_DECODE, f'{type(e).__name__}: {e}')
+    return Failed(schema.STAGE_DECODE, f'{type(e).__name__}: {e}')
 
 
 def read_and_decode(root: str, path: str, limits: Limits, decode: Decoder) -> Outcome:
@@ -233,7 +233,7 @@ class IsolatedDecoder:
           if not self._conn.poll(self._timeout):
             self._discard()
             outcome = Failed(
-              s.STAGE_DECODE, f'decoder timed out after {self._timeout:g} s'
+              schema.STAGE_DECODE, f'decoder timed out after {self._timeout:g} s'
             )
           else:
             outcome = self._conn.recv()
@@ -247,7 +247,7 @@ class IsolatedDecoder:
             done + 1,
             len(paths),
           )
-          outcome = Failed(s.STAGE_DECODE, f'decoder process crashed ({ended})')
+          outcome = Failed(schema.STAGE_DECODE, f'decoder process crashed ({ended})')
         if self._process is None:
           sent = done + 1  # what was in flight goes to the next child
         done += 1

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import numpy as np
 import pyarrow as pa
 
-from transforms.contract import schema as s
+from transforms.contract import schema
 from transforms.contract.errors import ContourError
 from transforms.contract.flags import BURNED_IN
 from transforms.decode import masks, quality
@@ -44,10 +44,10 @@ def _mask(path: str, data: bytes | Failed, rows: int, columns: int) -> _Mask | F
     vertices = masks.parse_contour(data)
     return _Mask(vertices, masks.rasterise(vertices, rows, columns))
   except ContourError as e:
-    return Failed(s.STAGE_CONTOUR, str(e))
+    return Failed(schema.STAGE_CONTOUR, str(e))
   except Exception as e:  # MemoryError or a rasteriser bug: this mask only.
     _LOG.warning('%s: %s: %s', path, type(e).__name__, e)
-    return Failed(s.STAGE_CONTOUR, f'{type(e).__name__}: {e}')
+    return Failed(schema.STAGE_CONTOUR, f'{type(e).__name__}: {e}')
 
 
 def slice_row(
@@ -92,7 +92,9 @@ def slice_row(
   for kind, path in task.contour_paths().items():
     found = _mask(path, contours[kind], meta['rows'], meta['columns'])
     if isinstance(found, Failed):
-      errors.append(s.error_row(chunk.patient_id, path, found.stage, found.message))
+      errors.append(
+        schema.error_row(chunk.patient_id, path, found.stage, found.message)
+      )
       continue
     row[f'{kind}_mask'] = masks.pack_mask(found.mask)
     contour_columns, contour_flags = quality.contour_checks(
@@ -110,8 +112,8 @@ def slice_row(
   return SliceResult(row, errors)
 
 
-_IMAGE = s.SLICE_SCHEMA.get_field_index('image')
-_WITHOUT_IMAGE = s.SLICE_SCHEMA.remove(_IMAGE)
+_IMAGE = schema.SLICE_SCHEMA.get_field_index('image')
+_WITHOUT_IMAGE = schema.SLICE_SCHEMA.remove(_IMAGE)
 
 
 def slice_table(rows: list[dict]) -> pa.Table:
@@ -133,13 +135,13 @@ def slice_table(rows: list[dict]) -> pa.Table:
     pa.binary(), len(rows), [None, pa.py_buffer(offsets), pa.py_buffer(data)]
   )
   table = pa.Table.from_pylist(rows, schema=_WITHOUT_IMAGE)
-  return table.add_column(_IMAGE, s.SLICE_SCHEMA.field('image'), column)
+  return table.add_column(_IMAGE, schema.SLICE_SCHEMA.field('image'), column)
 
 
 def unusable_slice(chunk: SliceChunk, task: SliceTask, failed: Failed) -> dict:
   """The error row of a slice whose file could not be read or decoded."""
   contours = len(task.contour_paths())
   unused = f' ({contours} contour file(s) of this slice not used)' if contours else ''
-  return s.error_row(
+  return schema.error_row(
     chunk.patient_id, task.dicom_path, failed.stage, f'{failed.message}{unused}'
   )

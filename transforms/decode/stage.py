@@ -29,8 +29,7 @@ from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 
 from transforms import _bundles, _worker_progress, tuning
-from transforms.contract import columns, layout, metrics, packing, splits
-from transforms.contract import schema as s
+from transforms.contract import columns, layout, metrics, packing, schema, splits
 from transforms.contract.errors import FileTooLargeError
 from transforms.contract.layout import Patient
 from transforms.contract.pseudonyms import IDENTITY, UID, Entry, Pseudonyms, Recent
@@ -133,15 +132,15 @@ class SliceDecoder:
         self._count(metrics.PACS_INSTANCES_STREAMED)
         return found
       if found is not None:  # FileTooLargeError
-        return Failed(s.STAGE_FETCH, str(found))
+        return Failed(schema.STAGE_FETCH, str(found))
     self._count(metrics.PACS_INSTANCES_RETRIEVED)
     try:
       with self._slots:
         return self._pacs.retrieve(path, self._limits.max_file_bytes)
     except FileTooLargeError as e:
-      return Failed(s.STAGE_FETCH, str(e))
+      return Failed(schema.STAGE_FETCH, str(e))
     except Exception as e:  # DicomWebError (with its status) or a bug
-      return Failed(s.STAGE_FETCH, f'cannot retrieve: {e}')
+      return Failed(schema.STAGE_FETCH, f'cannot retrieve: {e}')
 
   def _stream(self, paths: list[str]) -> series.SeriesStream | None:
     """A stream of the series that holds every one of ``paths`` (instance
@@ -476,7 +475,7 @@ def _excluded(decoded: Decoded) -> Outcome:
   if decoded.burned_in is None:
     return decoded
   return Failed(
-    s.STAGE_EXCLUDED,
+    schema.STAGE_EXCLUDED,
     f'not written (--exclude-burned-in): {decoded.burned_in}; the pixels may show text',
   )
 

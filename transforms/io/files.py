@@ -14,7 +14,7 @@ import os
 import stat
 from collections.abc import Iterator
 
-from transforms.contract import schema as s
+from transforms.contract import schema
 from transforms.contract.errors import FileTooLargeError, UnsafePathError
 from transforms.io import stores
 from transforms.io.stores import is_local
@@ -111,11 +111,11 @@ def read_or_fail(root: str, relative: str, limit: int | None = None) -> bytes | 
   try:
     return read_input(root, relative, limit)
   except FileTooLargeError as e:
-    return Failed(s.STAGE_READ, str(e))
+    return Failed(schema.STAGE_READ, str(e))
   except (OSError, UnsafePathError) as e:
-    return Failed(s.STAGE_READ, f'cannot read: {e}')
+    return Failed(schema.STAGE_READ, f'cannot read: {e}')
   except Exception as e:  # e.g. a file system without its options here
-    return Failed(s.STAGE_READ, f'cannot read: {type(e).__name__}: {e}')
+    return Failed(schema.STAGE_READ, f'cannot read: {type(e).__name__}: {e}')
 
 
 def _is_utf8(name: str) -> bool:

@@ -18,8 +18,7 @@ from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 
 from transforms import _bundles
-from transforms.contract import layout, metrics, pseudonyms
-from transforms.contract import schema as s
+from transforms.contract import layout, metrics, pseudonyms, schema
 from transforms.contract.pseudonyms import IDENTITY, Entry, Pseudonyms
 from transforms.io import files, stores
 from transforms.outcomes import Failed
@@ -45,7 +44,7 @@ class _ParseLinksFn(beam.DoFn):
     if isinstance(data, Failed):
       yield pvalue.TaggedOutput(
         ReadLinks.ERRORS,
-        s.error_row('', relative_path, s.STAGE_LINKS, data.message),
+        schema.error_row('', relative_path, schema.STAGE_LINKS, data.message),
       )
     else:
       yield from self._parsed(relative_path, data)
@@ -60,7 +59,7 @@ class _ParseLinksFn(beam.DoFn):
     for problem in problems:
       yield pvalue.TaggedOutput(
         ReadLinks.RECONCILIATION,
-        s.reconciliation_row(
+        schema.reconciliation_row(
           problem.patient_id, problem.original_id, problem.status, problem.detail
         ),
       )
@@ -192,8 +191,8 @@ class _ClassifyFn(beam.DoFn):
       self._stray.inc()
       yield pvalue.TaggedOutput(
         ListTree.ERRORS,
-        s.error_row(
-          found.owner_id, found.path, s.STAGE_LIST, f'not used: {found.reason}'
+        schema.error_row(
+          found.owner_id, found.path, schema.STAGE_LIST, f'not used: {found.reason}'
         ),
       )
 

@@ -22,8 +22,7 @@ from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 
 from transforms import _bundles
-from transforms.contract import layout, metrics
-from transforms.contract import schema as s
+from transforms.contract import layout, metrics, schema
 from transforms.contract.pseudonyms import IDENTITY, Pseudonyms
 from transforms.io import dicomweb, stores
 from transforms.io.dicomweb import DicomWebConfig, Instance, SeriesFilter
@@ -100,7 +99,7 @@ def choose_series(
       [],
       [
         (
-          s.MISSING_DICOMS,
+          schema.MISSING_DICOMS,
           f'none of the {len(by_series)} series of PatientID {patient_id} on the '
           f'server matches --series-filter {series_filter}: {described}',
         )
@@ -114,7 +113,7 @@ def choose_series(
       [],
       [
         (
-          s.AMBIGUOUS_SERIES,
+          schema.AMBIGUOUS_SERIES,
           f'{len(candidates)} series of PatientID {patient_id}{matching}: {shown}; '
           'choose one with --series-filter',
         )
@@ -221,11 +220,11 @@ class _SearchFn(beam.DoFn):
     for status, detail in chosen.reconciliation:
       yield pvalue.TaggedOutput(
         SearchPacs.RECONCILIATION,
-        s.reconciliation_row(pid, link.original_id, status, detail),
+        schema.reconciliation_row(pid, link.original_id, status, detail),
       )
     for path, message in chosen.errors:
       yield pvalue.TaggedOutput(
-        SearchPacs.ERRORS, s.error_row(pid, path, s.STAGE_SEARCH, message)
+        SearchPacs.ERRORS, schema.error_row(pid, path, schema.STAGE_SEARCH, message)
       )
     if not chosen.files and (chosen.reconciliation or chosen.errors):
       yield pvalue.TaggedOutput(SearchPacs.REPORTED, pid)
