@@ -16,9 +16,7 @@ routes outcomes and counts them.
 
 from __future__ import annotations
 
-import collections
 import logging
-import threading
 import uuid
 from collections.abc import Iterator
 
@@ -30,14 +28,13 @@ from apache_beam.metrics import Metrics
 
 from transforms import _bundles, _worker_progress, tuning
 from transforms.contract import columns, layout, metrics, packing, schema, splits
-from transforms.contract.errors import FileTooLargeError
 from transforms.contract.layout import Patient
 from transforms.contract.pseudonyms import IDENTITY, UID, Entry, Pseudonyms, Recent
-from transforms.decode import _isolate, _native, assemble, quality, series
+from transforms.decode import _isolate, _native, assemble, fetch, quality
 from transforms.decode.assemble import SliceResult, slice_row, unusable_slice
 from transforms.decode.chunks import SliceChunk, SliceTask, bounds, plan_chunks
 from transforms.decode.dicom import decode_dicom
-from transforms.io import dicomweb, files, stores
+from transforms.io import dicomweb, stores
 from transforms.outcomes import Decoded, Failed, Outcome
 from transforms.settings import DecodeSettings
 
@@ -47,41 +44,22 @@ _LOG = logging.getLogger(__name__)
 class SliceDecoder:
   """Reads and decodes a chunk's files; one outcome per slice, in order.
 
-  The native reader takes what it can in this process (it cannot crash or
-  hang, see transforms.decode._native); the rest goes to ``decode_fn`` (pydicom), in
-  decoder children when ``settings.isolate`` (see transforms.decode._isolate), each
-  under an address-space limit.
+  The bytes come from ``fetcher`` (transforms.decode.fetch: the tree, an
+  object store or a PACS). The native reader takes what it can in this
+  process (it cannot crash or hang, see transforms.decode._native); the rest
+  goes to ``decode_fn`` (pydicom), in decoder children when
+  ``settings.isolate`` (see transforms.decode._isolate), each under an
+  address-space limit.
 
   Files are read a window at a time: a window closes when what it holds (the
   native reader's images, the bytes of files waiting for pydicom) reaches
-  ``window_bytes``, so memory does not grow with the chunk. On object stores
-  the files (slices and their contour files, in the order they are used) are
-  fetched ahead, ``settings.store.read_concurrency`` requests in flight
-  (stores.Prefetcher), so the network's latency overlaps with decoding.
-  From a PACS, a whole series is retrieved in one request
-  (transforms.decode.series), its instances held until used within
-  ``settings.max_chunk_bytes`` for all of the worker's series at once; an
-  instance the series' answer does not bring is retrieved on its own.
+  ``window_bytes``, so memory does not grow with the chunk.
   """
 
   def __init__(self, input_root: str, settings: DecodeSettings, decode_fn):
-    self._root = input_root
     self._limits = settings.limits
     self._window_bytes = max(1, settings.max_chunk_bytes // 4)
-    self._pacs = (
-      None if settings.dicomweb is None else dicomweb.client(settings.dicomweb)
-    )
-    self._prefetcher = (
-      None
-      if stores.is_local(input_root) and self._pacs is None
-      else stores.Prefetcher(settings.store.read_concurrency, self._window_bytes)
-    )
-    # The PACS requests in flight (series answers being read included).
-    self._slots = threading.BoundedSemaphore(max(1, settings.store.read_concurrency))
-    self._budget = series.Budget(settings.max_chunk_bytes)
-    self._fetches: collections.Counter[str] = collections.Counter()
-    self._fetches_lock = threading.Lock()
-    self._stream_failures = 0
+    self.fetcher = fetch.fetcher(input_root, settings, self._window_bytes)
     if settings.isolate:
       memory = _isolate.decoder_headroom(self._limits)
       self._fallback = _isolate.DecoderPool(
@@ -91,7 +69,7 @@ class SliceDecoder:
             decode_fn,
             settings.decode_timeout,
             memory,
-            reread=self._pacs is None,
+            reread=self.fetcher.rereadable,
           )
           for _ in range(settings.decoders)
         ]
@@ -106,82 +84,6 @@ class SliceDecoder:
       _LOG.exception('native reader failed on %s', label)
       return None
 
-  def _count(self, name: str) -> None:
-    with self._fetches_lock:
-      self._fetches[name] += 1
-
-  def fetch_counts(self) -> dict[str, int]:
-    """{counter name: count} of the PACS fetches since the last call (the
-    caller's thread adds them to Beam's counters, which are per thread)."""
-    with self._fetches_lock:
-      counts, self._fetches = dict(self._fetches), collections.Counter()
-    return counts
-
-  def _read(
-    self, item: tuple[str, bool], stream: series.SeriesStream | None = None
-  ) -> bytes | Failed:
-    """The bytes of (path, whether it is a slice), from the PACS for slices
-    when there is one (from ``stream`` if it brings them), else from the
-    tree."""
-    path, is_slice = item
-    if not (is_slice and self._pacs is not None):
-      return files.read_or_fail(self._root, path, self._limits.max_file_bytes)
-    if stream is not None:
-      found = stream.take(_instance_uid(path))
-      if isinstance(found, bytes):
-        self._count(metrics.PACS_INSTANCES_STREAMED)
-        return found
-      if found is not None:  # FileTooLargeError
-        return Failed(schema.STAGE_FETCH, str(found))
-    self._count(metrics.PACS_INSTANCES_RETRIEVED)
-    try:
-      with self._slots:
-        return self._pacs.retrieve(path, self._limits.max_file_bytes)
-    except FileTooLargeError as e:
-      return Failed(schema.STAGE_FETCH, str(e))
-    except Exception as e:  # DicomWebError (with its status) or a bug
-      return Failed(schema.STAGE_FETCH, f'cannot retrieve: {e}')
-
-  def _stream(self, paths: list[str]) -> series.SeriesStream | None:
-    """A stream of the series that holds every one of ``paths`` (instance
-    paths of a PACS), or None if they are not of one series."""
-    series_paths = {path.rpartition('/instances/')[0] for path in paths}
-    if self._pacs is None or len(series_paths) != 1 or '' in series_paths:
-      return None
-    (series_path,) = series_paths
-    pacs = self._pacs
-    return series.SeriesStream(
-      lambda: pacs.open_series(series_path),
-      [_instance_uid(path) for path in paths],
-      self._limits.max_file_bytes,
-      self._budget,
-      self._slots,
-      self._stream_ended,
-    )
-
-  def _stream_ended(self, reason: str | None) -> None:
-    if reason is None:
-      return
-    self._count(metrics.PACS_SERIES_INCOMPLETE)
-    self._stream_failures += 1
-    log = _LOG.warning if self._stream_failures == 1 else _LOG.debug
-    log(
-      'a WADO-RS series retrieve ended early (%s); what it did not bring is '
-      'retrieved instance by instance',
-      reason,
-    )
-
-  def _reads(
-    self, items: list[tuple[str, bool]], stream: series.SeriesStream | None = None
-  ) -> Iterator[bytes | Failed]:
-    if self._prefetcher is None:
-      return map(self._read, items)
-    if stream is None:
-      return self._prefetcher.fetch(items, self._read)
-    return _closing(
-      self._prefetcher.fetch(items, lambda item: self._read(item, stream)), stream
-    )
-
   def outcomes(
     self,
     paths: list[str],
@@ -191,22 +93,19 @@ class SliceDecoder:
   ) -> Iterator[tuple[Outcome, dict[str, bytes | Failed]]]:
     """(the outcome of each path, the bytes of its ``extras``: {name: path}
     of other files read with it, such as its contour files), in order, a
-    window of files at a time. On an object store or a PACS (the slices of
-    ``settings.dicomweb``) the reads are queued at
-    once (stores.Prefetcher): call it for the next chunk before consuming
-    this one's, and requests stay out while this one is finished.
-    ``labels``: how log lines name the slices (default: their paths).
-    ``whole_series``: the paths are a PACS series' instances, retrieved in
-    one request (see the class)."""
+    window of files at a time. Where the fetcher reads ahead
+    (``fetcher.ahead``), the reads are queued at once: call it for the next
+    chunk before consuming this one's, and requests stay out while this one
+    is finished. ``labels``: how log lines name the slices (default: their
+    paths). ``whole_series``: the paths are a PACS series' instances,
+    retrieved in one request."""
     extras = extras or [{}] * len(paths)
-    reads = self._reads(
-      [
-        item
-        for path, more in zip(paths, extras, strict=True)
-        for item in ((path, True), *((p, False) for p in more.values()))
-      ],
-      self._stream(paths) if whole_series else None,
-    )
+    items = [
+      item
+      for path, others in zip(paths, extras, strict=True)
+      for item in ((path, True), *((p, False) for p in others.values()))
+    ]
+    reads = self.fetcher.reads(items, whole_series)
     return self._decoded(paths, extras, reads, labels or paths)
 
   def _decoded(self, paths, extras, reads, labels) -> Iterator:
@@ -214,48 +113,34 @@ class SliceDecoder:
     while start < len(paths):
       window: list[Outcome | None] = []
       besides: list[dict] = []
-      rest, data_of_rest = [], []
-      held = 0
+      for_pydicom, data_for_pydicom = [], []
+      in_window = 0
       while start + len(window) < len(paths) and (
-        not window or held < self._window_bytes
+        not window or in_window < self._window_bytes
       ):
         k = start + len(window)
         data = next(reads)
         besides.append({name: next(reads) for name in extras[k]})
-        held += sum(len(b) for b in besides[-1].values() if isinstance(b, bytes))
+        in_window += sum(len(b) for b in besides[-1].values() if isinstance(b, bytes))
         if isinstance(data, Failed):
           window.append(data)
         elif (fast := self._native(labels[k], data)) is not None:
           window.append(fast)
-          held += fast.image.nbytes
+          in_window += fast.image.nbytes
         else:
           window.append(None)
-          rest.append(paths[k])
-          data_of_rest.append(data)
-          held += len(data)
-      decoded = self._fallback.decode_all(rest, self._limits, data_of_rest)
-      del data_of_rest  # the decoders hold what they still need
-      for outcome, more in zip(window, besides, strict=True):
-        yield (next(decoded) if outcome is None else outcome), more
+          for_pydicom.append(paths[k])
+          data_for_pydicom.append(data)
+          in_window += len(data)
+      decoded = self._fallback.decode_all(for_pydicom, self._limits, data_for_pydicom)
+      del data_for_pydicom  # the decoders hold what they still need
+      for outcome, others in zip(window, besides, strict=True):
+        yield (next(decoded) if outcome is None else outcome), others
       start += len(window)
 
   def close(self) -> None:
     self._fallback.close()
-    if self._prefetcher is not None:
-      self._prefetcher.close()
-
-
-def _instance_uid(path: str) -> str:
-  """The SOP Instance UID that ends a WADO-RS instance path."""
-  return path.rpartition('/instances/')[2]
-
-
-def _closing(reads: Iterator, stream: series.SeriesStream) -> Iterator:
-  """``reads``, then ``stream`` closed (also when abandoned part-way)."""
-  try:
-    yield from reads
-  finally:
-    stream.close()
+    self.fetcher.close()
 
 
 class _Counters:
@@ -328,9 +213,6 @@ class DecodeSlicesFn(beam.DoFn):
       self._run_id, self._settings.progress_seconds, self._settings.progress_dir
     )
     self._decoder = SliceDecoder(self._input_root, self._settings, self._decode_fn)
-    self._remote = (
-      not stores.is_local(self._input_root) or self._settings.dicomweb is not None
-    )
 
   def teardown(self):
     self._decoder.close()
@@ -340,7 +222,7 @@ class DecodeSlicesFn(beam.DoFn):
 
   def process(self, chunk: SliceChunk) -> Iterator:
     started = (chunk, self._start(chunk))
-    if not self._remote:
+    if not self._decoder.fetcher.ahead:
       yield from self._finish(*started)
       return
     # On an object store or a PACS, one chunk ahead: this chunk's files are on their
@@ -349,21 +231,6 @@ class DecodeSlicesFn(beam.DoFn):
     ahead, self._ahead = self._ahead, started
     if ahead is not None:
       yield from self._finish(*ahead)
-
-  def _mapped(
-    self, pseudonyms: Pseudonyms, task: SliceTask, stored: Outcome, shown: Outcome
-  ):
-    """The id-map rows, not sent lately, of a slice's PACS path and of the
-    UIDs that ``shown`` (from :func:`_shown`) replaced in ``stored``."""
-    found = pseudonyms.entries(task.dicom_source, task.dicom_path)
-    if isinstance(stored, Decoded):
-      found += [
-        Entry(UID, uid, shown.meta[name])
-        for name in columns.REPLACED_UIDS
-        if (uid := stored.meta.get(name))
-      ]
-    for entry in self._recent.fresh(found):
-      yield pvalue.TaggedOutput(self.ID_MAP, entry)
 
   def finish_bundle(self):
     self._progress.flush()
@@ -381,26 +248,22 @@ class DecodeSlicesFn(beam.DoFn):
     )
 
   def _finish(self, chunk: SliceChunk, outcomes) -> Iterator:
+    """Routes a chunk's outcomes: row groups to the main output, unusable
+    inputs to ERRORS, replaced ids to ID_MAP, what duplicates compare to
+    IDENTITIES."""
     split = chunk.split(self._settings.split_fractions)
-    pseudonyms = self._settings.pseudonyms or IDENTITY
-    rows, held, written = [], 0, 0
+    groups = _RowGroups(
+      bounds(len(chunk.slices), self._settings.chunk_size)[1:-1],
+      self._settings.max_chunk_bytes,
+    )
     slices, contour_ids = [], []
-    # A whole series is written as row groups of up to chunk_size slices.
-    cuts = set(bounds(len(chunk.slices), self._settings.chunk_size)[1:-1])
     for k, (task, (outcome, contours)) in enumerate(
       zip(chunk.slices, outcomes, strict=True)
     ):
-      if k in cuts and rows:
-        yield from _row_groups(rows)
-        written += len(rows)
-        rows, held = [], 0
-      if self._settings.exclude_burned_in and isinstance(outcome, Decoded):
-        outcome = _excluded(outcome)
-      if pseudonyms.active:
-        stored = outcome
-        outcome, contours = _shown(pseudonyms, task, outcome, contours)
-        if pseudonyms.mapped:
-          yield from self._mapped(pseudonyms, task, stored, outcome)
+      yield from groups.cut_before(k)
+      outcome, contours, entries = self._as_written(task, outcome, contours)
+      for entry in entries:
+        yield pvalue.TaggedOutput(self.ID_MAP, entry)
       if isinstance(outcome, Failed):
         yield pvalue.TaggedOutput(self.ERRORS, unusable_slice(chunk, task, outcome))
         continue
@@ -408,26 +271,75 @@ class DecodeSlicesFn(beam.DoFn):
       for error in result.errors:
         yield pvalue.TaggedOutput(self.ERRORS, error)
       self._counters.written(outcome, result)
-      rows.append(result.row)
       slices.append(layout.slice_identity(result.row))
       contour_ids += [
         (chunk.patient_id, chunk.original_id, task.slice_index, kind, path, digest)
         for kind, path in task.contour_paths().items()
         if (digest := _content_digest(contours[kind])) is not None
       ]
-      held += result.row['image'].nbytes
-      if held >= self._settings.max_chunk_bytes:  # a row group of its own
-        yield from _row_groups(rows)
-        written += len(rows)
-        rows, held = [], 0
-    written += len(rows)
-    self._counters.chunk_done(chunk, split, written)
-    for name, n in self._decoder.fetch_counts().items():
+      yield from groups.add(result.row)
+    last_rows = groups.last()
+    self._counters.chunk_done(chunk, split, groups.rows)
+    for name, n in self._decoder.fetcher.counts().items():
       self._counters.fetches[name].inc(n)
     self._progress.add(patients=int(chunk.is_last), slices=len(chunk.slices))
-    yield from _row_groups(rows)
+    yield from _row_groups(last_rows)
     if slices or contour_ids:
       yield pvalue.TaggedOutput(self.IDENTITIES, (tuple(slices), tuple(contour_ids)))
+
+  def _as_written(
+    self, task: SliceTask, outcome: Outcome, contours: dict
+  ) -> tuple[Outcome, dict, list[Entry]]:
+    """A slice's outcome and contours as the dataset shows them (excluded
+    under --exclude-burned-in, pseudonymised under a key), and the id-map
+    rows, not sent lately, of what the pseudonyms replaced."""
+    if self._settings.exclude_burned_in and isinstance(outcome, Decoded):
+      outcome = _excluded(outcome)
+    pseudonyms = self._settings.pseudonyms or IDENTITY
+    if not pseudonyms.active:
+      return outcome, contours, []
+    stored = outcome
+    outcome, contours = _shown(pseudonyms, task, outcome, contours)
+    if not pseudonyms.mapped:
+      return outcome, contours, []
+    entries = pseudonyms.entries(task.dicom_source, task.dicom_path)
+    if isinstance(stored, Decoded):
+      entries += [
+        Entry(UID, uid, outcome.meta[name])
+        for name in columns.REPLACED_UIDS
+        if (uid := stored.meta.get(name))
+      ]
+    return outcome, contours, list(self._recent.fresh(entries))
+
+
+class _RowGroups:
+  """A chunk's rows cut into row groups: at ``cuts`` (the slice indexes
+  where a whole series' chunk_size groups begin) and wherever the images
+  held reach ``max_bytes``. ``rows``: how many were cut so far."""
+
+  def __init__(self, cuts: list[int], max_bytes: int):
+    self._cuts = set(cuts)
+    self._max_bytes = max_bytes
+    self._held: list[dict] = []
+    self._held_bytes = 0
+    self.rows = 0
+
+  def cut_before(self, k: int) -> Iterator[pa.Table]:
+    """The rows held, as tables, if slice ``k`` begins a group."""
+    if k in self._cuts:
+      yield from _row_groups(self.last())
+
+  def add(self, row: dict) -> Iterator[pa.Table]:
+    self._held.append(row)
+    self._held_bytes += row['image'].nbytes
+    if self._held_bytes >= self._max_bytes:  # a row group of its own
+      yield from _row_groups(self.last())
+
+  def last(self) -> list[dict]:
+    """The rows held (counted as cut), and none held any more."""
+    rows, self._held, self._held_bytes = self._held, [], 0
+    self.rows += len(rows)
+    return rows
 
 
 def _row_groups(rows: list[dict]) -> Iterator[pa.Table]:
