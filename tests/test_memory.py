@@ -247,7 +247,7 @@ def test_reads_ahead_stay_in_order_and_within_the_byte_budget():
   and one at a time once files are as large as the budget."""
   import threading
 
-  from transforms.io.stores import Prefetcher
+  from transforms.io.prefetch import Prefetcher
 
   sizes = {f'small{k}': 1000 for k in range(40)}
   sizes |= {f'big{k}': 4000 for k in range(6)}

@@ -20,7 +20,7 @@ from beam_pipeline.tools import keys, sample, verify
 from tests import proxy, s3server
 from tests.helpers import dataset_tables, free_port, leaks, parquet_text, texts_under
 from transforms.contract import schema
-from transforms.io import stores
+from transforms.io import protocol, stores
 
 QUIRKS = ['stray_files', 'not_dicom', 'bad_contour', 'unlinked_dicoms']
 
@@ -273,7 +273,7 @@ def test_reads_reuse_their_pooled_connections(s3_store, s3_endpoint):
       read = list(pool.map(lambda key: store.read(f's3://{BUCKET}/{key}'), keys))
   assert read == [key.encode() for key in keys]
   assert figures['requests'] >= len(keys)
-  assert figures['connections'] <= 4 + stores.SPARE_CONNECTIONS  # the pool's size
+  assert figures['connections'] <= 4 + protocol.SPARE_CONNECTIONS  # the pool's size
 
 
 def test_patient_folders_are_listed_at_once_within_the_read_concurrency(
@@ -316,11 +316,11 @@ def test_patient_folders_are_listed_at_once_within_the_read_concurrency(
 def test_uploads_go_in_parts_as_they_are_written(s3_store):
   client = s3_store
   path = f's3://{BUCKET}/PARTS/big.bin'
-  data = os.urandom(2 * stores.PART_SIZE + 12345)
+  data = os.urandom(2 * protocol.PART_SIZE + 12345)
   f = stores.store(path).create(path)
   for start in range(0, len(data), 1 << 20):
     f.write(data[start : start + (1 << 20)])
-    assert len(f._buffer) < stores.PART_SIZE  # one part held at most
+    assert len(f._buffer) < protocol.PART_SIZE  # one part held at most
   f.close()
   assert stores.read_bytes(path) == data
   etag = client.head_object(Bucket=BUCKET, Key='PARTS/big.bin')['ETag']

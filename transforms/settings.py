@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from transforms.contract import splits
 from transforms.io.dicomweb import DicomWebConfig
-from transforms.io.stores import StoreConfig
+from transforms.io.protocol import StoreConfig
 
 if TYPE_CHECKING:  # pseudonyms imports pyarrow (through the schema): not for --help
   from transforms.contract.pseudonyms import Pseudonyms

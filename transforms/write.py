@@ -43,8 +43,8 @@ from apache_beam.metrics import Metrics
 
 from transforms import tuning
 from transforms.contract import digests, metrics, schema
-from transforms.io import direct, files, stores
-from transforms.io.stores import is_local
+from transforms.io import direct, files, protocol, stores
+from transforms.io.protocol import is_local
 from transforms.settings import (
   DEFAULT_IMAGE_CODEC,
   DEFAULT_MAX_CHUNK_BYTES,
@@ -155,7 +155,7 @@ def writer_options(arrow_schema: pa.Schema, image_codec: str | None = None) -> d
   }
 
 
-class _Hashed(stores.AppendOnlyFile):
+class _Hashed(protocol.AppendOnlyFile):
   """A binary file that hashes what is written through it (digests)."""
 
   def __init__(self, handle):

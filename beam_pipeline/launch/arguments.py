@@ -13,7 +13,7 @@ import os
 from transforms import settings
 from transforms.contract import splits
 from transforms.contract.errors import UsageError
-from transforms.io import dicomweb, stores
+from transforms.io import dicomweb, protocol
 
 DEFAULT_OUTPUT = 'output'
 DEFAULT_SAMPLE_DIR = 'sample_data'
@@ -278,7 +278,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     '--read-concurrency',
     dest='read_concurrency',
     type=int,
-    default=stores.DEFAULT_READ_CONCURRENCY,
+    default=protocol.DEFAULT_READ_CONCURRENCY,
     help='Requests in flight per worker while reading files from an object '
     'store (s3://, gs://) or instances from --dicomweb-url, so waiting on the '
     'network overlaps with decoding.',
@@ -288,7 +288,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     '--request-attempts',
     dest='request_attempts',
     type=int,
-    default=stores.DEFAULT_ATTEMPTS,
+    default=protocol.DEFAULT_ATTEMPTS,
     help='Attempts per object-store or DICOMweb request before the file counts '
     'as failed (an error row): throttling (503 SlowDown, 429) and transient errors are '
     'retried with exponential backoff and jitter.',

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from transforms.contract import digests, metrics, schema
 from transforms.io import stores
-from transforms.io.stores import is_local
+from transforms.io.protocol import is_local
 from transforms.write import writer_options
 
 

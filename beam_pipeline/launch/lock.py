@@ -33,7 +33,7 @@ from collections.abc import Iterator
 
 from transforms.contract.errors import UsageError
 from transforms.io import stores
-from transforms.io.stores import is_local
+from transforms.io.protocol import is_local
 
 _LOG = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from transforms.io.dicomweb import (
   check_url,
   parse_series_filter,
 )
-from transforms.io.stores import StoreConfig
+from transforms.io.protocol import StoreConfig
 from transforms.settings import DecodeSettings
 
 # Beam's S3 options that would put a credential on the command line, where a

@@ -29,7 +29,7 @@ from transforms import tuning
 from transforms.contract import schema
 from transforms.contract.errors import DicomError
 from transforms.io import files
-from transforms.io.stores import is_local
+from transforms.io.protocol import is_local
 from transforms.outcomes import Decoded, Failed, Outcome
 from transforms.settings import Limits
 

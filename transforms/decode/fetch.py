@@ -7,7 +7,7 @@ the implementation:
 
 - ``TreeFetcher``: every file from the tree; on a local disk read as asked,
   on an object store fetched ahead, ``read_concurrency`` requests out
-  (stores.Prefetcher), so the network's latency overlaps with decoding;
+  (prefetch.Prefetcher), so the network's latency overlaps with decoding;
 - ``PacsFetcher``: slices from the DICOMweb server (a whole series in one
   request when the chunk is one, transforms.decode.series; an instance the
   series' answer does not bring is retrieved on its own), contour files
@@ -25,7 +25,7 @@ from typing import Protocol
 from transforms.contract import metrics, schema
 from transforms.contract.errors import FileTooLargeError
 from transforms.decode import series
-from transforms.io import dicomweb, files, stores
+from transforms.io import dicomweb, files, prefetch, stores
 from transforms.outcomes import Failed
 from transforms.settings import DecodeSettings, Limits
 
@@ -74,7 +74,7 @@ class TreeFetcher:
     self._limits = limits
     self.ahead = not stores.is_local(root) if ahead is None else ahead
     self._prefetcher = (
-      stores.Prefetcher(concurrency, window_bytes) if self.ahead else None
+      prefetch.Prefetcher(concurrency, window_bytes) if self.ahead else None
     )
 
   def _read(self, item: Item) -> bytes | Failed:

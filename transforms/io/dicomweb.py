@@ -2,7 +2,7 @@
 
 One :class:`DicomWebClient` per worker process (``client()``), on one pooled
 urllib3 connection pool with bounded connections, retries with backoff and
-jitter (``stores.http_pool``). An instance is retrieved as it is stored
+jitter (``http.http_pool``). An instance is retrieved as it is stored
 (``transfer-syntax=*``: the server is never asked to transcode) and its bytes
 go to the same decode stage as a file of a tree.
 
@@ -32,7 +32,7 @@ from typing import NamedTuple
 from urllib.parse import quote, urlencode, urlsplit
 
 from transforms.contract.errors import FileTooLargeError, UsageError
-from transforms.io import stores
+from transforms.io import http
 
 ENV_USERNAME = 'DICOMWEB_USERNAME'
 ENV_PASSWORD = 'DICOMWEB_PASSWORD'
@@ -303,7 +303,7 @@ class DicomWebClient:
     if config.ca_bundle:
       tls['ca_certs'] = config.ca_bundle
     self._attempts = config.attempts
-    self._pool = stores.http_pool(config.concurrency, config.attempts, tls)
+    self._pool = http.http_pool(config.concurrency, config.attempts, tls)
 
   def _get(self, relative: str, accept: str, limit: int | None = None):
     """(status, content type, body) of a GET below the service root; the body
@@ -355,7 +355,7 @@ class DicomWebClient:
     except ValueError:
       phrase = ''
     retried = (
-      f' after {self._attempts} attempts' if status in stores.RETRIED_STATUSES else ''
+      f' after {self._attempts} attempts' if status in http.RETRIED_STATUSES else ''
     )
     return DicomWebError(f'{what}: HTTP {status} {phrase}{retried}'.strip(), status)
 

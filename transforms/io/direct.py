@@ -24,7 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from transforms.io.stores import AppendOnlyFile
+from transforms.io.protocol import AppendOnlyFile
 
 ALIGNMENT = 4096  # covers 512-byte and 4 KiB logical blocks
 BUFFER_SIZE = 8 * 1024 * 1024

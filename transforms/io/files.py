@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from transforms.contract import schema
 from transforms.contract.errors import FileTooLargeError, UnsafePathError
 from transforms.io import stores
-from transforms.io.stores import is_local
+from transforms.io.protocol import is_local
 from transforms.outcomes import Failed
 
 # The listing's reason for an empty folder (see walk_local).
