@@ -47,8 +47,8 @@ def _keys(identities: tuple) -> Iterator[tuple]:
 
 
 # Identities travel in a few buckets per chunk, not one element per key: a
-# shuffle of one element per slice and key cost 10 % of a run's CPU at
-# 23,000 slices (BENCHMARKS.md).
+# shuffle of one element per slice and key cost a run a tenth of its CPU
+# (BENCHMARKS.md, "Figures behind the code").
 BUCKETS = 16
 
 

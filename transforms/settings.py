@@ -23,8 +23,8 @@ DEFAULT_MAX_PIXELS = 4096 * 4096
 DEFAULT_MAX_FILE_BYTES = 256 * 1024 * 1024
 # Decoded image bytes per Arrow table (one row group). Writing a table costs
 # about twice its size again in Parquet's page buffers when single images are
-# large, so 64 MiB keeps a worker near 600 MiB whatever the images
-# (bench/memory.py); chunks of 256 x 256 slices (8 MiB) never reach it.
+# large, so this bound keeps a worker's memory flat whatever the images
+# (bench/memory.py, BENCHMARKS.md); chunks of 256 x 256 slices never reach it.
 DEFAULT_MAX_CHUNK_BYTES = 64 * 1024 * 1024
 DEFAULT_DECODE_TIMEOUT = 120.0
 DEFAULT_DECODERS = 1
@@ -32,9 +32,9 @@ DEFAULT_PROGRESS_SECONDS = 5.0
 IMAGE_CODECS = ('none', 'lz4', 'snappy', 'zstd', 'gzip', 'brotli')
 # The levels Arrow accepts for the codecs that take one (pyarrow.Codec).
 CODEC_LEVELS = {'zstd': (1, 22), 'gzip': (1, 9), 'brotli': (0, 11)}
-# zstd at level 2: the image column 6 % smaller than at level 1 (the
-# baseline script's), so the dataset is no larger than that script's output;
-# raw bytes (``none``) read back faster (BENCHMARKS.md, bench/codecs.py).
+# zstd at level 2: the image column smaller than at level 1 (the baseline
+# script's), so the dataset is no larger than that script's output; raw bytes
+# (``none``) read back faster (BENCHMARKS.md, bench/codecs.py).
 DEFAULT_IMAGE_CODEC = 'zstd:2'
 
 

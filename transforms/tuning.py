@@ -3,7 +3,7 @@
 
 Each is one named function whose docstring says what it buys, as measured in
 BENCHMARKS.md ("Process-wide tweaks"); one that stops paying there goes (as
-gc.freeze() did: within 1 % at 23,000 slices).
+gc.freeze() did).
 ``bench/run.py --tweaks`` measures each by leaving it off through the
 CARDIAC_MRI_TWEAKS_OFF environment variable (a benchmark knob, e.g.
 ``malloc,direct``; every process of a run reads it).
@@ -51,9 +51,9 @@ def keep_freed_memory() -> bool:
   mmap()s and trims the heap as soon as its top is free, so each slice's
   buffers come back as new pages, and every new page costs a page fault and a
   zeroed page. Raising both thresholds lets the next slice reuse the same
-  memory. Buys (BENCHMARKS.md, 23,000 slices, same run): 3 % less CPU
-  in-process and 5 % with 2 worker processes. The heap then stays at the
-  run's peak instead of shrinking, which the memory benchmark covers.
+  memory, for a few per cent less CPU (BENCHMARKS.md, "Figures behind the code").
+  The heap then stays at the run's peak instead of shrinking, which the
+  memory benchmark covers.
 
   Returns False where there is no glibc (musl, macOS): nothing to tune.
   """

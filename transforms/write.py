@@ -55,32 +55,33 @@ CODEC = 'zstd'  # the masks' codec, and the image's unless image_codec says
 # Every other column: a few hundred bytes a slice, read in pages of a few
 # hundred bytes, where zstd's cost per page (a decompression context each)
 # made reading a labeled row group's 40 small columns cost as much as its
-# images; LZ4 (LZ4_RAW) reads them in half the time for 0.04 % more bytes.
+# images; LZ4 (LZ4_RAW) reads them in about half the time for a negligible
+# size (BENCHMARKS.md, "Figures behind the code").
 SMALL_CODEC = 'lz4'
 _BINARY_COLUMNS = ('image', 'i_mask', 'o_mask')
 _REPORT_BATCH = 4096  # report rows per write
 _SIDECAR = '.digest.json'  # beside each temporary file: its size and digest
 # After writing a table this large, Arrow's allocator (mimalloc) is asked to
 # return what it freed: a page holds at least one value, so a table of 64 MiB
-# images leaves pages of 64 MiB behind, which mimalloc would keep (measured:
-# a 256 MiB table cost 800 MiB of RSS that stayed). Smaller tables reuse it.
+# images leaves pages of 64 MiB behind, which mimalloc would keep: a few
+# times the table's size of RSS stayed (BENCHMARKS.md, "Figures behind the code").
+# Smaller tables reuse it.
 _RELEASE_AFTER = 32 * 1024 * 1024
 
 
 # The most Arrow tables one slice shard takes; the next go to a new shard.
 # A Parquet writer keeps every row group's metadata until the file is
-# closed, about 39 KB per row group in memory here (41 columns with
-# statistics), so a worker writing one shard for the whole run grew with
-# the tree: 86 MiB in one process at 115,000 slices. At this bound a shard is
-# 128 row groups, about 7,500 slices of 256 x 256 (500 MB at zstd:2), and
-# its metadata 5 MB.
+# closed (tens of KB per row group here: 41 columns with statistics), so a
+# worker writing one shard for the whole run grew with the tree
+# (BENCHMARKS.md, "Figures behind the code"). At this bound a shard is 128 row
+# groups, about 7,500 slices of 256 x 256.
 _SHARD_TABLES = 128
 
 
 # A chunk's labeled slices come as a table of their own (decode._row_groups),
 # a handful of rows: one slice in 5 to 10 has a contour. Written as they come
 # they would make row groups of a handful of rows, and a reader of the
-# labeled slices would pay a row group's fixed cost (about 1.7 ms) per
+# labeled slices would pay a row group's fixed cost (BENCHMARKS.md) per
 # handful. They are gathered here, across chunks and patients, into row
 # groups of up to _LABELED_ROWS rows, and never more images than
 # --max-chunk-bytes (the bound of a row group, and of what a writer holds).
@@ -103,8 +104,8 @@ def _open_local_shard(path: str) -> direct.DirectFile:
   """A new local shard, written around the page cache (O_DIRECT) by a thread.
 
   The kernel no longer copies every shard byte into newly allocated
-  page-cache pages. Buys (BENCHMARKS.md, 23,000 slices, same run): 27 % less
-  CPU in-process and 31 % with 2 worker processes (1.20x the speed).
+  page-cache pages, for about a quarter less CPU
+  (BENCHMARKS.md, "Figures behind the code").
   """
   return direct.DirectFile(path, direct=tuning.enabled('direct'))
 

@@ -443,7 +443,7 @@ def _shuffled(
     raise ValueError(f'split must be one of {", ".join(splits.SPLITS)}, got {split!r}')
   buffer: list[tuple] = []
   kept = 0
-  opened: dict[str, pq.ParquetFile] = {}  # opening one costs 0.5 ms
+  opened: dict[str, pq.ParquetFile] = {}  # each opened once: opening has a cost
   for g in order:
     path, index = groups[g]
     if path not in opened:

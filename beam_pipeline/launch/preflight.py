@@ -36,9 +36,9 @@ _ROW_OVERHEAD = 512  # metadata columns, quality columns, Parquet framing
 _RATIO_SAMPLE = 4 * 1024 * 1024  # bytes of a sample file compressed for the estimate
 WARN_FRACTION = 0.8  # warn when the estimate takes more of the free space
 
-# The DirectRunner's crossover (BENCHMARKS.md, 2 cores, 23,000 slices):
-# in-process about 3,650 slices/s after a 2.0 s fixed cost; each worker process
-# about 2,800 slices/s, the processes costing 1.8 s more to start.
+# The DirectRunner's crossover: the in-process rate, each worker process's
+# rate and what the processes cost to start, fitted by bench/crossover.py
+# (BENCHMARKS.md).
 IN_PROCESS_RATE = 3650.0
 WORKER_RATE = 2800.0
 WORKER_START_SECONDS = 1.8

@@ -7,8 +7,8 @@ keeps one file there, ``<pid>.count``, holding one fixed-size record,
 while it was being written fails its CRC, and the reader then uses that
 file's last good record. (A new file renamed over the old one would be
 atomic, but ext4 flushes a file renamed over another before the rename
-returns: 1 to 25 ms per write under the run's own shard writes, 6 % of a
-23,000-slice run in-process, measured.)
+returns, which cost a run a measurable share of its time:
+(BENCHMARKS.md, "Figures behind the code").)
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ or re-hashed file.
 
 The digest is xxh3-128: it finds accidental change (a flipped bit, a
 truncated copy, a stray shard) at memory speed, which a cryptographic hash
-would not (about 10x slower), and it is no defence against deliberate
+would not (several times slower), and it is no defence against deliberate
 tampering: sign the summary for that.
 """
 

@@ -9,12 +9,11 @@ file. Packed into one bytes value per folder, chunk or bucket, they make a
 few per patient, whatever its size (BENCHMARKS.md, issue 16 target 4).
 
 Packed records are compressed (zlib, level 1): they are mostly paths and
-ids that repeat within a folder, chunk or bucket, so a slice's identities
-take 37 % of their pickled bytes (4.4 KB against 11.8 KB for a chunk of 57
-slices, 5 us of CPU a slice). The DirectRunner holds a shuffle's input until
-the stage after it runs, and builds a second copy when it hands the grouped
-values on: at 115,000 slices the identities alone cost the in-process run
-54 MiB of its peak (BENCHMARKS.md).
+ids that repeat within a folder, chunk or bucket, so they shrink to about a
+third for a few microseconds of CPU a slice. The DirectRunner holds a
+shuffle's input until the stage after it runs, and builds a second copy when
+it hands the grouped values on, so what a shuffle holds shows in the peak
+memory (BENCHMARKS.md, "Figures behind the code").
 
 Only the pipeline's own records are packed, by one stage for the next; no
 input file's bytes are ever unpickled.
@@ -26,7 +25,7 @@ import pickle
 import zlib
 from typing import Any
 
-_LEVEL = 1  # zlib's fastest: level 6 saves 2 % more bytes here
+_LEVEL = 1  # zlib's fastest: higher levels save little more here
 
 
 def pack(records: Any) -> bytes:

@@ -2,10 +2,10 @@
 
 A buffered write() copies every byte into page-cache pages the kernel must
 first allocate. On the benchmark machine (a VM whose host reclaims idle guest
-memory) each new page costs about 2 ms per MiB, which made the page-cache copy
-the largest single cost of a run: 43 % of all CPU at 115,000 slices
-(BENCHMARKS.md). With O_DIRECT the disk reads the data straight from our own
-buffers, which are reused for the whole file.
+memory) new pages are dear, which made the page-cache copy the largest
+single cost of a run (BENCHMARKS.md, "Figures behind the code"). With O_DIRECT the disk
+reads the data straight from our own buffers, which are reused for the
+whole file.
 
 DirectFile buffers writes in two aligned buffers: while one is filled, a
 thread writes the other (os.write releases the GIL), so the disk works while

@@ -112,9 +112,9 @@ class _SignedGets:
   """GETs of S3 objects, signed with botocore's SigV4 signer and sent through
   one urllib3 connection pool: the hot path of a run.
 
-  A boto3 ``get_object`` costs about 3.4 ms of CPU per object in botocore's
-  event, parsing and checksum machinery; this costs 1.8 ms (BENCHMARKS.md),
-  and the saving is GIL time the decoding thread gets back. Everything else
+  A boto3 ``get_object`` spends most of its CPU in botocore's event, parsing
+  and checksum machinery; this costs about half as much (BENCHMARKS.md), and
+  the saving is GIL time the decoding thread gets back. Everything else
   (listing, uploads, copies, deletes) goes through the boto3 client. The
   client's resolved endpoint, region and credential chain (refreshed per
   request) are used, so the two paths reach the same store as the same user.
