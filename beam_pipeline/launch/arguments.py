@@ -48,8 +48,8 @@ def _add(group, *flags: str, help: str, shown: str | None = None, **kwargs) -> N
   group.add_argument(*flags, help=f'{help} (default: {shown})', **kwargs)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-  """Declares the pipeline's own options on ``parser``, in four groups."""
+def add_input_output(parser: argparse.ArgumentParser) -> None:
+  """The input tree, the output, the PACS, the id map."""
   io = parser.add_argument_group(INPUT_OUTPUT)
   _add(
     io,
@@ -134,6 +134,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     'name and UID and its pseudonym to this local CSV file (mode 600), never '
     'inside --output. Keep it apart from the dataset.',
   )
+
+
+def add_behaviour(parser: argparse.ArgumentParser) -> None:
+  """What is written, flagged, pseudonymised or refused."""
   behaviour = parser.add_argument_group(BEHAVIOUR)
   _add(
     behaviour,
@@ -203,6 +207,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     'may inflate to; larger ones are error rows, refused before reading or '
     'inflating.',
   )
+
+
+def add_performance(parser: argparse.ArgumentParser) -> None:
+  """Work sizes, concurrency, codecs and limits."""
   performance = parser.add_argument_group(PERFORMANCE)
   _add(
     performance,
@@ -314,6 +322,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     '--max-chunk-bytes; what it does not bring is retrieved alone) or '
     'instance (one request per instance, --chunk-size slices a work item).',
   )
+
+
+def add_quality_assurance(parser: argparse.ArgumentParser) -> None:
+  """What is checked and shown after the run."""
   qa = parser.add_argument_group(QA)
   _add(
     qa,
@@ -324,6 +336,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     'index.html with the quality flags here (reads the output back, so '
     '--output must be a local path).',
   )
+
+
+# The groups in the order --help shows them; each is one PipelineOptions
+# class of beam_pipeline.launch.options.
+GROUPS = (add_input_output, add_behaviour, add_performance, add_quality_assurance)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  """Declares the pipeline's own options on ``parser``, in four groups."""
+  for add in GROUPS:
+    add(parser)
 
 
 def validate(values) -> None:

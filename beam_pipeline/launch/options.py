@@ -1,4 +1,6 @@
-"""IngestOptions: the pipeline's own options, as a Beam PipelineOptions view.
+"""The pipeline's own options, as Beam PipelineOptions: one class per concern
+(input and output, behaviour, performance, quality assurance), and
+IngestOptions, the view of all four.
 
 The declarations live in ``beam_pipeline.launch.arguments`` (Beam-free, so that
 ``--help`` needs no Beam); every standard Beam option passes through too.
@@ -53,12 +55,43 @@ class Resolved:
   series_filter: SeriesFilter | None
 
 
-class IngestOptions(PipelineOptions):
-  """Options of the cardiac-MRI ingestion pipeline; read with ``view_as``."""
+class InputOutputOptions(PipelineOptions):
+  """The input tree, the output, the PACS, the id map."""
 
   @classmethod
   def _add_argparse_args(cls, parser):
-    arguments.add_arguments(parser)
+    arguments.add_input_output(parser)
+
+
+class BehaviourOptions(PipelineOptions):
+  """What is written, flagged, pseudonymised or refused."""
+
+  @classmethod
+  def _add_argparse_args(cls, parser):
+    arguments.add_behaviour(parser)
+
+
+class PerformanceOptions(PipelineOptions):
+  """Work sizes, concurrency, codecs and limits."""
+
+  @classmethod
+  def _add_argparse_args(cls, parser):
+    arguments.add_performance(parser)
+
+
+class QualityOptions(PipelineOptions):
+  """What is checked and shown after the run."""
+
+  @classmethod
+  def _add_argparse_args(cls, parser):
+    arguments.add_quality_assurance(parser)
+
+
+class IngestOptions(
+  InputOutputOptions, BehaviourOptions, PerformanceOptions, QualityOptions
+):
+  """Every option of the pipeline in one view (Beam registers the four
+  concerns' classes, one group of --help each); read with ``view_as``."""
 
   def validate_ingest(self) -> None:
     """Raises UsageError (a ValueError) on invalid values, before any launch."""
