@@ -91,15 +91,15 @@ class _Components:
     return item
 
   def join(self, items) -> None:
-    first, *rest = items
-    for item in rest:
+    first, *others = items
+    for item in others:
       self._parent[self.find(item)] = self.find(first)
 
   def groups(self) -> list[list]:
-    found: dict = {}
+    by_root: dict = {}
     for item in self._parent:
-      found.setdefault(self.find(item), []).append(item)
-    return sorted(sorted(g) for g in found.values())
+      by_root.setdefault(self.find(item), []).append(item)
+    return sorted(sorted(g) for g in by_root.values())
 
 
 def plan(groups: list[tuple], drop: bool) -> tuple[list[dict], dict]:
@@ -198,8 +198,8 @@ class _WritePlanFn(beam.DoFn):
   def setup(self):
     stores.configure(self._config)
 
-  def process(self, found: dict):
-    stores.write_bytes(self._path, json.dumps(found, indent=1).encode())
+  def process(self, launcher_plan: dict):
+    stores.write_bytes(self._path, json.dumps(launcher_plan, indent=1).encode())
     yield self._path
 
 
@@ -219,11 +219,11 @@ class FindDuplicates(beam.PTransform):
     drop = self._drop
 
     def rows_and_plan(groups):
-      rows, found = plan(groups, drop)
+      rows, launcher_plan = plan(groups, drop)
       yield from rows
-      yield pvalue.TaggedOutput('plan', found)
+      yield pvalue.TaggedOutput('plan', launcher_plan)
 
-    found = (
+    outputs = (
       identities
       | 'Buckets' >> beam.FlatMap(_bucketed).with_output_types(tuple[int, bytes])
       | 'ByBucket' >> beam.GroupByKey()
@@ -231,7 +231,7 @@ class FindDuplicates(beam.PTransform):
       | 'Together' >> beam.combiners.ToList()
       | 'Plan' >> beam.FlatMap(rows_and_plan).with_outputs('plan', main='rows')
     )
-    _ = found.plan | 'WritePlan' >> beam.ParDo(
+    _ = outputs.plan | 'WritePlan' >> beam.ParDo(
       _WritePlanFn(self._plan_path, self._config)
     )
-    return found.rows
+    return outputs.rows

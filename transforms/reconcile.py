@@ -163,12 +163,12 @@ class Reconcile(beam.PTransform):
     super().__init__()
     self._wording = wording
 
-  def expand(self, found):
+  def expand(self, inputs):
     linked = (
       {
-        'links': found[self.LINKS]
+        'links': inputs[self.LINKS]
         | 'LinksByOriginalId' >> _key_by('original_id', layout.Link),
-        'contours': found[self.CONTOURS]
+        'contours': inputs[self.CONTOURS]
         | 'ContoursByOriginalId' >> _key_by('owner_id', layout.FileGroup),
       }
       | 'JoinByOriginalId' >> beam.CoGroupByKey()
@@ -179,11 +179,11 @@ class Reconcile(beam.PTransform):
     )
     by_patient = {
       'linked': linked.linked,
-      'dicoms': found[self.DICOMS]
+      'dicoms': inputs[self.DICOMS]
       | 'DicomsByPatient' >> _key_by('owner_id', layout.FileGroup),
     }
-    if self.REPORTED in found:
-      by_patient['reported'] = found[self.REPORTED] | 'ReportedByPatient' >> beam.Map(
+    if self.REPORTED in inputs:
+      by_patient['reported'] = inputs[self.REPORTED] | 'ReportedByPatient' >> beam.Map(
         lambda pid: (pid, True)
       ).with_output_types(tuple[str, bool])
     matched = (

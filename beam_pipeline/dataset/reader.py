@@ -71,11 +71,11 @@ def read_summary(output: str) -> dict:
 
 def _tables_files(output: str) -> set[str]:
   """Every Parquet file under the three table folders, relative to output."""
-  found = set()
+  files = set()
   for entry in (schema.SLICES_DIR, schema.RECONCILIATION_DIR, schema.ERRORS_DIR):
     folder = _folder(output, entry)
-    found |= {f'{entry}/{n}' for n in os.listdir(folder) if n.endswith('.parquet')}
-  return found
+    files |= {f'{entry}/{n}' for n in os.listdir(folder) if n.endswith('.parquet')}
+  return files
 
 
 def file_problems(output: str, summary: dict, full: bool) -> list[str]:
@@ -119,9 +119,9 @@ def check(output: str, full: bool = False) -> dict:
   summary = read_summary(output)
   problems = file_problems(output, summary, full)
   if problems:
-    more = f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''
+    unlisted = f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''
     raise DatasetError(
-      f'{output} is not the dataset its run wrote: {problems[0]}{more}; '
+      f'{output} is not the dataset its run wrote: {problems[0]}{unlisted}; '
       f'python -m beam_pipeline.tools.verify {output} lists every problem'
     )
   return summary

@@ -392,11 +392,11 @@ def validate(values) -> None:
     try:
       (path or '').encode('utf-8')
     except UnicodeEncodeError:
-      shown = path.encode('utf-8', 'surrogateescape').decode(
+      escaped = path.encode('utf-8', 'surrogateescape').decode(
         'utf-8', 'backslashreplace'
       )
       raise UsageError(
-        f'--{flag.replace("_", "-")} {shown} is not valid UTF-8: rename it, or '
+        f'--{flag.replace("_", "-")} {escaped} is not valid UTF-8: rename it, or '
         'use a link with a UTF-8 name'
       ) from None
 

@@ -129,7 +129,7 @@ def command(argv: Sequence[str] | None = None) -> int:
   if not argv or argv[0] in ('-h', '--help'):
     print(_usage(), file=sys.stdout if argv else sys.stderr)
     return EXIT_OK if argv else EXIT_USAGE
-  name, rest = argv[0], argv[1:]
+  name, args = argv[0], argv[1:]
   if name not in COMMANDS:
     close = difflib.get_close_matches(name, COMMANDS, n=1)
     hint = f'; did you mean {close[0]}?' if close else ''
@@ -140,9 +140,9 @@ def command(argv: Sequence[str] | None = None) -> int:
     return EXIT_USAGE
   sys.argv[0] = f'cardiac-mri {name}'  # argparse's usage lines name the command
   if name == 'run':
-    return entry(rest)
+    return entry(args)
   try:
-    code = _tool(name)(rest) or EXIT_OK
+    code = _tool(name)(args) or EXIT_OK
     sys.stdout.flush()  # here, where a closed pipe can still be caught
   except BrokenPipeError:  # `cardiac-mri problems OUT | head`: the reader is done
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -97,12 +97,12 @@ def _children() -> dict[int, list[int]]:
 def descendants(pid: int | None = None) -> list[int]:
   """Every process below ``pid`` (default: this one), children first."""
   tree = _children()
-  found, queue = [], [pid or os.getpid()]
+  pids, queue = [], [pid or os.getpid()]
   while queue:
     for child in tree.get(queue.pop(0), []):
-      found.append(child)
+      pids.append(child)
       queue.append(child)
-  return found
+  return pids
 
 
 def _alive(pid: int) -> bool:

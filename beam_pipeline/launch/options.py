@@ -142,8 +142,8 @@ class IngestOptions(
     path = self.pseudonymize_key_file
     if path is None:
       return IDENTITY
-    found = keys.load(path)
-    return found if self.id_map is None else found.with_map()
+    key_pseudonyms = keys.load(path)
+    return key_pseudonyms if self.id_map is None else key_pseudonyms.with_map()
 
   def resolve(self) -> Resolved:
     """Validates the options and resolves them into frozen settings.

@@ -132,13 +132,13 @@ def survey(root: str, image_codec: str = 'none') -> Survey | None:
   try:
     for top in (layout.DICOM_DIR, layout.CONTOUR_DIR):
       for path in _walk(root, top, deadline):
-        found = layout.classify_path(path)
-        if isinstance(found, layout.DicomFile) and found.patient_id in patients:
+        file = layout.classify_path(path)
+        if isinstance(file, layout.DicomFile) and file.patient_id in patients:
           slices += 1
-          if len(samples) < _HEADER_SAMPLES and found.slice_index == 1:
+          if len(samples) < _HEADER_SAMPLES and file.slice_index == 1:
             samples.append(os.path.join(root, path))
-        elif isinstance(found, layout.ContourFile) and found.original_id in originals:
-          labeled.add((found.original_id, found.slice_index))
+        elif isinstance(file, layout.ContourFile) and file.original_id in originals:
+          labeled.add((file.original_id, file.slice_index))
   except TimeoutError:
     complete = False
   return Survey(slices, len(labeled), _row_bytes(samples, image_codec), complete)
@@ -301,19 +301,19 @@ class DirectMode(NamedTuple):
     return f'in-process ({self.reason})'
 
 
-def choose_direct_mode(found: Survey | None, cpus: int) -> DirectMode:
+def choose_direct_mode(survey: Survey | None, cpus: int) -> DirectMode:
   """In-process below the crossover for ``cpus`` cores, else one worker
   process per core (at most MAX_WORKERS)."""
   workers = min(cpus, MAX_WORKERS)
-  if found is None:
+  if survey is None:
     return DirectMode(
       'in_memory', 1, 'slice count not known ahead: an object store or a PACS'
     )
-  count = f'{found.slices:,}{"" if found.complete else "+"} slices'
+  count = f'{survey.slices:,}{"" if survey.complete else "+"} slices'
   limit = crossover(workers)
   if workers < 2:
     return DirectMode('in_memory', 1, f'{count}, 1 core')
-  if found.slices < limit:
+  if survey.slices < limit:
     return DirectMode(
       'in_memory', 1, f'{count} < {limit:,.0f}, the crossover for {workers} cores'
     )

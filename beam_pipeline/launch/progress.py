@@ -32,8 +32,8 @@ POLL_SECONDS = 0.5
 def eta_text(seconds: float) -> str:
   """``0:03``, ``12:40``, ``3:02:10``."""
   seconds = int(round(seconds))
-  hours, rest = divmod(seconds, 3600)
-  minutes, seconds = divmod(rest, 60)
+  hours, remainder = divmod(seconds, 3600)
+  minutes, seconds = divmod(remainder, 60)
   return f'{hours}:{minutes:02d}:{seconds:02d}' if hours else f'{minutes}:{seconds:02d}'
 
 

@@ -57,11 +57,11 @@ def why_missing(output: str, patient: str, slice_index: int) -> str:
     )
   ids = table['patient_id'].to_pylist(), table['original_id'].to_pylist()
   pairs = sorted(set(zip(*ids, strict=True)))
-  shown = ', '.join(f'{p} ({o})' for p, o in pairs[:_LISTED])
-  more = f' and {len(pairs) - _LISTED} more' if len(pairs) > _LISTED else ''
+  listed = ', '.join(f'{p} ({o})' for p, o in pairs[:_LISTED])
+  unlisted = f' and {len(pairs) - _LISTED} more' if len(pairs) > _LISTED else ''
   return (
     f'no patient {patient!r} in {output}; patient_id (original_id): '
-    f'{shown or "none"}{more}'
+    f'{listed or "none"}{unlisted}'
   )
 
 

@@ -175,9 +175,9 @@ def _index_html(patients: dict[str, dict], tiles: dict[str, list]) -> str:
   sections = ''.join(
     f'<h2 id="{e(pid)}">{e(pid)}</h2>'
     f'<p><a href="{e(_sheet_name(pid))}">contact sheet</a> (one image)</p>'
-    f'<div class="grid">{"".join(_tile(pid, k, f) for k, f in shown)}</div>'
-    for pid, shown in tiles.items()
-    if shown
+    f'<div class="grid">{"".join(_tile(pid, k, f) for k, f in slices)}</div>'
+    for pid, slices in tiles.items()
+    if slices
   )
   return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Cardiac MRI QA</title>

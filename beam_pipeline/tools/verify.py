@@ -166,10 +166,10 @@ def verify(output: str) -> _Checks:
     ', '.join(map(str, duplicates[:5])),
   )
 
-  def against_summary(name, found, counter):
+  def against_summary(name, actual, counter):
     if summary:
       expected = counters.get(counter, 0)
-      checks.check(found == expected, name, f'{found} found, summary says {expected}')
+      checks.check(actual == expected, name, f'{actual} found, summary says {expected}')
 
   against_summary('slice rows', rows, metrics.SLICES_WRITTEN)
   against_summary('i masks', masks_i, metrics.I_MASKS_WRITTEN)

@@ -48,9 +48,9 @@ def burned_in_risk(
   BurnedInAnnotation, ImageType and SOPClassUID, None when absent)."""
   if (burned_in_annotation or '').strip().upper() == 'YES':
     return 'BurnedInAnnotation is YES'
-  found = [v for v in (image_type or ()) if v.strip().upper() in _RISKY_IMAGE_TYPES]
-  if found:
-    return f'ImageType holds {found[0].strip().upper()}'
+  risky = [v for v in (image_type or ()) if v.strip().upper() in _RISKY_IMAGE_TYPES]
+  if risky:
+    return f'ImageType holds {risky[0].strip().upper()}'
   uid = (sop_class_uid or '').strip()
   if uid == SECONDARY_CAPTURE_ROOT or uid.startswith(SECONDARY_CAPTURE_ROOT + '.'):
     return f'the SOP class {uid} is a secondary capture'

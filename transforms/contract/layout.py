@@ -204,7 +204,7 @@ def parse_links(
   show_pid = pseudonyms.patient if keyed else str
   show_oid = pseudonyms.original if keyed else str
 
-  def shown(name: str, value: str) -> str:
+  def quoted(name: str, value: str) -> str:
     if not keyed:
       return f'{name} {value!r}'
     return (
@@ -256,7 +256,7 @@ def parse_links(
         continue
       pid, oid = fields[pid_at], fields[oid_at]
       reasons = [
-        f'{shown(name, value)} {why}'
+        f'{quoted(name, value)} {why}'
         for name, value in (('patient_id', pid), ('original_id', oid))
         if (why := id_problem(value))
       ]
@@ -272,9 +272,9 @@ def parse_links(
         continue
       if pid in first_pid_line or oid in first_oid_line:
         earlier = (
-          f'{shown("patient_id", pid)} is already linked on line {first_pid_line[pid]}'
+          f'{quoted("patient_id", pid)} is already linked on line {first_pid_line[pid]}'
           if pid in first_pid_line
-          else f'{shown("original_id", oid)} is already linked on line '
+          else f'{quoted("original_id", oid)} is already linked on line '
           f'{first_oid_line[oid]}'
         )
         problems.append(

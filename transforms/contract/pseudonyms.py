@@ -149,55 +149,57 @@ class Pseudonyms:
       study, series, sop = (self.uid(u) for u in match.groups())
       return f'studies/{study}/series/{series}/instances/{sop}'
     parts = relative.split('/')
-    shown = [self.name(parts[0])]
+    shown_parts = [self.name(parts[0])]
     if len(parts) > 1:
-      shown.append(self._owner(parts[0])[1](parts[1]))
-    shown += [self.name(part) for part in parts[2:]]
-    return '/'.join(shown)
+      shown_parts.append(self._owner(parts[0])[1](parts[1]))
+    shown_parts += [self.name(part) for part in parts[2:]]
+    return '/'.join(shown_parts)
 
-  def entries(self, relative: str, shown: str | None = None) -> list[Entry]:
+  def entries(self, relative: str, shown_path: str | None = None) -> list[Entry]:
     """The id-map rows of the ids, names and UIDs that :meth:`path` replaces
-    in ``relative``; ``shown``: that path, if already made."""
+    in ``relative``; ``shown_path``: that path, if already made."""
     if self._key is None:
       return []
-    shown = self.path(relative) if shown is None else shown
+    shown_path = self.path(relative) if shown_path is None else shown_path
     parts = relative.split('/')
     pacs = _PACS_PATH.fullmatch(relative) is not None
-    found = []
-    for k, (part, pseudonym) in enumerate(zip(parts, shown.split('/'), strict=True)):
+    entries = []
+    for k, (part, pseudonym) in enumerate(
+      zip(parts, shown_path.split('/'), strict=True)
+    ):
       if part != pseudonym:
         kind = UID if pacs else self._owner(parts[0])[0] if k == 1 else NAME
-        found.append(Entry(kind, part, pseudonym))
-    return found
+        entries.append(Entry(kind, part, pseudonym))
+    return entries
 
   def listed(
-    self, found: layout.DicomFile | layout.ContourFile | layout.StrayFile
+    self, file: layout.DicomFile | layout.ContourFile | layout.StrayFile
   ) -> layout.DicomFile | layout.ContourFile | layout.StrayFile:
     """A listed file as shown: ids by their pseudonyms, the path by
     :meth:`path` (the path as listed kept in ``source`` to read it), a stray
     file's reason without the path as listed."""
     if self._key is None:
-      return found
-    shown = self.path(found.path)
-    if isinstance(found, layout.DicomFile):
-      pid = self.patient(found.patient_id)
-      return found._replace(patient_id=pid, path=shown, source=found.path)
-    if isinstance(found, layout.ContourFile):
-      oid = self.original(found.original_id)
-      return found._replace(original_id=oid, path=shown, source=found.path)
-    _, show_owner = self._owner(found.path.split('/')[0])
-    reason = self.scrub(found.reason, found.path, shown)
-    return layout.StrayFile(show_owner(found.owner_id), shown, reason)
+      return file
+    shown_path = self.path(file.path)
+    if isinstance(file, layout.DicomFile):
+      pid = self.patient(file.patient_id)
+      return file._replace(patient_id=pid, path=shown_path, source=file.path)
+    if isinstance(file, layout.ContourFile):
+      oid = self.original(file.original_id)
+      return file._replace(original_id=oid, path=shown_path, source=file.path)
+    _, show_owner = self._owner(file.path.split('/')[0])
+    reason = self.scrub(file.reason, file.path, shown_path)
+    return layout.StrayFile(show_owner(file.owner_id), shown_path, reason)
 
-  def scrub(self, text: str, real: str, shown: str) -> str:
+  def scrub(self, text: str, real: str, pseudonym: str) -> str:
     """``text`` (a message that may quote a path: an OSError's, a server's)
-    with ``real`` replaced by ``shown``, and, under a key, every absolute
+    with ``real`` replaced by ``pseudonym``, and, under a key, every absolute
     path it still quotes (the input root joined to the shown path, where a
     symlink leads) by ``<path>``: such a path may hold any name."""
     if self._key is None:
       return text
-    if real and real != shown:
-      text = text.replace(real, shown)
+    if real and real != pseudonym:
+      text = text.replace(real, pseudonym)
     return _ABSOLUTE_PATH.sub('<path>', text)
 
 

@@ -136,7 +136,7 @@ def _elements(data: bytes, pos: int, explicit: bool, end: int | None = None) -> 
   """The raw values of _TAGS (tag -> (VR, bytes)) from ``pos`` to ``end``, or
   to the end of Pixel Data: what follows it is never parsed (see
   ``dicom.stop_after_pixel_data``)."""
-  found = {}
+  elements = {}
   end = len(data) if end is None else end
   while pos < end:
     tag, vr, length, pos = _header(data, pos, explicit)
@@ -151,15 +151,15 @@ def _elements(data: bytes, pos: int, explicit: bool, end: int | None = None) -> 
     if pos + length > end:
       raise _Unsupported
     if tag in _TAGS:
-      if tag in found:
+      if tag in elements:
         raise _Unsupported
       # Pixel Data as a view: the image can then be a view of the file's bytes.
       value = memoryview(data)[pos : pos + length] if tag == _PIXEL_DATA else None
-      found[tag] = vr, data[pos : pos + length] if value is None else value
+      elements[tag] = vr, data[pos : pos + length] if value is None else value
     pos += length
     if tag == _PIXEL_DATA:
       break
-  return found
+  return elements
 
 
 def file_meta(data: bytes) -> tuple[str | None, int] | None:
@@ -328,11 +328,11 @@ def decode(data: bytes, max_pixels: int) -> Decoded | None:
     explicit = syntax == EXPLICIT_LE
     if not explicit and data[pos + 4 : pos + 6] in _VRS:
       return None  # pydicom would read this "implicit" data set as explicit
-    found = _elements(data, pos, explicit)
+    elements = _elements(data, pos, explicit)
   except _Unsupported:
     return None
   values = {}
-  for tag, (vr, raw) in found.items():
+  for tag, (vr, raw) in elements.items():
     value = _convert(tag, vr, raw)
     if value is _UNSURE:
       return None

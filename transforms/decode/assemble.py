@@ -90,19 +90,21 @@ def slice_row(
   errors = []
   drawn = {}
   for kind, path in task.contour_paths().items():
-    found = _mask(path, contours[kind], meta['rows'], meta['columns'])
-    if isinstance(found, Failed):
+    mask_or_failure = _mask(path, contours[kind], meta['rows'], meta['columns'])
+    if isinstance(mask_or_failure, Failed):
       errors.append(
-        schema.error_row(chunk.patient_id, path, found.stage, found.message)
+        schema.error_row(
+          chunk.patient_id, path, mask_or_failure.stage, mask_or_failure.message
+        )
       )
       continue
-    row[f'{kind}_mask'] = masks.pack_mask(found.mask)
+    row[f'{kind}_mask'] = masks.pack_mask(mask_or_failure.mask)
     contour_columns, contour_flags = quality.contour_checks(
-      kind, found.vertices, found.mask
+      kind, mask_or_failure.vertices, mask_or_failure.mask
     )
     row.update(contour_columns)
     flags += contour_flags
-    drawn[kind] = found.mask
+    drawn[kind] = mask_or_failure.mask
   if len(drawn) == 2:
     row['inner_in_outer'], nesting_flags = quality.nesting_check(drawn['i'], drawn['o'])
     flags += nesting_flags

@@ -145,6 +145,8 @@ def _task(
   dicom: layout.DicomFile, contours: dict[str, layout.ContourFile]
 ) -> SliceTask:
   inner, outer = contours.get('i'), contours.get('o')
-  shown = (dicom.path, inner and inner.path, outer and outer.path)
+  shown_paths = (dicom.path, inner and inner.path, outer and outer.path)
   read = (dicom.read_path, inner and inner.read_path, outer and outer.read_path)
-  return SliceTask(dicom.slice_index, *shown, None if read == shown else read)
+  return SliceTask(
+    dicom.slice_index, *shown_paths, None if read == shown_paths else read
+  )

@@ -158,21 +158,21 @@ class SeriesStream:
           self._cond.wait()
       finally:
         self._waiting.discard(uid)
-      found = self._held.pop(uid, None)
-      if isinstance(found, bytes):
+      instance = self._held.pop(uid, None)
+      if isinstance(instance, bytes):
         self.streamed += 1
-    if isinstance(found, bytes):
-      self._budget.release(len(found))
-    return found
+    if isinstance(instance, bytes):
+      self._budget.release(len(instance))
+    return instance
 
   def close(self) -> None:
     """Stops reading and lets go of what is held (safe to call twice)."""
     with self._cond:
       self._closing = True
       close, self._close_body = self._close_body, None
-      held, self._held = self._held, {}
+      unclaimed, self._held = self._held, {}
       self._cond.notify_all()
-    for data in held.values():
+    for data in unclaimed.values():
       if isinstance(data, bytes):
         self._budget.release(len(data))
     if close is not None and not self._ended:

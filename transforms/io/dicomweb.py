@@ -126,19 +126,20 @@ def _read_auth_file(path: str) -> dict:
     )
   try:
     with open(path, encoding='utf-8') as f:
-      found = json.load(f)
+      credentials = json.load(f)
   except OSError as e:
     raise UsageError(f'--dicomweb-auth-file {path}: {e.strerror or e}') from None
   except ValueError:  # never quote the file: it holds a secret
     raise UsageError(f'--dicomweb-auth-file {path} is not valid JSON') from None
-  if not isinstance(found, dict) or not (
-    isinstance(found.get('token'), str) or isinstance(found.get('username'), str)
+  if not isinstance(credentials, dict) or not (
+    isinstance(credentials.get('token'), str)
+    or isinstance(credentials.get('username'), str)
   ):
     raise UsageError(
       f'--dicomweb-auth-file {path} must hold {{"username": ..., "password": ...}} '
       'or {"token": ...}'
     )
-  return found
+  return credentials
 
 
 def auth_headers(config: DicomWebConfig) -> dict[str, str]:
@@ -151,17 +152,17 @@ def auth_headers(config: DicomWebConfig) -> dict[str, str]:
   import base64
 
   if config.auth_file is not None:
-    found = _read_auth_file(config.auth_file)
+    credentials = _read_auth_file(config.auth_file)
   else:
-    found = {
+    credentials = {
       'token': os.environ.get(ENV_TOKEN),
       'username': os.environ.get(ENV_USERNAME),
       'password': os.environ.get(ENV_PASSWORD, ''),
     }
-  if found.get('token'):
-    return {'Authorization': f'Bearer {found["token"]}'}
-  if found.get('username'):
-    pair = f'{found["username"]}:{found.get("password") or ""}'.encode()
+  if credentials.get('token'):
+    return {'Authorization': f'Bearer {credentials["token"]}'}
+  if credentials.get('username'):
+    pair = f'{credentials["username"]}:{credentials.get("password") or ""}'.encode()
     return {'Authorization': f'Basic {base64.b64encode(pair).decode("ascii")}'}
   return {}
 
@@ -192,8 +193,8 @@ class Instance(NamedTuple):
       ('SOP', self.sop),
     ):
       if len(uid) > 64 or not _UID_RE.fullmatch(uid):
-        shown = f' of {len(uid)} characters' if withheld else f' {uid[:80]!r}'
-        return f'the server gave an invalid {name} instance UID{shown}'
+        detail = f' of {len(uid)} characters' if withheld else f' {uid[:80]!r}'
+        return f'the server gave an invalid {name} instance UID{detail}'
     return None
 
 
@@ -403,13 +404,13 @@ class DicomWebClient:
       if not isinstance(page, list):
         raise DicomWebError('the server sent a search page that is not a list')
       new = [instance_of(item) for item in page if isinstance(item, dict)]
-      new = [found for found in new if found.sop not in seen]
+      new = [instance for instance in new if instance.sop not in seen]
       if not new:
         return
-      for found in new:
-        seen.add(found.sop)
-        if found.patient_id in (None, patient_id):  # not a looser match
-          yield found
+      for instance in new:
+        seen.add(instance.sop)
+        if instance.patient_id in (None, patient_id):  # not a looser match
+          yield instance
       offset += len(page)
 
   def retrieve(self, path: str, limit: int | None = None) -> bytes:

@@ -71,11 +71,13 @@ def _link_entries(
   """The id-map rows of link.csv's pseudonymised links and problems: the
   same file parsed without pseudonyms gives the ids as written, row for row."""
   written = layout.parse_links(data)
-  for raw, shown in zip((*written[0], *written[1]), (*links, *problems), strict=True):
+  for raw, pseudonymised in zip(
+    (*written[0], *written[1]), (*links, *problems), strict=True
+  ):
     if raw.patient_id:
-      yield Entry(pseudonyms.PATIENT_ID, raw.patient_id, shown.patient_id)
+      yield Entry(pseudonyms.PATIENT_ID, raw.patient_id, pseudonymised.patient_id)
     if raw.original_id:
-      yield Entry(pseudonyms.ORIGINAL_ID, raw.original_id, shown.original_id)
+      yield Entry(pseudonyms.ORIGINAL_ID, raw.original_id, pseudonymised.original_id)
 
 
 ID_MAP = 'id_map'  # the tag of id-map rows (pseudonyms.Entry)
@@ -131,12 +133,12 @@ class _Grouper:
     self._owner = ''
     self._files: list = []
 
-  def add(self, owner: str, found) -> Iterator[pvalue.TaggedOutput]:
-    """Takes ``found``; yields the group it closes, if any."""
+  def add(self, owner: str, file) -> Iterator[pvalue.TaggedOutput]:
+    """Takes ``file``; yields the group it closes, if any."""
     if owner != self._owner or len(self._files) >= _GROUP_FILES:
       yield from self.close()
       self._owner = owner
-    self._files.append(found)
+    self._files.append(file)
 
   def close(self) -> Iterator[pvalue.TaggedOutput]:
     """Yields the open group, if it has files."""
@@ -172,32 +174,32 @@ class _ClassifyFn(beam.DoFn):
     path, problem = listed
     relative = files.relative_to(self._input_root, path)
     if problem == files.EMPTY_FOLDER and not layout.is_file_level(relative):
-      found = None  # an empty patient folder is reported by the joins, if linked
+      file = None  # an empty patient folder is reported by the joins, if linked
     elif problem is not None:
-      found = layout.StrayFile(layout.owner_of(relative), relative, problem)
+      file = layout.StrayFile(layout.owner_of(relative), relative, problem)
     else:
-      found = layout.classify_path(relative)
-    if found is None:
+      file = layout.classify_path(relative)
+    if file is None:
       return
-    listed = found.path
-    found = self._pseudonyms.listed(found)
+    listed = file.path
+    file = self._pseudonyms.listed(file)
     if self._pseudonyms.mapped:
-      yield from self._entries(listed, found.path)
-    if isinstance(found, layout.DicomFile):
-      yield from self._dicoms.add(found.patient_id, found)
-    elif isinstance(found, layout.ContourFile):
-      yield from self._contours.add(found.original_id, found)
+      yield from self._entries(listed, file.path)
+    if isinstance(file, layout.DicomFile):
+      yield from self._dicoms.add(file.patient_id, file)
+    elif isinstance(file, layout.ContourFile):
+      yield from self._contours.add(file.original_id, file)
     else:
       self._stray.inc()
       yield pvalue.TaggedOutput(
         ListTree.ERRORS,
         schema.error_row(
-          found.owner_id, found.path, schema.STAGE_LIST, f'not used: {found.reason}'
+          file.owner_id, file.path, schema.STAGE_LIST, f'not used: {file.reason}'
         ),
       )
 
-  def _entries(self, relative: str, shown: str) -> Iterator:
-    for entry in self._recent.fresh(self._pseudonyms.entries(relative, shown)):
+  def _entries(self, relative: str, shown_path: str) -> Iterator:
+    for entry in self._recent.fresh(self._pseudonyms.entries(relative, shown_path)):
       yield pvalue.TaggedOutput(ID_MAP, entry)
 
 
@@ -244,19 +246,19 @@ class _ListFn(beam.DoFn):
     _FOLDERS for each sub-folder of a top folder; if the listing fails part
     way, what it found and then (folder, reason)."""
     store = stores.store(folder)
-    found: list = []
+    outputs: list = []
     try:
       if self._top:
         files, folders = store.level(folder)
-        found += [(path, None) for path in files]
-        found += [pvalue.TaggedOutput(_FOLDERS, path) for path in folders]
+        outputs += [(path, None) for path in files]
+        outputs += [pvalue.TaggedOutput(_FOLDERS, path) for path in folders]
       else:
         for path in store.files(folder):
           if not path.endswith('/'):  # a "folder" marker object
-            found.append((path, None))
+            outputs.append((path, None))
     except OSError as e:
-      found.append((folder, f'cannot list folder: {e}'))
-    return found
+      outputs.append((folder, f'cannot list folder: {e}'))
+    return outputs
 
 
 _FOLDERS = 'folders'  # patient folders found by the top-level listing

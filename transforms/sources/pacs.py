@@ -44,13 +44,13 @@ def _describe(series: str, instances: list[Instance], pseudonyms: Pseudonyms) ->
   """A series as reconciliation rows name it; under pseudonymisation its UID
   is the pseudonym and its description (free text) is left out."""
   first = instances[0]
-  shown = [
+  details = [
     f'SeriesNumber {first.series_number or "?"}',
     *([] if pseudonyms.active else [f'SeriesDescription {first.series_description!r}']),
     first.modality or 'no Modality',
     f'{len(instances)} instances',
   ]
-  return f'{pseudonyms.uid(series)} ({", ".join(shown)})'
+  return f'{pseudonyms.uid(series)} ({", ".join(details)})'
 
 
 def _slice_index(number: str) -> int | None:
@@ -81,11 +81,11 @@ def choose_series(
   errors: list[tuple[str, str]] = []
   by_series: dict[str, list[Instance]] = collections.defaultdict(list)
   show = pseudonyms.path
-  for found in instances:
-    if (problem := found.uid_problem(pseudonyms.active)) is not None:
+  for instance in instances:
+    if (problem := instance.uid_problem(pseudonyms.active)) is not None:
       errors.append((query, problem))
     else:
-      by_series[found.series].append(found)
+      by_series[instance.series].append(instance)
   if not by_series:
     return Chosen([], [], errors)
   candidates = sorted(by_series)
@@ -108,13 +108,13 @@ def choose_series(
     )
   if len(candidates) > 1:
     matching = f' match --series-filter {series_filter}' if series_filter else ''
-    shown = '; '.join(_describe(u, by_series[u], pseudonyms) for u in candidates)
+    choices = '; '.join(_describe(u, by_series[u], pseudonyms) for u in candidates)
     return Chosen(
       [],
       [
         (
           schema.AMBIGUOUS_SERIES,
-          f'{len(candidates)} series of PatientID {patient_id}{matching}: {shown}; '
+          f'{len(candidates)} series of PatientID {patient_id}{matching}: {choices}; '
           'choose one with --series-filter',
         )
       ],
@@ -122,19 +122,19 @@ def choose_series(
     )
   chosen = sorted(by_series[candidates[0]], key=lambda i: i.sop)
   numbered: dict[int, list[Instance]] = collections.defaultdict(list)
-  for found in chosen:
-    index = _slice_index(found.number)
+  for instance in chosen:
+    index = _slice_index(instance.number)
     if index is None:
       why = (
         'has no InstanceNumber (0020,0013)'
-        if not found.number
-        else f'has InstanceNumber {found.number!r}, not a number from 0 up'
+        if not instance.number
+        else f'has InstanceNumber {instance.number!r}, not a number from 0 up'
       )
       errors.append(
-        (show(found.path), f'{why}: it cannot be matched to a contour file')
+        (show(instance.path), f'{why}: it cannot be matched to a contour file')
       )
     else:
-      numbered[index].append(found)
+      numbered[index].append(instance)
   files = []
   for index, holders in sorted(numbered.items()):
     if len(holders) == 1:
@@ -142,12 +142,12 @@ def choose_series(
       source = path if pseudonyms.active else ''
       files.append(layout.DicomFile(patient_id, index, show(path), source))
       continue
-    for found in holders:
+    for instance in holders:
       errors.append(
         (
-          show(found.path),
+          show(instance.path),
           f'InstanceNumber {index} is held by {len(holders)} instances of series '
-          f'{pseudonyms.uid(found.series)}; none of them is used',
+          f'{pseudonyms.uid(instance.series)}; none of them is used',
         )
       )
   return Chosen(files, [], errors)
@@ -196,8 +196,8 @@ class _SearchFn(beam.DoFn):
       yield from _bundles.finished(self._done(done))
 
   def _done(self, done: tuple[layout.Link, int, Chosen]) -> Iterator:
-    link, found, chosen = done
-    self._instances.inc(found)  # here: Beam's metrics are per thread
+    link, instance_count, chosen = done
+    self._instances.inc(instance_count)  # here: Beam's metrics are per thread
     yield from self._outputs(link, chosen)
 
   def _search(self, link: layout.Link) -> tuple[layout.Link, int, Chosen]:
