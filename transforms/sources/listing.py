@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Iterator
 
 import apache_beam as beam
@@ -214,10 +215,11 @@ class _ListFn(beam.DoFn):
   """Lists folders of an object store: ``level`` gives the files and
   sub-folders of a top folder, ``files`` everything under one patient's
   folder (paged by the store's client). Up to ``--read-concurrency``
-  folders of a bundle are listed at once (threads), so a worker given many
-  patients is not one round trip after another. A folder that cannot be
-  listed is one (path, reason) pair, classified as a stray like any
-  unusable entry."""
+  folders are listed at once (threads), so a worker given many patients is
+  not one round trip after another; the bound holds for the whole process
+  (_listing_slots), also when the runner runs the top folders' listing and
+  the patient folders' at once. A folder that cannot be listed is one
+  (path, reason) pair, classified as a stray like any unusable entry."""
 
   def __init__(self, config: stores.StoreConfig, top: bool):
     self._config = config
@@ -226,6 +228,7 @@ class _ListFn(beam.DoFn):
   def setup(self):
     stores.configure(self._config)
     self._listings = _bundles.Ahead(self._config.read_concurrency, 'list')
+    self._slots = _listing_slots(self._config.read_concurrency)
 
   def teardown(self):
     self._listings.close()
@@ -248,20 +251,32 @@ class _ListFn(beam.DoFn):
     store = stores.store(folder)
     outputs: list = []
     try:
-      if self._top:
-        files, folders = store.level(folder)
-        outputs += [(path, None) for path in files]
-        outputs += [pvalue.TaggedOutput(_FOLDERS, path) for path in folders]
-      else:
-        for path in store.files(folder):
-          if not path.endswith('/'):  # a "folder" marker object
-            outputs.append((path, None))
+      with self._slots:
+        if self._top:
+          listed, folders = store.level(folder)
+          outputs += [(path, None) for path in listed]
+          outputs += [pvalue.TaggedOutput(_FOLDERS, path) for path in folders]
+        else:
+          for path in store.files(folder):
+            if not path.endswith('/'):  # a "folder" marker object
+              outputs.append((path, None))
     except OSError as e:
       outputs.append((folder, f'cannot list folder: {e}'))
     return outputs
 
 
 _FOLDERS = 'folders'  # patient folders found by the top-level listing
+
+_SLOTS: dict[int, threading.BoundedSemaphore] = {}
+_SLOTS_LOCK = threading.Lock()
+
+
+def _listing_slots(concurrency: int) -> threading.BoundedSemaphore:
+  """The process's listings in flight, at most ``concurrency``: one
+  semaphore shared by every _ListFn of the process."""
+  with _SLOTS_LOCK:
+    slots = threading.BoundedSemaphore(max(1, concurrency))
+    return _SLOTS.setdefault(concurrency, slots)
 
 
 class ListTree(_FromTree):
