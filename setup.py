@@ -24,5 +24,7 @@ setuptools.setup(
     'pylibjpeg-libjpeg>=2.1',
     'pylibjpeg-openjpeg>=2.3',
     'tqdm>=4.66,<5',
+    'urllib3>=2,<3',
+    'obstore>=0.12.1,<0.13',
   ],
 )

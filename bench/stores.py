@@ -1,22 +1,26 @@
-"""The pipeline's S3 client against obstore (Rust object_store), client alone.
+"""The pipeline's S3 client (obstore) against boto3 and bare obstore, alone.
 
 Against moto's S3 kept alive (tests/s3server.py) on 127.0.0.1, the same
 ``--objects`` objects of ``--size`` bytes (a 256 x 256 int16 slice is about
 131 KB) are read 32 at a time, in interleaved rounds (every other one in
 reverse order), by:
 
-- ``ours``: transforms.io.s3.S3Store.read (botocore-signed GETs over one
-  urllib3 pool), from a thread pool of 32, as the decode stage's prefetcher
-  reads;
+- ``ours``: transforms.io.s3.S3Store.read (obstore's ``get``, its error
+  mapping and the copy to ``bytes``), from a thread pool of 32, as the decode
+  stage's prefetcher reads;
+- ``boto3 get_object``: one shared boto3 client (a pool of 40 connections)
+  from the same thread pool: what the pipeline used before its own signed
+  GETs, and what a user writes;
 - ``obstore threads``: ``obstore.get(store, key).bytes()`` from the same
-  thread pool (obstore releases the GIL while it waits);
+  thread pool (obstore releases the GIL while it waits): ours without its
+  wrapper;
 - ``obstore async``: ``obstore.get_async`` under asyncio, 32 at a time.
 
 Each round prints objects/s and the client's CPU ms per object (this
 process's CPU, obstore's runtime threads included) and the server's; the
 table gives medians and each mode's ratio to ``ours`` (medians of per-round
-ratios). Then, once each: a listing of every object (ours: the paginator;
-obstore: ``list``), a conditional create of an existing key (both must
+ratios). Then, once each: a listing of every object (ours: boto3's
+paginator; obstore: ``list``), a conditional create of an existing key (both must
 refuse it), a 20 MiB upload (multipart in both), and the import time of each
 client in a fresh interpreter.
 """
@@ -100,6 +104,22 @@ def main(argv=None) -> None:
         for data in pool.map(lambda key: ours.read(f's3://{BUCKET}/{key}'), keys):
           assert len(data) == args.size
 
+    import boto3
+    from botocore.config import Config
+
+    plain = boto3.client(
+      's3',
+      endpoint_url=endpoint,
+      region_name='us-east-1',
+      config=Config(max_pool_connections=IN_FLIGHT + 8),
+    )
+
+    def by_boto3():
+      with ThreadPoolExecutor(IN_FLIGHT) as pool:
+        read = lambda key: plain.get_object(Bucket=BUCKET, Key=key)['Body'].read()  # noqa: E731
+        for data in pool.map(read, keys):
+          assert len(data) == args.size
+
     def by_obstore_threads():
       with ThreadPoolExecutor(IN_FLIGHT) as pool:
         for data in pool.map(lambda key: obstore.get(theirs, key).bytes(), keys):
@@ -121,6 +141,7 @@ def main(argv=None) -> None:
 
     modes = {
       'ours': by_ours,
+      'boto3 get_object': by_boto3,
       'obstore threads': by_obstore_threads,
       'obstore async': by_obstore_async,
     }
@@ -199,7 +220,7 @@ def main(argv=None) -> None:
       f'(each read back by the other: {same})'
     )
   for code in (
-    'import boto3, urllib3, botocore.auth',
+    'import boto3',
     'import obstore, obstore.store',
   ):
     times = []

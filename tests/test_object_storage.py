@@ -314,17 +314,46 @@ def test_patient_folders_are_listed_at_once_within_the_read_concurrency(
 
 
 def test_uploads_go_in_parts_as_they_are_written(s3_store):
+  """A file of 2 parts and a bit is uploaded while it is written: before
+  close, the server already holds a multipart upload with parts in it."""
   client = s3_store
   path = f's3://{BUCKET}/PARTS/big.bin'
   data = os.urandom(2 * protocol.PART_SIZE + 12345)
   f = stores.store(path).create(path)
   for start in range(0, len(data), 1 << 20):
     f.write(data[start : start + (1 << 20)])
-    assert len(f._buffer) < protocol.PART_SIZE  # one part held at most
+  assert f.tell() == len(data)
+  (upload,) = [
+    u
+    for u in client.list_multipart_uploads(Bucket=BUCKET).get('Uploads', ())
+    if u['Key'] == 'PARTS/big.bin'
+  ]
+  parts = client.list_parts(
+    Bucket=BUCKET, Key='PARTS/big.bin', UploadId=upload['UploadId']
+  )
+  assert parts.get('Parts'), 'nothing was sent before close'
   f.close()
   assert stores.read_bytes(path) == data
   etag = client.head_object(Bucket=BUCKET, Key='PARTS/big.bin')['ETag']
   assert etag.strip('"').endswith('-3')  # a multipart upload of 3 parts
+
+
+def test_a_small_file_is_one_put_and_reads_back_whole_or_capped(s3_store):
+  path = f's3://{BUCKET}/SMALL/one.bin'
+  stores.write_bytes(path, b'0123456789')
+  store = stores.store(path)
+  assert store.read(path) == b'0123456789'
+  assert store.read(path, limit=3) == b'0123'  # at most limit + 1 bytes
+  assert store.read(path, limit=99) == b'0123456789'
+  stores.write_bytes(f's3://{BUCKET}/SMALL/empty', b'')
+  assert store.read(f's3://{BUCKET}/SMALL/empty', limit=3) == b''
+  with pytest.raises(FileNotFoundError):
+    store.read(f's3://{BUCKET}/SMALL/missing')
+  assert not store.exists(f's3://{BUCKET}/SMALL/missing')
+  store.copy(path, f's3://{BUCKET}/SMALL/copy.bin')
+  assert store.read(f's3://{BUCKET}/SMALL/copy.bin') == b'0123456789'
+  store.delete([path, f's3://{BUCKET}/SMALL/copy.bin', f's3://{BUCKET}/SMALL/missing'])
+  assert not store.exists(path) and not store.exists(f's3://{BUCKET}/SMALL/copy.bin')
 
 
 def test_the_lock_on_an_object_store_is_a_conditional_create(
@@ -427,3 +456,43 @@ def test_duplicates_on_s3_give_the_local_dataset(s3_endpoint, tmp_path):
   assert any(schema.DUPLICATE_SLICE in r['qa_flags'] for r in got[schema.SLICES_DIR])
   # sizes and digests in _SUMMARY.json match the rewritten, copied shards
   assert verify.verify(str(tmp_path / 'out')).failures == []
+
+
+ODD_KEYS = [
+  'dicoms/SCD0000101/../7.dcm',
+  'dicoms/SCD0000101/./8.dcm',
+  'dicoms/SCD0000101/sub//9.dcm',
+  'dicoms/SCD0000101/ctl\x01.dcm',
+]
+
+
+def test_keys_no_path_could_hold_are_reported_and_lose_nothing_else(
+  s3_endpoint, broken_tree, tmp_path
+):
+  """Object keys with a '..' or '.' segment, an empty segment or a control
+  character (an object store holds any key; object_store refuses to list
+  them): the run lists past them, each is a row of the errors or the
+  reconciliation, and every other slice is as in the local run."""
+  root, local = broken_tree
+  client = _client(s3_endpoint)
+  _upload_tree(client, root, 'ODD')
+  body = open(os.path.join(root, 'dicoms', 'SCD0000101', '1.dcm'), 'rb').read()
+  for key in ODD_KEYS:
+    client.put_object(Bucket=BUCKET, Key=f'ODD/{key}', Body=body)
+  args = [
+    '--input',
+    f's3://{BUCKET}/ODD',
+    '--output',
+    str(tmp_path / 'out'),
+    f'--s3_endpoint_url={s3_endpoint}',
+    *KEYS,
+  ]
+  assert cli.main(args) == cli.EXIT_QUARANTINED
+  got, want = dataset_tables(str(tmp_path / 'out')), dataset_tables(local)
+  reported = [r['path'] for r in got[schema.ERRORS_DIR]]
+  reported += [
+    r.get('dicom_path') or r.get('path') for r in got[schema.RECONCILIATION_DIR]
+  ]
+  for key in ODD_KEYS:
+    assert any(key in str(p) for p in reported), key
+  assert got[schema.SLICES_DIR] == want[schema.SLICES_DIR]

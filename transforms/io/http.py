@@ -1,4 +1,4 @@
-"""The HTTP connection pool of the hot paths (S3's signed GETs, DICOMweb)."""
+"""The HTTP connection pool of the hot paths (DICOMweb's retrieves and searches)."""
 
 from __future__ import annotations
 

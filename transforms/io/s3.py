@@ -1,23 +1,31 @@
-"""``s3://`` through boto3, built once per worker process and shared by its
-threads.
+"""``s3://`` through obstore (Rust ``object_store``), one client per bucket and
+worker process, shared by its threads.
 
-boto3 measured fastest against an S3-compatible server (BENCHMARKS.md):
-pyarrow.fs sends a HEAD before every GET. The GETs of the hot path are
-signed with botocore's signer and sent through urllib3 (_SignedGets); the
-rest uses the boto3 client, whose ``standard`` retry mode retries throttling
-(503 SlowDown, 429) and transient errors (5xx, dropped connections) with
-exponential backoff and full jitter, capped at 20 s a wait, up to
-``StoreConfig.attempts`` attempts. The endpoint and region come from Beam's
-standard ``--s3_endpoint_url`` and ``--s3_region_name``; uploads larger than
-one part are multipart, and ``create_exclusive`` is a conditional create
-(``If-None-Match: *``).
+obstore sends the requests: the GETs of the hot path (half the client CPU
+of a botocore-signed GET, which is GIL time the decoding thread gets back;
+BENCHMARKS.md), uploads (multipart once a file outgrows one part), the
+conditional create (``If-None-Match: *``), copies and deletes. Its retries
+cover throttling (429, 503 SlowDown), 5xx answers, dropped connections and
+timeouts, with exponential backoff from 0.1 s to at most 20 s and jitter,
+``StoreConfig.attempts`` tries in all.
+
+Listing stays with boto3's paginator: ``object_store`` refuses a whole
+listing when one key holds a ``.`` or ``..`` segment, an empty segment
+(``a//b``) or a control character, and a data tree may hold such a key
+(the listing reports it; nothing else in the folder is lost).
+
+Credentials are boto3's chain (environment, profiles, SSO, container and
+instance roles), so both clients act as the same user; with none found,
+requests go unsigned (public buckets). The endpoint and region come from
+Beam's standard ``--s3_endpoint_url`` and ``--s3_region_name``.
 """
 
 from __future__ import annotations
 
-import contextlib
+import datetime
+import re
+import threading
 
-from transforms.io.http import http_pool
 from transforms.io.protocol import (
   PART_SIZE,
   SPARE_CONNECTIONS,
@@ -28,169 +36,80 @@ from transforms.io.protocol import (
   os_error,
 )
 
+_STATUS = re.compile(r'status code: (\d{3})')
+_CODE = re.compile(r'<Code>([^<]{1,64})</Code>')
+_URL = re.compile(r'\bhttps?://\S+')
 
-class _S3Upload(AppendOnlyFile):
-  """An object uploaded in ``PART_SIZE`` parts as it is written; only the
-  part being filled is held. A file smaller than one part is one PUT."""
+# Parts an upload sends at once while the next one fills (each PART_SIZE).
+_UPLOADS_IN_FLIGHT = 2
 
-  def __init__(self, client, bucket: str, key: str):
-    self._client, self._bucket, self._key = client, bucket, key
-    self._buffer = bytearray()
-    self._upload_id: str | None = None
-    self._parts: list[dict] = []
+
+def _error(e: Exception, path: str) -> OSError:
+  """An OSError for a failed obstore request, in the words of the rest of
+  the house: FileNotFoundError for a missing key, else ``HTTP <status>
+  <code>`` or the kind of failure. obstore's own text names the request's
+  URL (the real key) and is not passed on."""
+  if isinstance(e, FileNotFoundError):  # obstore's NotFoundError is one
+    return FileNotFoundError(2, 'no such object', path)
+  text = str(e)
+  status = _STATUS.search(text)
+  if status:
+    code = _CODE.search(text)
+    return OSError(f'{path}: HTTP {status[1]} {code[1] if code else ""}'.strip())
+  reason = _URL.sub('<request>', text.strip().splitlines()[0] if text.strip() else '')
+  return OSError(f'{path}: {type(e).__name__}: {reason}'.rstrip(': '))
+
+
+def _status(e: Exception) -> int | None:
+  found = _STATUS.search(str(e))
+  return int(found[1]) if found else None
+
+
+class _Upload(AppendOnlyFile):
+  """An object written as it goes: one PUT for a file smaller than a part,
+  else a multipart upload holding at most the part being filled and
+  ``_UPLOADS_IN_FLIGHT`` parts on their way."""
+
+  def __init__(self, bucket, key: str, path: str):
+    import obstore
+
+    self._path = path
+    self._writer = obstore.open_writer(
+      bucket, key, buffer_size=PART_SIZE, max_concurrency=_UPLOADS_IN_FLIGHT
+    )
 
   def write(self, data) -> int:
     view = memoryview(data).cast('B')
-    self._buffer += view
+    try:
+      self._writer.write(view)
+    except Exception as e:
+      raise _error(e, self._path) from e
     self.size += len(view)
-    while len(self._buffer) >= PART_SIZE:
-      self._upload(bytes(self._buffer[:PART_SIZE]))
-      del self._buffer[:PART_SIZE]
     return len(view)
 
   def flush(self) -> None:
     pass
 
-  def _upload(self, part: bytes) -> None:
-    try:
-      if self._upload_id is None:
-        created = self._client.create_multipart_upload(
-          Bucket=self._bucket, Key=self._key
-        )
-        self._upload_id = created['UploadId']
-      number = len(self._parts) + 1
-      done = self._client.upload_part(
-        Bucket=self._bucket,
-        Key=self._key,
-        UploadId=self._upload_id,
-        PartNumber=number,
-        Body=part,
-      )
-    except Exception as e:
-      self.abort()
-      raise os_error(e, f's3://{self._bucket}/{self._key}') from e
-    self._parts.append({'ETag': done['ETag'], 'PartNumber': number})
-
-  def abort(self) -> None:
-    """Drops an unfinished multipart upload (its parts cost storage)."""
-    if self._upload_id is not None:
-      with contextlib.suppress(Exception):
-        self._client.abort_multipart_upload(
-          Bucket=self._bucket, Key=self._key, UploadId=self._upload_id
-        )
-      self._upload_id = None
-
   def close(self) -> None:
     if self.closed:
       return
     self.closed = True
-    path = f's3://{self._bucket}/{self._key}'
-    if self._upload_id is None:
-      try:
-        self._client.put_object(
-          Bucket=self._bucket, Key=self._key, Body=bytes(self._buffer)
-        )
-      except Exception as e:
-        raise os_error(e, path) from e
-      return
-    if self._buffer:
-      self._upload(bytes(self._buffer))
-    self._buffer = bytearray()
     try:
-      self._client.complete_multipart_upload(
-        Bucket=self._bucket,
-        Key=self._key,
-        UploadId=self._upload_id,
-        MultipartUpload={'Parts': self._parts},
-      )
+      self._writer.close()
     except Exception as e:
-      self.abort()
-      raise os_error(e, path) from e
-
-
-class _SignedGets:
-  """GETs of S3 objects, signed with botocore's SigV4 signer and sent through
-  one urllib3 connection pool: the hot path of a run.
-
-  A boto3 ``get_object`` spends most of its CPU in botocore's event, parsing
-  and checksum machinery; this costs about half as much (BENCHMARKS.md), and
-  the saving is GIL time the decoding thread gets back. Everything else
-  (listing, uploads, copies, deletes) goes through the boto3 client. The
-  client's resolved endpoint, region and credential chain (refreshed per
-  request) are used, so the two paths reach the same store as the same user.
-  Retries are urllib3's: throttling and transient statuses (429, 500, 502,
-  503, 504) and connection errors, exponential backoff (0.1 s doubling, at
-  most 20 s) plus up to 0.5 s of jitter.
-  """
-
-  def __init__(self, client, credentials, config: StoreConfig):
-    from botocore.httpsession import get_cert_path
-
-    self._endpoint = client.meta.endpoint_url.rstrip('/')
-    self._region = client.meta.region_name or 'us-east-1'
-    self._path_style = config.s3_endpoint_url is not None
-    self._credentials = credentials
-    verify = config.s3_verify
-    tls = (
-      {'cert_reqs': 'CERT_NONE'}
-      if verify is False
-      else {'cert_reqs': 'CERT_REQUIRED', 'ca_certs': get_cert_path(verify or True)}
-    )
-    self._pool = http_pool(config.read_concurrency, config.attempts, tls)
-
-  def _url(self, bucket: str, key: str) -> str:
-    from urllib.parse import quote
-
-    quoted = quote(key, safe='/~')
-    if self._path_style or '.' in bucket:
-      return f'{self._endpoint}/{bucket}/{quoted}'
-    scheme, host = self._endpoint.split('://', 1)
-    return f'{scheme}://{bucket}.{host}/{quoted}'
-
-  def get(self, path: str, limit: int | None) -> bytes:
-    from botocore.auth import S3SigV4Auth
-    from botocore.awsrequest import AWSRequest
-
-    url = self._url(*bucket_key(path))
-    headers = {'x-amz-content-sha256': 'UNSIGNED-PAYLOAD'}
-    if limit is not None:  # at most limit + 1 bytes ever arrive
-      headers['Range'] = f'bytes=0-{limit}'
-    request = AWSRequest(method='GET', url=url, headers=headers)
-    if self._credentials is not None:
-      frozen = self._credentials.get_frozen_credentials()
-      S3SigV4Auth(frozen, 's3', self._region).add_auth(request)
-    try:
-      response = self._pool.request(
-        'GET', url, headers=dict(request.headers.items()), preload_content=True
-      )
-    except Exception as e:  # urllib3's, after its retries
-      raise OSError(f'{path}: {type(e).__name__}: {e}') from e
-    if response.status in (200, 206):
-      return response.data
-    if response.status == 416:  # a range on an empty object
-      return b''
-    code = _xml_code(response.data)
-    if response.status == 404 or code == 'NoSuchKey':
-      raise FileNotFoundError(2, 'no such object', path)
-    raise OSError(f'{path}: HTTP {response.status} {code}'.strip())
-
-
-def _xml_code(body: bytes) -> str:
-  """The ``<Code>`` of an S3 error body, or ''."""
-  start = body.find(b'<Code>')
-  end = body.find(b'</Code>', start)
-  return body[start + 6 : end].decode('utf-8', 'replace') if 0 <= start < end else ''
+      raise _error(e, self._path) from e
 
 
 class S3Store:
-  """S3 and S3-compatible servers, through one boto3 client (and its
-  signer and credentials for the GETs, see _SignedGets)."""
+  """S3 and S3-compatible servers: obstore for objects, boto3 for listing."""
 
   def __init__(self, config: StoreConfig):
     import boto3
     from botocore.config import Config
 
-    session = boto3.session.Session()
+    self._config = config
+    session = boto3.session.Session(region_name=config.s3_region)
+    self._session = session
     self._client = session.client(
       's3',
       endpoint_url=config.s3_endpoint_url,
@@ -203,10 +122,87 @@ class S3Store:
         read_timeout=60,
       ),
     )
-    self._gets = _SignedGets(self._client, session.get_credentials(), config)
+    self._region = config.s3_region or session.region_name or 'us-east-1'
+    self._buckets: dict[str, object] = {}
+    self._lock = threading.Lock()
+
+  def _bucket(self, name: str):
+    """The obstore client of a bucket, made on first use."""
+    with self._lock:
+      found = self._buckets.get(name)
+      if found is None:
+        found = self._buckets[name] = self._open(name)
+      return found
+
+  def _open(self, name: str):
+    from botocore.credentials import RefreshableCredentials
+    from obstore.store import S3Store as ObjectStore
+
+    config = self._config
+    client = {
+      'pool_max_idle_per_host': str(config.read_concurrency + SPARE_CONNECTIONS),
+      'connect_timeout': datetime.timedelta(seconds=10),
+      'read_timeout': datetime.timedelta(seconds=60),
+      'timeout': datetime.timedelta(hours=1),  # a large object's whole GET
+    }
+    settings: dict = {'region': self._region}
+    endpoint = config.s3_endpoint_url
+    if endpoint:
+      settings['endpoint'] = endpoint
+      client['allow_http'] = endpoint.startswith('http://')
+    else:
+      settings['virtual_hosted_style_request'] = '.' not in name
+    if config.s3_verify is False:
+      client['allow_invalid_certificates'] = True
+    elif isinstance(config.s3_verify, str):
+      with open(config.s3_verify, 'rb') as f:
+        client['root_certificate'] = f.read()
+    provider = None
+    credentials = self._session.get_credentials()
+    if credentials is None:
+      settings['skip_signature'] = True
+    elif isinstance(credentials, RefreshableCredentials):
+      from obstore.auth.boto3 import Boto3CredentialProvider
+
+      # Temporary credentials (roles, SSO): botocore refreshes them well
+      # before they expire; asked every 5 minutes, obstore never signs with
+      # stale ones.
+      provider = Boto3CredentialProvider(
+        self._session, ttl=datetime.timedelta(minutes=5)
+      )
+    else:  # keys that never change: signing never calls back into Python
+      frozen = credentials.get_frozen_credentials()
+      settings['access_key_id'] = frozen.access_key
+      settings['secret_access_key'] = frozen.secret_key
+      if frozen.token:
+        settings['session_token'] = frozen.token
+    return ObjectStore(
+      name,
+      config=settings,
+      client_options=client,
+      retry_config={
+        'max_retries': max(0, config.attempts - 1),
+        'backoff': {
+          'init_backoff': datetime.timedelta(milliseconds=100),
+          'max_backoff': datetime.timedelta(seconds=20),
+          'base': 2,
+        },
+      },
+      credential_provider=provider,
+    )
 
   def read(self, path, limit=None):
-    return self._gets.get(path, limit)
+    import obstore
+
+    bucket, key = bucket_key(path)
+    # A ranged read: at most limit + 1 bytes ever arrive.
+    options = None if limit is None else {'range': (0, limit + 1)}
+    try:
+      return bytes(obstore.get(self._bucket(bucket), key, options=options).bytes())
+    except Exception as e:
+      if limit is not None and _status(e) == 416:  # a range on an empty object
+        return b''
+      raise _error(e, path) from e
 
   def _pages(self, prefix: str, delimiter: str | None):
     bucket = bucket_key(prefix)[0]
@@ -236,49 +232,65 @@ class S3Store:
     return files, folders
 
   def create(self, path):
-    return _S3Upload(self._client, *bucket_key(path))
-
-  def create_exclusive(self, path, data):
     bucket, key = bucket_key(path)
     try:
-      self._client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch='*')
+      return _Upload(self._bucket(bucket), key, path)
     except Exception as e:
-      status = getattr(e, 'response', {}).get('ResponseMetadata', {})
-      if status.get('HTTPStatusCode') in (409, 412):
+      raise _error(e, path) from e
+
+  def create_exclusive(self, path, data):
+    import obstore
+    from obstore.exceptions import AlreadyExistsError, PreconditionError
+
+    bucket, key = bucket_key(path)
+    try:
+      obstore.put(self._bucket(bucket), key, data, mode='create')
+    except (AlreadyExistsError, PreconditionError):
+      return False
+    except Exception as e:
+      if _status(e) in (409, 412):
         return False
-      raise os_error(e, path) from e
+      raise _error(e, path) from e
     return True
 
   def exists(self, path):
+    import obstore
+
     bucket, key = bucket_key(path)
     try:
-      self._client.head_object(Bucket=bucket, Key=key)
+      obstore.head(self._bucket(bucket), key)
+    except FileNotFoundError:
+      return False
     except Exception as e:
-      error = os_error(e, path)
-      if isinstance(error, FileNotFoundError):
-        return False
-      raise error from e
+      raise _error(e, path) from e
     return True
 
   def copy(self, source, target):
+    import obstore
+
     bucket, key = bucket_key(source)
     to_bucket, to_key = bucket_key(target)
     try:
-      self._client.copy_object(
-        Bucket=to_bucket, Key=to_key, CopySource={'Bucket': bucket, 'Key': key}
-      )
+      if bucket == to_bucket:  # server-side
+        obstore.copy(self._bucket(bucket), key, to_key)
+      else:
+        self._client.copy_object(
+          Bucket=to_bucket, Key=to_key, CopySource={'Bucket': bucket, 'Key': key}
+        )
     except Exception as e:
-      raise os_error(e, source) from e
+      raise (_error if bucket == to_bucket else os_error)(e, source) from e
 
   def delete(self, paths):
+    import obstore
+
     by_bucket: dict[str, list[str]] = {}
     for path in paths:
       bucket, key = bucket_key(path)
       by_bucket.setdefault(bucket, []).append(key)
     for bucket, keys in by_bucket.items():
-      for start in range(0, len(keys), 1000):  # S3's batch limit
-        batch = [{'Key': k} for k in keys[start : start + 1000]]
-        try:
-          self._client.delete_objects(Bucket=bucket, Delete={'Objects': batch})
-        except Exception as e:
-          raise os_error(e, f's3://{bucket}') from e
+      try:  # batches of S3's 1,000; missing keys are no error
+        obstore.delete(self._bucket(bucket), [k for k in keys if k])
+      except FileNotFoundError:
+        pass
+      except Exception as e:
+        raise _error(e, f's3://{bucket}') from e
