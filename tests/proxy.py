@@ -146,6 +146,7 @@ async def _faulting(client_reader, client_writer, upstream, rules, stats, delay,
     if name not in (b'connection', b'keep-alive') and line:
       kept.append(line)
   body = await client_reader.readexactly(length) if length else b''
+  answered = False
   stats.start()
   try:
     for pattern, left in rules.items():
@@ -162,6 +163,9 @@ async def _faulting(client_reader, client_writer, upstream, rules, stats, delay,
       server_writer.write(b'\r\n'.join([*kept, b'Connection: close', b'', b'']) + body)
       await server_writer.drain()
       while chunk := await server_reader.read(65536):
+        if not answered:  # the answer has begun: the request is no longer
+          answered = True  # in flight (the client may send its next one
+          stats.end()  # before this connection's upstream end is seen)
         client_writer.write(chunk)
         await client_writer.drain()
     finally:  # the client may hang up first, once it has its answer
@@ -171,7 +175,8 @@ async def _faulting(client_reader, client_writer, upstream, rules, stats, delay,
       if after and stats.answered == after:
         os.kill(pid, signal.SIGKILL)
   finally:
-    stats.end()
+    if not answered:
+      stats.end()
     client_writer.close()
 
 
