@@ -52,10 +52,10 @@ def _error(e: Exception, path: str) -> OSError:
   if isinstance(e, FileNotFoundError):  # obstore's NotFoundError is one
     return FileNotFoundError(2, 'no such object', path)
   text = str(e)
-  status = _STATUS.search(text)
-  if status:
+  status = _status(e)
+  if status is not None:
     code = _CODE.search(text)
-    return OSError(f'{path}: HTTP {status[1]} {code[1] if code else ""}'.strip())
+    return OSError(f'{path}: HTTP {status} {code[1] if code else ""}'.strip())
   reason = _URL.sub('<request>', text.strip().splitlines()[0] if text.strip() else '')
   return OSError(f'{path}: {type(e).__name__}: {reason}'.rstrip(': '))
 
