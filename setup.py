@@ -26,5 +26,6 @@ setuptools.setup(
     'tqdm>=4.66,<5',
     'urllib3>=2,<3',
     'obstore>=0.12.1,<0.13',
+    'deltalake>=1.6.6,<2',
   ],
 )

@@ -52,6 +52,7 @@ from run import (
   settle,
 )
 
+from beam_pipeline.dataset import read_summary  # noqa: E402
 from tests import orthanc  # noqa: E402  (run puts the repo on the path)
 from transforms.io import dicomweb
 
@@ -156,8 +157,7 @@ def main(argv=None) -> None:
       def run():
         settle(out)
         m = measure(pipeline_command(tree, out, extra), env=env)
-        with open(os.path.join(out, '_SUMMARY.json')) as f:
-          written = json.load(f)['counters']['slices_written']
+        written = read_summary(out)['counters']['slices_written']
         assert written == slices[tree], f'{written} of {slices[tree]} slices written'
         return {'rate': written / m.seconds, 'seconds': m.seconds, 'cpu': m.cpu}
 

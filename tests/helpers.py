@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 import socket
 import time
@@ -15,8 +16,9 @@ import pyarrow.parquet as pq
 import pydicom
 from pydicom.data import get_testdata_file
 
+from beam_pipeline.dataset import versions
 from beam_pipeline.tools import sample
-from transforms.contract import layout
+from transforms.contract import layout, schema
 
 _SORT_KEYS = {
   'slices': ('patient_id', 'slice_index'),
@@ -25,14 +27,21 @@ _SORT_KEYS = {
 }
 
 
-def dataset_tables(out):
-  """The three tables of a local pipeline output, each in a canonical row order."""
+def dataset_tables(out, version=None):
+  """The three tables of a version of a local pipeline output (default: the
+  latest), each in a canonical row order, read with deltalake alone at the
+  table versions the run record pairs."""
+  from deltalake import DeltaTable
+
+  record = versions.record(out, version)
   return {
     name: sorted(
-      pq.read_table(os.path.join(out, name)).to_pylist(),
-      key=lambda r, keys=keys: tuple(str(r[k]) for k in keys),
+      DeltaTable(os.path.join(out, name), version=table_version)
+      .to_pyarrow_table()
+      .to_pylist(),
+      key=lambda r, keys=_SORT_KEYS[name]: tuple(str(r[k]) for k in keys),
     )
-    for name, keys in _SORT_KEYS.items()
+    for name, table_version in versions.table_versions(record).items()
   }
 
 
@@ -163,3 +172,34 @@ def leaks(forbidden, places):
     for value in forbidden
     if (value.encode() if isinstance(data, bytes) else value) in data
   ]
+
+
+def commit_file(out):
+  """The latest version's commit file: the slices table's log entry."""
+  return versions.log_path(out, schema.SLICES_DIR, versions.latest(out))
+
+
+def rewrite_record(path, change):
+  """Rewrites the run record inside a commit file with ``change`` applied."""
+  with open(path) as f:
+    lines = f.read().splitlines()
+  for k, line in enumerate(lines):
+    action = json.loads(line)
+    if 'commitInfo' in action:
+      change(action['commitInfo'][versions.RECORD_KEY])
+      lines[k] = json.dumps(action)
+  with open(path, 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+
+
+def add_to_commit(out, path, extra):
+  """Copies the slice shard ``path`` to ``extra`` and adds the copy to the
+  latest version's own commit, as a stray writer of the log would."""
+  import shutil
+
+  shutil.copy(path, extra)
+  with open(commit_file(out)) as f:
+    add = next(json.loads(line) for line in f if '"add"' in line)
+  add['add']['path'] = os.path.basename(extra)
+  with open(commit_file(out), 'a') as f:
+    f.write('\n' + json.dumps(add) + '\n')

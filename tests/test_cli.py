@@ -17,6 +17,7 @@ import termios
 import pyarrow.parquet as pq
 import pytest
 
+from beam_pipeline.dataset import history
 from beam_pipeline.launch import arguments, cli, console, preflight
 from beam_pipeline.tools import sample
 from tests.helpers import dataset_tables
@@ -138,13 +139,19 @@ def test_the_quick_start_runs_twice_and_leaves_nothing_behind(tmp_path):
   assert 'apache_beam' in logged and 'split val is empty' in logged
 
 
-def test_a_users_own_output_is_not_replaced_without_overwrite(tmp_path):
+def test_an_output_made_from_another_input_needs_overwrite(tmp_path):
   assert _cli(tmp_path)[0] == cli.EXIT_OK  # the sample and its output
-  code, _, err = _cli(tmp_path, '--input', 'sample_data')
-  assert code == cli.EXIT_USAGE and 'already holds a dataset' in err
-  assert _cli(tmp_path, '--input', 'sample_data', '--output', 'mine')[0] == 0
-  code, _, err = _cli(tmp_path, '--output', 'mine')
-  assert code == cli.EXIT_USAGE and '--overwrite' in err
+  assert _cli(tmp_path)[0] == cli.EXIT_OK  # the same input again: version 1
+  other = str(tmp_path / 'other')
+  sample.make_tree(other, patients=1, slices=3, rows=16, columns=16)
+  code, _, err = _cli(tmp_path, '--input', other)
+  (line,) = err.splitlines()
+  assert code == cli.EXIT_USAGE
+  assert 'holds versions made from' in line and '--overwrite' in line
+  assert [v['version'] for v in history(str(tmp_path / 'output'))] == [0, 1]
+  assert _cli(tmp_path, '--input', other, '--overwrite')[0] == cli.EXIT_OK
+  found = history(str(tmp_path / 'output'))
+  assert [v['input'] for v in found][-1] == other and len(found) == 3
 
 
 _NOISE = """

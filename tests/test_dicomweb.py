@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pydicom
 import pytest
 
+from beam_pipeline.dataset import read_summary
 from beam_pipeline.launch import cli
 from beam_pipeline.tools import keys, sample
 from tests import orthanc, proxy
@@ -125,8 +126,7 @@ def _without_paths(tables):
 def _fetches(out):
   """(instances from series retrieves, instances retrieved alone, series
   retrieves that ended early) of a run, from its summary's counters."""
-  with open(os.path.join(out, '_SUMMARY.json')) as f:
-    counters = json.load(f)['counters']
+  counters = read_summary(out)['counters']
   return tuple(counters.get(name, 0) for name in metrics.PACS_FETCHES)
 
 

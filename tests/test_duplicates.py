@@ -3,14 +3,13 @@ identical pixels under two slices, and identical contour files."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
 import pydicom
 import pytest
 
-from beam_pipeline.dataset import open_dataset, read_reconciliation
+from beam_pipeline.dataset import open_dataset, read_reconciliation, read_summary
 from beam_pipeline.launch import cli
 from beam_pipeline.tools import sample, verify
 from transforms import duplicates
@@ -131,8 +130,7 @@ def _rows(out):
 
 
 def _summary(out):
-  with open(os.path.join(out, schema.SUMMARY_FILE)) as f:
-    return json.load(f)
+  return read_summary(out)
 
 
 FRACTIONS = '0.5,0.5,0'

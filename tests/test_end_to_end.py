@@ -2,7 +2,6 @@
 
 import collections
 import errno
-import json
 import os
 
 import numpy as np
@@ -15,6 +14,7 @@ from beam_pipeline.dataset import (
   open_dataset,
   read_errors,
   read_reconciliation,
+  read_summary,
   row_groups,
 )
 from beam_pipeline.launch import cli
@@ -96,7 +96,7 @@ def test_every_quirk_is_reported_and_every_good_slice_lands(tree, tmp_path, caps
   assert sorted((r['path'], r['stage']) for r in errors) == sorted(manifest.errors)
   assert all(r['error'] for r in errors)
 
-  summary = json.load(open(os.path.join(out, schema.SUMMARY_FILE)))
+  summary = read_summary(out)
   assert summary['counters']['slices_written'] == len(manifest.slices)
   assert summary['counters']['errors_decode'] == sum(
     stage == schema.STAGE_DECODE for _, stage in manifest.errors
@@ -158,7 +158,8 @@ def test_clean_tree_exits_zero_and_schema_is_the_contract(clean_tree, tmp_path):
   out = str(tmp_path / 'OUT')
   assert _run(root, out) == cli.EXIT_OK
   _check_slices(out, manifest)
-  for name in os.listdir(os.path.join(out, schema.SLICES_DIR)):
+  names = os.listdir(os.path.join(out, schema.SLICES_DIR))
+  for name in [n for n in names if n.endswith('.parquet')]:
     written = pa.parquet.read_schema(os.path.join(out, schema.SLICES_DIR, name))
     assert written.equals(schema.SLICE_SCHEMA, check_metadata=False)
     assert written.field('image').metadata[b'description']
@@ -225,7 +226,8 @@ def test_a_shard_takes_a_bounded_number_of_tables(clean_tree, tmp_path, monkeypa
   monkeypatch.setattr(write, '_SHARD_TABLES', 3)
   assert _run(root, out, '--chunk-size', '4') == cli.EXIT_OK
   _check_slices(out, manifest)
-  shards = sorted(os.listdir(os.path.join(out, schema.SLICES_DIR)))
+  folder = os.path.join(out, schema.SLICES_DIR)
+  shards = sorted(n for n in os.listdir(folder) if n.endswith('.parquet'))
   # row_groups checks every file against the summary's list and digests
   per_shard = collections.Counter(path for path, _ in row_groups(out))
   assert sorted(os.path.basename(path) for path in per_shard) == shards
@@ -233,16 +235,17 @@ def test_a_shard_takes_a_bounded_number_of_tables(clean_tree, tmp_path, monkeypa
   assert max(per_shard.values()) <= 3, per_shard
 
 
-def test_existing_output_is_refused_then_replaced_with_overwrite(
-  clean_tree, tmp_path, capsys
-):
+def test_a_second_run_adds_a_version_and_the_first_stays_readable(clean_tree, tmp_path):
   root, manifest = clean_tree
   out = str(tmp_path / 'OUT')
+  assert _run(root, out, '--labeled-only') == cli.EXIT_OK
+  first = dataset_tables(out)
   assert _run(root, out) == cli.EXIT_OK
-  assert _run(root, out) == cli.EXIT_USAGE
-  assert '--overwrite' in capsys.readouterr().err
-  assert _run(root, out, '--overwrite') == cli.EXIT_OK
   _check_slices(out, manifest)  # exactly once each: no duplicate rows
+  assert dataset_tables(out, version=0) == first
+  assert len(dataset_tables(out)['slices']) > len(first['slices'])
+  assert read_summary(out, 0)['labeled_only'] is True
+  assert read_summary(out)['version'] == 1
 
 
 @pytest.mark.parametrize(

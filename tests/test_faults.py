@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from beam_pipeline.dataset import open_dataset
+from beam_pipeline.dataset import open_dataset, read_summary, versions
 from beam_pipeline.launch import cli, lock, publish
 from beam_pipeline.tools import sample, verify
 from tests.helpers import dataset_tables
@@ -81,8 +81,7 @@ def test_killed_first_run_looks_incomplete_and_a_rerun_completes(big_tree, tmp_p
   root, manifest = big_tree
   out = str(tmp_path / 'OUT')
   _kill_half_way(['--input', root, '--output', out], out)
-  assert not os.path.exists(os.path.join(out, schema.SUMMARY_FILE))
-  assert not os.path.exists(os.path.join(out, schema.SLICES_DIR))
+  assert not os.path.exists(os.path.join(out, schema.SLICES_DIR, versions.LOG_DIR))
   # The same command again: leftovers are cleared, the dataset is complete.
   assert cli.main(['--input', root, '--output', out]) == cli.EXIT_OK
   assert not [n for n in os.listdir(out) if n.startswith(schema.STAGING_DIR)]
@@ -219,10 +218,9 @@ def test_two_runs_into_one_output_never_mix_and_the_loser_changes_nothing(
   assert cli.EXIT_OK in [code for code, _ in results]
   final = dataset_tables(out)
   assert final in (references['big'], references['other'])
-  with open(os.path.join(out, schema.SUMMARY_FILE)) as f:
-    made_from = json.load(f)['input']
+  made_from = read_summary(out)['input']
   assert final == references['big' if made_from == big_tree[0] else 'other']
-  assert sorted(os.listdir(out)) == sorted(publish.OUTPUT_ENTRIES)
+  assert sorted(os.listdir(out)) == sorted(publish.DATA_ENTRIES)
 
 
 def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_warning(big_tree, tmp_path):
@@ -242,4 +240,4 @@ def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_warning(big_tree, tmp_
   warning = [x for x in done.stderr.splitlines() if 'taking over the lock' in x]
   assert len(warning) == 1 and f'pid {left["pid"]} on {left["host"]}' in warning[0]
   assert open_dataset(out).count_rows() == len(manifest.slices)
-  assert sorted(os.listdir(out)) == sorted(publish.OUTPUT_ENTRIES)
+  assert sorted(os.listdir(out)) == sorted(publish.DATA_ENTRIES)

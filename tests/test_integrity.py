@@ -14,7 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from beam_pipeline import dataset
+from beam_pipeline.dataset import versions
 from beam_pipeline.tools import verify
+from tests.helpers import add_to_commit, commit_file, rewrite_record
 from transforms.contract import digests, schema
 
 _TABLES = {
@@ -117,9 +119,15 @@ def test_the_summary_records_every_file(written):
   )
 
 
-def _summary_without_self_check(out):
-  with open(os.path.join(out, schema.SUMMARY_FILE)) as f:
-    return json.load(f)
+def _record_span(path):
+  """(start, end) of the run record's bytes inside a commit file."""
+  with open(path, encoding='utf-8') as f:
+    text = f.read()
+  key = f'"{versions.RECORD_KEY}":'
+  start = text.index(key) + len(key)
+  _, end = json.JSONDecoder().raw_decode(text, start)
+  assert text.isascii()  # so character offsets are byte offsets
+  return start, end
 
 
 def _refused(out, match):
@@ -138,7 +146,9 @@ def test_the_reader_refuses_a_changed_file_set(written, tmp_path, case):
     os.remove(path)
     match = f'{name} is missing'
   elif case == 'extra':
-    shutil.copy(path, path.replace('part-', 'part-9'))
+    # A file added to the version's own commit (a stray file beside the
+    # tables is no version's, and no reader reads it)
+    add_to_commit(copy, path, path.replace('part-', 'part-9'))
     match = "is not one of the run's files"
   else:
     size = os.path.getsize(path)
@@ -161,18 +171,33 @@ def test_the_reader_refuses_an_altered_shard(written, tmp_path):
     list(dataset.iter_batches(copy, batch_size=8))
 
 
-def test_the_reader_refuses_an_altered_or_missing_summary(written, tmp_path):
+def test_a_stray_file_beside_the_tables_is_read_by_no_reader(written, tmp_path):
   copy = _copy(written.out, tmp_path)
-  summary = _summary_without_self_check(copy)
-  summary['labeled_only'] = not summary['labeled_only']
-  with open(os.path.join(copy, schema.SUMMARY_FILE), 'w') as f:
-    json.dump(summary, f)
+  (path, *_) = _files(copy, schema.SLICES_DIR)
+  shutil.copy(path, path.replace('part-', 'part-9'))
+  assert dataset.open_dataset(copy).count_rows() == written.manifest.slices.__len__()
+  assert verify.verify(copy).failures == []
+
+
+def test_the_reader_refuses_an_altered_or_missing_run_record(written, tmp_path):
+  copy = _copy(written.out, tmp_path)
+  commit = commit_file(copy)
+  rewrite_record(commit, lambda r: r.update(labeled_only=not r['labeled_only']))
   _refused(copy, 'altered')
-  with open(os.path.join(copy, schema.SUMMARY_FILE), 'wb') as f:
-    f.write(b'{"files": \xff}')
+
+  def older(record):
+    record.update(schema_version='2', labeled_only=not record['labeled_only'])
+    record[digests.SUMMARY_DIGEST] = digests.of_summary(record)
+
+  rewrite_record(commit, older)
+  _refused(copy, 'written with schema version 2; this reader reads schema 3')
+  with open(commit, 'rb') as f:
+    data = f.read()
+  with open(commit, 'wb') as f:
+    f.write(data.replace(b'"commitInfo"', b'\xff"commitInfo"', 1))
   _refused(copy, 'unreadable')
-  os.remove(os.path.join(copy, schema.SUMMARY_FILE))
-  _refused(copy, 'no run completed')
+  os.remove(commit)
+  _refused(copy, 'no committed version')
   with pytest.raises(dataset.DatasetError):
     dataset.read_errors(copy)
 
@@ -182,11 +207,16 @@ def _flip_positions(out, rng, n):
   non-image columns and footers of the slice shards (where flips used to
   pass unnoticed)."""
   paths = [p for folder in _TABLES for p in _files(out, folder)]
-  paths.append(os.path.join(out, schema.SUMMARY_FILE))
+  commit = commit_file(out)
+  paths.append(commit)
   positions = []
   for _ in range(n // 2):
     path = rng.choice(paths)
-    positions.append((path, rng.randrange(os.path.getsize(path)), rng.randrange(8)))
+    if path == commit:  # inside the run record (the rest is Delta's)
+      offset = rng.randrange(*_record_span(commit))
+    else:
+      offset = rng.randrange(os.path.getsize(path))
+    positions.append((path, offset, rng.randrange(8)))
   image = schema.SLICE_SCHEMA.get_field_index('image')
   ranges = []
   for path in _files(out, schema.SLICES_DIR):

@@ -81,18 +81,20 @@ def test_s3_input_and_output_give_the_local_dataset(s3_endpoint, tmp_path):
     *KEYS,
   ]
   assert cli.main(args) == cli.EXIT_QUARANTINED
-  assert cli.main(args) == cli.EXIT_USAGE  # a dataset is there now
+  assert cli.main(args) == cli.EXIT_QUARANTINED  # a second version
   downloaded = tmp_path / 'downloaded'
   listing = client.list_objects_v2(Bucket=BUCKET, Prefix='OUT/')['Contents']
   keys = [o['Key'] for o in listing]
   assert not [k for k in keys if '_incomplete' in k]
-  assert 'OUT/_SUMMARY.json' in keys
+  assert 'OUT/slices/_delta_log/00000000000000000001.json' in keys
   for key in keys:
     target = downloaded / key[len('OUT/') :]
     target.parent.mkdir(parents=True, exist_ok=True)
     client.download_file(BUCKET, key, str(target))
   assert dataset_tables(str(downloaded)) == dataset_tables(local)
+  assert dataset_tables(str(downloaded), version=0) == dataset_tables(local)
   assert verify.verify(str(downloaded)).failures == []
+  assert verify.verify(str(downloaded), version=0).failures == []
 
 
 def test_an_unreachable_bucket_is_one_line_and_exit_two_before_anything_runs(
@@ -172,6 +174,7 @@ def test_throttled_requests_are_retried_and_change_nothing(
   assert figures['faults'] == 5
   _download(_client(s3_endpoint), 'THROTTLED', tmp_path / 'out')
   assert dataset_tables(str(tmp_path / 'out')) == dataset_tables(local)
+  assert dataset_tables(str(tmp_path / 'out'), version=0) == dataset_tables(local)
 
 
 def test_a_file_that_keeps_failing_is_one_read_row(s3_endpoint, broken_tree, tmp_path):
@@ -411,9 +414,9 @@ def test_gcs_input_and_output_give_the_local_dataset(
       bucket.blob(f'DATA/{os.path.relpath(path, root)}').upload_from_filename(path)
   args = ['--input', 'gs://cardiac-gcs/DATA', '--output', 'gs://cardiac-gcs/OUT']
   assert cli.main(args) == cli.EXIT_QUARANTINED
-  assert cli.main(args) == cli.EXIT_USAGE  # a dataset is there now
+  assert cli.main(args) == cli.EXIT_QUARANTINED  # a second version
   keys = [blob.name for blob in client.list_blobs('cardiac-gcs', prefix='OUT/')]
-  assert 'OUT/_SUMMARY.json' in keys
+  assert 'OUT/slices/_delta_log/00000000000000000001.json' in keys
   assert not [k for k in keys if schema.STAGING_DIR in k or lock.LOCK_FILE in k]
   for key in keys:
     target = tmp_path / 'out' / key[len('OUT/') :]
@@ -454,7 +457,7 @@ def test_duplicates_on_s3_give_the_local_dataset(s3_endpoint, tmp_path):
   got, want = dataset_tables(str(tmp_path / 'out')), dataset_tables(local)
   assert got == want
   assert any(schema.DUPLICATE_SLICE in r['qa_flags'] for r in got[schema.SLICES_DIR])
-  # sizes and digests in _SUMMARY.json match the rewritten, copied shards
+  # sizes and digests in the run record match the rewritten, copied shards
   assert verify.verify(str(tmp_path / 'out')).failures == []
 
 

@@ -9,13 +9,13 @@ the standard), so it is data, not a list written here.
 """
 
 import glob
-import json
 import os
 
 import pydicom
 import pytest
 from dicomanonymizer.dicom_anonymization_databases import dicomfields_2026c as ps315
 
+from beam_pipeline.dataset import read_summary
 from beam_pipeline.launch import cli
 from beam_pipeline.tools import sample
 from tests.helpers import dataset_tables
@@ -144,6 +144,5 @@ def test_a_burned_in_slice_is_flagged_or_excluded_with_a_row(tmp_path):
   assert error['stage'] == schema.STAGE_EXCLUDED
   assert error['path'] == f'dicoms/{pid}/{k}.dcm'
   assert 'BurnedInAnnotation is YES' in error['error']
-  with open(os.path.join(excluded, '_SUMMARY.json')) as f:
-    counters = json.load(f)['counters']
+  counters = read_summary(excluded)['counters']
   assert counters[metrics.error_counter(schema.STAGE_EXCLUDED)] == 1

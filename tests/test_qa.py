@@ -16,6 +16,7 @@ from beam_pipeline.dataset import mask_of
 from beam_pipeline.launch import cli
 from beam_pipeline.tools import overlay, qa, render, sample, verify
 from tests.conftest import WRITTEN_COLUMNS, WRITTEN_ROWS
+from tests.helpers import add_to_commit, commit_file, rewrite_record
 from transforms.contract import schema
 
 
@@ -300,8 +301,8 @@ def test_verify_passes_on_a_fresh_output(written, capsys):
 def test_verify_catches_a_duplicated_shard(written, tmp_path):
   copy = _copy(written.out, tmp_path)
   folder = os.path.join(copy, schema.SLICES_DIR)
-  name = sorted(os.listdir(folder))[0]
-  shutil.copy(os.path.join(folder, name), os.path.join(folder, 'extra-' + name))
+  name = sorted(n for n in os.listdir(folder) if n.endswith('.parquet'))[0]
+  add_to_commit(copy, os.path.join(folder, name), os.path.join(folder, 'x-' + name))
   failures = verify.verify(copy).failures
   assert 'files match the summary' in failures
   assert (
@@ -312,7 +313,8 @@ def test_verify_catches_a_duplicated_shard(written, tmp_path):
 def test_verify_catches_a_corrupted_image(written, tmp_path):
   copy = _copy(written.out, tmp_path)
   folder = os.path.join(copy, schema.SLICES_DIR)
-  path = os.path.join(folder, sorted(os.listdir(folder))[0])
+  name = sorted(n for n in os.listdir(folder) if n.endswith('.parquet'))[0]
+  path = os.path.join(folder, name)
   table = pq.read_table(path)
   images = table['image'].to_pylist()
   images[0] = bytes([images[0][0] ^ 1]) + images[0][1:]
@@ -328,17 +330,14 @@ def test_verify_catches_a_corrupted_image(written, tmp_path):
 
 def test_verify_catches_missing_summary_and_lost_reports(written, tmp_path):
   copy = _copy(written.out, tmp_path)
-  with open(os.path.join(copy, schema.SUMMARY_FILE)) as f:
-    summary = json.load(f)
-  summary['counters']['slices_written'] += 1
-  with open(os.path.join(copy, schema.SUMMARY_FILE), 'w') as f:
-    json.dump(summary, f)
+  commit = commit_file(copy)
+  rewrite_record(commit, lambda r: r['counters'].update(slices_written=0))
   checks = verify.verify(copy)
   assert checks.failures == ['run completed']
   assert 'was altered' in checks.lines[0]
   shutil.rmtree(os.path.join(copy, schema.RECONCILIATION_DIR))
   os.makedirs(os.path.join(copy, schema.RECONCILIATION_DIR))
-  os.remove(os.path.join(copy, schema.SUMMARY_FILE))
+  os.remove(commit)
   failures = verify.verify(copy).failures
   assert 'run completed' in failures and 'every written patient is matched' in failures
   assert verify.main([str(tmp_path / 'nothing')]) == 2

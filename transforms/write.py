@@ -42,7 +42,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.metrics import Metrics
 
 from transforms import tuning
-from transforms.contract import digests, metrics, schema
+from transforms.contract import digests, filestats, metrics, schema
 from transforms.io import direct, files, protocol, stores
 from transforms.io.protocol import is_local
 from transforms.settings import (
@@ -226,6 +226,11 @@ class _Background:
       raise self._failure
     self._writer.close()
 
+  @property
+  def footer(self) -> pq.FileMetaData:
+    """The written file's footer (after close)."""
+    return self._writer.writer.metadata
+
 
 class _ParquetSink(filebasedsink.FileBasedSink):
   """Writes Arrow tables (or row dicts, in batches) to Parquet with
@@ -344,9 +349,10 @@ class _ParquetSink(filebasedsink.FileBasedSink):
         self._flush_rows(writer, rows)
       writer.close()
       super().close(handle)
+      stats = filestats.of_footer(writer.footer)
       stores.write_bytes(
         path + _SIDECAR,
-        json.dumps(digests.entry(hashed.size, hashed.hexdigest())).encode(),
+        json.dumps(digests.entry(hashed.size, hashed.hexdigest(), stats)).encode(),
       )
 
   def finalize_windowed_write(self, init_result, writer_results, pre_finalize, w=None):
@@ -445,7 +451,8 @@ class _WriteReportsFn(beam.DoFn):
       handle.close()
       if temp != path:
         os.replace(temp, path)
-      manifest = {REPORT_FILE: digests.entry(hashed.size, hashed.hexdigest())}
+      stats = filestats.of_footer(writer.writer.metadata)
+      manifest = {REPORT_FILE: digests.entry(hashed.size, hashed.hexdigest(), stats)}
       stores.write_bytes(
         stores.join(self._root, folder, digests.MANIFEST_FILE),
         json.dumps(manifest, indent=1).encode(),

@@ -21,13 +21,17 @@ from beam_pipeline.dataset.reader import (
   shuffled_rows,
   unpack_mask,
 )
+from beam_pipeline.dataset.versions import history
+from beam_pipeline.dataset.versions import latest as latest_version
 
 __all__ = [
   'DatasetError',
   'check',
   'file_problems',
+  'history',
   'image_of',
   'iter_batches',
+  'latest_version',
   'mask_of',
   'open_dataset',
   'read_errors',

@@ -5,16 +5,16 @@ for row in ds.to_table(filter=pc.field('patient_id') == 'SCD0000101').to_pylist(
     image = image_of(row)                  # (rows, columns) numpy array
     inner = mask_of(row, 'i')              # bool array, or None
 
-Every reader here first checks the folder against its ``_SUMMARY.json``: a
-missing summary (the run never completed), a missing, extra or resized file,
-or an altered summary raise ``DatasetError``. The training readers
+Every reader takes a ``version`` (default: the latest; ``cardiac-mri
+history`` lists them) and first checks that version against its run record
+(``versions``): no committed version, a missing, extra or resized file, or an
+altered record raise ``DatasetError``. The training readers
 (``shuffled_rows``, ``iter_batches``) also hash each shard the first time a
 process opens it, and every page's checksum is verified as it is read.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 
@@ -24,12 +24,9 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from beam_pipeline.dataset import versions
+from beam_pipeline.dataset.versions import DatasetError
 from transforms.contract import digests, schema, splits
-
-
-class DatasetError(ValueError):
-  """The folder is not a complete, unaltered pipeline output: no summary, or
-  a file missing, extra, resized or changed against the summary's digests."""
 
 
 def _folder(output: str, name: str) -> str:
@@ -44,38 +41,16 @@ def _folder(output: str, name: str) -> str:
   return folder
 
 
-def read_summary(output: str) -> dict:
-  """``_SUMMARY.json``, checked against its own digest.
+def read_summary(output: str, version: int | None = None) -> dict:
+  """The run record of a version (default: the latest), checked against its
+  own digest: counters, options, input, run id and every file with its size
+  and digest (see ``versions``).
 
   Raises:
-    DatasetError: it is missing (the run never completed), unreadable, altered
-      or from a version that recorded no file digests.
+    DatasetError: no version was committed, no such version, or its record
+      was altered or written by another schema version.
   """
-  path = os.path.join(output, schema.SUMMARY_FILE)
-  try:
-    with open(path, 'rb') as f:
-      summary = json.loads(f.read())
-  except FileNotFoundError:
-    raise DatasetError(
-      f'{path} not found: no run completed into {output} (a dataset is '
-      'complete only once its summary is written)'
-    ) from None
-  except (OSError, ValueError) as e:  # ValueError: not JSON, not UTF-8
-    raise DatasetError(f'{path} is unreadable: {e}') from None
-  if not isinstance(summary, dict) or digests.FILES not in summary:
-    raise DatasetError(f'{path} lists no file digests: re-run the pipeline')
-  if summary.get(digests.SUMMARY_DIGEST) != digests.of_summary(summary):
-    raise DatasetError(f'{path} was altered: its content does not match its digest')
-  return summary
-
-
-def _tables_files(output: str) -> set[str]:
-  """Every Parquet file under the three table folders, relative to output."""
-  files = set()
-  for entry in (schema.SLICES_DIR, schema.RECONCILIATION_DIR, schema.ERRORS_DIR):
-    folder = _folder(output, entry)
-    files |= {f'{entry}/{n}' for n in os.listdir(folder) if n.endswith('.parquet')}
-  return files
+  return versions.record(output, version)
 
 
 def file_problems(output: str, summary: dict, full: bool) -> list[str]:
@@ -83,14 +58,21 @@ def file_problems(output: str, summary: dict, full: bool) -> list[str]:
   extra and resized files, and with ``full`` changed content (each file is
   read and hashed). Empty when the dataset is as written."""
   recorded = summary[digests.FILES]
-  present = _tables_files(output)
-  problems = [f'{name} is missing' for name in sorted(set(recorded) - present)]
+  present = versions.version_files(output, summary)
+  problems = [
+    f'{name} is not in the version its run committed'
+    for name in sorted(set(recorded) - present)
+  ]
   problems += [
     f"{name} is not one of the run's files" for name in sorted(present - set(recorded))
   ]
   for name in sorted(present & set(recorded)):
     path = os.path.join(output, name)
-    size = os.path.getsize(path)
+    try:
+      size = os.path.getsize(path)
+    except FileNotFoundError:
+      problems.append(f'{name} is missing')
+      continue
     expected = recorded[name]
     if size != expected['bytes']:
       problems.append(f'{name} holds {size} bytes, the run wrote {expected["bytes"]}')
@@ -104,25 +86,28 @@ def _digest(path: str) -> str:
     return digests.of_stream(f)[1]
 
 
-def check(output: str, full: bool = False) -> dict:
-  """Checks ``output`` against its summary and returns the summary.
+def check(output: str, full: bool = False, version: int | None = None) -> dict:
+  """Checks a version of ``output`` (default: the latest) against its run
+  record and returns the record.
 
   Args:
     full: also hash every file (reads the whole dataset); otherwise only the
       set of files and their sizes are compared.
+    version: the dataset version (``cardiac-mri history`` lists them).
 
   Raises:
     FileNotFoundError: ``output`` is not a pipeline output.
     DatasetError: see :func:`read_summary` and :func:`file_problems`.
   """
   _folder(output, schema.SLICES_DIR)
-  summary = read_summary(output)
+  summary = read_summary(output, version)
   problems = file_problems(output, summary, full)
   if problems:
     unlisted = f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''
     raise DatasetError(
-      f'{output} is not the dataset its run wrote: {problems[0]}{unlisted}; '
-      f'python -m beam_pipeline.tools.verify {output} lists every problem'
+      f'version {summary[versions.VERSION]} of {output} is not the dataset its '
+      f'run wrote: {problems[0]}{unlisted}; python -m beam_pipeline.tools.verify '
+      f'{output} lists every problem'
     )
   return summary
 
@@ -156,18 +141,19 @@ def _parquet_format() -> pads.ParquetFileFormat:
   )
 
 
-def open_dataset(output: str) -> pads.Dataset:
-  """The slices of a pipeline output folder, as a pyarrow Dataset.
+def open_dataset(output: str, version: int | None = None) -> pads.Dataset:
+  """The slices of a version of a pipeline output (default: the latest), as
+  a pyarrow Dataset.
 
-  The files are checked against the summary (set and sizes; ``check(output,
-  full=True)`` hashes them too) and every page's checksum is verified as it is
-  read.
+  The files are checked against the run record (set and sizes;
+  ``check(output, full=True)`` hashes them too) and every page's checksum is
+  verified as it is read.
 
   Raises:
     FileNotFoundError: ``output`` holds no slices folder.
     DatasetError: a file is missing, extra or resized, or the summary is.
   """
-  summary = check(output)
+  summary = check(output, version=version)
   shards = sorted(
     n for n in summary[digests.FILES] if n.startswith(schema.SLICES_DIR + '/')
   )
@@ -178,8 +164,10 @@ def open_dataset(output: str) -> pads.Dataset:
   )
 
 
-def _read_report(output: str, name: str, arrow_schema: pa.Schema) -> pa.Table:
-  summary = check(output)
+def _read_report(
+  output: str, name: str, arrow_schema: pa.Schema, version: int | None
+) -> pa.Table:
+  summary = check(output, version=version)
   files = sorted(n for n in summary[digests.FILES] if n.startswith(name + '/'))
   if not files:
     return arrow_schema.empty_table()
@@ -194,22 +182,26 @@ def _read_report(output: str, name: str, arrow_schema: pa.Schema) -> pa.Table:
   return pa.concat_tables(tables)
 
 
-def read_reconciliation(output: str) -> pa.Table:
-  """The reconciliation report (patient_id, original_id, status, detail).
+def read_reconciliation(output: str, version: int | None = None) -> pa.Table:
+  """The reconciliation report (patient_id, original_id, status, detail) of
+  a version (default: the latest).
 
   Raises:
     DatasetError: the dataset is not as its run wrote it (see :func:`check`).
   """
-  return _read_report(output, schema.RECONCILIATION_DIR, schema.RECONCILIATION_SCHEMA)
+  return _read_report(
+    output, schema.RECONCILIATION_DIR, schema.RECONCILIATION_SCHEMA, version
+  )
 
 
-def read_errors(output: str) -> pa.Table:
-  """The dead-letter table (patient_id, path, stage, error).
+def read_errors(output: str, version: int | None = None) -> pa.Table:
+  """The dead-letter table (patient_id, path, stage, error) of a version
+  (default: the latest).
 
   Raises:
     DatasetError: the dataset is not as its run wrote it (see :func:`check`).
   """
-  return _read_report(output, schema.ERRORS_DIR, schema.ERROR_SCHEMA)
+  return _read_report(output, schema.ERRORS_DIR, schema.ERROR_SCHEMA, version)
 
 
 # Columns needed to decode image and masks, whatever the caller projects.
@@ -255,13 +247,14 @@ def mask_of(row: dict, kind: str) -> np.ndarray | None:
   return unpack_mask(data, row['rows'], row['columns'])
 
 
-def row_groups(output: str) -> list[tuple[str, int]]:
-  """Every (shard path, row group index) of the slices, in a stable order.
+def row_groups(output: str, version: int | None = None) -> list[tuple[str, int]]:
+  """Every (shard path, row group index) of a version's slices, in a stable
+  order.
 
   Raises:
     DatasetError: the dataset is not as its run wrote it (see :func:`check`).
   """
-  return _row_groups(output, check(output))
+  return _row_groups(output, check(output, version=version))
 
 
 def _row_groups(
@@ -389,6 +382,7 @@ def shuffled_rows(
   columns: list[str] | None = None,
   shuffle_buffer: int = 512,
   shard: tuple[int, int] = (0, 1),
+  version: int | None = None,
 ):
   """Yields every selected row once, as a dict, in a seeded random order.
 
@@ -401,10 +395,20 @@ def shuffled_rows(
     split: only rows of this split; warns (UserWarning) when it holds none.
     shard: (index, count): yield only this share of the row groups, so that
       ``count`` readers (e.g. DataLoader workers) together yield each row once.
+    version: the dataset version to read (default: the latest).
   """
   buffers = _Buffers(keep=shuffle_buffer)
   rows = _shuffled(
-    output, seed, epoch, labeled_only, split, columns, shuffle_buffer, shard, buffers
+    output,
+    seed,
+    epoch,
+    labeled_only,
+    split,
+    columns,
+    shuffle_buffer,
+    shard,
+    buffers,
+    version,
   )
   for names, row in rows:
     values = dict(zip(names, row, strict=True))
@@ -425,11 +429,12 @@ def _shuffled(
   shuffle_buffer: int,
   shard: tuple[int, int],
   buffers: _Buffers,
+  version: int | None = None,
 ):
   """shuffled_rows' rows as (column names, tuple), images as ``buffers``'
   arrays, which the caller gives back."""
   rng = np.random.default_rng([seed, epoch])
-  summary = check(output)
+  summary = check(output, version=version)
   footers: dict[str, pq.FileMetaData] = {}
   groups = _row_groups(output, summary, labeled_only, footers)
   order = rng.permutation(len(groups))[shard[0] :: shard[1]]
@@ -553,6 +558,7 @@ def iter_batches(
   shuffle_buffer: int = 512,
   drop_last: bool = False,
   shard: tuple[int, int] = (0, 1),
+  version: int | None = None,
 ):
   """Yields dicts of stacked numpy arrays, shuffled, epoch after epoch.
 
@@ -576,10 +582,14 @@ def iter_batches(
     shuffle_buffer: rows held for shuffling (memory bound; 1 = no shuffle
       within row groups, row groups still in random order).
     shard: see :func:`shuffled_rows`.
+    version: the dataset version to read (default: the latest; every epoch
+      reads the same one, whatever runs commit meanwhile).
   """
   if batch_size < 1:
     raise ValueError(f'batch_size must be at least 1, got {batch_size}')
   buffers = _Buffers(keep=shuffle_buffer + batch_size)
+  if version is None:
+    version = versions.latest(output)
   for epoch in range(epochs):
     batch: list[tuple] = []
     for item in _shuffled(
@@ -592,6 +602,7 @@ def iter_batches(
       shuffle_buffer,
       shard,
       buffers,
+      version,
     ):
       batch.append(item)
       if len(batch) == batch_size:

@@ -46,9 +46,13 @@ class SliceDataset(IterableDataset):
     labeled_only: bool = False,
     rescale: bool = False,
     shuffle_buffer: int = 512,
+    version: int | None = None,
   ):
+    """``version``: the dataset version to read (default: the latest at
+    construction, so every epoch and every worker reads the same one)."""
     super().__init__()
     self.output = output
+    self.version = dataset.latest_version(output) if version is None else version
     self.seed = seed
     self.split = split
     self.labeled_only = labeled_only
@@ -72,6 +76,7 @@ class SliceDataset(IterableDataset):
       columns=_COLUMNS,
       shuffle_buffer=self.shuffle_buffer,
       shard=shard,
+      version=self.version,
     )
     for row in rows:
       shape = (row['rows'], row['columns'])

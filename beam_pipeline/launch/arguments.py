@@ -63,14 +63,17 @@ def add_input_output(parser: argparse.ArgumentParser) -> None:
     io,
     '--output',
     default=DEFAULT_OUTPUT,
-    help='Where slices/, reconciliation/, errors/ and _SUMMARY.json are written.',
+    help='Where the Delta tables slices/, reconciliation/ and errors/ are '
+    'written; a run adds a version.',
   )
   _add(
     io,
     '--overwrite',
     action='store_true',
-    help='Replace a dataset already in --output (the previous one stays intact '
-    'until the new one is complete). Without it, a non-empty --output is refused.',
+    help='Add a version made from another --input to the dataset in --output, '
+    'or replace an output of the layout before schema 3 (the previous data stays '
+    'intact until the new version is committed). A run of the same --input adds '
+    'a version without it.',
   )
   _add(
     io,

@@ -5,14 +5,15 @@
      has problem rows (the good slices are written);
   4  as 3, with --strict: the run counts as failed (the reports are written);
   2  invalid options or input (nothing was launched);
-  1  the pipeline failed (crash): OUT/_SUMMARY.json is not written;
+  1  the pipeline failed (crash): no version is committed;
   130, 143  interrupted by SIGINT (Ctrl-C) or SIGTERM: nothing is published
      (an interrupt during publishing waits for it to finish).
 
 ``--help`` is answered before Beam, pydicom or pyarrow are imported.
 
 The console command ``cardiac-mri`` (installed by setup.py) runs the pipeline
-and its tools: ``cardiac-mri run|inspect|qa|verify|sample|problems|keygen ...``.
+and its tools: ``cardiac-mri run|inspect|qa|verify|sample|problems|keygen|
+history|vacuum ...``.
 """
 
 from __future__ import annotations
@@ -92,6 +93,8 @@ COMMANDS = {
   'verify': 'check an output: shards, schema, row counts, hashes',
   'sample': 'generate a synthetic data tree (the test-data generator)',
   'problems': 'list the inputs a run quarantined',
+  'history': "list the dataset's versions (time, run, input, rows, change)",
+  'vacuum': "remove old versions' files (--retain-hours H)",
   'keygen': 'write a new pseudonymisation key for --pseudonymize-key-file',
 }
 
@@ -118,6 +121,10 @@ def _tool(name: str):
     from beam_pipeline.tools import sample as tool
   elif name == 'keygen':
     from beam_pipeline.tools import keys as tool
+  elif name == 'history':
+    from beam_pipeline.tools import history as tool
+  elif name == 'vacuum':
+    from beam_pipeline.launch import vacuum as tool
   else:
     from beam_pipeline.tools import problems as tool
   return tool.main

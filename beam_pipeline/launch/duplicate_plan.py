@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from transforms.contract import digests, metrics, schema
+from transforms.contract import digests, filestats, metrics, schema
 from transforms.io import stores
 from transforms.io.protocol import is_local
 from transforms.write import writer_options
@@ -89,10 +89,11 @@ def _rewrite(
       writer.write_table(_changed(table, flags, drop, moves, counts))
     writer.close()
   sink.close()
+  stats = filestats.of_footer(writer.writer.metadata)
   stores.move_all([(rewritten, shard)])
   with _readable(shard) as f:
     size, digest = digests.of_stream(f)
-  return digests.entry(size, digest)
+  return digests.entry(size, digest, stats)
 
 
 def _readable(path: str):

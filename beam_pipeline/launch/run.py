@@ -3,8 +3,8 @@
 ``run`` resolves the options once into frozen settings, checks the input and
 output before anything launches, takes the output's lock (``lock``), runs the
 job (``beam_pipeline.pipeline``) into its own ``OUT/_incomplete-<run id>/``,
-publishes the dataset only when the job succeeded (``publish``), writes
-``_SUMMARY.json`` last and prints the summary. The command line and its exit
+commits it as a new version of the Delta tables only when the job succeeded
+(``publish``), and prints the summary. The command line and its exit
 codes are ``cli``'s.
 """
 
@@ -29,7 +29,6 @@ from apache_beam.options.pipeline_options import (
 from apache_beam.runners.runner import PipelineResult, PipelineState
 
 from beam_pipeline.launch import (
-  arguments,
   console,
   duplicate_plan,
   interrupts,
@@ -71,12 +70,6 @@ def resolve_paths(ingest: IngestOptions) -> Paths:
   overwrite = ingest.overwrite
   if ingest.input is None:
     input_root = publish.absolute(ingest.sample_dir)
-    # The default output of the built-in sample is the sample's to replace:
-    # the quick start can run again. Any other output needs --overwrite.
-    overwrite = overwrite or (
-      ingest.output == arguments.DEFAULT_OUTPUT
-      and publish.made_from(publish.absolute(ingest.output)) == input_root
-    )
     manifest = sample.make_builtin_sample(input_root)
     print(
       f'No --input given: generated the built-in sample at '
@@ -264,7 +257,7 @@ def run(argv: Sequence[str] | None = None) -> Run:
   settings = ingest.resolve()
   stores.configure(settings.decode.store)
   paths = resolve_paths(ingest)
-  publish.check_replaceable(paths.output, paths.overwrite)
+  publish.check_replaceable(paths.output, paths.overwrite, paths.input)
   if settings.decode.dicomweb is None:
     found = preflight.survey(paths.input, ingest.image_codec)
   else:  # nothing to count ahead: the slices are on the server
@@ -274,8 +267,11 @@ def run(argv: Sequence[str] | None = None) -> Run:
   preflight.check_output(paths.output, needed, not ingest.skip_space_check)
   run_id = lock.new_run_id()
   with lock.hold(paths.output, run_id), _id_map_parts(paths.id_map, run_id):
-    publish.check_replaceable(paths.output, paths.overwrite)  # again, under the lock
-    return _launch(options, argv, ingest, settings, paths, found, run_id)
+    publish.check_replaceable(
+      paths.output, paths.overwrite, paths.input
+    )  # again, under the lock
+    after = publish.start_version(paths.output)
+    return _launch(options, argv, ingest, settings, paths, found, run_id, after)
 
 
 @contextlib.contextmanager
@@ -296,9 +292,10 @@ def _launch(
   paths: Paths,
   found: preflight.Survey | None,
   run_id: str,
+  after: int | None,
 ) -> Run:
-  """Runs the job into its own staging folder and publishes it (the caller
-  holds the output's lock)."""
+  """Runs the job into its own staging folder and commits it as a new
+  version after ``after`` (the caller holds the output's lock)."""
   described = choose_direct_mode(options, argv, found)
   _LOG.info('reading %s, writing %s; runner %s', paths.input, paths.output, described)
   publish.clear_staging(paths.output)
@@ -323,12 +320,9 @@ def _launch(
   dropped = duplicate_plan.apply_plan(job.staging, totals, ingest.image_codec)
   with interrupts.deferred():  # all of the new dataset, or the old one
     files = publish.take_manifests(paths.output, run_id)
-    outputs = publish.publish(paths.output, run_id, files)
-    outputs['summary'] = summary.write_summary(
-      paths.output,
+    record = summary.run_record(
       totals,
       seconds,
-      publish.recorded(files),
       input=paths.input,
       labeled_only=ingest.labeled_only,
       strict=ingest.strict,
@@ -336,6 +330,11 @@ def _launch(
       dropped_duplicates=dropped,
       pseudonymized=ingest.pseudonymize_key_file is not None,
     )
+    version = publish.publish(paths.output, run_id, files, record, after)
+  outputs = {e: stores.join(paths.output, e) for e in publish.DATA_ENTRIES}
+  outputs['version'] = (
+    f'{version} (list them with: {summary.history_command(paths.output)})'
+  )
   if paths.id_map is not None:
     rows = keys.assemble_id_map(job.id_map_parts, paths.id_map)
     outputs['id map'] = f'{paths.id_map} ({rows} rows; keep it apart from the dataset)'

@@ -1,8 +1,7 @@
-"""The end of a run: counters read back, ``_SUMMARY.json`` and the summary text."""
+"""The end of a run: counters read back, the run record and the summary text."""
 
 from __future__ import annotations
 
-import json
 import shlex
 from collections.abc import Mapping
 
@@ -10,8 +9,7 @@ import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.runners.runner import PipelineResult
 
-from transforms.contract import digests, metrics, schema, splits
-from transforms.io import stores
+from transforms.contract import metrics, schema, splits
 
 
 def counters(result: PipelineResult) -> dict[str, int]:
@@ -25,38 +23,23 @@ def counters(result: PipelineResult) -> dict[str, int]:
   return totals
 
 
-def write_summary(
-  output: str,
-  totals: Mapping[str, int],
-  seconds: float,
-  files: Mapping[str, dict],
-  **settings,
-) -> str:
-  """Writes ``OUT/_SUMMARY.json`` (last: it marks the dataset complete).
+def run_record(totals: Mapping[str, int], seconds: float, **settings) -> dict:
+  """What a version's commit records of its run (``publish`` adds the run
+  id, the files and the report versions, and seals it with a digest).
 
   Args:
-    output: the output root.
     totals: the run's counters.
     seconds: the run's wall time.
-    files: {path relative to ``output``: size and digest} of every file.
     settings: recorded as they are (input, labeled_only, strict).
-
-  Returns:
-    The summary's path.
   """
-  path = stores.join(output, schema.SUMMARY_FILE)
-  summary = {
+  return {
     'schema_version': schema.SCHEMA_VERSION,
     'beam_version': beam.__version__,
     **settings,
     'issues': metrics.issue_count(totals),
     'seconds': round(seconds, 3),
     'counters': dict(sorted(totals.items())),
-    digests.FILES: dict(sorted(files.items())),
   }
-  summary[digests.SUMMARY_DIGEST] = digests.of_summary(summary)
-  stores.write_bytes(path, json.dumps(summary, indent=2).encode() + b'\n')
-  return path
 
 
 def _plural(n: int, word: str) -> str:
@@ -84,6 +67,11 @@ def empty_splits(counters: Mapping[str, int]) -> list[str]:
 def problems_command(output: str) -> str:
   """The command that lists a run's quarantined inputs."""
   return f'python -m beam_pipeline.tools.problems {shlex.quote(output)}'
+
+
+def history_command(output: str) -> str:
+  """The command that lists an output's versions."""
+  return f'cardiac-mri history {shlex.quote(output)}'
 
 
 def summary_text(

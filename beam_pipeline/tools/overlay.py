@@ -20,10 +20,12 @@ from beam_pipeline.tools import render
 _LISTED = 20  # ids shown when the one asked for is unknown
 
 
-def find_slice(output: str, patient: str, slice_index: int) -> dict | None:
+def find_slice(
+  output: str, patient: str, slice_index: int, version: int | None = None
+) -> dict | None:
   """The row of one slice of ``patient`` (a patient_id or an original_id),
   or None if the output holds no such slice."""
-  table = dataset.open_dataset(output).to_table(
+  table = dataset.open_dataset(output, version).to_table(
     filter=((pc.field('patient_id') == patient) | (pc.field('original_id') == patient))
     & (pc.field('slice_index') == slice_index)
   )
@@ -41,9 +43,11 @@ def _ranges(numbers: list[int]) -> str:
   return ', '.join(parts)
 
 
-def why_missing(output: str, patient: str, slice_index: int) -> str:
+def why_missing(
+  output: str, patient: str, slice_index: int, version: int | None = None
+) -> str:
   """One line saying why there is no such slice, with the valid choices."""
-  table = dataset.open_dataset(output).to_table(
+  table = dataset.open_dataset(output, version).to_table(
     columns=['patient_id', 'original_id', 'slice_index']
   )
   mine = table.filter(
@@ -76,13 +80,17 @@ def main(argv: list[str] | None = None) -> int:
     '-o', '--out', help='PNG file to write (default: <patient_id>-<slice>.png)'
   )
   parser.add_argument('--scale', type=int, default=3, help='zoom (default 3)')
+  parser.add_argument(
+    '--version',
+    type=int,
+    help='the dataset version to read (default: the latest; see cardiac-mri history)',
+  )
   args = parser.parse_args(argv)
   try:
-    row = find_slice(args.output, args.patient, args.slice)
+    row = find_slice(args.output, args.patient, args.slice, args.version)
     if row is None:
-      print(
-        f'error: {why_missing(args.output, args.patient, args.slice)}', file=sys.stderr
-      )
+      why = why_missing(args.output, args.patient, args.slice, args.version)
+      print(f'error: {why}', file=sys.stderr)
       return 2
   except (FileNotFoundError, dataset.DatasetError) as e:
     print(f'error: {e}', file=sys.stderr)

@@ -16,18 +16,20 @@ from beam_pipeline import dataset
 from transforms.contract import schema
 
 
-def problem_lines(output: str) -> list[str]:
+def problem_lines(output: str, version: int | None = None) -> list[str]:
   """One tab-separated line per problem row: table, kind, ids or path, reason.
 
   Raises:
     FileNotFoundError: ``output`` is not a pipeline output.
   """
+  if version is None:
+    version = dataset.latest_version(output)
   lines = []
-  for row in dataset.read_reconciliation(output).to_pylist():
+  for row in dataset.read_reconciliation(output, version).to_pylist():
     if row['status'] != schema.MATCHED:
       ids = f'{row["patient_id"] or "-"}/{row["original_id"] or "-"}'
       lines.append(f'reconciliation\t{row["status"]}\t{ids}\t{row["detail"]}')
-  for row in dataset.read_errors(output).to_pylist():
+  for row in dataset.read_errors(output, version).to_pylist():
     lines.append(f'errors\t{row["stage"]}\t{row["path"]}\t{row["error"]}')
   return sorted(lines)
 
@@ -35,9 +37,14 @@ def problem_lines(output: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('output', help='a pipeline output folder')
+  parser.add_argument(
+    '--version',
+    type=int,
+    help='the dataset version to read (default: the latest; see cardiac-mri history)',
+  )
   args = parser.parse_args(argv)
   try:
-    lines = problem_lines(args.output)
+    lines = problem_lines(args.output, args.version)
   except (FileNotFoundError, dataset.DatasetError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

@@ -37,12 +37,12 @@ MIN_OVERLAY_SIDE = 256  # smaller images are scaled up by a whole factor
 TILE = 160  # CSS pixels of a tile's image
 
 
-def _patients(output: str) -> dict[str, dict]:
+def _patients(output: str, version: int | None = None) -> dict[str, dict]:
   """Per patient: split, slice count, labelled count, flag counts, flagged slices."""
-  table = dataset.open_dataset(output).to_table(
+  table = dataset.open_dataset(output, version).to_table(
     columns=['patient_id', 'split', 'slice_index', 'qa_flags'],
   )
-  labeled = dataset.open_dataset(output).to_table(
+  labeled = dataset.open_dataset(output, version).to_table(
     columns=['patient_id'],
     filter=pc.field('i_mask').is_valid() | pc.field('o_mask').is_valid(),
   )
@@ -198,7 +198,7 @@ def _index_html(patients: dict[str, dict], tiles: dict[str, list]) -> str:
 """
 
 
-def write_qa(output: str, qa_dir: str) -> str:
+def write_qa(output: str, qa_dir: str, version: int | None = None) -> str:
   """Writes index.html, the overlays of labelled and flagged slices, and one
   contact sheet per patient with labelled slices.
 
@@ -209,8 +209,10 @@ def write_qa(output: str, qa_dir: str) -> str:
     The path of index.html.
   """
   os.makedirs(qa_dir, exist_ok=True)
-  patients = _patients(output)
-  ds = dataset.open_dataset(output)
+  if version is None:
+    version = dataset.latest_version(output)
+  patients = _patients(output, version)
+  ds = dataset.open_dataset(output, version)
   labeled = pc.field('i_mask').is_valid() | pc.field('o_mask').is_valid()
   flagged = pc.list_value_length(pc.field('qa_flags')) > 0
   tiles: dict[str, list] = {}
@@ -240,9 +242,14 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('output', help='a pipeline output folder')
   parser.add_argument('qa_dir', help='folder for index.html, overlays and sheets')
+  parser.add_argument(
+    '--version',
+    type=int,
+    help='the dataset version to read (default: the latest; see cardiac-mri history)',
+  )
   args = parser.parse_args(argv)
   try:
-    index = write_qa(args.output, args.qa_dir)
+    index = write_qa(args.output, args.qa_dir, args.version)
   except (FileNotFoundError, dataset.DatasetError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

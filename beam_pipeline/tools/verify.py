@@ -1,11 +1,12 @@
 """Check a pipeline output end to end: ``python -m beam_pipeline.tools.verify OUT``.
 
-Checks every file against the size and digest the run recorded in
-``_SUMMARY.json`` (and the summary against its own digest), re-reads every
-shard with page checksums verified, checks the schema, decodes every image
-and mask, and checks the counts against the reconciliation report and the run
-summary. Prints one line per check and exits 1 on any problem, never with a
-traceback (2 if OUT is not a pipeline output).
+Checks a version (default: the latest; ``--version N``) file by file against
+the sizes and digests its run recorded in its commit (and that record
+against its own digest), re-reads every shard with page checksums verified,
+checks the schema, decodes every image and mask, and checks the counts
+against the reconciliation report and the run record. Prints one line per
+check and exits 1 on any problem, never with a traceback (2 if OUT is not a
+pipeline output).
 """
 
 from __future__ import annotations
@@ -88,17 +89,32 @@ def _row_problems(row: dict) -> list[str]:
   return problems
 
 
-def _parquet_files(output: str, folder: str) -> list[str]:
+def _parquet_files(output: str, folder: str, summary: dict | None) -> list[str]:
+  """The files of one table that a Delta reader reads at the version
+  ``summary`` names (whatever the record says: a file added to the log is
+  read too); without a readable record, every Parquet file in the folder."""
+  if summary is not None:
+    try:
+      found = dataset.versions.version_files(output, summary)
+    except dataset.DatasetError:
+      found = set(summary[digests.FILES])
+    return [
+      os.path.join(output, name)
+      for name in sorted(found)
+      if name.startswith(folder + '/') and os.path.exists(os.path.join(output, name))
+    ]
   path = os.path.join(output, folder)
   return sorted(
     os.path.join(path, n) for n in os.listdir(path) if n.endswith('.parquet')
   )
 
 
-def _read_report(checks: _Checks, output: str, folder: str, arrow_schema) -> list[dict]:
+def _read_report(
+  checks: _Checks, output: str, folder: str, arrow_schema, summary: dict | None
+) -> list[dict]:
   """A report's rows, each file read on its own; an unreadable file is a FAIL."""
   rows = []
-  for path in _parquet_files(output, folder):
+  for path in _parquet_files(output, folder, summary):
     name = f'{folder}/{os.path.basename(path)}'
     with checks.guard(f'{name} readable'):
       table = pq.read_table(path, schema=arrow_schema, page_checksum_verification=True)
@@ -106,7 +122,7 @@ def _read_report(checks: _Checks, output: str, folder: str, arrow_schema) -> lis
   return rows
 
 
-def verify(output: str) -> _Checks:
+def verify(output: str, version: int | None = None) -> _Checks:
   """Runs every check on ``output``; a problem is a FAIL line, never an
   exception.
 
@@ -121,8 +137,12 @@ def verify(output: str) -> _Checks:
   checks = _Checks()
   summary = None
   try:
-    summary = dataset.read_summary(output)
-    checks.check(True, 'run completed', 'summary present and intact')
+    summary = dataset.read_summary(output, version)
+    checks.check(
+      True,
+      'run completed',
+      f'version {summary["version"]} committed, its run record intact',
+    )
   except dataset.DatasetError as e:
     checks.check(False, 'run completed', str(e))
   counters = summary['counters'] if summary else {}
@@ -140,7 +160,7 @@ def verify(output: str) -> _Checks:
   keys = collections.Counter()
   per_patient = collections.Counter()
   bad_rows = []
-  for path in _parquet_files(output, schema.SLICES_DIR):
+  for path in _parquet_files(output, schema.SLICES_DIR, summary):
     name = f'{schema.SLICES_DIR}/{os.path.basename(path)}'
     with checks.guard(f'{name} readable'):
       shard = pq.ParquetFile(path, page_checksum_verification=True)
@@ -176,7 +196,7 @@ def verify(output: str) -> _Checks:
   against_summary('o masks', masks_o, metrics.O_MASKS_WRITTEN)
 
   reconciliation = _read_report(
-    checks, output, schema.RECONCILIATION_DIR, schema.RECONCILIATION_SCHEMA
+    checks, output, schema.RECONCILIATION_DIR, schema.RECONCILIATION_SCHEMA, summary
   )
   statuses = collections.Counter(r['status'] for r in reconciliation)
   for status in schema.STATUSES:
@@ -185,7 +205,7 @@ def verify(output: str) -> _Checks:
       statuses[status],
       metrics.reconciliation_counter(status),
     )
-  errors = _read_report(checks, output, schema.ERRORS_DIR, schema.ERROR_SCHEMA)
+  errors = _read_report(checks, output, schema.ERRORS_DIR, schema.ERROR_SCHEMA, summary)
   stages = collections.Counter(r['stage'] for r in errors)
   for stage in schema.STAGES:
     against_summary(f'errors {stage}', stages[stage], metrics.error_counter(stage))
@@ -226,9 +246,14 @@ def verify(output: str) -> _Checks:
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('output', help='a pipeline output folder')
+  parser.add_argument(
+    '--version',
+    type=int,
+    help='the dataset version to check (default: the latest; see cardiac-mri history)',
+  )
   args = parser.parse_args(argv)
   try:
-    checks = verify(args.output)
+    checks = verify(args.output, args.version)
   except FileNotFoundError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

@@ -51,11 +51,11 @@ class Column(NamedTuple):
   description: str
   nullable: bool = True
   dicom: DicomSource | None = None
-
-  @property
-  def values(self) -> int:
-    """How many values a fixed-size list column holds; 0 for a scalar."""
-    return self.type.list_size if pa.types.is_fixed_size_list(self.type) else 0
+  # How many values a list of header values holds (e.g. 2 for PixelSpacing);
+  # 0 for a scalar. The Arrow type is a plain list: Delta Lake has no
+  # fixed-size lists, and Polars refuses a table whose files disagree with
+  # its Delta schema.
+  values: int = 0
 
   def field(self) -> pa.Field:
     """The Arrow field, with the description as field metadata."""
@@ -82,12 +82,16 @@ def _header(
   note: str = '',
   nullable: bool = True,
   action: str = KEEP,
+  values: int = 0,
 ) -> Column:
   """A column copied from the header; its description starts with the keyword
-  and, for data set elements, the tag, e.g. "Rows (0028,0010): image height"."""
+  and, for data set elements, the tag, e.g. "Rows (0028,0010): image height".
+  ``values``: a list of that many values (type_ is then the value type)."""
   source = DicomSource(keyword, tag, vr, action)
   where = '' if source.in_file_meta else f' ({tag >> 16:04X},{tag & 0xFFFF:04X})'
-  return Column(name, type_, f'{keyword}{where}{note}', nullable, source)
+  if values:
+    type_ = pa.list_(type_)
+  return Column(name, type_, f'{keyword}{where}{note}', nullable, source, values)
 
 
 _DOUBLES = pa.float64()
@@ -178,8 +182,9 @@ HEADER_COLUMNS = (
     'PixelSpacing',
     0x00280030,
     'DS',
-    pa.list_(_DOUBLES, 2),
+    _DOUBLES,
     ' in mm: [row spacing, column spacing]',
+    values=2,
   ),
   _header('slice_thickness', 'SliceThickness', 0x00180050, 'DS', _DOUBLES, ' in mm'),
   _header('slice_location', 'SliceLocation', 0x00201041, 'DS', _DOUBLES, ' in mm'),
@@ -188,16 +193,18 @@ HEADER_COLUMNS = (
     'ImagePositionPatient',
     0x00200032,
     'DS',
-    pa.list_(_DOUBLES, 3),
-    ' in mm',
+    _DOUBLES,
+    ' in mm: [x, y, z]',
+    values=3,
   ),
   _header(
     'image_orientation_patient',
     'ImageOrientationPatient',
     0x00200037,
     'DS',
-    pa.list_(_DOUBLES, 6),
-    ': row and column cosines',
+    _DOUBLES,
+    ': row and column cosines (6 values)',
+    values=6,
   ),
   _header(
     'rescale_slope',
@@ -315,9 +322,7 @@ REPLACED_UIDS = tuple(
 
 
 def type_name(type_: pa.DataType) -> str:
-  """A column type as docs/OUTPUT.md writes it, e.g. ``fixed list<double>[2]``."""
-  if pa.types.is_fixed_size_list(type_):
-    return f'fixed list<{type_name(type_.value_type)}>[{type_.list_size}]'
+  """A column type as docs/OUTPUT.md writes it, e.g. ``list<double>``."""
   if pa.types.is_list(type_):
     return f'list<{type_name(type_.value_type)}>'
   return {'float64': 'double', 'bool': 'bool'}.get(str(type_), str(type_))

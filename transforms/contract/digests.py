@@ -1,16 +1,16 @@
-"""Content digests of a dataset's files, recorded in ``_SUMMARY.json``.
+"""Content digests of a dataset's files, recorded in each version's run record.
 
 Every Parquet file of a dataset (slice shards and both reports) is hashed
-while it is written; the summary's ``files`` maps each file's path, relative
-to the output root, to its size and digest, and the summary carries a digest
-of its own content. ``verify`` re-hashes every file, and the reader
-(``beam_pipeline.dataset``) refuses a dataset with a missing, extra, resized
-or re-hashed file.
+while it is written; the run record's ``files`` (in the version's commit)
+maps each file's path, relative to the output root, to its size and digest,
+and the record carries a digest of its own content. ``verify`` re-hashes
+every file, and the reader (``beam_pipeline.dataset``) refuses a version with
+a missing, extra, resized or re-hashed file.
 
 The digest is xxh3-128: it finds accidental change (a flipped bit, a
 truncated copy, a stray shard) at memory speed, which a cryptographic hash
 would not (several times slower), and it is no defence against deliberate
-tampering: sign the summary for that.
+tampering: sign the record for that.
 """
 
 from __future__ import annotations
@@ -41,9 +41,18 @@ def hasher():
   return xxhash.xxh3_128()
 
 
-def entry(size: int, digest: str) -> dict:
-  """One file's record in a manifest and in the summary's ``files``."""
-  return {'bytes': size, ALGORITHM: digest}
+# In a manifest entry: the file's statistics for its Delta ``add`` action
+# (``filestats.of_footer``), taken from the footer as it is written.
+STATS = 'stats'
+
+
+def entry(size: int, digest: str, stats: str | None = None) -> dict:
+  """One file's record in a manifest (with its ``stats``) and in the
+  summary's ``files`` (size and digest only)."""
+  found = {'bytes': size, ALGORITHM: digest}
+  if stats is not None:
+    found[STATS] = stats
+  return found
 
 
 def of_stream(stream: BinaryIO) -> tuple[int, str]:

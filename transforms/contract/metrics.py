@@ -2,7 +2,7 @@
 
 All counters live in one Beam metrics namespace, NAMESPACE. The stages count
 what happens; the application reads the counters back when the run ends for
-the summary, ``_SUMMARY.json`` and the exit code; ``verify`` checks the
+the summary, the run record of the version and the exit code; ``verify`` checks the
 output against them.
 """
 

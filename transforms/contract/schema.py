@@ -17,11 +17,13 @@ import pyarrow.compute as pc
 
 from transforms.contract.columns import SLICE_COLUMNS, Column
 
-SCHEMA_VERSION = '2'
+SCHEMA_VERSION = '3'
 
 SLICES_DIR = 'slices'
 RECONCILIATION_DIR = 'reconciliation'
 ERRORS_DIR = 'errors'
+# The run record of the layout before schema 3 (plain Parquet folders), named
+# here so that such an output is recognised and replaced, never misread.
 SUMMARY_FILE = '_SUMMARY.json'
 STAGING_DIR = '_incomplete'
 # Written into the staging folder by the duplicate search, applied and

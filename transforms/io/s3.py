@@ -191,6 +191,33 @@ class S3Store:
       credential_provider=provider,
     )
 
+  def table_options(self) -> dict[str, str]:
+    """The endpoint, region and credentials as object_store options, for
+    deltalake's own client (the Delta commits): the same session chain as
+    every other request. Commits are conditional puts (If-None-Match), so
+    two writers never both make one version."""
+    from botocore.credentials import RefreshableCredentials
+
+    config = self._config
+    options = {'aws_region': self._region, 'aws_conditional_put': 'etag'}
+    if config.s3_endpoint_url:
+      options['aws_endpoint_url'] = config.s3_endpoint_url
+      options['aws_allow_http'] = str(config.s3_endpoint_url.startswith('http://'))
+    if config.s3_verify is False:
+      options['allow_invalid_certificates'] = 'true'
+    credentials = self._session.get_credentials()
+    if credentials is None:
+      options['aws_skip_signature'] = 'true'
+      return options
+    if isinstance(credentials, RefreshableCredentials):
+      credentials.get_frozen_credentials()  # refreshed now if close to expiry
+    frozen = credentials.get_frozen_credentials()
+    options['aws_access_key_id'] = frozen.access_key
+    options['aws_secret_access_key'] = frozen.secret_key
+    if frozen.token:
+      options['aws_session_token'] = frozen.token
+    return options
+
   def read(self, path, limit=None):
     import obstore
 

@@ -111,6 +111,15 @@ def move_all(pairs: list[tuple[str, str]]) -> None:
     store(remote[0][0]).delete([source for source, _ in remote])
 
 
+def table_options(path: str) -> dict[str, str]:
+  """deltalake's ``storage_options`` for a table at ``path``: how this
+  process reaches its store (none for a local disk, or a store whose client
+  finds its credentials itself)."""
+  found = store(path)
+  options = getattr(found, 'table_options', None)
+  return options() if options else {}
+
+
 def read_bytes(path: str) -> bytes:
   return store(path).read(path)
 

@@ -1,0 +1,218 @@
+"""The dataset's versions: three Delta Lake tables and the run record of each.
+
+An output folder holds three Delta tables (``slices/``, ``reconciliation/``,
+``errors/``, each with its ``_delta_log/``). A run commits the reports first
+and the slices last; the slices table's version is the dataset's version,
+and its commit carries the run's record (what ``_SUMMARY.json`` held before
+schema 3): counters, options, input, run id, every file of the version with
+its size and digest, the versions of the two reports that go with it, and a
+digest of the record itself. A run killed before its slices commit has made
+no version: the reports may then hold a version that no dataset names, and
+every reader here pairs the tables through the record, never by their
+latest versions.
+
+Local folders only, read with ``deltalake`` and the log's JSON: no Beam.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from transforms.contract import digests, schema
+
+TABLES = (schema.SLICES_DIR, schema.RECONCILIATION_DIR, schema.ERRORS_DIR)
+LOG_DIR = '_delta_log'
+# The commit-info key holding the run record (the slices table's commits),
+# and the one naming the run in a report's commit.
+RECORD_KEY = 'cardiac_mri'
+RUN_KEY = 'cardiac_mri_run'
+# The record's key for the versions of the reports that go with it.
+REPORT_VERSIONS = 'tables'
+VERSION = 'version'
+
+
+class DatasetError(ValueError):
+  """The folder is not a complete, unaltered pipeline output: no committed
+  version, a version that does not exist, or a file missing, extra, resized or
+  changed against the run record's digests."""
+
+
+def log_path(output: str, table: str, version: int) -> str:
+  """The commit file of ``version`` of ``table``."""
+  return os.path.join(output, table, LOG_DIR, f'{version:020d}.json')
+
+
+def _versions_on_disk(output: str, table: str) -> list[int]:
+  folder = os.path.join(output, table, LOG_DIR)
+  try:
+    names = os.listdir(folder)
+  except FileNotFoundError:
+    return []
+  found = []
+  for name in names:
+    stem, dot, ext = name.partition('.')
+    if ext == 'json' and len(stem) == 20 and stem.isdigit():
+      found.append(int(stem))
+  return sorted(found)
+
+
+def commit_info(output: str, table: str, version: int) -> dict:
+  """The ``commitInfo`` action of one commit.
+
+  Raises:
+    DatasetError: no such version (or its commit file is unreadable).
+  """
+  path = log_path(output, table, version)
+  try:
+    with open(path, 'rb') as f:
+      for line in f:
+        action = json.loads(line)
+        if 'commitInfo' in action:
+          return action['commitInfo']
+  except FileNotFoundError:
+    raise DatasetError(
+      f'{output} has no version {version} (versions: {_span(output)})'
+    ) from None
+  except (OSError, ValueError) as e:
+    raise DatasetError(f'{path} is unreadable: {e}') from None
+  return {}
+
+
+def _span(output: str) -> str:
+  found = _versions_on_disk(output, schema.SLICES_DIR)
+  if not found:
+    return 'none'
+  return f'{found[0]}' if len(found) == 1 else f'{found[0]} to {found[-1]}'
+
+
+def versions(output: str) -> list[int]:
+  """Every version of the dataset, oldest first (the slices table's
+  commits that carry a run record)."""
+  return [
+    v
+    for v in _versions_on_disk(output, schema.SLICES_DIR)
+    if RECORD_KEY in commit_info(output, schema.SLICES_DIR, v)
+  ]
+
+
+def _no_dataset(output: str) -> DatasetError:
+  if os.path.exists(os.path.join(output, schema.SUMMARY_FILE)):
+    return DatasetError(
+      f'{output} holds a dataset of the layout before schema 3 (plain Parquet '
+      'folders and _SUMMARY.json); this version reads Delta tables: run the '
+      'pipeline into it again with --overwrite (docs/OUTPUT.md#upgrading)'
+    )
+  return DatasetError(
+    f'{output} holds no committed version: no run completed into it (a '
+    "version exists only once the slices table's commit is written)"
+  )
+
+
+def latest(output: str) -> int:
+  """The newest version.
+
+  Raises:
+    DatasetError: there is none.
+  """
+  found = versions(output)
+  if not found:
+    raise _no_dataset(output)
+  return found[-1]
+
+
+def record(output: str, version: int | None = None) -> dict:
+  """The run record of ``version`` (default: the latest), checked against
+  its own digest, with ``version`` added.
+
+  Raises:
+    DatasetError: no such version, a record altered, or one written by
+      another schema version.
+  """
+  if version is None:
+    version = latest(output)
+  elif not isinstance(version, int) or isinstance(version, bool) or version < 0:
+    raise DatasetError(f'version must be a whole number >= 0, got {version!r}')
+  elif not _versions_on_disk(output, schema.SLICES_DIR):
+    raise _no_dataset(output)
+  found = commit_info(output, schema.SLICES_DIR, version).get(RECORD_KEY)
+  if not isinstance(found, dict) or digests.FILES not in found:
+    raise DatasetError(
+      f'version {version} of {output} was not committed by this pipeline '
+      '(its commit carries no run record)'
+    )
+  if found.get(digests.SUMMARY_DIGEST) != digests.of_summary(found):
+    raise DatasetError(
+      f'the run record of version {version} of {output} was altered: its '
+      'content does not match its digest'
+    )
+  written = found.get('schema_version')
+  if written != schema.SCHEMA_VERSION:
+    raise DatasetError(
+      f'version {version} of {output} was written with schema version '
+      f'{written}; this reader reads schema {schema.SCHEMA_VERSION} '
+      '(docs/OUTPUT.md#upgrading)'
+    )
+  return {**found, VERSION: version}
+
+
+def table_versions(summary: dict) -> dict[str, int]:
+  """{table: its version} for the dataset version of ``summary``."""
+  return {schema.SLICES_DIR: summary[VERSION], **summary[REPORT_VERSIONS]}
+
+
+def table_files(output: str, table: str, version: int) -> set[str]:
+  """The data files of ``table`` at ``version``, relative to the table, by
+  replaying its commits' add and remove actions (the log is kept whole:
+  ``delta.enableExpiredLogCleanup`` is off). Pure Python, not deltalake:
+  deltalake's runtime panics in a forked process, such as a DataLoader
+  worker."""
+  from urllib.parse import unquote
+
+  files: set[str] = set()
+  for v in range(version + 1):
+    path = log_path(output, table, v)
+    try:
+      with open(path, 'rb') as f:
+        lines = f.read().splitlines()
+    except FileNotFoundError:
+      raise DatasetError(
+        f'{path} not found: the log of {table} is incomplete'
+      ) from None
+    except OSError as e:
+      raise DatasetError(f'{path} is unreadable: {e}') from None
+    for line in lines:
+      try:
+        action = json.loads(line)
+      except ValueError as e:
+        raise DatasetError(f'{path} is unreadable: {e}') from None
+      if 'add' in action:
+        files.add(unquote(action['add']['path']))
+      elif 'remove' in action:
+        files.discard(unquote(action['remove']['path']))
+  return files
+
+
+def version_files(output: str, summary: dict) -> set[str]:
+  """The data files of each table at the versions ``summary`` names, as
+  paths relative to ``output`` (what Delta readers read)."""
+  return {
+    f'{table}/{name}'
+    for table, version in table_versions(summary).items()
+    for name in table_files(output, table, version)
+  }
+
+
+def history(output: str) -> list[dict]:
+  """Every version's run record, oldest first, each with its commit time
+  (``timestamp``, ms since the epoch). An altered record is listed with
+  ``error`` instead."""
+  found = []
+  for version in versions(output):
+    info = commit_info(output, schema.SLICES_DIR, version)
+    try:
+      entry = record(output, version)
+    except DatasetError as e:
+      entry = {VERSION: version, 'error': str(e)}
+    found.append({**entry, 'timestamp': info.get('timestamp')})
+  return found
