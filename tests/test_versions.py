@@ -69,6 +69,7 @@ def test_every_reader_takes_a_version_and_history_says_what_changed(
   lines = capsys.readouterr().out.splitlines()
   assert len(lines) == 4 and lines[-1] == f'input: {small}'
   assert 'first version' in lines[1]
+  assert 'patients +0 -0 ~2 =0' in lines[2]  # same patients, more rows each
   assert f'slices {len(first["slices"])} -> 8' in lines[2]
   assert 'options changed: labeled_only' in lines[2]
   assert history.main([out, '--json']) == 0
@@ -86,14 +87,18 @@ def test_vacuum_keeps_what_the_retention_says_then_the_folder_is_the_latest(
   out = str(tmp_path / 'OUT')
   assert _run('--input', small, '--output', out) == cli.EXIT_OK
   assert _run('--input', grown, '--output', out, '--overwrite') == cli.EXIT_OK
+  assert _run('--input', grown, '--output', out) == cli.EXIT_OK
+  changes = [e['change'] for e in history.entries(out)]
+  assert 'patients +1 -0 ~2 =0' in changes[1]  # one new, two with more slices
+  assert 'patients +0 -0 ~0 =3' in changes[2]  # the same input again
   latest = dataset_tables(out)
   assert vacuum.vacuum(out, retain_hours=168) == []  # replaced a moment ago
   assert dataset_tables(out, version=0)['slices']
   assert vacuum.main([out, '--retain-hours', '0', '--dry-run']) == 0
-  assert 'would remove 3 file(s)' in capsys.readouterr().out
+  assert 'would remove 6 file(s)' in capsys.readouterr().out
   assert dataset_tables(out, version=0)['slices']  # a dry run removes nothing
   assert vacuum.main([out, '--retain-hours', '0']) == 0
-  assert 'removed 3 file(s)' in capsys.readouterr().out
+  assert 'removed 6 file(s)' in capsys.readouterr().out
   # a plain Parquet reader of the folder now sees exactly the latest version
   for table, keys in (('slices', 'slice_index'), ('errors', 'path')):
     plain = pq.read_table(os.path.join(out, table)).to_pylist()
@@ -104,7 +109,8 @@ def test_vacuum_keeps_what_the_retention_says_then_the_folder_is_the_latest(
   with pytest.raises(dataset.DatasetError, match='is missing'):
     dataset.open_dataset(out, 0)
   found = history.entries(out)
-  assert [e['readable'] for e in found] == [False, True]
+  assert [e['readable'] for e in found] == [False, False, True]
+  assert 'patients' not in found[2]['change']  # version 1's rows are gone
   assert vacuum.main([str(tmp_path / 'nothing')]) == 2
 
 

@@ -2,9 +2,10 @@
 
 One line per version, oldest first: when it was committed, the run that made
 it, its input, the options that shape the rows, its row counts, what changed
-against the version before, and whether its files are still there (``vacuum``
-removes those of old versions). Exit 0, or 2 when OUT holds no version.
-Needs deltalake and pyarrow only.
+against the version before (patients added, removed, changed and kept, by a
+digest of each patient's rows; row counts; slice files; input and options),
+and whether its files are still there (``vacuum`` removes those of old
+versions). Exit 0, or 2 when OUT holds no version. Needs pyarrow only.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import datetime
 import json
 import os
 import sys
+
+import xxhash
 
 from beam_pipeline.dataset import versions
 from transforms.contract import digests, metrics, schema
@@ -37,11 +40,50 @@ def _readable(output: str, record: dict) -> bool:
   return all(os.path.exists(os.path.join(output, f)) for f in record[digests.FILES])
 
 
-def _change(record: dict, before: dict | None) -> str:
+# The columns a patient's rows are compared by between versions.
+_COMPARED = ('patient_id', 'slice_index', 'split', 'pixel_xxh3', 'i_mask', 'o_mask')
+
+
+def patient_digests(output: str, record: dict) -> dict[str, str] | None:
+  """{patient_id: a digest of its rows} in a version (None when its files
+  are gone): what tells a changed patient from a kept one."""
+  import pyarrow.parquet as pq
+
+  shards = [f for f in record[digests.FILES] if f.startswith(schema.SLICES_DIR + '/')]
+  rows: dict[str, list] = {}
+  for name in shards:
+    path = os.path.join(output, name)
+    if not os.path.exists(path):
+      return None
+    table = pq.read_table(path, columns=list(_COMPARED))
+    for row in zip(*(table.column(c).to_pylist() for c in _COMPARED), strict=True):
+      rows.setdefault(row[0], []).append(repr(row[1:]))
+  return {
+    pid: xxhash.xxh3_128_hexdigest('\n'.join(sorted(found)).encode())
+    for pid, found in rows.items()
+  }
+
+
+def _patients_changed(now: dict | None, then: dict | None) -> str | None:
+  """``patients +added -removed ~changed =kept``, or None if unknown."""
+  if now is None or then is None:
+    return None
+  added = len(set(now) - set(then))
+  removed = len(set(then) - set(now))
+  common = set(now) & set(then)
+  changed = sum(now[p] != then[p] for p in common)
+  return f'patients +{added} -{removed} ~{changed} ={len(common) - changed}'
+
+
+def _change(
+  record: dict,
+  before: dict | None,
+  patients: str | None = None,
+) -> str:
   """What a version changed against the one before it."""
   if before is None:
     return 'first version'
-  parts = []
+  parts = [patients] if patients else []
   rows, old = _rows(record), _rows(before)
   for name in ('slices', 'errors'):
     if rows[name] != old[name]:
@@ -65,6 +107,7 @@ def entries(output: str) -> list[dict]:
   """
   found = []
   before = None
+  previous = None
   records = versions.history(output)
   if not records:
     versions.latest(output)  # raises, naming why
@@ -81,16 +124,17 @@ def entries(output: str) -> list[dict]:
     if 'error' in record:
       found.append({**entry, 'error': record['error']})
       continue
+    current = patient_digests(output, record)
     entry.update(
       run_id=record.get('run_id'),
       input=record.get('input'),
       options={o: record.get(o) for o in _OPTIONS},
       rows=_rows(record),
-      change=_change(record, before),
+      change=_change(record, before, _patients_changed(current, previous)),
       readable=_readable(output, record),
     )
     found.append(entry)
-    before = record
+    before, previous = record, current
   return found
 
 
