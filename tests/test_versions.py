@@ -17,7 +17,7 @@ from beam_pipeline import dataset
 from beam_pipeline.launch import cli, publish, run, vacuum
 from beam_pipeline.tools import history, sample, verify
 from tests import s3server
-from tests.helpers import dataset_tables
+from tests.helpers import dataset_tables, fake_gcs
 from transforms.contract import schema
 from transforms.contract.errors import UsageError
 from transforms.io import stores
@@ -391,3 +391,65 @@ def test_a_publish_to_s3_killed_at_any_step_leaves_the_previous_version(
     assert _run('--input', grown, '--output', again, '--overwrite', *common) == 0
     copy = _download(client, name, str(tmp_path / f'{name}-again'))
     assert verify.verify(copy).failures == []
+
+
+@pytest.fixture
+def gcs(tmp_path):
+  pytest.importorskip('google.cloud.storage')
+  from google.cloud import storage
+
+  with open(tmp_path / 'fake-gcs.log', 'wb') as log, fake_gcs(log):
+    stores.configure(stores.StoreConfig())
+    yield storage.Client(project='test').create_bucket('cohort-gcs')
+
+
+def test_a_publish_to_gcs_killed_at_any_step_leaves_the_previous_version(
+  trees, tmp_path, monkeypatch, gcs
+):
+  small, grown = trees
+  out = 'gs://cohort-gcs/OUT'
+
+  def copy(source, target):
+    for blob in gcs.client.list_blobs(gcs, prefix=source + '/'):
+      gcs.copy_blob(blob, gcs, target + blob.name[len(source) :])
+
+  def download(prefix, target):
+    for blob in gcs.client.list_blobs(gcs, prefix=prefix + '/'):
+      path = os.path.join(target, blob.name[len(prefix) + 1 :])
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      blob.download_to_filename(path)
+    return target
+
+  assert _run('--input', small, '--output', out) == cli.EXIT_OK
+  before = _published_state(download('OUT', str(tmp_path / 'before')))
+  captured = _capture(
+    monkeypatch, None, '--input', grown, '--output', out, '--overwrite'
+  )
+  work = str(tmp_path / 'work')
+  os.makedirs(work)
+
+  def trial(name):
+    copy('OUT', name)
+    path = os.path.join(work, f'{name}.json')
+    with open(path, 'w') as f:
+      f.write(json.dumps(captured).replace(out, f'gs://cohort-gcs/{name}'))
+    return path
+
+  done = subprocess.run(
+    [*KILLER, trial('count'), '-1'], cwd=ROOT, capture_output=True, text=True
+  )
+  assert done.returncode == 0, done.stderr
+  steps = json.loads(done.stdout.splitlines()[-1])['steps']
+  new = _published_state(download('count', str(tmp_path / 'count')))[1]
+  points = [(k, False) for k in range(1, steps + 1, max(1, steps // 10))]
+  points += [(0.1 * k, True) for k in range(1, 4)]
+  for n, (at, after) in enumerate(points):
+    name = f'kill-{n}'
+    _killed(trial(name), at, after)
+    state = _published_state(download(name, str(tmp_path / name)))
+    assert state[0] == before[0], (at, after)
+    assert set(state) in ({0}, {0, 1}) and state.get(1, new) == new
+    again = f'gs://cohort-gcs/{name}'
+    assert _run('--input', grown, '--output', again, '--overwrite') == 0
+    copied = download(name, str(tmp_path / f'{name}-again'))
+    assert verify.verify(copied).failures == []
