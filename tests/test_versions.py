@@ -112,6 +112,9 @@ def test_vacuum_keeps_what_the_retention_says_then_the_folder_is_the_latest(
   assert [e['readable'] for e in found] == [False, False, True]
   assert 'patients' not in found[2]['change']  # version 1's rows are gone
   assert vacuum.main([str(tmp_path / 'nothing')]) == 2
+  capsys.readouterr()
+  assert vacuum.main(['gs://bucket/OUT', '--retain-hours', '0']) == 2
+  assert 'vacuum works on a local or s3:// output' in capsys.readouterr().err
 
 
 def test_readers_that_are_not_ours_read_the_latest_and_an_older_version(

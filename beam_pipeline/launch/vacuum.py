@@ -71,6 +71,13 @@ def main(argv: list[str] | None = None) -> int:
   if args.retain_hours < 0:
     parser.error('--retain-hours must be 0 or more')
   output = publish.absolute(args.output).rstrip('/')
+  if output.startswith('gs://'):  # its commits go through a copy of the log
+    print(
+      f'error: {output}: vacuum works on a local or s3:// output; on gs:// '
+      'remove old versions with a Delta tool that reaches GCS',
+      file=sys.stderr,
+    )
+    return 2
   try:
     removed = vacuum(output, args.retain_hours, args.dry_run)
   except UsageError as e:
