@@ -110,15 +110,16 @@ def _no_dataset(output: str) -> DatasetError:
 
 
 def latest(output: str) -> int:
-  """The newest version.
+  """The newest version: the newest slices commit that carries a run record
+  (read from the newest down, so usually one commit file is read).
 
   Raises:
     DatasetError: there is none.
   """
-  found = versions(output)
-  if not found:
-    raise _no_dataset(output)
-  return found[-1]
+  for v in reversed(_versions_on_disk(output, schema.SLICES_DIR)):
+    if RECORD_KEY in commit_info(output, schema.SLICES_DIR, v):
+      return v
+  raise _no_dataset(output)
 
 
 def record(output: str, version: int | None = None) -> dict:
@@ -161,35 +162,48 @@ def table_versions(summary: dict) -> dict[str, int]:
   return {schema.SLICES_DIR: summary[VERSION], **summary[REPORT_VERSIONS]}
 
 
+def file_actions(path: str, data: bytes):
+  """(``'add'`` or ``'remove'``, data file path relative to the table) of each
+  file action in one commit file's bytes, in order.
+
+  Raises:
+    DatasetError: a line is not JSON.
+  """
+  from urllib.parse import unquote
+
+  for line in data.splitlines():
+    try:
+      action = json.loads(line)
+    except ValueError as e:
+      raise DatasetError(f'{path} is unreadable: {e}') from None
+    for kind in ('add', 'remove'):
+      if kind in action:
+        yield kind, unquote(action[kind]['path'])
+
+
 def table_files(output: str, table: str, version: int) -> set[str]:
   """The data files of ``table`` at ``version``, relative to the table, by
   replaying its commits' add and remove actions (the log is kept whole:
   ``delta.enableExpiredLogCleanup`` is off). Pure Python, not deltalake:
   deltalake's runtime panics in a forked process, such as a DataLoader
   worker."""
-  from urllib.parse import unquote
-
   files: set[str] = set()
   for v in range(version + 1):
     path = log_path(output, table, v)
     try:
       with open(path, 'rb') as f:
-        lines = f.read().splitlines()
+        data = f.read()
     except FileNotFoundError:
       raise DatasetError(
         f'{path} not found: the log of {table} is incomplete'
       ) from None
     except OSError as e:
       raise DatasetError(f'{path} is unreadable: {e}') from None
-    for line in lines:
-      try:
-        action = json.loads(line)
-      except ValueError as e:
-        raise DatasetError(f'{path} is unreadable: {e}') from None
-      if 'add' in action:
-        files.add(unquote(action['add']['path']))
-      elif 'remove' in action:
-        files.discard(unquote(action['remove']['path']))
+    for kind, name in file_actions(path, data):
+      if kind == 'add':
+        files.add(name)
+      else:
+        files.discard(name)
   return files
 
 

@@ -209,10 +209,10 @@ def _named_by_log(output: str, table: str) -> set[str]:
   named = set()
   for path in stores.files_under(log):
     if path.endswith('.json') and '/_' not in path[len(log) :]:
-      for line in stores.read_bytes(path).splitlines():
-        action = json.loads(line)
-        if 'add' in action:
-          named.add(action['add']['path'])
+      data = stores.read_bytes(path)
+      named |= {
+        name for kind, name in versions.file_actions(path, data) if kind == 'add'
+      }
   return named
 
 
