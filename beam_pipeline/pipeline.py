@@ -1,7 +1,8 @@
 """The job's graph: ``build_pipeline`` adds it to a Beam pipeline.
 
 One chain: a source (the tree, or a PACS with the tree's contours), the
-reconciliation, the decode stage, duplicate detection and the writer. What it
+reconciliation, the patients kept from the version the run starts from set
+aside, the decode stage, duplicate detection and the writer. What it
 needs comes in one frozen ``Job``, resolved once by the launcher
 (``beam_pipeline.launch``), which also runs the job and publishes its output.
 """
@@ -16,6 +17,7 @@ from beam_pipeline.tools import keys
 from transforms.contract import schema
 from transforms.decode.stage import DecodeSlices
 from transforms.duplicates import FindDuplicates
+from transforms.incremental import INPUTS_FILE, KeptIdentities, SplitKept
 from transforms.io import stores
 from transforms.io.dicomweb import SeriesFilter
 from transforms.reconcile import Reconcile
@@ -40,6 +42,10 @@ class Job:
     drop_duplicates: drop duplicate slices rather than flag them.
     image_codec: the image column's codec.
     id_map_parts: the folder for the id map's parts (None: no id map).
+    previous: the fingerprints of the version the run starts from
+      (incremental.PREVIOUS_FILE; None: every patient is decoded).
+    old_files: that version's slice files (read for the kept patients'
+      identities).
   """
 
   input: str
@@ -49,6 +55,8 @@ class Job:
   drop_duplicates: bool = False
   image_codec: str = DEFAULT_IMAGE_CODEC
   id_map_parts: str | None = None
+  previous: str | None = None
+  old_files: tuple[str, ...] = ()
 
   def source(self) -> Source:
     """The source the slices come from: the PACS, if one is set, else the tree."""
@@ -65,10 +73,18 @@ def build_pipeline(p: beam.Pipeline, job: Job) -> None:
   source = job.source()
   found = p | 'Source' >> source
   reconciled = found | 'Reconcile' >> Reconcile(source.wording)
-  decoded = reconciled[Reconcile.PATIENTS] | 'Decode' >> DecodeSlices(
-    job.input, job.decode
+  fractions, config = job.decode.split_fractions, job.decode.store
+  patients = reconciled[Reconcile.PATIENTS] | 'SplitKept' >> SplitKept(
+    job.previous, stores.join(job.staging, INPUTS_FILE), fractions, config
   )
-  copies = decoded[DecodeSlices.IDENTITIES] | 'FindDuplicates' >> FindDuplicates(
+  decoded = patients[SplitKept.DECODE] | 'Decode' >> DecodeSlices(job.input, job.decode)
+  identities = decoded[DecodeSlices.IDENTITIES]
+  if job.previous is not None:
+    kept = patients[SplitKept.KEPT] | 'KeptIdentities' >> KeptIdentities(
+      job.old_files, job.input, fractions, config
+    )
+    identities = (identities, kept) | 'AllIdentities' >> beam.Flatten()
+  copies = identities | 'FindDuplicates' >> FindDuplicates(
     stores.join(job.staging, schema.DUPLICATES_PLAN_FILE),
     job.drop_duplicates,
     job.decode.store,

@@ -36,14 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     kept = {}
     real = run.publish.publish
 
-    def keep(output, run_id, files, record, start):
+    def keep(output, run_id, files, record, start, kept_files=None, removed=None):
       kept.update(output=output, run_id=run_id, files=files, record=record)
-      kept['start'] = start
+      kept.update(start=start, kept=kept_files, removed=removed)
       return -1
 
     run.publish.publish = keep
     try:
-      assert cli.main(['--input', args.data, '--output', out]) in (0, 3)
+      # --full: a whole new version to publish, not an incremental no-op
+      assert cli.main(['--input', args.data, '--output', out, '--full']) in (0, 3)
     finally:
       run.publish.publish = real
     seconds = []

@@ -285,7 +285,7 @@ def test_a_write_failing_mid_run_names_the_file_and_keeps_the_previous_dataset(
     'DATA',
     '--output',
     'OUT',
-    '--overwrite',
+    '--full',  # every slice written again (incremental: none would be)
     preexec_fn=limit_file_size,
   )
   assert code == cli.EXIT_FAILED

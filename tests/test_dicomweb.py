@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pyarrow.parquet as pq
 import pydicom
@@ -19,7 +20,7 @@ import pytest
 
 from beam_pipeline.dataset import read_summary
 from beam_pipeline.launch import cli
-from beam_pipeline.tools import keys, sample
+from beam_pipeline.tools import keys, sample, verify
 from tests import orthanc, proxy
 from tests.helpers import (
   dataset_tables,
@@ -29,7 +30,7 @@ from tests.helpers import (
   set_tags,
   texts_under,
 )
-from transforms.contract import metrics, schema
+from transforms.contract import layout, metrics, schema
 from transforms.io import dicomweb
 from transforms.sources import pacs as pacs_stage
 
@@ -772,3 +773,30 @@ def test_a_pseudonymised_pacs_run_shows_no_stored_id_or_uid(
     )
     assert row['dicom_path'] == f'studies/{study}/series/{series}/instances/{sop}'
     assert sop.startswith('2.25.') and sop in uids.values()
+
+
+def test_an_incremental_pacs_run_decodes_only_patients_with_new_instances(
+  pacs, credentials, tmp_path
+):
+  """On a PACS a slice is an instance, which never changes under its SOP
+  Instance UID: a patient is decoded again when its series' instances
+  change, and the version equals a full run's."""
+  root = str(tmp_path / 'DATA')
+  _uploaded_tree(pacs, root, 'INC', patients=3, slices=4, rows=8, columns=8)
+  out = str(tmp_path / 'OUT')
+  time.sleep(layout.RACY_NS / 1e9 + 0.1)  # the tree's contour files settle
+  assert cli.main(_pacs_args(pacs.dicomweb, root, out)) == cli.EXIT_OK
+  assert cli.main(_pacs_args(pacs.dicomweb, root, out)) == cli.EXIT_OK
+  assert read_summary(out)['patients']['kept'] == 3
+  assert _fetches(out)[:2] == (0, 0)  # nothing retrieved
+  patient = sorted(os.listdir(os.path.join(root, 'dicoms')))[1]
+  path = os.path.join(root, 'dicoms', patient, '4.dcm')
+  _upload_copy(pacs, path, tmp_path, InstanceNumber=5)  # a copy: flagged
+  assert cli.main(_pacs_args(pacs.dicomweb, root, out)) == cli.EXIT_QUARANTINED
+  found = read_summary(out)['patients']
+  assert (found['replaced'], found['kept']) == (1, 2)
+  assert sum(_fetches(out)[:2]) == 5  # the changed patient's instances only
+  full = str(tmp_path / 'FULL')
+  assert cli.main(_pacs_args(pacs.dicomweb, root, full)) == cli.EXIT_QUARANTINED
+  assert dataset_tables(out) == dataset_tables(full)
+  assert verify.verify(out).failures == []

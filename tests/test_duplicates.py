@@ -250,7 +250,7 @@ def test_a_row_group_with_nothing_to_change_keeps_its_types():
     row.update(patient_id='A', slice_index=k, split='train', qa_flags=[])
     rows.append(row)
   table = pa.Table.from_pylist(rows, schema=schema.SLICE_SCHEMA)
-  counts = collections.Counter()
-  changed = applying._changed(table, {}, set(), {}, counts)
+  counts, dropped = collections.Counter(), collections.Counter()
+  changed = applying.changed(table, applying.Plan({}, set(), {}), counts, dropped)
   assert changed.schema.equals(schema.SLICE_SCHEMA)
-  assert changed.equals(table) and not counts
+  assert changed.equals(table) and not counts and not dropped

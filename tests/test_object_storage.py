@@ -15,6 +15,7 @@ import os
 
 import pytest
 
+from beam_pipeline.dataset import versions
 from beam_pipeline.launch import cli, lock
 from beam_pipeline.tools import keys, sample, verify
 from tests import proxy, s3server
@@ -101,6 +102,27 @@ def test_s3_input_and_output_give_the_local_dataset(s3_endpoint, tmp_path):
   assert dataset_tables(str(downloaded), version=0) == dataset_tables(local)
   assert verify.verify(str(downloaded)).failures == []
   assert verify.verify(str(downloaded), version=0).failures == []
+  # incremental: the second version kept both patients (their objects' ETags
+  # unchanged); a contour changed on the bucket and on the disk gives the
+  # same third version both ways, the other patient kept on S3
+  assert versions.record(str(downloaded))['patients']['kept'] == 2
+  contour = next(
+    os.path.join(d, n)
+    for d, _, names in sorted(os.walk(os.path.join(root, 'contourfiles')))
+    for n in sorted(names)
+    if n.endswith('icontour-manual.txt')
+  )
+  with open(contour, 'a') as f:
+    f.write('1.00 1.00\n')
+  client.upload_file(contour, BUCKET, 'DATA/' + os.path.relpath(contour, root))
+  assert cli.main(['--input', root, '--output', local]) == cli.EXIT_QUARANTINED
+  assert cli.main(args) == cli.EXIT_QUARANTINED
+  again = tmp_path / 'again'
+  _download(client, 'OUT', again)
+  found = versions.record(str(again))['patients']
+  assert (found['replaced'], found['kept']) == (1, 1)
+  assert dataset_tables(str(again)) == dataset_tables(local)
+  assert verify.verify(str(again)).failures == []
 
 
 def test_an_unreachable_bucket_is_one_line_and_exit_two_before_anything_runs(

@@ -87,7 +87,8 @@ def test_vacuum_keeps_what_the_retention_says_then_the_folder_is_the_latest(
   out = str(tmp_path / 'OUT')
   assert _run('--input', small, '--output', out) == cli.EXIT_OK
   assert _run('--input', grown, '--output', out, '--overwrite') == cli.EXIT_OK
-  assert _run('--input', grown, '--output', out) == cli.EXIT_OK
+  # --full: every file replaced (an incremental run would keep version 1's)
+  assert _run('--input', grown, '--output', out, '--full') == cli.EXIT_OK
   changes = [e['change'] for e in history.entries(out)]
   assert 'patients +1 -0 ~2 =0' in changes[1]  # one new, two with more slices
   assert 'patients +0 -0 ~0 =3' in changes[2]  # the same input again
@@ -154,10 +155,11 @@ def _capture(monkeypatch, stash, *args):
   staging folder moved to ``stash`` on a local disk."""
   captured = {}
 
-  def keep(output, run_id, files, record, start):
+  def keep(output, run_id, files, record, start, kept=None, removed=None):
     captured.update(
       output=output, run_id=run_id, files=files, record=record, start=start
     )
+    captured.update(kept=kept, removed=removed)
     captured['config'] = dataclasses.asdict(stores._CONFIG)
     return -1
 
@@ -220,7 +222,7 @@ def test_a_conflict_on_the_command_line_is_one_line_and_exit_two(
   out = str(tmp_path / 'OUT')
   assert _run('--input', small, '--output', out) == cli.EXIT_OK
   before = dataset_tables(out)
-  monkeypatch.setattr(run.publish, 'start_version', lambda output: None)
+  monkeypatch.setattr(run.publish, 'start_of', lambda output: (None, None, None))
   capsys.readouterr()
   assert _run('--input', small, '--output', out) == cli.EXIT_USAGE
   errors = [x for x in capsys.readouterr().err.splitlines() if ' INFO ' not in x]
@@ -259,6 +261,24 @@ def _retarget(captured, workdir, name):
   return path
 
 
+def _kill_trials(captured, workdir, instants):
+  """The publish of ``captured`` run to its end in a copy of its output, then
+  killed in fresh copies at each of its steps and at ``instants`` times
+  0.05 s. Returns (the new version's tables, [(a killed copy, its exit
+  code)])."""
+  os.makedirs(workdir)
+  steps = _kill_points(captured, workdir)
+  assert steps >= 8, steps
+  new = _published_state(os.path.join(workdir, 'count'))[1]
+  points = [(k, False) for k in range(1, steps + 1)]
+  points += [(0.05 * k, True) for k in range(1, instants + 1)]
+  killed = []
+  for n, (at, after) in enumerate(points):
+    code = _killed(_retarget(captured, workdir, f'kill-{n}'), at, after)
+    killed.append((os.path.join(workdir, f'kill-{n}'), code))
+  return new, killed
+
+
 def _killed(trial, at, after=False):
   args = [*KILLER, trial, str(at)] + (['--after'] if after else [])
   done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -293,20 +313,10 @@ def test_a_publish_killed_at_any_step_leaves_the_previous_version_readable(
   captured = _capture(
     monkeypatch, None, '--input', grown, '--output', out, '--overwrite'
   )
-  work = str(tmp_path / 'work')
-  os.makedirs(work)
-  steps = _kill_points(captured, work)
-  new = _published_state(os.path.join(work, 'count'))[1]
-  assert steps >= 8, steps
-  points = [(k, False) for k in range(1, steps + 1)]
-  points += [(0.05 * k, True) for k in range(1, 9)]
-  outcomes = set()
-  for n, (at, after) in enumerate(points):
-    trial = _retarget(captured, work, f'kill-{n}')
-    code = _killed(trial, at, after)
-    outcomes.add(code)
-    _check_after_kill(os.path.join(work, f'kill-{n}'), before, new, grown)
-  assert -9 in outcomes  # it was killed, at least somewhere
+  new, killed = _kill_trials(captured, str(tmp_path / 'work'), 8)
+  for copy, _ in killed:
+    _check_after_kill(copy, before, new, grown)
+  assert -9 in {code for _, code in killed}  # it was killed, at least somewhere
 
 
 @pytest.fixture

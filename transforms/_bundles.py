@@ -1,20 +1,28 @@
-"""Work kept ahead within a bundle, and what a DoFn emits from ``finish_bundle``.
+"""Work kept ahead within a bundle, what a DoFn emits from ``finish_bundle``,
+and the one value a stage leaves for the launcher.
 
 Stages that keep work ahead within a bundle (the decode stage's next chunk,
 the PACS searches and the object-store listings in flight) emit the rest
 when the bundle ends, where no input element gives the outputs a window.
+Stages whose result the launcher reads when the job is done (the duplicate
+plan, the patients' fingerprints) write it as one JSON file
+(``WriteJsonFn``).
 """
 
 from __future__ import annotations
 
 import collections
+import json
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import apache_beam as beam
 from apache_beam import pvalue
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
+
+from transforms.io import stores
 
 
 def in_global_window(value) -> WindowedValue:
@@ -73,3 +81,18 @@ class Ahead:
   def close(self) -> None:
     self.drop()
     self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class WriteJsonFn(beam.DoFn):
+  """Writes its one input value as JSON to ``path``; emits the path."""
+
+  def __init__(self, path: str, config: stores.StoreConfig):
+    self._path = path
+    self._config = config
+
+  def setup(self):
+    stores.configure(self._config)
+
+  def process(self, value):
+    stores.write_bytes(self._path, json.dumps(value, indent=1, sort_keys=True).encode())
+    yield self._path

@@ -18,13 +18,13 @@ matched by its pixels: identical blank slices are not copies.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 
 import apache_beam as beam
 import xxhash
 from apache_beam import pvalue
 
+from transforms import _bundles
 from transforms.contract import packing, schema, splits
 from transforms.io import stores
 
@@ -190,19 +190,6 @@ def _split_moves(slice_groups: list[tuple]) -> dict[str, list[str]]:
   return moves
 
 
-class _WritePlanFn(beam.DoFn):
-  def __init__(self, path: str, config: stores.StoreConfig):
-    self._path = path
-    self._config = config
-
-  def setup(self):
-    stores.configure(self._config)
-
-  def process(self, launcher_plan: dict):
-    stores.write_bytes(self._path, json.dumps(launcher_plan, indent=1).encode())
-    yield self._path
-
-
 class FindDuplicates(beam.PTransform):
   """Identity records (per chunk) -> reconciliation rows of duplicates; the
   plan is written to ``plan_path`` (JSON) for the launcher."""
@@ -232,6 +219,6 @@ class FindDuplicates(beam.PTransform):
       | 'Plan' >> beam.FlatMap(rows_and_plan).with_outputs('plan', main='rows')
     )
     _ = outputs.plan | 'WritePlan' >> beam.ParDo(
-      _WritePlanFn(self._plan_path, self._config)
+      _bundles.WriteJsonFn(self._plan_path, self._config)
     )
     return outputs.rows

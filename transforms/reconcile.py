@@ -118,7 +118,14 @@ class _MatchPatientsFn(beam.DoFn):
       f'{len(dicoms)} slices, {kinds.count("i")} i-contours, '
       f'{kinds.count("o")} o-contours',
     )
-    yield Patient(patient_id, original_id, tuple(dicoms), tuple(usable), link.position)
+    yield Patient(
+      patient_id,
+      original_id,
+      tuple(dicoms),
+      tuple(usable),
+      link.position,
+      layout.fingerprint((patient_id, original_id, link.position), dicoms, usable),
+    )
 
   @staticmethod
   def _row(patient_id, original_id, status, detail):

@@ -77,6 +77,14 @@ def add_input_output(parser: argparse.ArgumentParser) -> None:
   )
   _add(
     io,
+    '--full',
+    action='store_true',
+    help='Decode every patient again, as one new version. Without it, a run '
+    'into an existing dataset of the same --input decodes only the patients '
+    'whose files or link.csv row changed, and keeps the rows of the others.',
+  )
+  _add(
+    io,
     '--sample-dir',
     dest='sample_dir',
     default=DEFAULT_SAMPLE_DIR,

@@ -13,8 +13,9 @@ duplicates reads the (empty) plan and nothing else.
 from __future__ import annotations
 
 import collections
-import io
 import json
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -22,91 +23,121 @@ import pyarrow.parquet as pq
 
 from transforms.contract import digests, filestats, metrics, schema
 from transforms.io import stores
-from transforms.io.protocol import is_local
 from transforms.write import writer_options
 
 
+class Plan(NamedTuple):
+  """The duplicate plan: ``flags`` {(patient_id, slice_index): [flag]},
+  ``drop`` {(patient_id, slice_index)}, ``moves`` {patient_id: (from, to)}."""
+
+  flags: dict[tuple[str, int], list[str]]
+  drop: set[tuple[str, int]]
+  moves: dict[str, tuple[str, str]]
+
+  def touches(self) -> set[str]:
+    """The patients whose rows the plan changes."""
+    return {k[0] for k in self.flags} | {k[0] for k in self.drop} | set(self.moves)
+
+
+def load_plan(staging: str) -> Plan:
+  """The plan the job left in ``staging``; removes it."""
+  path = stores.join(staging, schema.DUPLICATES_PLAN_FILE)
+  found = json.loads(stores.read_bytes(path))
+  stores.store(path).delete([path])
+  flags: dict[tuple[str, int], list[str]] = collections.defaultdict(list)
+  for pid, index, flag in found['flags']:
+    flags[pid, index].append(flag)
+  drop = {(pid, index) for pid, index in found['drop']}
+  moves = {pid: (old, new) for pid, (old, new) in found['moves'].items()}
+  return Plan(dict(flags), drop, moves)
+
+
 def apply_plan(
-  staging: str, totals: dict[str, int], image_codec: str
+  staging: str, plan: Plan, totals: dict[str, int], image_codec: str
 ) -> dict[str, int]:
-  """Applies ``staging``'s duplicate plan to its slices and to ``totals``
-  (the run's counters, changed in place); removes the plan.
+  """Applies ``plan`` to ``staging``'s slices and to ``totals`` (the run's
+  counters, changed in place).
 
   Returns:
     {patient_id: slices dropped} (empty unless --drop-duplicates).
   """
-  path = stores.join(staging, schema.DUPLICATES_PLAN_FILE)
-  plan = json.loads(stores.read_bytes(path))
-  stores.store(path).delete([path])
-  flags: dict[tuple[str, int], list[str]] = collections.defaultdict(list)
-  for pid, index, flag in plan['flags']:
-    flags[pid, index].append(flag)
-  drop = {(pid, index) for pid, index in plan['drop']}
-  moves = {pid: new for pid, (_, new) in plan['moves'].items()}
-  if not (flags or drop or moves):
+  if not (plan.flags or plan.drop or plan.moves):
     return {}
-  patients = {key[0] for key in flags} | {key[0] for key in drop} | set(moves)
+  patients = plan.touches()
   folder = stores.join(staging, schema.SLICES_DIR)
   manifest_path = stores.join(folder, digests.MANIFEST_FILE)
   manifest = json.loads(stores.read_bytes(manifest_path))
   counts: collections.Counter = collections.Counter()
-  for old, new in plan['moves'].values():
+  for old, new in plan.moves.values():
     counts[metrics.split_patients_counter(old)] -= 1
     counts[metrics.split_patients_counter(new)] += 1
+  dropped: collections.Counter = collections.Counter()
   for name in sorted(manifest):
     # on an object store the shard is still the sink's object (SOURCE)
     shard = manifest[name].get(digests.SOURCE) or stores.join(folder, name)
-    with _readable(shard) as f:
+    with stores.readable(shard) as f:
       ids = pq.read_table(f, columns=['patient_id'])['patient_id']
     if not set(pc.unique(ids).to_pylist()) & patients:
       continue
-    manifest[name].update(_rewrite(shard, flags, drop, moves, image_codec, counts))
+    manifest[name].update(
+      rewrite(
+        shard,
+        shard + '.rewritten',
+        lambda table: changed(table, plan, counts, dropped),
+        image_codec,
+      )
+    )
+    stores.move_all([(shard + '.rewritten', shard)])
   stores.write_bytes(manifest_path, json.dumps(manifest, indent=1).encode())
   for key, n in counts.items():
     totals[key] = totals.get(key, 0) + n
-  return dict(collections.Counter(pid for pid, _ in drop))
+  return dict(dropped)
 
 
-def _rewrite(
-  shard: str,
-  flags: dict,
-  drop: set,
-  moves: dict[str, str],
+def rewrite(
+  source: str,
+  target: str,
+  change: Callable[[pa.Table], pa.Table],
   image_codec: str,
-  counts: collections.Counter,
 ) -> dict:
-  """Rewrites one shard with the plan applied; returns its manifest entry.
-  ``counts`` gathers the counter changes."""
-  rewritten = shard + '.rewritten'
-  sink = stores.store(rewritten).create(rewritten)
-  with _readable(shard) as source:
-    parquet = pq.ParquetFile(source, page_checksum_verification=True)
-    writer = pq.ParquetWriter(
-      sink, schema.SLICE_SCHEMA, **writer_options(schema.SLICE_SCHEMA, image_codec)
-    )
-    for g in range(parquet.num_row_groups):
-      table = parquet.read_row_group(g)
-      writer.write_table(_changed(table, flags, drop, moves, counts))
-    writer.close()
+  """Writes ``source``'s rows, each row group through ``change``, to
+  ``target`` with the writer's Parquet options; returns ``target``'s
+  manifest entry."""
+  with stores.readable(source) as f:
+    parquet = pq.ParquetFile(f, page_checksum_verification=True)
+    groups = (change(parquet.read_row_group(g)) for g in range(parquet.num_row_groups))
+    return write_file(target, groups, schema.SLICE_SCHEMA, image_codec)
+
+
+def write_file(
+  target: str, tables: Iterable[pa.Table], arrow_schema: pa.Schema, image_codec=None
+) -> dict:
+  """Writes ``tables`` (a row group each, empty ones left out) to ``target``
+  with the writer's Parquet options; returns its manifest entry (size,
+  digest, Delta statistics)."""
+  sink = stores.store(target).create(target)
+  writer = pq.ParquetWriter(
+    sink, arrow_schema, **writer_options(arrow_schema, image_codec)
+  )
+  for table in tables:
+    if table.num_rows:
+      writer.write_table(table)
+  writer.close()
   sink.close()
   stats = filestats.of_footer(writer.writer.metadata)
-  stores.move_all([(rewritten, shard)])
-  with _readable(shard) as f:
+  with stores.readable(target) as f:
     size, digest = digests.of_stream(f)
   return digests.entry(size, digest, stats)
 
 
-def _readable(path: str):
-  """A file object for ``path``: the file itself locally, its bytes in
-  memory from an object store."""
-  if is_local(path):
-    return open(path, 'rb')  # noqa: SIM115 (the caller closes it)
-  return io.BytesIO(stores.read_bytes(path))
-
-
-def _changed(
-  table: pa.Table, flags: dict, drop: set, moves: dict, counts: collections.Counter
+def changed(
+  table: pa.Table,
+  plan: Plan,
+  counts: collections.Counter,
+  dropped: collections.Counter,
 ) -> pa.Table:
+  """``table`` with ``plan`` applied; ``counts`` gathers the counter changes
+  and ``dropped`` the rows dropped per patient."""
   rows = table.select(
     ['patient_id', 'slice_index', 'split', 'qa_flags', 'i_mask', 'o_mask']
   ).to_pylist()
@@ -114,26 +145,32 @@ def _changed(
   for row in rows:
     key = (row['patient_id'], row['slice_index'])
     split = row['split']
-    if key in drop:
+    if key in plan.drop:
       keep.append(False)
+      dropped[row['patient_id']] += 1
       _count_dropped(row, counts)
       continue
     keep.append(True)
-    if row['patient_id'] in moves:
-      new = moves[row['patient_id']]
+    if row['patient_id'] in plan.moves:
+      new = plan.moves[row['patient_id']][1]
       counts[metrics.split_slices_counter(split)] -= 1
       counts[metrics.split_slices_counter(new)] += 1
       split = new
-    added = [f for f in flags.get(key, []) if f not in row['qa_flags']]
+    added = [f for f in plan.flags.get(key, []) if f not in row['qa_flags']]
     for flag in added:
       counts[metrics.qa_counter(flag)] += 1
     splits.append(split)
     qa.append(row['qa_flags'] + added)
   table = table.filter(pa.array(keep, pa.bool_()))
-  for name, values in (('split', splits), ('qa_flags', qa)):
+  return with_columns(table, split=splits, qa_flags=qa)
+
+
+def with_columns(table: pa.Table, **values: list) -> pa.Table:
+  """``table`` with the named slice columns replaced by ``values``."""
+  for name, column in values.items():
     field = schema.SLICE_SCHEMA.field(name)
-    column = pa.array(values, type=field.type)
-    table = table.set_column(table.schema.get_field_index(name), field, column)
+    index = table.schema.get_field_index(name)
+    table = table.set_column(index, field, pa.array(column, type=field.type))
   return table
 
 

@@ -52,18 +52,29 @@ class Survey(NamedTuple):
   labeled: int  # distinct (original_id, slice) pairs of linked patients
   bytes_per_slice: int  # estimated size of one written row
   complete: bool  # False: the walk hit SCAN_SECONDS, the counts are lower bounds
+  # (newest change time of any of its files in ns, slices) per linked patient
+  patients: tuple[tuple[int, int], ...] = ()
 
   def rows(self, labeled_only: bool) -> int:
     return min(self.slices, self.labeled) if labeled_only else self.slices
+
+  def changed_since(self, ns: int) -> Survey:
+    """The survey of the patients with a file changed since ``ns`` (an
+    incremental run decodes about those: the runner's mode is chosen for
+    them)."""
+    since = ns - layout.RACY_NS
+    slices = sum(n for newest, n in self.patients if newest >= since)
+    return self._replace(slices=slices, labeled=min(self.labeled, slices))
 
   def dataset_bytes(self, labeled_only: bool) -> int:
     return self.rows(labeled_only) * self.bytes_per_slice
 
 
 def _walk(root: str, top: str, deadline: float):
-  """Paths below ``root/top`` relative to ``root`` ('/'-separated); stops at
-  ``deadline``. Symlinks are not followed; unreadable folders are skipped (the
-  pipeline's own listing reports them)."""
+  """(path, change time in ns) of the files below ``root/top``, the path
+  relative to ``root`` ('/'-separated); stops at ``deadline``. Symlinks are
+  not followed; unreadable folders are skipped (the pipeline's own listing
+  reports them)."""
   pending = [top]
   while pending and time.monotonic() < deadline:
     relative = pending.pop()
@@ -74,7 +85,8 @@ def _walk(root: str, top: str, deadline: float):
           if entry.is_dir(follow_symlinks=False):
             pending.append(path)
           elif entry.is_file(follow_symlinks=False):
-            yield path
+            st = entry.stat(follow_symlinks=False)
+            yield path, max(st.st_mtime_ns, st.st_ctime_ns)
     except OSError:
       continue
   if pending:
@@ -125,23 +137,37 @@ def survey(root: str, image_codec: str = 'none') -> Survey | None:
   except OSError:
     links = []
   patients = {link.patient_id for link in links}
-  originals = {link.original_id for link in links}
+  patient_of = {link.original_id: link.patient_id for link in links}
   deadline = time.monotonic() + SCAN_SECONDS
   slices, labeled, samples = 0, set(), []
+  newest: dict[str, int] = {}
+  count: dict[str, int] = {}
   complete = True
   try:
     for top in (layout.DICOM_DIR, layout.CONTOUR_DIR):
-      for path in _walk(root, top, deadline):
+      for path, changed in _walk(root, top, deadline):
         file = layout.classify_path(path)
         if isinstance(file, layout.DicomFile) and file.patient_id in patients:
           slices += 1
+          pid = file.patient_id
+          count[pid] = count.get(pid, 0) + 1
           if len(samples) < _HEADER_SAMPLES and file.slice_index == 1:
             samples.append(os.path.join(root, path))
-        elif isinstance(file, layout.ContourFile) and file.original_id in originals:
+        elif isinstance(file, layout.ContourFile) and file.original_id in patient_of:
           labeled.add((file.original_id, file.slice_index))
+          pid = patient_of[file.original_id]
+        else:
+          continue
+        newest[pid] = max(newest.get(pid, 0), changed)
   except TimeoutError:
     complete = False
-  return Survey(slices, len(labeled), _row_bytes(samples, image_codec), complete)
+  return Survey(
+    slices,
+    len(labeled),
+    _row_bytes(samples, image_codec),
+    complete,
+    tuple((newest[pid], n) for pid, n in count.items()),
+  )
 
 
 def _row_bytes(paths: list[str], image_codec: str) -> int:

@@ -117,31 +117,31 @@ def is_table(output: str) -> bool:
   return exists(stores.join(output, schema.SLICES_DIR, versions.LOG_DIR))
 
 
-def start_version(output: str) -> int | None:
-  """The slices table's latest version, which this run starts from (None:
-  there is no table yet). The slices commit is made against it, so a run
-  that committed meanwhile is never overwritten unseen."""
+def start_of(output: str) -> tuple[int | None, dict | None, int | None]:
+  """(version, record, committed): the slices table's latest version, which
+  this run starts from, the newest run record in its log and when it was
+  committed (ms since the epoch); (None, None, None): there is no table yet.
+  The slices commit is made against that version, so a run that committed
+  meanwhile is never overwritten unseen."""
   if not is_table(output):
-    return None
+    return None, None, None
   from deltalake import DeltaTable
 
   table = stores.join(output, schema.SLICES_DIR)
   with _log_view(table) as (where, _):
-    return DeltaTable(where, storage_options=stores.table_options(table)).version()
+    found = DeltaTable(where, storage_options=stores.table_options(table))
+    version = found.version()
+    for commit in found.history():
+      record = commit.get(versions.RECORD_KEY)
+      if isinstance(record, dict):
+        return version, record, commit.get('timestamp')
+  return version, None, None
 
 
 def made_from(output: str) -> str | None:
   """The --input of the latest version of ``output`` (None: no version)."""
-  from deltalake import DeltaTable
-
-  table = stores.join(output, schema.SLICES_DIR)
-  with _log_view(table) as (where, _):
-    commits = DeltaTable(where, storage_options=stores.table_options(table)).history()
-  for commit in commits:
-    record = commit.get(versions.RECORD_KEY)
-    if isinstance(record, dict):
-      return record.get('input')
-  return None
+  record = start_of(output)[1]
+  return None if record is None else record.get('input')
 
 
 def check_replaceable(output: str, overwrite: bool, input_root: str) -> None:
@@ -289,13 +289,20 @@ def publish(
   files: dict[str, dict],
   record: dict,
   start: int | None,
+  kept: dict[str, dict] | None = None,
+  removed: dict[str, int] | None = None,
 ) -> int:
   """Moves the staged ``files`` (take_manifests) into the table folders and
   commits them as the new version of each table, ``record`` (the run's
   counters and settings) in the slices commit; removes the staging folder.
 
   Args:
-    start: the slices table's version when the run started (start_version).
+    start: the slices table's version when the run started (start_of).
+    kept: for an incremental run, the start version's slice files the new
+      version keeps ({path relative to the output: record entry}); None:
+      the new version's slices are ``files`` alone.
+    removed: for an incremental run, the start version's slice files the
+      new version drops ({path relative to the output: bytes}).
 
   Returns:
     The new dataset version.
@@ -326,12 +333,12 @@ def publish(
     **record,
     'run_id': run_id,
     versions.REPORT_VERSIONS: made,
-    digests.FILES: dict(sorted(recorded(final).items())),
+    digests.FILES: dict(sorted({**recorded(final), **(kept or {})}.items())),
   }
   record[digests.SUMMARY_DIGEST] = digests.of_summary(record)
   sys.audit(AUDIT_EVENT, f'commit {schema.SLICES_DIR}')
   version = _commit(
-    output, schema.SLICES_DIR, final, {versions.RECORD_KEY: record}, start
+    output, schema.SLICES_DIR, final, {versions.RECORD_KEY: record}, start, removed
   )
   sys.audit(AUDIT_EVENT, 'committed')
   delete_tree(staging)
@@ -359,22 +366,41 @@ def _adds(table: str, files: dict[str, dict]) -> list:
   ]
 
 
+def _removes(table: str, removed: dict[str, int]) -> list:
+  from deltalake.transaction import RemoveAction
+
+  now = int(time.time() * 1000)
+  return [
+    RemoveAction(path.split('/', 1)[1], True, now, size)
+    for path, size in sorted(removed.items())
+    if path.split('/', 1)[0] == table
+  ]
+
+
 def _commit(
   output: str,
   table: str,
   files: dict[str, dict],
   metadata: dict,
   start: int | None,
+  removed: dict[str, int] | None = None,
 ) -> int:
   """Commits ``table``'s files in ``files`` as the table's whole new version
-  (an overwrite: the previous version's files stay on disk for it); returns
-  the version made. ``start``: the version the change was made against
-  (None: there was no table; _LATEST: whatever is latest)."""
+  (an overwrite: the previous version's files stay on disk for it), or with
+  ``removed`` ({path: bytes}) as a change of the version ``start``: those
+  files dropped, ``files`` added, the others kept. Returns the version
+  made. ``start``: the version the change was made against (None: there
+  was no table; _LATEST: whatever is latest)."""
   uri = stores.join(output, table)
   options = stores.table_options(uri)
+  actions = _adds(table, files)
+  if removed is not None:
+    actions += _removes(table, removed)
   try:
     with _log_view(uri) as (where, push):
-      version = _transact(where, table, _adds(table, files), metadata, start, options)
+      version = _transact(
+        where, table, actions, metadata, start, options, removed is not None
+      )
       push()
   except CommitConflict as e:
     raise CommitConflict(
@@ -386,9 +412,17 @@ def _commit(
 
 
 def _transact(
-  where: str, table: str, adds: list, metadata: dict, start: int | None, options
+  where: str,
+  table: str,
+  actions: list,
+  metadata: dict,
+  start: int | None,
+  options,
+  change: bool = False,
 ) -> int:
-  """One commit of ``adds`` to the table at ``where``; returns its version."""
+  """One commit of ``actions`` to the table at ``where``, replacing its
+  files (or, with ``change``, adding to and removing from them); returns
+  its version."""
   from deltalake import DeltaTable, Schema
   from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
   from deltalake.transaction import (
@@ -410,7 +444,7 @@ def _transact(
       create_table_with_add_actions(
         where,
         Schema.from_arrow(arrow_schema),
-        adds,
+        actions,
         mode='error',
         configuration=_TABLE_CONFIG,
         storage_options=options,
@@ -422,8 +456,8 @@ def _transact(
     if start is None:  # made by another run since this one started
       raise CommitConflict(f'{where} was created by another run')
     current.create_write_transaction(
-      adds,
-      mode='overwrite',
+      actions,
+      mode='append' if change else 'overwrite',
       schema=arrow_schema,
       commit_properties=properties,
       post_commithook_properties=hooks,

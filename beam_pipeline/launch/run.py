@@ -31,6 +31,7 @@ from apache_beam.runners.runner import PipelineResult, PipelineState
 from beam_pipeline.launch import (
   console,
   duplicate_plan,
+  incremental,
   interrupts,
   lock,
   preflight,
@@ -117,17 +118,42 @@ def _checked_id_map(id_map: str, paths: Paths) -> str:
   return id_map
 
 
+def row_settings(ingest: IngestOptions, settings: Resolved) -> dict:
+  """The options that change rows: a version made with others is not
+  continued incrementally (incremental.begin)."""
+  decode = settings.decode
+  keyed = decode.pseudonyms is not None and decode.pseudonyms.active
+  return {
+    'labeled_only': decode.labeled_only,
+    'exclude_burned_in': decode.exclude_burned_in,
+    'max_pixels': decode.max_pixels,
+    'max_file_bytes': decode.max_file_bytes,
+    'split': list(decode.split_fractions),
+    'isolate': decode.isolate,
+    'decode_timeout': decode.decode_timeout,
+    'drop_duplicates': ingest.drop_duplicates,
+    'image_codec': ingest.image_codec,
+    'series_filter': list(settings.series_filter or ()),
+    'dicomweb': decode.dicomweb.url if decode.dicomweb else None,
+    # a pseudonym stands for the key, which is never recorded
+    'key': decode.pseudonyms.patient('settings') if keyed else None,
+  }
+
+
 def job_of(
   ingest: IngestOptions,
   settings: Resolved,
   paths: Paths,
   run_id: str,
   progress_dir: str | None = None,
+  start: incremental.Start | None = None,
 ) -> Job:
-  """The graph's frozen settings for this run."""
+  """The graph's frozen settings for this run (``start``: the version it
+  continues, if incremental)."""
+  staging = publish.staging_path(paths.output, run_id)
   return Job(
     input=paths.input,
-    staging=publish.staging_path(paths.output, run_id),
+    staging=staging,
     decode=dataclasses.replace(settings.decode, progress_dir=progress_dir),
     series_filter=settings.series_filter,
     drop_duplicates=ingest.drop_duplicates,
@@ -135,6 +161,8 @@ def job_of(
     id_map_parts=None
     if paths.id_map is None
     else keys.parts_folder(paths.id_map, run_id),
+    previous=None if start is None else incremental.stage_previous(staging, start),
+    old_files=() if start is None else incremental.old_slice_files(paths.output, start),
   )
 
 
@@ -270,8 +298,14 @@ def run(argv: Sequence[str] | None = None) -> Run:
     publish.check_replaceable(
       paths.output, paths.overwrite, paths.input
     )  # again, under the lock
-    after = publish.start_version(paths.output)
-    return _launch(options, argv, ingest, settings, paths, found, run_id, after)
+    start = incremental.begin(
+      *publish.start_of(paths.output),
+      paths.input,
+      incremental.settings_digest(row_settings(ingest, settings)),
+      ingest.full,
+      paths.id_map is not None,
+    )
+    return _launch(options, argv, ingest, settings, paths, found, run_id, start)
 
 
 @contextlib.contextmanager
@@ -292,20 +326,34 @@ def _launch(
   paths: Paths,
   found: preflight.Survey | None,
   run_id: str,
-  after: int | None,
+  start: incremental.Start,
 ) -> Run:
   """Runs the job into its own staging folder and commits it as a new
-  version after ``after`` (the caller holds the output's lock)."""
+  version after ``start`` (the caller holds the output's lock)."""
+  if found is not None and start.incremental and start.committed:
+    found = found.changed_since(start.committed * 1_000_000)
   described = choose_direct_mode(options, argv, found)
   _LOG.info('reading %s, writing %s; runner %s', paths.input, paths.output, described)
+  if start.version is not None:
+    _LOG.info(
+      'starting from version %d: %s',
+      start.version,
+      'decoding only the patients whose inputs changed'
+      if start.incremental
+      else f'decoding every patient ({start.why_full})',
+    )
   publish.clear_staging(paths.output)
   runner = _runner(options)  # None: not the DirectRunner, no shared folder
-  start = time.monotonic()
+  began = time.monotonic()
   p = beam.Pipeline(runner=runner, options=options)
-  total = found.rows(ingest.labeled_only) if found and found.complete else None
+  # an incremental run's count is an estimate: no percentage from it
+  known = found and found.complete and not start.incremental
+  total = found.rows(ingest.labeled_only) if known else None
   reporter = progress.Reporter(total, ingest.progress_seconds)
   with reporter if runner is not None else contextlib.nullcontext() as shared:
-    job = job_of(ingest, settings, paths, run_id, shared.folder if shared else None)
+    job = job_of(
+      ingest, settings, paths, run_id, shared.folder if shared else None, start
+    )
     build_pipeline(p, job)
     with _naming_output(job.staging):
       result = p.run()
@@ -315,11 +363,20 @@ def _launch(
       f'the pipeline ended in state {result.state}; nothing was published to '
       f'{paths.output}'
     )
-  seconds = time.monotonic() - start
+  seconds = time.monotonic() - began
   totals = summary.counters(result)
-  dropped = duplicate_plan.apply_plan(job.staging, totals, ingest.image_codec)
+  plan = duplicate_plan.load_plan(job.staging)
+  dropped = duplicate_plan.apply_plan(job.staging, plan, totals, ingest.image_codec)
+  decoded = totals.get(metrics.SLICES_WRITTEN, 0)
+  carried = incremental.carry_over(
+    paths.output, job.staging, start, plan, ingest.image_codec, totals
+  )
+  for pid, n in carried.dropped.items():
+    dropped[pid] = dropped.get(pid, 0) + n
   with interrupts.deferred():  # all of the new dataset, or the old one
-    files = publish.take_manifests(paths.output, run_id)
+    files = {**publish.take_manifests(paths.output, run_id), **carried.staged}
+    if start.incremental:
+      files = incremental.without_empty(files)
     record = summary.run_record(
       totals,
       seconds,
@@ -329,8 +386,28 @@ def _launch(
       drop_duplicates=ingest.drop_duplicates,
       dropped_duplicates=dropped,
       pseudonymized=ingest.pseudonymize_key_file is not None,
+      **{
+        incremental.SETTINGS: incremental.settings_digest(
+          row_settings(ingest, settings)
+        ),
+        incremental.PATIENTS: {
+          **carried.patients,
+          'from_version': start.version,
+          'why_full': start.why_full,
+          'slices_decoded': decoded,
+        },
+        incremental.INPUTS: dict(sorted(carried.fingerprints.items())),
+      },
     )
-    version = publish.publish(paths.output, run_id, files, record, after)
+    version = publish.publish(
+      paths.output,
+      run_id,
+      files,
+      record,
+      start.version,
+      carried.kept_files if start.incremental else None,
+      carried.removed if start.incremental else None,
+    )
   outputs = {e: stores.join(paths.output, e) for e in publish.DATA_ENTRIES}
   outputs['version'] = (
     f'{version} (list them with: {summary.history_command(paths.output)})'
@@ -342,7 +419,12 @@ def _launch(
     outputs['qa'] = qa.write_qa(paths.output, paths.qa_dir)
   print(
     summary.summary_text(
-      totals, outputs, seconds, output=paths.output, split=ingest.split
+      totals,
+      outputs,
+      seconds,
+      output=paths.output,
+      split=ingest.split,
+      patients=record[incremental.PATIENTS],
     )
   )
   for empty in summary.empty_splits(totals):  # the summary has shown it

@@ -74,12 +74,26 @@ def history_command(output: str) -> str:
   return f'cardiac-mri history {shlex.quote(output)}'
 
 
+def patients_line(patients: Mapping) -> str:
+  """What a run did to the patients of the version it started from, e.g.
+  ``1 added, 0 replaced, 0 removed, 99 kept (from version 3)``."""
+  counts = ', '.join(
+    f'{patients[k]} {k}' for k in ('added', 'replaced', 'removed', 'kept')
+  )
+  if patients['from_version'] is None:
+    return f'{counts} (the first version)'
+  if patients['why_full']:
+    return f'{counts} (all decoded: {patients["why_full"]})'
+  return f'{counts} (from version {patients["from_version"]})'
+
+
 def summary_text(
   counters: Mapping[str, int],
   outputs: Mapping[str, str],
   seconds: float,
   output: str | None = None,
   split: str | None = None,
+  patients: Mapping | None = None,
 ) -> str:
   """The end-of-run summary printed on stdout.
 
@@ -89,14 +103,19 @@ def summary_text(
     seconds: the run's wall time.
     output: the output root, for the command that lists quarantined inputs.
     split: the --split fractions, named in the warning about an empty split.
+    patients: the record's account of the patients (patients_line).
   """
   slices = counters.get(metrics.SLICES_WRITTEN, 0)
+  decoded = slices if not patients else patients.get('slices_decoded', slices)
+  of_run = f'{decoded} of them this run, ' if decoded != slices else ''
   lines = [
     'Summary',
     '  patients matched   '
-    f'{counters.get(metrics.reconciliation_counter(schema.MATCHED), 0)}',
+    f'{counters.get(metrics.reconciliation_counter(schema.MATCHED), 0)}'
+    + (f'  ({patients_line(patients)})' if patients else ''),
     f'  slices written     {slices}'
-    f'  ({slices / seconds if seconds else 0:.1f} slices/s over {seconds:.1f} s)',
+    f'  ({of_run}{decoded / seconds if seconds else 0:.1f} slices/s over '
+    f'{seconds:.1f} s)',
     f'  masks written      i: {counters.get(metrics.I_MASKS_WRITTEN, 0)}'
     f'  o: {counters.get(metrics.O_MASKS_WRITTEN, 0)}',
   ]

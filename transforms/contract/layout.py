@@ -20,7 +20,10 @@ from __future__ import annotations
 import csv
 import io
 import re
+from collections.abc import Iterable
 from typing import NamedTuple, Protocol
+
+import xxhash
 
 from transforms.contract import packing, splits
 from transforms.contract.schema import DUPLICATE_LINK, MALFORMED_LINK
@@ -88,13 +91,16 @@ class DicomFile(NamedTuple):
   """A slice file, ``dicoms/<patient_id>/<slice_index>.dcm``.
 
   ``path`` is how the file is shown (pseudonymised, if so); ``source``, if
-  set, is where it is read (never output).
+  set, is where it is read (never output). ``stamp`` is what the listing
+  learnt of the file's content without reading it (size and times on a
+  disk, the ETag or generation on an object store; see ``fingerprint``).
   """
 
   patient_id: str
   slice_index: int
   path: str
   source: str = ''  # '': read at path
+  stamp: str = ''  # what the listing knows of its content ('': nothing)
 
   def __repr__(self) -> str:
     return f'DicomFile({self.path!r})'
@@ -114,6 +120,7 @@ class ContourFile(NamedTuple):
   slice_index: int
   path: str
   source: str = ''  # '': read at path
+  stamp: str = ''  # as for DicomFile
 
   def __repr__(self) -> str:
     return f'ContourFile({self.path!r})'
@@ -164,6 +171,45 @@ class Patient(NamedTuple):
   slices: tuple[DicomFile, ...]  # sorted by slice_index
   contours: tuple[ContourFile, ...]  # only those with a slice
   position: float | None = None  # see Link.position
+  fingerprint: str = ''  # of its inputs (see fingerprint); '': unknown
+
+  def split(self, fractions: tuple[float, float, float]) -> str:
+    """The patient's split before duplicate detection moves any."""
+    return splits.patient_split(self.patient_id, self.position, fractions)
+
+
+# A file changed less than this long before it was listed may change again
+# within the same timestamp (file systems keep times in steps of up to 2 s):
+# its stamp says nothing, as in git's "racily clean" entries.
+RACY_NS = 2_000_000_000
+# The stamp of a PACS instance: a SOP Instance UID never names other content.
+INSTANCE_STAMP = 'instance'
+
+
+def disk_stamp(size: int, mtime_ns: int, ctime_ns: int, now_ns: int) -> str:
+  """A local file's stamp: its size and modification and change times (the
+  change time moves on any write and cannot be set back), or '' when either
+  time is within RACY_NS of ``now_ns``, the instant it was listed."""
+  if now_ns - max(mtime_ns, ctime_ns) < RACY_NS:
+    return ''
+  return f'{size}:{mtime_ns}:{ctime_ns}'
+
+
+def fingerprint(
+  link: tuple[str, str, float | None],
+  slices: Iterable[DicomFile],
+  contours: Iterable[ContourFile],
+) -> str:
+  """A digest of everything a patient's rows are made from: its link row
+  (patient_id, original_id, split position), and each slice and contour
+  file by path and stamp. '' when a file has no stamp: such a patient is
+  always decoded again."""
+  parts = [repr(link)]
+  for file in (*slices, *contours):
+    if not file.stamp:
+      return ''
+    parts.append(f'{file.path}\0{file.stamp}')
+  return xxhash.xxh3_64_hexdigest('\n'.join(parts).encode())
 
 
 def id_problem(value: str) -> str | None:

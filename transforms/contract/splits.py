@@ -43,6 +43,16 @@ def assign_split(patient_id: str, fractions: tuple[float, float, float]) -> str:
   return split_at(patient_position(patient_id), fractions)
 
 
+def patient_split(
+  patient_id: str, position: float | None, fractions: tuple[float, float, float]
+) -> str:
+  """A patient's split: at its ``position`` if the link fixed one (under
+  pseudonyms, from the id as written), else from ``patient_id``."""
+  if position is None:
+    return assign_split(patient_id, fractions)
+  return split_at(position, fractions)
+
+
 def split_at(position: float, fractions: tuple[float, float, float]) -> str:
   """The split of a patient at ``position`` (see :func:`patient_position`)."""
   edge = 0.0

@@ -74,9 +74,7 @@ class SliceChunk(NamedTuple):
   def split(self, fractions: tuple[float, float, float]) -> str:
     """The patient's split: from the patient_id as written in link.csv, so
     pseudonyms never move a patient to another split."""
-    if self.position is None:
-      return splits.assign_split(self.patient_id, fractions)
-    return splits.split_at(self.position, fractions)
+    return splits.patient_split(self.patient_id, self.position, fractions)
 
 
 def bounds(n: int, size: int) -> list[int]:

@@ -106,6 +106,19 @@ class GcsStore:
       raise os_error(e, prefix) from e
     return files, folders
 
+  def stamped(self, prefix, top):
+    bucket = bucket_key(prefix)[0]
+    try:
+      listing = self._listing(prefix, '/' if top else None)
+      files = [
+        (f'gs://{bucket}/{blob.name}', f'{blob.size}:{blob.generation}')
+        for blob in listing
+      ]
+      folders = [f'gs://{bucket}/{p.rstrip("/")}' for p in sorted(listing.prefixes)]
+    except Exception as e:
+      raise os_error(e, prefix) from e
+    return files, folders
+
   def create(self, path):
     return _GcsUpload(self._blob(path), path)
 

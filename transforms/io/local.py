@@ -5,10 +5,22 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import time
 
+from transforms.contract import layout
 from transforms.io.protocol import AppendOnlyFile
 
 _READ_STEP = 8 * 1024 * 1024
+
+
+def stamp(path: str, now_ns: int) -> str:
+  """The stamp of the local file ``path`` (layout.disk_stamp), '' if it
+  cannot be read."""
+  try:
+    st = os.stat(path)
+  except OSError:
+    return ''
+  return layout.disk_stamp(st.st_size, st.st_mtime_ns, st.st_ctime_ns, now_ns)
 
 
 def _read_capped(f, limit: int) -> bytes:
@@ -54,6 +66,14 @@ class LocalStore:
     for entry in sorted(os.scandir(prefix), key=lambda e: e.name):
       (folders if entry.is_dir(follow_symlinks=False) else files).append(entry.path)
     return files, folders
+
+  def stamped(self, prefix, top):
+    if top:
+      files, folders = self.level(prefix)
+    else:
+      files, folders = list(self.files(prefix)), []
+    now = time.time_ns()
+    return [(path, stamp(path, now)) for path in files], folders
 
   def create(self, path):
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)

@@ -82,6 +82,12 @@ class Store(Protocol):
   def level(self, prefix: str) -> tuple[list[str], list[str]]:
     """(files, sub-folders) directly in the folder ``prefix``."""
 
+  def stamped(self, prefix: str, top: bool) -> tuple[list[tuple[str, str]], list[str]]:
+    """([(file, stamp)], sub-folders): with ``top``, what is directly in the
+    folder ``prefix`` (as ``level``), else every file under it (as
+    ``files``, no sub-folders). A stamp changes whenever the object's
+    content may have (layout.DicomFile)."""
+
   def create(self, path: str) -> AppendOnlyFile:
     """A new file written as it goes (multipart on object stores)."""
 

@@ -258,6 +258,20 @@ class S3Store:
       ]
     return files, folders
 
+  def stamped(self, prefix, top):
+    bucket = bucket_key(prefix)[0]
+    files, folders = [], []
+    for page in self._pages(prefix, '/' if top else None):
+      files += [
+        (f's3://{bucket}/{o["Key"]}', f'{o["Size"]}:{o["ETag"]}')
+        for o in page.get('Contents', ())
+      ]
+      folders += [
+        f's3://{bucket}/{p["Prefix"].rstrip("/")}'
+        for p in page.get('CommonPrefixes', ())
+      ]
+    return files, folders
+
   def create(self, path):
     bucket, key = bucket_key(path)
     try:

@@ -17,6 +17,7 @@ a "folder" is a key prefix, and ``create_exclusive`` is a conditional create
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -122,6 +123,14 @@ def table_options(path: str) -> dict[str, str]:
 
 def read_bytes(path: str) -> bytes:
   return store(path).read(path)
+
+
+def readable(path: str):
+  """A file object to read ``path`` from: the file itself locally, its
+  bytes in memory from an object store (the caller closes it)."""
+  if is_local(path):
+    return open(path, 'rb')  # noqa: SIM115 (the caller closes it)
+  return io.BytesIO(read_bytes(path))
 
 
 def write_bytes(path: str, data: bytes) -> None:

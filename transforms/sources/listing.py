@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 
 import apache_beam as beam
@@ -21,7 +22,7 @@ from apache_beam.metrics import Metrics
 from transforms import _bundles
 from transforms.contract import layout, metrics, pseudonyms, schema
 from transforms.contract.pseudonyms import IDENTITY, Entry, Pseudonyms
-from transforms.io import files, stores
+from transforms.io import files, local, stores
 from transforms.outcomes import Failed
 
 _LOG = logging.getLogger(__name__)
@@ -150,7 +151,7 @@ class _Grouper:
       self._files = []
 
 
-@beam.typehints.with_input_types(tuple[str, str | None])
+@beam.typehints.with_input_types(tuple[str, str | None, str])
 class _ClassifyFn(beam.DoFn):
   """Sorts listed files into DICOM slices, contour files and stray files
   (pseudonymised, if so, with their id-map rows); slices and contour files
@@ -171,8 +172,8 @@ class _ClassifyFn(beam.DoFn):
   def finish_bundle(self):
     yield from _bundles.finished((*self._dicoms.close(), *self._contours.close()))
 
-  def process(self, listed: tuple[str, str | None]) -> Iterator:
-    path, problem = listed
+  def process(self, listed: tuple[str, str | None, str]) -> Iterator:
+    path, problem, stamp = listed
     relative = files.relative_to(self._input_root, path)
     if problem == files.EMPTY_FOLDER and not layout.is_file_level(relative):
       file = None  # an empty patient folder is reported by the joins, if linked
@@ -180,6 +181,8 @@ class _ClassifyFn(beam.DoFn):
       file = layout.StrayFile(layout.owner_of(relative), relative, problem)
     else:
       file = layout.classify_path(relative)
+      if not isinstance(file, layout.StrayFile):
+        file = file._replace(stamp=stamp)
     if file is None:
       return
     listed = file.path
@@ -204,11 +207,16 @@ class _ClassifyFn(beam.DoFn):
       yield pvalue.TaggedOutput(ID_MAP, entry)
 
 
-def _walk_tops(root: str, tops: tuple[str, ...]) -> Iterator[tuple[str, str | None]]:
+def _walk_tops(
+  root: str, tops: tuple[str, ...]
+) -> Iterator[tuple[str, str | None, str]]:
+  """(path, problem, stamp) for each entry of the local tree's top folders."""
   for top in tops:
     folder = files.join_path(root, top)
     if os.path.isdir(folder):
-      yield from files.walk_local(folder)
+      for path, problem in files.walk_local(folder):
+        now = time.time_ns()
+        yield path, problem, '' if problem else local.stamp(path, now)
 
 
 class _ListFn(beam.DoFn):
@@ -245,23 +253,22 @@ class _ListFn(beam.DoFn):
       yield from _bundles.finished(outputs)
 
   def _list(self, folder: str) -> list:
-    """One folder's outputs: (path, None) for each file, TaggedOutput
-    _FOLDERS for each sub-folder of a top folder; if the listing fails part
-    way, what it found and then (folder, reason)."""
+    """One folder's outputs: (path, None, stamp) for each file, TaggedOutput
+    _FOLDERS for each sub-folder of a top folder; if the listing fails,
+    (folder, reason, '')."""
     store = stores.store(folder)
     outputs: list = []
     try:
       with self._slots:
-        if self._top:
-          listed, folders = store.level(folder)
-          outputs += [(path, None) for path in listed]
-          outputs += [pvalue.TaggedOutput(_FOLDERS, path) for path in folders]
-        else:
-          for path in store.files(folder):
-            if not path.endswith('/'):  # a "folder" marker object
-              outputs.append((path, None))
+        listed, folders = store.stamped(folder, self._top)
+      outputs += [
+        (path, None, stamp)
+        for path, stamp in listed
+        if self._top or not path.endswith('/')  # a "folder" marker object
+      ]
+      outputs += [pvalue.TaggedOutput(_FOLDERS, path) for path in folders]
     except OSError as e:
-      outputs.append((folder, f'cannot list folder: {e}'))
+      outputs.append((folder, f'cannot list folder: {e}', ''))
     return outputs
 
 

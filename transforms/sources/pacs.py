@@ -140,7 +140,9 @@ def choose_series(
     if len(holders) == 1:
       path = holders[0].path
       source = path if pseudonyms.active else ''
-      files.append(layout.DicomFile(patient_id, index, show(path), source))
+      files.append(
+        layout.DicomFile(patient_id, index, show(path), source, layout.INSTANCE_STAMP)
+      )
       continue
     for instance in holders:
       errors.append(
