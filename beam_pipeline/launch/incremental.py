@@ -202,13 +202,13 @@ def carry_over(
   kept_files, removed, staged = {}, {}, {}
   for relative in (p[len(output) + 1 :] for p in old_slice_files(output, start)):
     source = stores.join(output, relative)
-    with stores.readable(source) as f:
-      rows = pq.read_table(f, columns=_COUNTED).to_pylist()
-    if not _rewritten(rows, kept, splits, plan):
+    table = _columns(source)
+    if not _rewritten(table, kept, splits, plan):
       kept_files[relative] = start.record[digests.FILES][relative]
+      _count(table, counts)
       continue
     removed[relative] = start.record[digests.FILES][relative]['bytes']
-    if not any(row['patient_id'] in kept for row in rows):
+    if not set(pc.unique(table['patient_id']).to_pylist()) & kept:
       continue
     name = f'{schema.SLICES_DIR}/{_KEPT_NAME.format(len(staged))}'
     staged[name] = duplicate_plan.rewrite(
@@ -217,10 +217,8 @@ def carry_over(
       lambda table: _kept_rows(table, kept, splits, plan, dropped),
       image_codec,
     )
-  for relative in kept_files:
-    _count(stores.join(output, relative), counts)
   for name in staged:
-    _count(stores.join(staging, name), counts)
+    _count(_columns(stores.join(staging, name)), counts)
   for pid in kept:
     counts[metrics.split_patients_counter(splits[pid])] += 1
   counts[metrics.PATIENTS_DONE] += len(kept)
@@ -251,17 +249,31 @@ def _wanted(row: dict, splits: dict, plan: Plan) -> tuple[str, list[str]]:
   return split, own + [f for f in plan.flags.get(key, []) if f not in own]
 
 
-def _rewritten(rows: list[dict], kept: set, splits: dict, plan: Plan) -> bool:
-  """Whether a file of these rows leaves the version: it holds a patient
-  not kept, or a row the plan drops or changes."""
-  for row in rows:
-    if row['patient_id'] not in kept:
-      return True
-    if (row['patient_id'], row['slice_index']) in plan.drop:
-      return True
-    if _wanted(row, splits, plan) != (row['split'], row['qa_flags']):
-      return True
-  return False
+def _rewritten(table: pa.Table, kept: set, splits: dict, plan: Plan) -> bool:
+  """Whether a slice file (``_columns``) leaves the version: it holds a
+  patient not kept, or a row the plan drops or changes."""
+  patients = set(pc.unique(table['patient_id']).to_pylist())
+  if not patients <= kept:
+    return True
+  if patients & plan.touches():
+    for row in table.select(_COUNTED).to_pylist():
+      if (row['patient_id'], row['slice_index']) in plan.drop:
+        return True
+      if _wanted(row, splits, plan) != (row['split'], row['qa_flags']):
+        return True
+    return False
+  # the plan leaves these patients alone: a row changes only if it has an
+  # old plan's flag or split
+  flags = pc.list_flatten(table['qa_flags'])
+  if pc.any(pc.is_in(flags, pa.array(_DUPLICATE_FLAGS, pa.string()))).as_py():
+    return True
+  pairs = table.group_by(['patient_id', 'split']).aggregate([])
+  return any(
+    splits[pid] != split
+    for pid, split in zip(
+      pairs['patient_id'].to_pylist(), pairs['split'].to_pylist(), strict=True
+    )
+  )
 
 
 def _kept_rows(
@@ -282,19 +294,32 @@ def _kept_rows(
   return table.filter(pa.array([not g for g in gone], pa.bool_()))
 
 
-def _count(path: str, counts: collections.Counter) -> None:
-  """Adds the rows of one slice file to ``counts``, as the decode stage
-  counts them (a mask by its pixel count, set whenever the mask is)."""
+def _columns(path: str) -> pa.Table:
+  """The columns of a slice file that carry_over reads (a mask's pixel
+  count stands for the mask: one is set whenever the other is)."""
   with stores.readable(path) as f:
-    table = pq.read_table(f, columns=[*_COUNTED, 'i_mask_pixels', 'o_mask_pixels'])
+    return pq.read_table(f, columns=[*_COUNTED, 'i_mask_pixels', 'o_mask_pixels'])
+
+
+def _count(table: pa.Table, counts: collections.Counter) -> None:
+  """Adds the rows of one slice file (``_columns``) to ``counts``, as the
+  decode stage counts them."""
   counts[metrics.SLICES_WRITTEN] += table.num_rows
-  for split, n in collections.Counter(table['split'].to_pylist()).items():
+  for split, n in _value_counts(table['split']):
     counts[metrics.split_slices_counter(split)] += n
   for kind, name in metrics.MASKS_WRITTEN.items():
     counts[name] += table.num_rows - table[f'{kind}_mask_pixels'].null_count
-  for row_flags in table['qa_flags'].to_pylist():
-    for flag in row_flags:
-      counts[metrics.qa_counter(flag)] += 1
+  for flag, n in _value_counts(pc.list_flatten(table['qa_flags'])):
+    counts[metrics.qa_counter(flag)] += n
+
+
+def _value_counts(values) -> list[tuple[str, int]]:
+  found = pc.value_counts(values)
+  return list(
+    zip(
+      found.field('values').to_pylist(), found.field('counts').to_pylist(), strict=True
+    )
+  )
 
 
 def _carry_errors(
