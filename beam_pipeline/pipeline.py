@@ -75,7 +75,11 @@ def build_pipeline(p: beam.Pipeline, job: Job) -> None:
   reconciled = found | 'Reconcile' >> Reconcile(source.wording)
   fractions, config = job.decode.split_fractions, job.decode.store
   patients = reconciled[Reconcile.PATIENTS] | 'SplitKept' >> SplitKept(
-    job.previous, stores.join(job.staging, INPUTS_FILE), fractions, config
+    job.previous,
+    stores.join(job.staging, INPUTS_FILE),
+    fractions,
+    config,
+    job.decode.labeled_only,
   )
   decoded = patients[SplitKept.DECODE] | 'Decode' >> DecodeSlices(job.input, job.decode)
   identities = decoded[DecodeSlices.IDENTITIES]

@@ -266,3 +266,22 @@ def test_an_incremental_publish_killed_at_any_step_leaves_the_previous_version(
     assert _again(tree, again) == cli.EXIT_OK
     assert verify.verify(again).failures == []
     assert dataset_tables(again) == new
+
+
+def test_labeled_only_counts_kept_patients_as_a_full_run_does(tmp_path):
+  """Under --labeled-only a patient without contour files has no slice to
+  decode and is not counted; kept, it is not counted either."""
+  tree = str(tmp_path / 'TREE')
+  sample.make_tree(
+    tree, patients=3, slices=6, rows=16, columns=16, quirks=['missing_contours']
+  )
+  grown = _grown(tmp_path, 8)
+  out = str(tmp_path / 'OUT')
+  _settle()
+  assert _again(tree, out, '--labeled-only') == cli.EXIT_QUARANTINED
+  _add_patient(tree, grown, *_links(grown)[5].split(','))
+  _settle()
+  assert _again(tree, out, '--labeled-only') == cli.EXIT_QUARANTINED
+  found = _patients(out)
+  assert (found['added'], found['kept']) == (1, 4)  # the one without contours too
+  _same_as_full(tree, out, tmp_path, '--labeled-only')

@@ -33,7 +33,8 @@ from transforms.contract.layout import Patient
 from transforms.io import files, stores
 from transforms.outcomes import Failed
 
-INPUTS_FILE = '_INPUTS.json'  # {patient_id: [fingerprint, split]}
+# {patient_id: [fingerprint, split, whether the decode stage counts it]}
+INPUTS_FILE = '_INPUTS.json'
 PREVIOUS_FILE = '_PREVIOUS.json'  # {patient_id: fingerprint} of the start version
 
 # The columns a kept slice's identity is read from (layout.slice_identity).
@@ -72,7 +73,9 @@ class _CompareFn(beam.DoFn):
 class SplitKept(beam.PTransform):
   """Patients -> DECODE (changed or new) and KEPT (unchanged since the
   version at ``previous``, a PREVIOUS_FILE; None: every patient is decoded);
-  writes every patient's fingerprint and split to ``inputs`` (INPUTS_FILE).
+  writes every patient's fingerprint and split to ``inputs`` (INPUTS_FILE),
+  and whether the decode stage would count it (under ``labeled_only`` a
+  patient without a contour file has no slice to decode).
   """
 
   DECODE = 'decode'
@@ -84,19 +87,26 @@ class SplitKept(beam.PTransform):
     inputs: str,
     fractions: tuple[float, float, float],
     config: stores.StoreConfig | None = None,
+    labeled_only: bool = False,
   ):
     super().__init__()
     self._previous = previous
     self._inputs = inputs
     self._fractions = fractions
     self._config = config or stores.StoreConfig()
+    self._labeled_only = labeled_only
 
   def expand(self, patients):
-    fractions = self._fractions
+    fractions, labeled_only = self._fractions, self._labeled_only
+
+    def inputs(p: Patient) -> tuple[str, tuple]:
+      # counted: the decode stage counts a patient it has a slice to decode of
+      counted = not labeled_only or bool(p.contours)
+      return p.patient_id, (p.fingerprint, p.split(fractions), counted)
+
     _ = (
       patients
-      | 'Fingerprints'
-      >> beam.Map(lambda p: (p.patient_id, (p.fingerprint, p.split(fractions))))
+      | 'Fingerprints' >> beam.Map(inputs)
       | 'AllFingerprints' >> beam.combiners.ToDict()
       | 'WriteInputs' >> beam.ParDo(_bundles.WriteJsonFn(self._inputs, self._config))
     )

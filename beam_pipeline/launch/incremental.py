@@ -183,7 +183,7 @@ def carry_over(
   path = stores.join(staging, INPUTS_FILE)
   inputs = json.loads(stores.read_bytes(path))
   stores.store(path).delete([path])
-  fingerprints = {pid: fp for pid, (fp, _) in inputs.items()}
+  fingerprints = {pid: found[0] for pid, found in inputs.items()}
   before = set((start.record or {}).get(INPUTS) or {})
   kept = {
     pid for pid, fp in fingerprints.items() if fp and start.previous.get(pid) == fp
@@ -196,7 +196,7 @@ def carry_over(
   }
   if not start.incremental:
     return Carried(fingerprints, {}, {}, {}, patients, {})
-  splits = {pid: split for pid, (_, split) in inputs.items()}
+  splits = {pid: found[1] for pid, found in inputs.items()}
   counts: collections.Counter = collections.Counter()
   dropped: collections.Counter = collections.Counter()
   kept_files, removed, staged = {}, {}, {}
@@ -219,9 +219,10 @@ def carry_over(
     )
   for name in staged:
     _count(_columns(stores.join(staging, name)), counts)
-  for pid in kept:
+  counted = [pid for pid in kept if inputs[pid][2]]
+  for pid in counted:
     counts[metrics.split_patients_counter(splits[pid])] += 1
-  counts[metrics.PATIENTS_DONE] += len(kept)
+  counts[metrics.PATIENTS_DONE] += len(counted)
   staged.update(_carry_errors(output, staging, start, kept, counts))
   for key, n in counts.items():
     totals[key] = totals.get(key, 0) + n
