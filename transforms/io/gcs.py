@@ -106,6 +106,12 @@ class GcsStore:
       raise os_error(e, prefix) from e
     return files, folders
 
+  def open_read(self, path):
+    try:
+      return self._blob(path).open('rb', chunk_size=1 << 20)
+    except Exception as e:
+      raise os_error(e, path) from e
+
   def stamped(self, prefix, top):
     bucket = bucket_key(prefix)[0]
     try:

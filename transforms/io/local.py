@@ -67,6 +67,9 @@ class LocalStore:
       (folders if entry.is_dir(follow_symlinks=False) else files).append(entry.path)
     return files, folders
 
+  def open_read(self, path):
+    return open(path, 'rb')  # noqa: SIM115 (the caller closes it)
+
   def stamped(self, prefix, top):
     if top:
       files, folders = self.level(prefix)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Iterator
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 DEFAULT_READ_CONCURRENCY = 32
 
@@ -87,6 +87,11 @@ class Store(Protocol):
     folder ``prefix`` (as ``level``), else every file under it (as
     ``files``, no sub-folders). A stamp changes whenever the object's
     content may have (layout.DicomFile)."""
+
+  def open_read(self, path: str) -> BinaryIO:
+    """A seekable file to read ``path`` from; on an object store each read
+    is a ranged request, so a Parquet reader fetches only the footer and
+    the columns it needs (the caller closes it)."""
 
   def create(self, path: str) -> AppendOnlyFile:
     """A new file written as it goes (multipart on object stores)."""

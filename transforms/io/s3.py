@@ -23,6 +23,7 @@ Beam's standard ``--s3_endpoint_url`` and ``--s3_region_name``.
 from __future__ import annotations
 
 import datetime
+import io
 import re
 import threading
 
@@ -258,6 +259,16 @@ class S3Store:
       ]
     return files, folders
 
+  def open_read(self, path):
+    import obstore
+
+    bucket, key = bucket_key(path)
+    try:
+      reader = obstore.open_reader(self._bucket(bucket), key, buffer_size=1 << 20)
+      return _RangedFile(reader)
+    except Exception as e:
+      raise _error(e, path) from e
+
   def stamped(self, prefix, top):
     bucket = bucket_key(prefix)[0]
     files, folders = [], []
@@ -335,3 +346,33 @@ class S3Store:
         pass
       except Exception as e:
         raise _error(e, f's3://{bucket}') from e
+
+
+class _RangedFile(io.RawIOBase):
+  """obstore's ReadableFile (ranged GETs) as a Python file object."""
+
+  def __init__(self, reader):
+    super().__init__()
+    self._reader = reader
+
+  def readable(self) -> bool:
+    return True
+
+  def seekable(self) -> bool:
+    return True
+
+  def readinto(self, buffer) -> int:
+    data = memoryview(self._reader.read(len(buffer)))
+    buffer[: len(data)] = data
+    return len(data)
+
+  def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+    return self._reader.seek(offset, whence)
+
+  def tell(self) -> int:
+    return self._reader.tell()
+
+  def close(self) -> None:
+    if not self.closed:
+      self._reader.close()
+    super().close()

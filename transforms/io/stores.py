@@ -17,7 +17,6 @@ a "folder" is a key prefix, and ``create_exclusive`` is a conditional create
 
 from __future__ import annotations
 
-import io
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -126,11 +125,9 @@ def read_bytes(path: str) -> bytes:
 
 
 def readable(path: str):
-  """A file object to read ``path`` from: the file itself locally, its
-  bytes in memory from an object store (the caller closes it)."""
-  if is_local(path):
-    return open(path, 'rb')  # noqa: SIM115 (the caller closes it)
-  return io.BytesIO(read_bytes(path))
+  """A seekable file object to read ``path`` from: the file itself locally,
+  ranged reads on an object store (the caller closes it)."""
+  return store(path).open_read(path)
 
 
 def write_bytes(path: str, data: bytes) -> None:
