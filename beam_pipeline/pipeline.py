@@ -85,7 +85,7 @@ def build_pipeline(p: beam.Pipeline, job: Job) -> None:
   identities = decoded[DecodeSlices.IDENTITIES]
   if job.previous is not None:
     kept = patients[SplitKept.KEPT] | 'KeptIdentities' >> KeptIdentities(
-      job.old_files, job.input, fractions, config
+      job.old_files, job.input, fractions, config, job.decode.max_file_bytes
     )
     identities = (identities, kept) | 'AllIdentities' >> beam.Flatten()
   copies = identities | 'FindDuplicates' >> FindDuplicates(

@@ -285,3 +285,43 @@ def test_labeled_only_counts_kept_patients_as_a_full_run_does(tmp_path):
   found = _patients(out)
   assert (found['added'], found['kept']) == (1, 4)  # the one without contours too
   _same_as_full(tree, out, tmp_path, '--labeled-only')
+
+
+def test_a_failure_that_may_not_happen_again_is_tried_again(tmp_path):
+  """A patient with an error row of an I/O error, a PACS retrieve or a
+  decoder that timed out, crashed or ran out of memory is decoded again by
+  the next run (a full run would try again); one of a broken file is not."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  from beam_pipeline.launch import incremental
+
+  rows = [
+    ('A', schema.STAGE_READ, 'cannot read: [Errno 5] Input/output error'),
+    ('B', schema.STAGE_FETCH, 'HTTP 503 after 5 attempts'),
+    ('C', schema.STAGE_DECODE, 'decoder timed out after 120 s'),
+    ('D', schema.STAGE_DECODE, 'decoder process crashed (killed by signal SIGSEGV)'),
+    ('E', schema.STAGE_DECODE, 'MemoryError: '),
+    ('F', schema.STAGE_DECODE, 'not a DICOM file: no DICM prefix'),
+    ('G', schema.STAGE_CONTOUR, 'line 3: not two numbers'),
+  ]
+  table = pa.table(
+    {
+      'patient_id': [r[0] for r in rows],
+      'path': [f'dicoms/{r[0]}/1.dcm' for r in rows],
+      'stage': [r[1] for r in rows],
+      'error': [r[2] for r in rows],
+    }
+  ).cast(schema.ERROR_SCHEMA)
+  os.makedirs(tmp_path / 'errors')
+  pq.write_table(table, tmp_path / 'errors' / 'part-0.parquet')
+  record = {
+    'input': 'IN',
+    incremental.INPUTS: {pid: 'f' for pid in 'ABCDEFG'},
+    incremental.SETTINGS: 's',
+    'files': {'errors/part-0.parquet': {}},
+  }
+  retry = incremental.to_retry(str(tmp_path), record)
+  assert retry == set('ABCDE')
+  start = incremental.begin(0, record, None, 'IN', 's', False, False, frozenset(retry))
+  assert start.incremental and set(start.previous) == {'F', 'G'}

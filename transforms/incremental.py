@@ -129,7 +129,8 @@ class _OldRowsFn(beam.DoFn):
 
   def process(self, path: str, kept) -> Iterator[tuple[str, bytes]]:
     kept = set(kept)
-    table = pq.read_table(stores.readable(path), columns=_IDENTITY_COLUMNS)
+    with stores.readable(path) as f:
+      table = pq.read_table(f, columns=_IDENTITY_COLUMNS)
     by_patient: dict[str, list] = {}
     for row in table.to_pylist():
       if row['patient_id'] in kept:
@@ -142,10 +143,17 @@ class _IdentitiesFn(beam.DoFn):
   """A kept patient and its old rows -> one identity record, as the decode
   stage emits for a chunk (``transforms.duplicates``)."""
 
-  def __init__(self, input_root: str, fractions: tuple, config: stores.StoreConfig):
+  def __init__(
+    self,
+    input_root: str,
+    fractions: tuple,
+    config: stores.StoreConfig,
+    max_file_bytes: int | None,
+  ):
     self._input_root = input_root
     self._fractions = fractions
     self._config = config
+    self._max_file_bytes = max_file_bytes
 
   def setup(self):
     stores.configure(self._config)
@@ -173,7 +181,9 @@ class _IdentitiesFn(beam.DoFn):
     for contour in patient.contours:
       if contour.slice_index not in written:
         continue
-      data = files.read_or_fail(self._input_root, contour.read_path)
+      data = files.read_or_fail(
+        self._input_root, contour.read_path, self._max_file_bytes
+      )
       if not isinstance(data, Failed):
         contours.append(
           (
@@ -199,12 +209,16 @@ class KeptIdentities(beam.PTransform):
     input_root: str,
     fractions: tuple[float, float, float],
     config: stores.StoreConfig | None = None,
+    max_file_bytes: int | None = None,
   ):
+    """``max_file_bytes``: the largest contour file read, as in the decode
+    stage (a larger one has no identity there either)."""
     super().__init__()
     self._old_files = old_files
     self._input_root = input_root
     self._fractions = fractions
     self._config = config or stores.StoreConfig()
+    self._max_file_bytes = max_file_bytes
 
   def expand(self, kept):
     ids = kept | 'KeptIds' >> beam.Map(lambda p: p.patient_id).with_output_types(str)
@@ -223,5 +237,9 @@ class KeptIdentities(beam.PTransform):
       }
       | 'JoinOldRows' >> beam.CoGroupByKey()
       | 'Identities'
-      >> beam.ParDo(_IdentitiesFn(self._input_root, self._fractions, self._config))
+      >> beam.ParDo(
+        _IdentitiesFn(
+          self._input_root, self._fractions, self._config, self._max_file_bytes
+        )
+      )
     )

@@ -84,6 +84,40 @@ def settings_digest(settings: dict) -> str:
   return xxhash.xxh3_64_hexdigest(text.encode())
 
 
+# Error rows of a failure that may not happen again (an I/O error, a PACS
+# retrieve, a decoder that timed out, crashed or ran out of memory): a full
+# run would try again, so the patient is decoded again rather than kept.
+_TRANSIENT_STAGES = (schema.STAGE_FETCH, schema.STAGE_READ)
+_TRANSIENT_DECODE = ('decoder timed out', 'decoder process crashed', 'MemoryError')
+
+
+def to_retry(output: str, record: dict | None) -> set[str]:
+  """The patients of the version of ``record`` with an error row of a
+  failure that may not happen again."""
+  if record is None or digests.FILES not in record:
+    return set()
+  found = set()
+  for table in _tables(output, record, schema.ERRORS_DIR):
+    for row in table.select(['patient_id', 'stage', 'error']).to_pylist():
+      transient = row['stage'] in _TRANSIENT_STAGES or (
+        row['stage'] == schema.STAGE_DECODE
+        and any(mark in row['error'] for mark in _TRANSIENT_DECODE)
+      )
+      if transient and row['patient_id']:
+        found.add(row['patient_id'])
+  return found
+
+
+def _tables(output: str, record: dict, folder: str) -> list[pa.Table]:
+  """The files of ``folder`` (a table) in the version of ``record``."""
+  tables = []
+  for relative in sorted(record[digests.FILES]):
+    if relative.startswith(folder + '/'):
+      with stores.readable(stores.join(output, relative)) as f:
+        tables.append(pq.read_table(f))
+  return tables
+
+
 def begin(
   version: int | None,
   record: dict | None,
@@ -92,6 +126,7 @@ def begin(
   settings: str,
   full: bool,
   id_map: bool,
+  retry: frozenset[str] = frozenset(),
 ) -> Start:
   """Where a run starts, and whether it is incremental.
 
@@ -102,6 +137,7 @@ def begin(
     settings: this run's settings_digest.
     full: --full.
     id_map: whether --id-map is given.
+    retry: patients decoded again whatever their fingerprint (to_retry).
   """
   if version is None or record is None:
     why = 'the first version'
@@ -119,8 +155,8 @@ def begin(
     why = ''
   if why:
     return Start(version, record, {}, why, committed)
-  dropped = record.get('dropped_duplicates') or {}
-  previous = {pid: fp for pid, fp in record[INPUTS].items() if pid not in dropped}
+  again = set(record.get('dropped_duplicates') or {}) | retry
+  previous = {pid: fp for pid, fp in record[INPUTS].items() if pid not in again}
   return Start(version, record, previous, '', committed)
 
 
@@ -328,12 +364,8 @@ def _carry_errors(
 ) -> dict[str, dict]:
   """The kept patients' decode-stage error rows of the start version, as one
   staged errors file ({} when there are none)."""
-  prefix = schema.ERRORS_DIR + '/'
-  tables = []
-  for relative in sorted(start.record[digests.FILES]):
-    if relative.startswith(prefix):
-      with stores.readable(stores.join(output, relative)) as f:
-        tables.append(pq.read_table(f).cast(schema.ERROR_SCHEMA))
+  found = _tables(output, start.record, schema.ERRORS_DIR)
+  tables = [table.cast(schema.ERROR_SCHEMA) for table in found]
   if not tables:
     return {}
   errors = pa.concat_tables(tables)

@@ -137,7 +137,18 @@ def row_settings(ingest: IngestOptions, settings: Resolved) -> dict:
     'dicomweb': decode.dicomweb.url if decode.dicomweb else None,
     # a pseudonym stands for the key, which is never recorded
     'key': decode.pseudonyms.patient('settings') if keyed else None,
+    # another release may decode otherwise: its first run is a full one
+    'release': _release(),
   }
+
+
+def _release() -> str:
+  from importlib import metadata
+
+  try:
+    return metadata.version('cardiac-mri-beam')
+  except metadata.PackageNotFoundError:
+    return ''
 
 
 def job_of(
@@ -298,12 +309,16 @@ def run(argv: Sequence[str] | None = None) -> Run:
     publish.check_replaceable(
       paths.output, paths.overwrite, paths.input
     )  # again, under the lock
+    version, record, committed = publish.start_of(paths.output)
     start = incremental.begin(
-      *publish.start_of(paths.output),
+      version,
+      record,
+      committed,
       paths.input,
       incremental.settings_digest(row_settings(ingest, settings)),
       ingest.full,
       paths.id_map is not None,
+      frozenset(incremental.to_retry(paths.output, record)),
     )
     return _launch(options, argv, ingest, settings, paths, found, run_id, start)
 
