@@ -14,6 +14,7 @@ import dataclasses
 import apache_beam as beam
 
 from beam_pipeline.tools import keys
+from transforms.assign import AssignSplits
 from transforms.contract import schema
 from transforms.decode.stage import DecodeSlices
 from transforms.duplicates import FindDuplicates
@@ -44,6 +45,7 @@ class Job:
     id_map_parts: the folder for the id map's parts (None: no id map).
     previous: the fingerprints of the version the run starts from
       (incremental.PREVIOUS_FILE; None: every patient is decoded).
+    pinned: the splits its patients keep (assign.PINNED_FILE; None: none).
     old_files: that version's slice files (read for the kept patients'
       identities).
   """
@@ -56,6 +58,7 @@ class Job:
   image_codec: str = DEFAULT_IMAGE_CODEC
   id_map_parts: str | None = None
   previous: str | None = None
+  pinned: str | None = None
   old_files: tuple[str, ...] = ()
 
   def source(self) -> Source:
@@ -74,7 +77,10 @@ def build_pipeline(p: beam.Pipeline, job: Job) -> None:
   found = p | 'Source' >> source
   reconciled = found | 'Reconcile' >> Reconcile(source.wording)
   fractions, config = job.decode.split_fractions, job.decode.store
-  patients = reconciled[Reconcile.PATIENTS] | 'SplitKept' >> SplitKept(
+  assigned = reconciled[Reconcile.PATIENTS] | 'AssignSplits' >> AssignSplits(
+    fractions, job.pinned, config, job.decode.labeled_only
+  )
+  patients = assigned | 'SplitKept' >> SplitKept(
     job.previous,
     stores.join(job.staging, INPUTS_FILE),
     fractions,

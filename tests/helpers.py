@@ -233,3 +233,11 @@ def fake_gcs(log):
       os.environ.pop('STORAGE_EMULATOR_HOST', None)
     else:
       os.environ['STORAGE_EMULATOR_HOST'] = saved
+
+
+def expected_splits(patient_ids, fractions) -> dict:
+  """{patient_id: split} of a fresh run over these patients (no pseudonyms)."""
+  from transforms.contract import splits
+
+  positions = {pid: splits.patient_position(pid) for pid in set(patient_ids)}
+  return splits.assign(positions, fractions)

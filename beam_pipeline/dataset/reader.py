@@ -467,7 +467,7 @@ def _shuffled(
   rng.shuffle(buffer)
   if split is not None and not kept and shard[1] == 1:
     warnings.warn(
-      f'split {split!r} holds no slices in {output}: no patient hashed into it '
+      f'split {split!r} holds no slices in {output}: no patient is in it '
       "(the run summary's splits line shows each split's patients)",
       stacklevel=3,
     )

@@ -17,6 +17,11 @@ version yet, with ``--full``, when the version was made from another input
 or by a run before fingerprints were recorded, when an option that changes
 rows differs from the version's, and with ``--id-map`` (the map of a version
 needs every patient's identifiers).
+
+Splits follow the dataset's history whether the run is incremental or full:
+the start version's patients keep the split they had (``stage_pinned``,
+``transforms.contract.splits``) when it was made from the same input with
+the same fractions.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import xxhash
 
 from beam_pipeline.launch import duplicate_plan
 from beam_pipeline.launch.duplicate_plan import Plan
+from transforms.assign import PINNED_FILE
 from transforms.contract import digests, metrics, schema
 from transforms.incremental import INPUTS_FILE, PREVIOUS_FILE
 from transforms.io import stores
@@ -41,6 +47,9 @@ from transforms.io import stores
 INPUTS = 'inputs'
 SETTINGS = 'settings_xxh3'
 PATIENTS = 'patients'
+# Every matched patient's split before duplicate moves, and the fractions.
+SPLITS = 'splits'
+FRACTIONS = 'split_fractions'
 _DUPLICATE_FLAGS = (schema.DUPLICATE_SLICE, schema.DUPLICATE_CONTOUR)
 # The error rows the decode stage makes (the listing's and searches' are
 # made again by every run).
@@ -170,6 +179,30 @@ def stage_previous(staging: str, start: Start) -> str | None:
   return path
 
 
+def stage_pinned(
+  staging: str,
+  start: Start,
+  input_root: str,
+  fractions: tuple[float, float, float],
+) -> str | None:
+  """Writes the splits the start version's patients keep into ``staging``
+  (a PINNED_FILE); returns it, or None when none keeps one (no version, or
+  one made from another input or with other fractions). A version recorded
+  before splits were: its patients keep their hash split."""
+  record = start.record
+  if record is None or record.get('input') != input_root:
+    return None
+  if SPLITS in record:
+    if record.get(FRACTIONS) != list(fractions):
+      return None
+    pinned = {'pinned': record[SPLITS]}
+  else:
+    pinned = {'hashed': sorted(record.get(INPUTS) or ())}
+  path = stores.join(staging, PINNED_FILE)
+  stores.write_bytes(path, json.dumps(pinned, sort_keys=True).encode())
+  return path
+
+
 def old_slice_files(output: str, start: Start) -> tuple[str, ...]:
   """The start version's slice files (none for a full run)."""
   if not start.incremental:
@@ -187,6 +220,7 @@ class Carried(NamedTuple):
 
   Attributes:
     fingerprints: {patient_id: fingerprint} of every matched patient.
+    splits: {patient_id: split before duplicate moves} of each of them.
     kept_files: {path: record entry} of the start version's slice files the
       new version keeps as they are.
     removed: {path: bytes} of the start version's slice files the new
@@ -199,6 +233,7 @@ class Carried(NamedTuple):
   """
 
   fingerprints: dict[str, str]
+  splits: dict[str, str]
   kept_files: dict[str, dict]
   removed: dict[str, int]
   staged: dict[str, dict]
@@ -220,6 +255,7 @@ def carry_over(
   inputs = json.loads(stores.read_bytes(path))
   stores.store(path).delete([path])
   fingerprints = {pid: found[0] for pid, found in inputs.items()}
+  splits = {pid: found[1] for pid, found in inputs.items()}
   before = set((start.record or {}).get(INPUTS) or {})
   kept = {
     pid for pid, fp in fingerprints.items() if fp and start.previous.get(pid) == fp
@@ -231,8 +267,7 @@ def carry_over(
     'kept': len(kept),
   }
   if not start.incremental:
-    return Carried(fingerprints, {}, {}, {}, patients, {})
-  splits = {pid: found[1] for pid, found in inputs.items()}
+    return Carried(fingerprints, splits, {}, {}, {}, patients, {})
   counts: collections.Counter = collections.Counter()
   dropped: collections.Counter = collections.Counter()
   kept_files, removed, staged = {}, {}, {}
@@ -262,7 +297,9 @@ def carry_over(
   staged.update(_carry_errors(output, staging, start, kept, counts))
   for key, n in counts.items():
     totals[key] = totals.get(key, 0) + n
-  return Carried(fingerprints, kept_files, removed, staged, patients, dict(dropped))
+  return Carried(
+    fingerprints, splits, kept_files, removed, staged, patients, dict(dropped)
+  )
 
 
 def without_empty(files: dict[str, dict]) -> dict[str, dict]:

@@ -173,6 +173,11 @@ def job_of(
     if paths.id_map is None
     else keys.parts_folder(paths.id_map, run_id),
     previous=None if start is None else incremental.stage_previous(staging, start),
+    pinned=None
+    if start is None
+    else incremental.stage_pinned(
+      staging, start, paths.input, settings.decode.split_fractions
+    ),
     old_files=() if start is None else incremental.old_slice_files(paths.output, start),
   )
 
@@ -412,6 +417,8 @@ def _launch(
           'slices_decoded': decoded,
         },
         incremental.INPUTS: dict(sorted(carried.fingerprints.items())),
+        incremental.SPLITS: dict(sorted(carried.splits.items())),
+        incremental.FRACTIONS: list(settings.decode.split_fractions),
       },
     )
     version = publish.publish(

@@ -114,7 +114,8 @@ IDENTITY_COLUMNS = (
     'split',
     pa.string(),
     'train, val or test: a stable hash of the patient_id as written in '
-    'link.csv against --split (pseudonyms never change it)',
+    'link.csv against --split, every non-zero split filled in small cohorts, '
+    'a patient already in the dataset keeping its split (docs/TRAINING.md)',
     False,
   ),
   _column(

@@ -172,10 +172,20 @@ class Patient(NamedTuple):
   contours: tuple[ContourFile, ...]  # only those with a slice
   position: float | None = None  # see Link.position
   fingerprint: str = ''  # of its inputs (see fingerprint); '': unknown
+  assigned: str = ''  # its split by splits.assign; '': not yet assigned
 
   def split(self, fractions: tuple[float, float, float]) -> str:
-    """The patient's split before duplicate detection moves any."""
+    """The patient's split before duplicate detection moves any: the one
+    assigned to it, else its hash split."""
+    if self.assigned:
+      return self.assigned
     return splits.patient_split(self.patient_id, self.position, fractions)
+
+  def split_position(self) -> float:
+    """Where the patient's hash puts it (splits.patient_position)."""
+    if self.position is not None:
+      return self.position
+    return splits.patient_position(self.patient_id)
 
 
 # A file changed less than this long before it was listed may change again

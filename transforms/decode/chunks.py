@@ -65,6 +65,7 @@ class SliceChunk(NamedTuple):
   slices: tuple[SliceTask, ...]
   position: float | None = None  # see layout.Link.position
   whole_series: bool = False
+  assigned: str = ''  # see layout.Patient.assigned
 
   @property
   def is_last(self) -> bool:
@@ -72,8 +73,11 @@ class SliceChunk(NamedTuple):
     return self.chunk == self.chunks - 1
 
   def split(self, fractions: tuple[float, float, float]) -> str:
-    """The patient's split: from the patient_id as written in link.csv, so
-    pseudonyms never move a patient to another split."""
+    """The patient's split: the one assigned to it, else its hash split
+    (from the patient_id as written in link.csv, so pseudonyms never move a
+    patient to another split)."""
+    if self.assigned:
+      return self.assigned
     return splits.patient_split(self.patient_id, self.position, fractions)
 
 
@@ -123,6 +127,7 @@ def plan_chunks(
         tuple(tasks),
         patient.position,
         whole_series=True,
+        assigned=patient.assigned,
       )
     ]
   cuts = bounds(len(tasks), chunk_size)
@@ -134,6 +139,7 @@ def plan_chunks(
       len(cuts) - 1,
       tuple(tasks[cuts[k] : cuts[k + 1]]),
       patient.position,
+      assigned=patient.assigned,
     )
     for k in range(len(cuts) - 1)
   ]
