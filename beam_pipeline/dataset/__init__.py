@@ -1,7 +1,10 @@
 """Reading the dataset back, without Beam: the output's public reader.
 
-``reader`` holds it (tables, images and masks, shuffled batches, checks);
-``torch_data`` wraps it for PyTorch (an optional extra). The names below are
+``reader`` holds it (tables, images and masks, shuffled batches, folds,
+checks); ``prepare``, ``labels`` and ``geometry`` make training views of a
+batch (float images, label maps, affines); ``volumes`` stacks a patient's
+slices; ``torch_data`` wraps the reader for PyTorch and MONAI (an optional
+extra). The names below are
 the reader's public ones, so ``from beam_pipeline.dataset import iter_batches``
 is what a training script writes.
 """
@@ -10,6 +13,7 @@ from beam_pipeline.dataset.reader import (
   DatasetError,
   check,
   file_problems,
+  folds,
   image_of,
   iter_batches,
   mask_of,
@@ -28,6 +32,7 @@ __all__ = [
   'DatasetError',
   'check',
   'file_problems',
+  'folds',
   'history',
   'image_of',
   'iter_batches',

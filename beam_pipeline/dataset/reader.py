@@ -15,8 +15,11 @@ process opens it, and every page's checksum is verified as it is read.
 
 from __future__ import annotations
 
+import bisect
 import os
 import warnings
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -24,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from beam_pipeline.dataset import versions
+from beam_pipeline.dataset import labels, prepare, versions
 from beam_pipeline.dataset.versions import DatasetError
 from transforms.contract import digests, schema, splits
 
@@ -153,15 +156,7 @@ def open_dataset(output: str, version: int | None = None) -> pads.Dataset:
     FileNotFoundError: ``output`` holds no slices folder.
     DatasetError: a file is missing, extra or resized, or the summary is.
   """
-  summary = check(output, version=version)
-  shards = sorted(
-    n for n in summary[digests.FILES] if n.startswith(schema.SLICES_DIR + '/')
-  )
-  return pads.dataset(
-    [os.path.join(output, n) for n in shards],
-    format=_parquet_format(),
-    schema=schema.SLICE_SCHEMA,
-  )
+  return _dataset(output, check(output, version=version))
 
 
 def _read_report(
@@ -262,11 +257,14 @@ def _row_groups(
   summary: dict,
   labeled_only: bool = False,
   footers: dict[str, pq.FileMetaData] | None = None,
+  patients: frozenset[str] | None = None,
 ) -> list[tuple[str, int]]:
   """Every (shard, row group); with ``labeled_only``, those whose statistics
   do not prove that they hold no mask (the pipeline writes a chunk's
-  labeled slices in a row group of their own). ``footers`` receives each
-  shard's parsed footer."""
+  labeled slices in a row group of their own); with ``patients``, those
+  whose patient_id statistics may hold one of them. ``footers`` receives
+  each shard's parsed footer."""
+  wanted = None if patients is None else sorted(patients)
   groups = []
   for name in sorted(summary[digests.FILES]):
     if name.startswith(schema.SLICES_DIR + '/'):
@@ -275,12 +273,24 @@ def _row_groups(
       if footers is not None:
         footers[path] = metadata
       witnesses = _mask_witnesses(metadata) if labeled_only else None
+      ids = metadata.schema.names.index('patient_id') if wanted is not None else None
       groups += [
         (path, i)
         for i in range(metadata.num_row_groups)
         if not (witnesses and _holds_no_mask(metadata.row_group(i), witnesses))
+        and (ids is None or _may_hold(metadata.row_group(i).column(ids), wanted))
       ]
   return groups
+
+
+def _may_hold(column: pq.ColumnChunkMetaData, wanted: list[str]) -> bool:
+  """False when the chunk's min/max statistics exclude every id of the
+  sorted ``wanted``."""
+  stats = column.statistics
+  if stats is None or not stats.has_min_max:
+    return True
+  at = bisect.bisect_left(wanted, stats.min)
+  return at < len(wanted) and wanted[at] <= stats.max
 
 
 # A mask is drawn exactly when its contour's vertex count is set; the counts
@@ -306,17 +316,146 @@ def _holds_no_mask(group: pq.RowGroupMetaData, witnesses: list[int]) -> bool:
   return True
 
 
-def _keep(table: pa.Table, labeled_only: bool, split: str | None) -> pa.Table:
+class Selection(NamedTuple):
+  """Which slices a reader yields (see iter_batches' arguments)."""
+
+  labeled_only: bool = False
+  split: str | None = None
+  patients: frozenset[str] | None = None  # None: every patient
+  exclude_flags: tuple[str, ...] = ()
+
+  def columns(self) -> list[str]:
+    """The columns its filters read."""
+    needed = ['i_mask', 'o_mask'] if self.labeled_only else []
+    needed += ['split'] if self.split is not None else []
+    needed += ['patient_id'] if self.patients is not None else []
+    return needed + (['qa_flags'] if self.exclude_flags else [])
+
+
+def _keep(table: pa.Table, selection: Selection) -> pa.Table:
   """The rows to yield (the table itself, not a copy, when that is all)."""
+  tests = []
+  if selection.labeled_only:
+    tests.append(schema.has_mask(table))
+  if selection.split is not None:
+    tests.append(pc.equal(table['split'], selection.split))
+  if selection.patients is not None:
+    tests.append(pc.is_in(table['patient_id'], pa.array(sorted(selection.patients))))
+  if selection.exclude_flags:
+    tests.append(labels.without_flags(table, selection.exclude_flags))
+  if not tests:
+    return table
+  keep = tests[0]
+  for test in tests[1:]:
+    keep = pc.and_(keep, test)
+  if pc.all(keep).as_py():
+    return table
+  return table.filter(keep)
+
+
+def folds(
+  output: str,
+  k: int,
+  *,
+  split: str | None = None,
+  labeled_only: bool = False,
+  version: int | None = None,
+) -> list[list[str]]:
+  """The patients of a version in ``k`` folds for cross-validation.
+
+  The patients (those of ``split`` if given, with a labeled slice if
+  ``labeled_only``) are ordered by the hash position of their patient_id
+  (SHA-256, as the splits use) and dealt out in turn: fold sizes differ by
+  at most one, every fold has a patient when there are at least ``k``, and
+  the folds depend only on the set of patients (a new patient may move
+  others: folds are drawn at read time, for a fixed dataset version).
+
+  Raises:
+    ValueError: ``k`` below 2, or fewer patients than folds.
+  """
+  summary = check(output, version=version)
+  return _folds(output, summary, k, split, labeled_only)
+
+
+def _folds(
+  output: str, summary: dict, k: int, split: str | None, labeled_only: bool
+) -> list[list[str]]:
+  if k < 2:
+    raise ValueError(f'folds must be at least 2, got {k}')
+  _check_split(split)
+  table = _dataset(output, summary).to_table(
+    columns=['patient_id', 'split', *_MASK_WITNESSES]
+  )
   keep = None
   if labeled_only:
-    keep = schema.has_mask(table)
+    keep = pc.or_(*(pc.is_valid(table[name]) for name in _MASK_WITNESSES))
   if split is not None:
     in_split = pc.equal(table['split'], split)
     keep = in_split if keep is None else pc.and_(keep, in_split)
-  if keep is None or pc.all(keep).as_py():
-    return table
-  return table.filter(keep)
+  ids = table['patient_id'] if keep is None else table.filter(keep)['patient_id']
+  patients = sorted(
+    pc.unique(ids).to_pylist(), key=lambda p: (splits.patient_position(p), p)
+  )
+  if len(patients) < k:
+    raise ValueError(
+      f'{len(patients)} patients cannot make {k} folds'
+      + (f' (split {split!r})' if split else '')
+    )
+  return [sorted(patients[i::k]) for i in range(k)]
+
+
+def _check_split(split: str | None) -> None:
+  if split is not None and split not in splits.SPLITS:
+    raise ValueError(f'split must be one of {", ".join(splits.SPLITS)}, got {split!r}')
+
+
+def _selection(
+  output: str,
+  summary: dict,
+  labeled_only: bool,
+  split: str | None,
+  patients: Iterable[str] | None,
+  folds: int | None,
+  fold: int | None,
+  holdout: bool,
+  exclude_flags: Iterable[str],
+) -> Selection:
+  """The Selection of a reader's arguments: the fold resolved to patients.
+
+  Raises:
+    ValueError: a split that is not one, a fold without folds (or out of
+      range), or a name that is not a quality flag.
+  """
+  _check_split(split)
+  flags = tuple(sorted(set(exclude_flags)))
+  labels.without_flags(
+    pa.table({'qa_flags': pa.array([], pa.list_(pa.string()))}), flags
+  )
+  chosen = None if patients is None else frozenset(patients)
+  if isinstance(patients, str):
+    raise ValueError('patients must be a collection of patient ids, not one string')
+  if (folds is None) != (fold is None):
+    raise ValueError('folds and fold go together: folds=K, fold=i (0 <= i < K)')
+  if folds is not None:
+    if not 0 <= fold < folds:
+      raise ValueError(f'fold must be in 0..{folds - 1}, got {fold}')
+    dealt = _folds(output, summary, folds, split, labeled_only)
+    part = (
+      set(dealt[fold]) if holdout else set().union(*dealt[:fold], *dealt[fold + 1 :])
+    )
+    chosen = frozenset(part if chosen is None else part & chosen)
+  return Selection(labeled_only, split, chosen, flags)
+
+
+def _dataset(output: str, summary: dict) -> pads.Dataset:
+  shards = sorted(
+    n for n in summary[digests.FILES] if n.startswith(schema.SLICES_DIR + '/')
+  )
+  return pads.dataset(
+    [os.path.join(output, n) for n in shards],
+    format=_parquet_format(),
+    schema=schema.SLICE_SCHEMA,
+  )
 
 
 class _Buffers:
@@ -379,6 +518,11 @@ def shuffled_rows(
   *,
   labeled_only: bool = False,
   split: str | None = None,
+  patients: Iterable[str] | None = None,
+  folds: int | None = None,
+  fold: int | None = None,
+  holdout: bool = False,
+  exclude_flags: Iterable[str] = (),
   columns: list[str] | None = None,
   shuffle_buffer: int = 512,
   shard: tuple[int, int] = (0, 1),
@@ -392,23 +536,27 @@ def shuffled_rows(
   the dataset. The order depends only on (seed, epoch) and the dataset.
 
   Args:
-    split: only rows of this split; warns (UserWarning) when it holds none.
+    split, patients, folds, fold, holdout, exclude_flags: which rows, as in
+      :func:`iter_batches`.
     shard: (index, count): yield only this share of the row groups, so that
       ``count`` readers (e.g. DataLoader workers) together yield each row once.
     version: the dataset version to read (default: the latest).
   """
-  buffers = _Buffers(keep=shuffle_buffer)
-  rows = _shuffled(
+  summary = check(output, version=version)
+  selection = _selection(
     output,
-    seed,
-    epoch,
+    summary,
     labeled_only,
     split,
-    columns,
-    shuffle_buffer,
-    shard,
-    buffers,
-    version,
+    patients,
+    folds,
+    fold,
+    holdout,
+    exclude_flags,
+  )
+  buffers = _Buffers(keep=shuffle_buffer)
+  rows = _shuffled(
+    output, summary, seed, epoch, selection, columns, shuffle_buffer, shard, buffers
   )
   for names, row in rows:
     values = dict(zip(names, row, strict=True))
@@ -421,31 +569,27 @@ def shuffled_rows(
 
 def _shuffled(
   output: str,
+  summary: dict,
   seed: int,
   epoch: int,
-  labeled_only: bool,
-  split: str | None,
+  selection: Selection,
   columns: list[str] | None,
   shuffle_buffer: int,
   shard: tuple[int, int],
   buffers: _Buffers,
-  version: int | None = None,
 ):
   """shuffled_rows' rows as (column names, tuple), images as ``buffers``'
   arrays, which the caller gives back."""
   rng = np.random.default_rng([seed, epoch])
-  summary = check(output, version=version)
   footers: dict[str, pq.FileMetaData] = {}
-  groups = _row_groups(output, summary, labeled_only, footers)
+  groups = _row_groups(
+    output, summary, selection.labeled_only, footers, selection.patients
+  )
   order = rng.permutation(len(groups))[shard[0] :: shard[1]]
   wanted = None
   if columns is not None:
-    extra = list(_SHAPE_COLUMNS)
-    extra += ['i_mask', 'o_mask'] if labeled_only else []
-    extra += ['split'] if split is not None else []
+    extra = [*_SHAPE_COLUMNS, *selection.columns()]
     wanted = list(dict.fromkeys([*columns, *extra]))
-  if split is not None and split not in splits.SPLITS:
-    raise ValueError(f'split must be one of {", ".join(splits.SPLITS)}, got {split!r}')
   buffer: list[tuple] = []
   kept = 0
   opened: dict[str, pq.ParquetFile] = {}  # each opened once: opening has a cost
@@ -453,9 +597,7 @@ def _shuffled(
     path, index = groups[g]
     if path not in opened:
       opened[path] = _open_shard(path, summary, footers[path])
-    table = _keep(
-      opened[path].read_row_group(index, columns=wanted), labeled_only, split
-    )
+    table = _keep(opened[path].read_row_group(index, columns=wanted), selection)
     names = table.column_names
     for row in _rows_of(table, buffers):
       kept += 1
@@ -465,10 +607,12 @@ def _shuffled(
         buffer[pick], buffer[-1] = buffer[-1], buffer[pick]
         yield buffer.pop()
   rng.shuffle(buffer)
-  if split is not None and not kept and shard[1] == 1:
+  if selection.split is not None and not kept and shard[1] == 1:
     warnings.warn(
-      f'split {split!r} holds no slices in {output}: no patient is in it '
-      "(the run summary's splits line shows each split's patients)",
+      f'split {selection.split!r} holds no slices in {output}'
+      + (' among the chosen patients' if selection.patients is not None else '')
+      + ": no patient is in it (the run summary's splits line shows each "
+      "split's patients)",
       stacklevel=3,
     )
   yield from buffer
@@ -525,12 +669,13 @@ def _masks(packed: list, shapes: list[tuple[int, int]]):
   )
 
 
-def _stack(items: list[tuple], columns: list[str] | None, buffers: _Buffers) -> dict:
+def _stack(items: list[tuple], buffers: _Buffers) -> dict:
+  """Rows (column names, tuple) -> one dict of stacked columns."""
   names = items[0][0]
   at = {name: k for k, name in enumerate(names)}
   by_column = list(zip(*(row for _, row in items), strict=True))
   batch = {}
-  for name in columns if columns is not None else names:
+  for name in names:
     values = by_column[at[name]]
     if name == 'image':
       shapes = zip(*(by_column[at[c]] for c in _SHAPE_COLUMNS), strict=True)
@@ -546,6 +691,65 @@ def _stack(items: list[tuple], columns: list[str] | None, buffers: _Buffers) -> 
   return batch
 
 
+class View(NamedTuple):
+  """What a reader makes of each slice besides its columns (iter_batches'
+  arguments of the same names)."""
+
+  float_image: bool = False
+  normalize: str | Callable | None = None
+  label_map: bool = False
+  ignore_index: int | None = None
+  geometry: bool = False
+
+  def columns(self) -> list[str]:
+    """The columns it reads."""
+    needed = list(prepare.FLOAT_COLUMNS) if self.float_image else []
+    needed += prepare.LABEL_COLUMNS if self.label_map else ()
+    return needed + list(prepare.GEOMETRY_COLUMNS if self.geometry else ())
+
+  def keys(self) -> list[str]:
+    """The keys it adds."""
+    added = ['image'] if self.float_image else []
+    added += ['label'] if self.label_map else []
+    return added + (['affine', 'affine_ras'] if self.geometry else [])
+
+  def apply(self, batch: dict) -> dict:
+    """Adds the view's keys to a stacked batch (and makes ``image`` float)."""
+    if self.float_image:
+      batch['image'] = prepare.float_images(
+        batch['image'],
+        batch['rescale_slope'],
+        batch['rescale_intercept'],
+        self.normalize,
+      )
+    if self.label_map:
+      batch['label'] = _label_maps(batch, self.ignore_index)
+    if self.geometry:
+      batch['affine'] = prepare.affines(
+        batch['image_position_patient'],
+        batch['image_orientation_patient'],
+        batch['pixel_spacing'],
+        batch['slice_thickness'],
+      )
+      batch['affine_ras'] = prepare.ras(batch['affine'])
+    return batch
+
+
+def _label_maps(batch: dict, ignore: int | None):
+  """The batch's label maps: one array, or a list when shapes differ."""
+  inner, outer = batch['i_mask'], batch['o_mask']
+  has_i, has_o = batch['has_i_mask'], batch['has_o_mask']
+  if not isinstance(inner, list):
+    return prepare.label_maps(inner, outer, has_i, has_o, ignore)
+  maps = []
+  for k, (i, o) in enumerate(zip(inner, outer, strict=True)):
+    empty = np.zeros((1, batch['rows'][k], batch['columns'][k]), bool)
+    i = empty if i is None else i[None]
+    o = empty if o is None else o[None]
+    maps.append(prepare.label_maps(i, o, has_i[k : k + 1], has_o[k : k + 1], ignore)[0])
+  return maps
+
+
 def iter_batches(
   output: str,
   batch_size: int,
@@ -554,7 +758,18 @@ def iter_batches(
   *,
   labeled_only: bool = False,
   split: str | None = None,
+  patients: Iterable[str] | None = None,
+  folds: int | None = None,
+  fold: int | None = None,
+  holdout: bool = False,
+  exclude_flags: Iterable[str] = (),
   columns: list[str] | None = None,
+  float_image: bool = False,
+  normalize: str | Callable | None = None,
+  label_map: bool = False,
+  ignore_index: int | None = None,
+  geometry: bool = False,
+  transform: Callable[[dict], dict] | None = None,
   shuffle_buffer: int = 512,
   drop_last: bool = False,
   shard: tuple[int, int] = (0, 1),
@@ -574,39 +789,86 @@ def iter_batches(
       unless ``drop_last``.
     seed: the same seed gives the same order; each epoch has its own order.
     epochs: how many passes; every selected slice appears once per epoch.
-    labeled_only: only slices with at least one mask.
+    labeled_only: only slices with at least one mask (inner or outer).
     split: only slices of this split ('train', 'val' or 'test'); warns
       (UserWarning) when it holds none.
+    patients: only slices of these patient ids.
+    folds, fold: patient-level cross-validation (see :func:`folds`): the
+      selected patients dealt into ``folds`` folds; yields the patients of
+      every fold but ``fold`` (for training), or with ``holdout`` those of
+      ``fold`` alone (for validation).
+    exclude_flags: leave out slices with any of these quality flags (e.g.
+      ``['duplicate_contour']``).
     columns: the columns to return (default all); only these (and what is
-      needed to decode them) are read from disk.
+      needed to decode, filter and view them) are read from disk.
+    float_image: ``image`` as float32 (batch, channels, rows, columns),
+      rescale slope and intercept applied (1 and 0 when absent).
+    normalize: with ``float_image``, per image: 'zscore', 'minmax' or a
+      callable on one (channels, rows, columns) array.
+    label_map: add ``label``, uint8 (batch, 1, rows, columns): 0 background,
+      1 blood pool, 2 myocardium (``labels``; ``ignore_index``: the value
+      of pixels the drawn contours do not decide).
+    geometry: add ``affine`` (batch, 4, 4): the LPS affine of each slice for
+      the index (row, column, k) (``geometry``), and ``affine_ras``; NaN
+      where a slice's geometry is missing.
+    transform: called on each batch dict; its result is yielded.
     shuffle_buffer: rows held for shuffling (memory bound; 1 = no shuffle
       within row groups, row groups still in random order).
     shard: see :func:`shuffled_rows`.
     version: the dataset version to read (default: the latest; every epoch
       reads the same one, whatever runs commit meanwhile).
+
+  Raises:
+    ValueError: an argument out of range (see the arguments).
+    DatasetError: the dataset is not as its run wrote it (see :func:`check`).
   """
   if batch_size < 1:
     raise ValueError(f'batch_size must be at least 1, got {batch_size}')
+  view = View(float_image, normalize, label_map, ignore_index, geometry)
+  if normalize is not None and not float_image:
+    raise ValueError('normalize needs float_image=True')
+  summary = check(output, version=version)
+  selection = _selection(
+    output,
+    summary,
+    labeled_only,
+    split,
+    patients,
+    folds,
+    fold,
+    holdout,
+    exclude_flags,
+  )
+  wanted = None
+  if columns is not None:
+    wanted = list(dict.fromkeys([*columns, *view.columns()]))
+  keys = None
+  if columns is not None:
+    keys = list(
+      dict.fromkeys(
+        [
+          *columns,
+          *(f'has_{c}' for c in columns if c in ('i_mask', 'o_mask')),
+          *view.keys(),
+        ]
+      )
+    )
   buffers = _Buffers(keep=shuffle_buffer + batch_size)
-  if version is None:
-    version = versions.latest(output)
+
+  def finish(items: list[tuple]) -> dict:
+    batch = view.apply(_stack(items, buffers))
+    if keys is not None:
+      batch = {key: batch[key] for key in keys}
+    return batch if transform is None else transform(batch)
+
   for epoch in range(epochs):
     batch: list[tuple] = []
     for item in _shuffled(
-      output,
-      seed,
-      epoch,
-      labeled_only,
-      split,
-      columns,
-      shuffle_buffer,
-      shard,
-      buffers,
-      version,
+      output, summary, seed, epoch, selection, wanted, shuffle_buffer, shard, buffers
     ):
       batch.append(item)
       if len(batch) == batch_size:
-        yield _stack(batch, columns, buffers)
+        yield finish(batch)
         batch = []
     if batch and not drop_last:
-      yield _stack(batch, columns, buffers)
+      yield finish(batch)
