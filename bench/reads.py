@@ -38,14 +38,39 @@ def read(labeled):
   for batch in iter_batches(out, 32, seed=3, labeled_only=labeled):
     n += len(batch['slice_index'])
   return n
+def view():  # the training view of issue 33, where the version has it
+  n = 0
+  try:
+    batches = iter_batches(out, 32, seed=3, labeled_only=True, float_image=True,
+                           label_map=True, geometry=True)
+    for batch in batches:
+      n += len(batch['slice_index'])
+  except TypeError:
+    return None
+  return n
+def items():  # the PyTorch adapter's items, one by one
+  try:
+    from beam_pipeline.dataset.torch_data import SliceDataset
+  except ImportError:
+    return None
+  return sum(1 for _ in SliceDataset(out, seed=3, labeled_only=True))
 read(False)  # the page cache and the shard digests
 rates = {}
-for name, labeled in (('labeled', True), ('all', False)):
+for name, run in (('labeled', lambda: read(True)), ('all', lambda: read(False)),
+                  ('view', view), ('torch', items)):
   start = time.perf_counter()
-  n = read(labeled)
-  rates[name] = n / (time.perf_counter() - start)
+  n = run()
+  if n is not None:
+    rates[name] = n / (time.perf_counter() - start)
 print(json.dumps(rates))
 """
+
+_KINDS = {
+  'labeled': 'labeled slices/s',
+  'all': 'all slices/s',
+  'view': 'labeled, float + label map + affine',
+  'torch': 'SliceDataset items/s (labeled)',
+}
 
 
 def _env(repo: str) -> dict:
@@ -92,18 +117,21 @@ def main(argv=None) -> None:
     f'{args.data}: iter_batches on one core, image codec {codec}, '
     f'{args.runs} interleaved rounds\n'
   )
-  print('| version | labeled slices/s | all slices/s | labeled vs this | all vs this |')
-  print('| --- | --- | --- | --- | --- |')
+  kinds = [k for k in _KINDS if k in rates['this'][0]]
+  print('| version | ' + ' | '.join(_KINDS[k] for k in kinds) + ' |')
+  print('| --- |' + ' --- |' * len(kinds))
   for label in versions:
     got = rates[label]
-    cells = [
-      f'{statistics.median(r[kind] for r in got):,.0f}' for kind in ('labeled', 'all')
-    ]
-    for kind in ('labeled', 'all'):
+    cells = []
+    for kind in kinds:
+      if kind not in got[0]:
+        cells.append('-')
+        continue
       ratio = statistics.median(
         r[kind] / t[kind] for r, t in zip(got, rates['this'], strict=True)
       )
-      cells.append(f'{ratio:.2f}x')
+      median = statistics.median(r[kind] for r in got)
+      cells.append(f'{median:,.0f} ({ratio:.2f}x this)')
     print(f'| {label} | ' + ' | '.join(cells) + ' |')
   shutil.rmtree(scratch, ignore_errors=True)
 

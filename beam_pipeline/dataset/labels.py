@@ -69,20 +69,32 @@ def _per_pixel(has, ndim: int) -> np.ndarray:
   return flags.reshape(flags.shape + (1,) * (ndim - flags.ndim))
 
 
-def without_flags(table: pa.Table, flags: Iterable[str]) -> pa.Array | None:
-  """Per row: True when its ``qa_flags`` holds none of ``flags`` (None when
-  ``flags`` is empty: keep every row).
+def check_flags(flags: Iterable[str]) -> tuple[str, ...]:
+  """The quality flags named, sorted, once each.
 
   Raises:
-    ValueError: a name that is not a quality flag.
+    ValueError: a name that is not a quality flag (or a lone string).
   """
-  wanted = sorted(set(flags))
+  if isinstance(flags, str):
+    raise ValueError(f'exclude_flags must be a list of flags, got {flags!r}')
+  wanted = tuple(sorted(set(flags)))
   unknown = [f for f in wanted if f not in FLAGS]
   if unknown:
     raise ValueError(
       f'exclude_flags: {", ".join(unknown)} is not a quality flag '
       f'(one of: {", ".join(FLAGS)})'
     )
+  return wanted
+
+
+def without_flags(table: pa.Table, flags: Iterable[str]) -> pa.Array | None:
+  """Per row: True when its ``qa_flags`` holds none of ``flags`` (None when
+  ``flags`` is empty: keep every row).
+
+  Raises:
+    ValueError: see :func:`check_flags`.
+  """
+  wanted = check_flags(flags)
   if not wanted:
     return None
   column = pa.concat_arrays(table['qa_flags'].chunks) if table.num_rows else None

@@ -427,13 +427,10 @@ def _selection(
       range), or a name that is not a quality flag.
   """
   _check_split(split)
-  flags = tuple(sorted(set(exclude_flags)))
-  labels.without_flags(
-    pa.table({'qa_flags': pa.array([], pa.list_(pa.string()))}), flags
-  )
-  chosen = None if patients is None else frozenset(patients)
+  flags = labels.check_flags(exclude_flags)
   if isinstance(patients, str):
     raise ValueError('patients must be a collection of patient ids, not one string')
+  chosen = None if patients is None else frozenset(patients)
   if (folds is None) != (fold is None):
     raise ValueError('folds and fold go together: folds=K, fold=i (0 <= i < K)')
   if folds is not None:
