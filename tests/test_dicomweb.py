@@ -150,10 +150,10 @@ def test_a_pacs_gives_the_tree_dataset(pacs, credentials, tmp_path, capsys, mode
   )
   assert refused  # the broken slices: Orthanc stores only DICOM
   tree_out, pacs_out = str(tmp_path / 'tree'), str(tmp_path / 'pacs')
-  assert cli.main(['--input', root, '--output', tree_out]) == cli.EXIT_QUARANTINED
+  assert cli.main(['--input', root, '--output', tree_out]) == cli.EXIT_DROPPED
   capsys.readouterr()
   code = cli.main(_pacs_args(pacs.dicomweb, root, pacs_out, *MODES[mode]))
-  assert code == cli.EXIT_QUARANTINED
+  assert code == cli.EXIT_DROPPED
   assert (
     'dicoms is ignored: the slices come from --dicomweb-url' in capsys.readouterr().err
   )
@@ -236,7 +236,7 @@ def test_a_patient_with_two_series_is_ambiguous_until_a_filter_chooses(
   assert len(first) == 1
 
   out = str(tmp_path / 'ambiguous')
-  assert cli.main(_pacs_args(pacs.dicomweb, root, out)) == cli.EXIT_QUARANTINED
+  assert cli.main(_pacs_args(pacs.dicomweb, root, out)) == cli.EXIT_DROPPED
   tables = dataset_tables(out)
   (row,) = [r for r in tables['reconciliation'] if r['patient_id'] == patient]
   assert row['status'] == schema.AMBIGUOUS_SERIES
@@ -248,7 +248,7 @@ def test_a_patient_with_two_series_is_ambiguous_until_a_filter_chooses(
   args = _pacs_args(
     pacs.dicomweb, root, chosen, '--series-filter', 'SeriesDescription=loc*'
   )
-  assert cli.main(args) == cli.EXIT_QUARANTINED
+  assert cli.main(args) == cli.EXIT_DROPPED
   tables = dataset_tables(chosen)
   rows = [r for r in tables['slices'] if r['patient_id'] == patient]
   assert sorted(r['slice_index'] for r in rows) == [1, 2, 3, 4]
@@ -271,7 +271,7 @@ def test_instances_without_or_sharing_an_instance_number_are_error_rows(
   _upload_copy(pacs, os.path.join(folder, '1.dcm'), tmp_path, InstanceNumber=None)
   _upload_copy(pacs, os.path.join(folder, '3.dcm'), tmp_path)  # a second number 3
   out = str(tmp_path / 'OUT')
-  assert cli.main(_pacs_args(pacs.dicomweb, root, out)) == cli.EXIT_QUARANTINED
+  assert cli.main(_pacs_args(pacs.dicomweb, root, out)) == cli.EXIT_DROPPED
   tables = dataset_tables(out)
   assert sorted(r['slice_index'] for r in tables['slices']) == [1, 2, 4, 5]
   errors = tables['errors']
@@ -432,7 +432,7 @@ def test_a_server_stopped_mid_run_leaves_fetch_rows_and_a_dataset(
         '--dicomweb-retrieve',
         mode,
       )
-      assert cli.main(args) == cli.EXIT_QUARANTINED
+      assert cli.main(args) == cli.EXIT_DROPPED
   tables = dataset_tables(out)
   fetched = [r for r in tables['errors'] if r['stage'] == schema.STAGE_FETCH]
   assert len(fetched) + len(tables['slices']) == 24
@@ -467,7 +467,7 @@ def test_throttled_retrieves_are_retried_and_failing_ones_are_fetch_rows(
       '--dicomweb-retrieve',
       'instance',
     )
-    assert cli.main(args) == cli.EXIT_QUARANTINED
+    assert cli.main(args) == cli.EXIT_DROPPED
   tables = dataset_tables(out)
   assert sorted(r['slice_index'] for r in tables['slices']) == [1, 2, 3, 5, 6]
   (row,) = tables['errors']
@@ -500,7 +500,7 @@ def test_a_refused_series_retrieve_is_retried_then_taken_instance_by_instance(
     assert code == cli.EXIT_OK and figures['faults'] == 1
     assert len(tables['slices']) == 6 and _fetches(out) == (6, 0, 0)
     return
-  assert code == cli.EXIT_QUARANTINED
+  assert code == cli.EXIT_DROPPED
   assert figures['faults'] == 3 + 3
   assert sorted(r['slice_index'] for r in tables['slices']) == [1, 2, 3, 5, 6]
   (row,) = tables['errors']
@@ -703,9 +703,10 @@ def test_compressed_instances_arrive_as_stored_and_decode_as_in_a_tree(
     with open(os.path.join(root, 'dicoms', patient, f'{found.number}.dcm'), 'rb') as f:
       assert client.retrieve(found.path) == f.read()
   tree_out, pacs_out = str(tmp_path / 'tree'), str(tmp_path / 'pacs')
-  # Both files hold the same pixels (duplicate_slice), and no contour file.
-  assert cli.main(['--input', root, '--output', tree_out]) == cli.EXIT_QUARANTINED
-  assert cli.main(_pacs_args(pacs.dicomweb, root, pacs_out)) == cli.EXIT_QUARANTINED
+  # Both files hold the same pixels (duplicate_slice), and no contour file:
+  # problem rows that drop nothing.
+  assert cli.main(['--input', root, '--output', tree_out]) == cli.EXIT_OK
+  assert cli.main(_pacs_args(pacs.dicomweb, root, pacs_out)) == cli.EXIT_OK
   tree = _without_paths(dataset_tables(tree_out))
   assert [r['transfer_syntax_uid'] for r in tree] == [
     pydicom.uid.JPEG2000Lossless,
@@ -724,7 +725,7 @@ def test_a_failing_search_is_a_search_row_and_the_other_patients_are_written(
   with proxy.started(pacs.root, *rules) as (endpoint, figures):
     out = str(tmp_path / 'OUT')
     args = _pacs_args(endpoint + '/dicom-web', root, out, '--request-attempts', '2')
-    assert cli.main(args) == cli.EXIT_QUARANTINED
+    assert cli.main(args) == cli.EXIT_DROPPED
   assert figures['faults'] == 2
   tables = dataset_tables(out)
   assert {r['patient_id'] for r in tables['slices']} == {second}
@@ -792,11 +793,11 @@ def test_an_incremental_pacs_run_decodes_only_patients_with_new_instances(
   patient = sorted(os.listdir(os.path.join(root, 'dicoms')))[1]
   path = os.path.join(root, 'dicoms', patient, '4.dcm')
   _upload_copy(pacs, path, tmp_path, InstanceNumber=5)  # a copy: flagged
-  assert cli.main(_pacs_args(pacs.dicomweb, root, out)) == cli.EXIT_QUARANTINED
+  assert cli.main(_pacs_args(pacs.dicomweb, root, out)) == cli.EXIT_OK
   found = read_summary(out)['patients']
   assert (found['replaced'], found['kept']) == (1, 2)
   assert sum(_fetches(out)[:2]) == 5  # the changed patient's instances only
   full = str(tmp_path / 'FULL')
-  assert cli.main(_pacs_args(pacs.dicomweb, root, full)) == cli.EXIT_QUARANTINED
+  assert cli.main(_pacs_args(pacs.dicomweb, root, full)) == cli.EXIT_OK
   assert dataset_tables(out) == dataset_tables(full)
   assert verify.verify(out).failures == []

@@ -46,6 +46,27 @@ def test_output_doc_documents_every_status_and_stage():
     assert f'| `{name}` |' in output, name
 
 
+def test_output_doc_says_which_statuses_drop_an_input_as_the_exit_code_does():
+  """The status table's last column is metrics.dropped_statuses: ``yes``,
+  ``no`` or ``with `--drop-duplicates` ``."""
+  from transforms.contract import metrics
+
+  output = _read('docs', 'OUTPUT.md')
+  table = output.split('| status | meaning | dropped |\n| --- | --- | --- |\n', 1)[1]
+  said = {}
+  for line in table.split('\n\n', 1)[0].splitlines():
+    status, _, dropped = (cell.strip() for cell in line.strip('|').split(' | '))
+    said[status.strip('`')] = dropped.split(':')[0]
+  assert list(said) == list(schema.STATUSES)
+  for status, dropped in said.items():
+    if status in metrics.dropped_statuses():
+      assert dropped == 'yes', status
+    elif status in metrics.dropped_statuses(drop_duplicates=True):
+      assert dropped == 'with `--drop-duplicates`', status
+    else:
+      assert dropped == 'no', status
+
+
 def test_output_doc_column_table_is_the_column_table():
   output = _read('docs', 'OUTPUT.md')
   block = re.search(

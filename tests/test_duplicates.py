@@ -140,7 +140,7 @@ def test_copies_are_reported_flagged_and_kept_in_one_split(tmp_path):
   root, p, q = _tree(tmp_path, FRACTIONS)
   out = str(tmp_path / 'OUT')
   args = ['--input', root, '--output', out, '--split', FRACTIONS]
-  assert cli.main(args) == cli.EXIT_QUARANTINED
+  assert cli.main(args) == cli.EXIT_OK  # every copy written and flagged
   assert cli.main([*args, '--overwrite', '--strict']) == cli.EXIT_STRICT
   found = sorted(
     (r['status'], r['detail'])
@@ -194,7 +194,7 @@ def test_drop_duplicates_writes_the_first_copy_only(tmp_path):
   root, p, q = _tree(tmp_path, FRACTIONS)
   out = str(tmp_path / 'OUT')
   args = ['--input', root, '--output', out, '--split', FRACTIONS, '--drop-duplicates']
-  assert cli.main(args) == cli.EXIT_QUARANTINED
+  assert cli.main(args) == cli.EXIT_DROPPED
   rows = _rows(out)
   assert set(rows) == {(pid, k) for pid in (p, q) for k in range(1, 7)} - {
     (q, 2),

@@ -85,7 +85,7 @@ def _check_slices(out, manifest, expect_labeled_only=False, split=(0.8, 0.1, 0.1
 def test_every_quirk_is_reported_and_every_good_slice_lands(tree, tmp_path, capsys):
   root, manifest = tree
   out = str(tmp_path / 'OUT')
-  assert _run(root, out) == cli.EXIT_QUARANTINED
+  assert _run(root, out) == cli.EXIT_DROPPED
   rows = _check_slices(out, manifest)
   assert any(r[f'{k}_mask'] is not None for r in rows for k in 'io')
   reconciliation = read_reconciliation(out).to_pylist()
@@ -108,9 +108,12 @@ def test_every_quirk_is_reported_and_every_good_slice_lands(tree, tmp_path, caps
   problems = [r for r in manifest.reconciliation if r[2] != schema.MATCHED]
   count = len(problems) + len(manifest.errors)
   command = f'python -m beam_pipeline.tools.problems {out}'
+  unlabeled = [r for r in problems if r[2] == schema.MISSING_CONTOURS]
+  assert len(unlabeled) == 1  # the one problem row that drops nothing
   assert (
-    f'quarantined        {count} problem rows; list them with: {command}' in printed
-  )
+    f'problems           {count} problem rows ({count - 1} for dropped inputs); '
+    f'list them with: {command}'
+  ) in printed
   assert problems_tool.main([out]) == 1  # the printed command, run
   listed = capsys.readouterr().out.splitlines()
   assert len(listed) == count + 1 and listed[-1].startswith(f'{count} problem rows')

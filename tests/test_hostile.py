@@ -164,7 +164,7 @@ def test_link_csv_variants(base, tmp_path, content, slices, problems):
   assert written == sorted(slices)
   assert found == sorted(problems)
   assert errors == []
-  assert code == (cli.EXIT_QUARANTINED if problems else cli.EXIT_OK)
+  assert code == (cli.EXIT_DROPPED if problems else cli.EXIT_OK)
 
 
 class _OpenAudit:
@@ -213,7 +213,7 @@ def test_ids_and_symlinks_never_lead_outside_the_input(base, tmp_path, open_audi
       (f'dicoms/{P1}/4.dcm', schema.STAGE_READ),
     ]
   )
-  assert code == cli.EXIT_QUARANTINED
+  assert code == cli.EXIT_DROPPED
   allowed = (os.path.realpath(root), os.path.realpath(tmp_path / 'OUT'))
   decoy_opens = [p for p in open_audit if p.startswith(os.path.realpath(decoy))]
   assert decoy_opens == []
@@ -259,7 +259,7 @@ def test_broken_dicoms_are_each_one_error_row(base, tmp_path):
   assert 'max-pixels' in messages[f'dicoms/{P1}/11.dcm']
   assert 'multi-frame' in messages[f'dicoms/{P1}/12.dcm']
   assert 'DICM' in messages[f'dicoms/{P1}/8.dcm']
-  assert found == [] and code == cli.EXIT_QUARANTINED
+  assert found == [] and code == cli.EXIT_DROPPED
 
 
 def test_a_huge_header_is_rejected_before_any_allocation(tmp_path):
@@ -338,7 +338,7 @@ def test_broken_contours_are_each_one_error_row_and_odd_good_ones_land(base, tmp
     want = reference_mask(vertices, ROWS, COLUMNS)
     assert (mask[: ROWS * COLUMNS].reshape(ROWS, COLUMNS) == want).all()
   assert 'i_vertices_outside' in rows[P2, 1]['qa_flags']
-  assert code == cli.EXIT_QUARANTINED
+  assert code == cli.EXIT_DROPPED
 
 
 def test_special_entries_in_the_tree(base, tmp_path):
@@ -360,7 +360,7 @@ def test_special_entries_in_the_tree(base, tmp_path):
       ('/'.join(['dicoms', P2, *['d'] * 150, '1.dcm']), schema.STAGE_LIST),
     ]
   )
-  assert code == cli.EXIT_QUARANTINED
+  assert code == cli.EXIT_DROPPED
 
 
 def test_many_patients_with_one_slice_each(tmp_path):
@@ -478,7 +478,7 @@ def test_unreadable_files_and_folders(base, tmp_path):
     cwd=str(tmp_path),
   )
   os.chmod(os.path.join(root, 'dicoms', P2), 0o755)  # let pytest clean up
-  assert done.returncode == cli.EXIT_QUARANTINED, done.stderr
+  assert done.returncode == cli.EXIT_DROPPED, done.stderr
   assert 'Traceback' not in done.stderr
   errors = sorted((r['path'], r['stage']) for r in read_errors(out).to_pylist())
   assert errors == [
@@ -521,7 +521,7 @@ def test_a_name_that_is_not_utf8_is_one_list_row_and_the_run_goes_on(
   if shown is None:
     assert code == cli.EXIT_OK and errors == []
     return
-  assert code == cli.EXIT_QUARANTINED
+  assert code == cli.EXIT_DROPPED
   assert errors == [(shown, schema.STAGE_LIST)]
   (row,) = read_errors(str(tmp_path / 'OUT')).to_pylist()
   assert 'not valid UTF-8' in row['error']
@@ -547,7 +547,7 @@ def test_the_reconciliation_says_what_happened_to_a_patient_without_contours(
   assert row['detail'].endswith('; its 3 slice files have no masks'), row
   assert 'written' not in row['detail']
   assert errors == [(f'dicoms/{P2}/{k}.dcm', schema.STAGE_DECODE) for k in (1, 2, 3)]
-  assert code == cli.EXIT_QUARANTINED
+  assert code == cli.EXIT_DROPPED
 
 
 def test_pixel_data_that_disagrees_with_its_header_is_one_decode_row_each(
@@ -583,4 +583,4 @@ def test_pixel_data_that_disagrees_with_its_header_is_one_decode_row_each(
   reasons = {r['path']: r['error'] for r in read_errors(out).to_pylist()}
   for k, (_, expected) in cases.items():
     assert expected in reasons[f'dicoms/{P1}/{k}.dcm'], reasons
-  assert code == cli.EXIT_QUARANTINED
+  assert code == cli.EXIT_DROPPED

@@ -46,7 +46,7 @@ def _same_as_full(tree, out, tmp_path, *options):
   full = str(tmp_path / f'FULL-{len(os.listdir(tmp_path))}')
   assert _run('--input', tree, '--output', full, '--split', SPLIT, *options) in (
     cli.EXIT_OK,
-    cli.EXIT_QUARANTINED,
+    cli.EXIT_DROPPED,
   )
   mine, theirs = dataset_tables(out), dataset_tables(full)
   for table in mine:
@@ -103,12 +103,12 @@ def test_an_incremental_run_decodes_only_what_changed_and_equals_a_full_run(
   tree, grown = grown_base
   out = str(tmp_path / 'OUT')
   _settle()
-  assert _again(tree, out) == cli.EXIT_QUARANTINED
+  assert _again(tree, out) == cli.EXIT_DROPPED
   first = dataset_tables(out)
   assert _patients(out)['added'] == 5
 
   # nothing changed: every patient kept, no slice decoded, the same rows
-  assert _again(tree, out) == cli.EXIT_QUARANTINED
+  assert _again(tree, out) == cli.EXIT_DROPPED
   assert _patients(out) == {
     'added': 0,
     'replaced': 0,
@@ -133,7 +133,7 @@ def test_an_incremental_run_decodes_only_what_changed_and_equals_a_full_run(
     os.path.join(tree, layout.DICOM_DIR, new_pid, '7.dcm'),
   )
   _settle()
-  assert _again(tree, out) == cli.EXIT_QUARANTINED
+  assert _again(tree, out) == cli.EXIT_DROPPED
   assert _patients(out)['added'] == 1 and _patients(out)['kept'] == 5
   flagged = [
     r for r in dataset_tables(out)['slices'] if schema.DUPLICATE_SLICE in r['qa_flags']
@@ -155,7 +155,7 @@ def test_an_incremental_run_decodes_only_what_changed_and_equals_a_full_run(
     4,
   )
   _settle()
-  assert _again(tree, out) == cli.EXIT_QUARANTINED
+  assert _again(tree, out) == cli.EXIT_DROPPED
   assert _patients(out)['replaced'] == 3
   assert _patients(out)['kept'] == 3  # pids[0], pids[4] and the new one
   _same_as_full(tree, out, tmp_path)
@@ -170,7 +170,7 @@ def test_an_incremental_run_decodes_only_what_changed_and_equals_a_full_run(
   rows = [f'{pid},{swap.get(pid, oid)}' for pid, oid in (r.split(',') for r in rows)]
   _write_links(tree, [header, *rows])
   _settle()
-  assert _again(tree, out) == cli.EXIT_QUARANTINED
+  assert _again(tree, out) == cli.EXIT_DROPPED
   found = _patients(out)
   assert (found['removed'], found['replaced'], found['kept']) == (1, 3, 2)
   assert not any(
@@ -182,7 +182,7 @@ def test_an_incremental_run_decodes_only_what_changed_and_equals_a_full_run(
   before = dataset_tables(out)
   assert (
     _run('--input', tree, '--output', out, '--split', SPLIT, '--full')
-    == cli.EXIT_QUARANTINED
+    == cli.EXIT_DROPPED
   )
   assert _patients(out)['why_full'] == '--full' and _patients(out)['kept'] == 0
   assert dataset_tables(out) == before
@@ -197,10 +197,10 @@ def test_changed_options_and_dropped_duplicates_decode_again(grown_base, tmp_pat
   copy = os.path.join(tree, layout.DICOM_DIR, pid, '7.dcm')
   shutil.copy(os.path.join(tree, layout.DICOM_DIR, pid, '2.dcm'), copy)
   _settle()
-  assert _again(tree, out) == cli.EXIT_QUARANTINED
+  assert _again(tree, out) == cli.EXIT_DROPPED
   # an option that changes rows: every patient decoded again
   drop = ('--split', SPLIT, '--drop-duplicates')
-  assert _run('--input', tree, '--output', out, *drop) == cli.EXIT_QUARANTINED
+  assert _run('--input', tree, '--output', out, *drop) == cli.EXIT_DROPPED
   found = _patients(out)
   assert found['why_full'] == 'options that change rows differ from version 0'
   assert found['kept'] == 0
@@ -209,7 +209,7 @@ def test_changed_options_and_dropped_duplicates_decode_again(grown_base, tmp_pat
   pids = [line.split(',') for line in _links(grown)[1:]]
   _add_patient(tree, grown, *pids[6])
   _settle()
-  assert _run('--input', tree, '--output', out, *drop) == cli.EXIT_QUARANTINED
+  assert _run('--input', tree, '--output', out, *drop) == cli.EXIT_DROPPED
   found = _patients(out)
   assert (found['added'], found['replaced'], found['kept']) == (1, 1, 4)
   _same_as_full(tree, out, tmp_path, '--drop-duplicates')
@@ -278,10 +278,10 @@ def test_labeled_only_counts_kept_patients_as_a_full_run_does(tmp_path):
   grown = _grown(tmp_path, 8)
   out = str(tmp_path / 'OUT')
   _settle()
-  assert _again(tree, out, '--labeled-only') == cli.EXIT_QUARANTINED
+  assert _again(tree, out, '--labeled-only') == cli.EXIT_OK
   _add_patient(tree, grown, *_links(grown)[5].split(','))
   _settle()
-  assert _again(tree, out, '--labeled-only') == cli.EXIT_QUARANTINED
+  assert _again(tree, out, '--labeled-only') == cli.EXIT_OK
   found = _patients(out)
   assert (found['added'], found['kept']) == (1, 4)  # the one without contours too
   _same_as_full(tree, out, tmp_path, '--labeled-only')

@@ -78,7 +78,7 @@ def test_s3_input_and_output_give_the_local_dataset(s3_endpoint, tmp_path):
       path = os.path.join(dirpath, name)
       client.upload_file(path, BUCKET, 'DATA/' + os.path.relpath(path, root))
   local = str(tmp_path / 'local')
-  assert cli.main(['--input', root, '--output', local]) == cli.EXIT_QUARANTINED
+  assert cli.main(['--input', root, '--output', local]) == cli.EXIT_DROPPED
   args = [
     '--input',
     f's3://{BUCKET}/DATA',
@@ -87,8 +87,8 @@ def test_s3_input_and_output_give_the_local_dataset(s3_endpoint, tmp_path):
     f'--s3_endpoint_url={s3_endpoint}',
     *KEYS,
   ]
-  assert cli.main(args) == cli.EXIT_QUARANTINED
-  assert cli.main(args) == cli.EXIT_QUARANTINED  # a second version
+  assert cli.main(args) == cli.EXIT_DROPPED
+  assert cli.main(args) == cli.EXIT_DROPPED  # a second version
   downloaded = tmp_path / 'downloaded'
   listing = client.list_objects_v2(Bucket=BUCKET, Prefix='OUT/')['Contents']
   keys = [o['Key'] for o in listing]
@@ -115,8 +115,8 @@ def test_s3_input_and_output_give_the_local_dataset(s3_endpoint, tmp_path):
   with open(contour, 'a') as f:
     f.write('1.00 1.00\n')
   client.upload_file(contour, BUCKET, 'DATA/' + os.path.relpath(contour, root))
-  assert cli.main(['--input', root, '--output', local]) == cli.EXIT_QUARANTINED
-  assert cli.main(args) == cli.EXIT_QUARANTINED
+  assert cli.main(['--input', root, '--output', local]) == cli.EXIT_DROPPED
+  assert cli.main(args) == cli.EXIT_DROPPED
   again = tmp_path / 'again'
   _download(client, 'OUT', again)
   found = versions.record(str(again))['patients']
@@ -168,7 +168,7 @@ def broken_tree(tmp_path_factory, s3_endpoint):
   root = str(base / 'DATA')
   sample.make_tree(root, patients=3, slices=6, rows=16, columns=16, quirks=QUIRKS)
   local = str(base / 'local')
-  assert cli.main(['--input', root, '--output', local]) == cli.EXIT_QUARANTINED
+  assert cli.main(['--input', root, '--output', local]) == cli.EXIT_DROPPED
   client = _client(s3_endpoint)
   with contextlib.suppress(Exception):
     client.create_bucket(Bucket=BUCKET)
@@ -198,7 +198,7 @@ def test_throttled_requests_are_retried_and_change_nothing(
     endpoint,
     figures,
   ):
-    assert cli.main(_s3_args(endpoint, 'THROTTLED')) == cli.EXIT_QUARANTINED
+    assert cli.main(_s3_args(endpoint, 'THROTTLED')) == cli.EXIT_DROPPED
   assert figures['faults'] == 5
   _download(_client(s3_endpoint), 'THROTTLED', tmp_path / 'out')
   assert dataset_tables(str(tmp_path / 'out')) == dataset_tables(local)
@@ -213,7 +213,7 @@ def test_a_file_that_keeps_failing_is_one_read_row(s3_endpoint, broken_tree, tmp
     figures,
   ):
     args = _s3_args(endpoint, 'FAILING', '--request-attempts=3')
-    assert cli.main(args) == cli.EXIT_QUARANTINED
+    assert cli.main(args) == cli.EXIT_DROPPED
   assert figures['faults'] == 3  # every attempt, then the file is given up
   _download(_client(s3_endpoint), 'FAILING', tmp_path / 'out')
   got, want = dataset_tables(str(tmp_path / 'out')), dataset_tables(local)
@@ -244,7 +244,7 @@ def test_a_pseudonymised_s3_run_names_no_id_even_in_a_failed_read(
       '--pseudonymize-key-file',
       str(key),
     )
-    assert cli.main(args) == cli.EXIT_QUARANTINED
+    assert cli.main(args) == cli.EXIT_DROPPED
   out = tmp_path / 'out'
   _download(_client(s3_endpoint), 'KEYED', out)
   shown = keys.load(str(key)).path(victim)
@@ -432,8 +432,8 @@ def test_gcs_input_and_output_give_the_local_dataset(
       path = os.path.join(dirpath, name)
       bucket.blob(f'DATA/{os.path.relpath(path, root)}').upload_from_filename(path)
   args = ['--input', 'gs://cardiac-gcs/DATA', '--output', 'gs://cardiac-gcs/OUT']
-  assert cli.main(args) == cli.EXIT_QUARANTINED
-  assert cli.main(args) == cli.EXIT_QUARANTINED  # a second version
+  assert cli.main(args) == cli.EXIT_DROPPED
+  assert cli.main(args) == cli.EXIT_DROPPED  # a second version
   keys = [blob.name for blob in client.list_blobs('cardiac-gcs', prefix='OUT/')]
   assert 'OUT/slices/_delta_log/00000000000000000001.json' in keys
   assert not [k for k in keys if schema.STAGING_DIR in k or lock.LOCK_FILE in k]
@@ -456,7 +456,7 @@ def test_duplicates_on_s3_give_the_local_dataset(s3_endpoint, tmp_path):
   root, _, _ = _tree(tmp_path, FRACTIONS)
   local = str(tmp_path / 'local')
   common = ['--split', FRACTIONS]
-  assert cli.main(['--input', root, '--output', local, *common]) == 3
+  assert cli.main(['--input', root, '--output', local, *common]) == cli.EXIT_OK
   client = _client(s3_endpoint)
   with contextlib.suppress(Exception):
     client.create_bucket(Bucket=BUCKET)
@@ -470,7 +470,7 @@ def test_duplicates_on_s3_give_the_local_dataset(s3_endpoint, tmp_path):
     *KEYS,
     *common,
   ]
-  assert cli.main(args) == cli.EXIT_QUARANTINED
+  assert cli.main(args) == cli.EXIT_OK  # the copies are flagged, none dropped
   keys = _download(client, 'COPIES_OUT', tmp_path / 'out')
   assert not [k for k in keys if schema.STAGING_DIR in k or 'beam-temp' in k]
   got, want = dataset_tables(str(tmp_path / 'out')), dataset_tables(local)
@@ -509,7 +509,7 @@ def test_keys_no_path_could_hold_are_reported_and_lose_nothing_else(
     f'--s3_endpoint_url={s3_endpoint}',
     *KEYS,
   ]
-  assert cli.main(args) == cli.EXIT_QUARANTINED
+  assert cli.main(args) == cli.EXIT_DROPPED
   got, want = dataset_tables(str(tmp_path / 'out')), dataset_tables(local)
   reported = [r['path'] for r in got[schema.ERRORS_DIR]]
   reported += [

@@ -136,7 +136,7 @@ def test_a_burned_in_slice_is_flagged_or_excluded_with_a_row(tmp_path):
 
   excluded = str(tmp_path / 'excluded')
   args = ['--input', root, '--output', excluded, '--exclude-burned-in']
-  assert cli.main(args) == cli.EXIT_QUARANTINED
+  assert cli.main(args) == cli.EXIT_DROPPED
   tables = dataset_tables(excluded)
   assert len(tables['slices']) == len(rows) - 1
   assert (pid, k) not in {(r['patient_id'], r['slice_index']) for r in tables['slices']}

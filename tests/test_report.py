@@ -2,12 +2,18 @@
 
 import logging
 import os
+import re
+import shutil
+import time
 
+import pytest
 from apache_beam.portability.api import beam_fn_api_pb2
 
-from beam_pipeline.launch import console, progress, summary
+from beam_pipeline.dataset import versions
+from beam_pipeline.launch import cli, console, progress, summary
+from beam_pipeline.tools import sample
 from transforms import _worker_progress
-from transforms.contract import counts, metrics, schema
+from transforms.contract import counts, digests, layout, metrics, schema
 
 
 def test_progress_logs_at_most_once_per_interval(caplog):
@@ -84,12 +90,12 @@ def test_summary_shows_each_split_and_warns_of_an_empty_one():
     'splits             train: 4 patients, 920 slices; val: 0 patients, 0 slices; '
     'test: 1 patient, 1 slice'
   ) in text
-  assert 'split val is empty: no patient hashed into it at --split 0.8,0.1,0.1' in text
+  assert 'split val is empty at --split 0.8,0.1,0.1: fewer patients than' in text
   assert 'split test is empty' not in text
   assert (
-    "2 problem rows; list them with: python -m beam_pipeline.tools.problems '/o u t'"
-    in text
-  )
+    'problems           2 problem rows (2 for dropped inputs); list them with: '
+    "python -m beam_pipeline.tools.problems '/o u t'"
+  ) in text
   assert summary.empty_splits({}) == []  # nothing written: no split to blame
 
 
@@ -146,3 +152,171 @@ def test_a_worker_writes_its_counts_where_the_launcher_reads_them(tmp_path):
   worker.add(slices=5)
   worker.flush()
   assert counts.read_counts(str(tmp_path)) == (12, 1)
+
+
+def test_only_the_rows_of_unused_inputs_count_as_dropped():
+  """Every error row and the rows of inputs not used count; a patient
+  without contours and flagged duplicates do not, unless --drop-duplicates
+  dropped the copies."""
+  assert set(metrics.PROBLEM_STATUSES) == set(schema.STATUSES) - {schema.MATCHED}
+  kept = set(metrics.PROBLEM_STATUSES) - set(metrics.DROPPED_STATUSES)
+  assert kept == {
+    schema.MISSING_CONTOURS,
+    schema.DUPLICATE_SLICE,
+    schema.DUPLICATE_CONTOUR,
+  }
+  flags_only = {
+    metrics.reconciliation_counter(schema.MATCHED): 5,
+    metrics.reconciliation_counter(schema.MISSING_CONTOURS): 1,
+    metrics.reconciliation_counter(schema.DUPLICATE_SLICE): 2,
+    metrics.reconciliation_counter(schema.DUPLICATE_CONTOUR): 6,
+  }
+  assert metrics.issue_count(flags_only) == 9
+  assert metrics.dropped_count(flags_only) == 0
+  assert metrics.dropped_count(flags_only, drop_duplicates=True) == 2
+  for stage in schema.STAGES:
+    with_error = {**flags_only, metrics.error_counter(stage): 1}
+    assert metrics.dropped_count(with_error) == 1, stage
+  for status in metrics.DROPPED_STATUSES:
+    assert metrics.dropped_count({metrics.reconciliation_counter(status): 3}) == 3
+
+
+def test_the_summary_says_whether_anything_was_dropped_and_how_long_it_all_took():
+  counters = {
+    metrics.SLICES_WRITTEN: 1140,
+    metrics.reconciliation_counter(schema.DUPLICATE_CONTOUR): 9,
+  }
+  text = summary.summary_text(
+    counters, {}, 11.6, output='/o', wall_seconds=27.94, flagged=18
+  )
+  assert (
+    "slices written     1140  (98.3 slices/s over the pipeline's 11.6 s; "
+    '27.9 s in all)\n'
+  ) in text
+  assert (
+    '  problems           9 problem rows (nothing dropped; 18 slices flagged as '
+    'duplicates); list them with: python -m beam_pipeline.tools.problems /o'
+  ) in text.splitlines()
+  counters[metrics.error_counter(schema.STAGE_READ)] = 2
+  text = summary.summary_text(counters, {}, 11.6, output='/o', flagged=18)
+  assert '11 problem rows (2 for dropped inputs; 18 slices flagged as duplicates)' in (
+    text
+  )
+  assert "over the pipeline's 11.6 s)" in text  # no wall time given, none shown
+
+
+def _copies_tree(tmp_path):
+  """3 patients of 6 slices: the first patient's slice 2 copied as the
+  second's slice 7 (a duplicate_slice row), and the first's slice 3 inner
+  contour copied over the second's (a duplicate_contour row)."""
+  root = str(tmp_path / 'DATA')
+  manifest = sample.make_tree(root, patients=3, slices=6, rows=16, columns=16)
+  (p, o), (q, r) = manifest.links[:2]
+  dicoms = os.path.join(root, layout.DICOM_DIR)
+  shutil.copy(os.path.join(dicoms, p, '2.dcm'), os.path.join(dicoms, q, '7.dcm'))
+  contours = os.path.join(root, layout.CONTOUR_DIR)
+  name = layout.contour_name('i', 3)
+  shutil.copy(
+    os.path.join(contours, o, 'i-contours', name),
+    os.path.join(contours, r, 'i-contours', name),
+  )
+  return root, q
+
+
+def _main(*args) -> tuple[int, float]:
+  """cli.main(args): (exit code, seconds it took)."""
+  began = time.monotonic()
+  code = cli.main(list(args))
+  return code, time.monotonic() - began
+
+
+def _problems_line(printed: str) -> str:
+  (line,) = [x for x in printed.splitlines() if x.startswith('  problems ')]
+  return line
+
+
+def test_a_run_that_only_flags_exits_zero_and_strict_still_fails_it(tmp_path, capsys):
+  """Copies flagged, nothing dropped: exit 0 and a summary that says so,
+  with the command's time beside the pipeline's and a line for each step
+  after the last progress line; --strict fails the same run (exit 4)."""
+  root, _ = _copies_tree(tmp_path)
+  out = str(tmp_path / 'OUT')
+  code, took = _main('--input', root, '--output', out)
+  assert code == cli.EXIT_OK
+  printed = capsys.readouterr()
+  command = summary.problems_command(out)
+  assert _problems_line(printed.out) == (
+    '  problems           2 problem rows (nothing dropped; 4 slices flagged as '
+    f'duplicates); list them with: {command}'
+  )
+  record = versions.record(out)
+  assert (record['issues'], record['dropped']) == (2, 0)
+  rate = re.search(
+    r"slices written     19  \(([\d.]+) slices/s over the pipeline's ([\d.]+) s; "
+    r'([\d.]+) s in all\)',
+    printed.out,
+  )
+  assert rate, printed.out
+  pipeline, in_all = float(rate[2]), float(rate[3])
+  assert pipeline == pytest.approx(record['seconds'], abs=0.05)
+  assert pipeline < in_all <= took + 0.05
+  assert float(rate[1]) == pytest.approx(19 / record['seconds'], rel=0.01)
+  # what runs after the last progress line says so as it starts
+  lines = printed.err.splitlines()
+  at = {
+    key: next(i for i, x in enumerate(lines) if key in x)
+    for key in ('progress: 19/19 slices (100%)', 'applying the duplicate', 'publishing')
+  }
+  assert list(at.values()) == sorted(at.values()), lines
+  shards = [f for f in record[digests.FILES] if f.startswith(schema.SLICES_DIR + '/')]
+  applying = re.search(
+    r'applying the duplicate plan \(4 slices flagged, 0 dropped, (\d) patients? '
+    r'moved\): rewriting (\d+) of (\d+) staged slice files$',
+    lines[at['applying the duplicate']],
+  )
+  assert applying, lines[at['applying the duplicate']]
+  assert 1 <= int(applying[2]) <= int(applying[3]) == len(shards)
+  assert lines[at['publishing']].endswith(
+    f'publishing version 0 ({len(record[digests.FILES])} new files) to {out}'
+  )
+
+  code, _ = _main('--input', root, '--output', out, '--strict')
+  assert code == cli.EXIT_STRICT
+  printed = capsys.readouterr()
+  assert '2 problem rows (nothing dropped; 4 slices flagged' in printed.out
+  assert 'carrying over the unchanged patients of version 0' in printed.err
+  assert 'publishing version 1 (' in printed.err
+  assert versions.record(out)['version'] == 1
+
+
+def test_dropped_inputs_exit_three(tmp_path, capsys):
+  """An unused contour folder exits 3 (a patient without contours beside
+  it drops nothing); so do the copies --drop-duplicates leaves out."""
+  root = str(tmp_path / 'DATA')
+  sample.make_tree(
+    root,
+    patients=2,
+    slices=3,
+    rows=8,
+    columns=8,
+    quirks=['unlinked_contours', 'missing_contours'],
+  )
+  out = str(tmp_path / 'OUT')
+  assert _main('--input', root, '--output', out)[0] == cli.EXIT_DROPPED
+  assert _problems_line(capsys.readouterr().out).startswith(
+    '  problems           2 problem rows (1 for dropped inputs); list them with: '
+  )
+  record = versions.record(out)
+  assert (record['issues'], record['dropped']) == (2, 1)
+
+  copies, q = _copies_tree(tmp_path / 'copies')
+  out = str(tmp_path / 'DROPPED')
+  code, _ = _main('--input', copies, '--output', out, '--drop-duplicates')
+  assert code == cli.EXIT_DROPPED
+  assert _problems_line(capsys.readouterr().out).startswith(
+    '  problems           2 problem rows (1 for dropped inputs; 3 slices flagged '
+    'as duplicates)'
+  )
+  record = versions.record(out)
+  assert (record['issues'], record['dropped']) == (2, 1)
+  assert record['dropped_duplicates'] == {q: 1}

@@ -166,7 +166,7 @@ def _capture(monkeypatch, stash, *args):
   with monkeypatch.context() as patched:
     patched.setattr(run.publish, 'publish', keep)
     code = _run(*args)
-  assert code in (cli.EXIT_OK, cli.EXIT_QUARANTINED)
+  assert code in (cli.EXIT_OK, cli.EXIT_DROPPED)
   staging = publish.staging_path(captured['output'], captured['run_id'])
   if stash is not None:
     shutil.move(staging, os.path.join(stash, os.path.basename(staging)))

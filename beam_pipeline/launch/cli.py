@@ -1,9 +1,13 @@
 """The command line: ``python run_pipeline.py [options]``, and its exit codes.
 
-  0  the run completed and every input was used;
-  3  the run completed, and some inputs are in OUT/errors or OUT/reconciliation
-     has problem rows (the good slices are written);
-  4  as 3, with --strict: the run counts as failed (the reports are written);
+  0  the run completed and every input was used (problem rows that drop
+     nothing, such as duplicates flagged, are in OUT/reconciliation);
+  3  the run completed, and some inputs were not used: rows of OUT/errors, or
+     of OUT/reconciliation that stand for an unused input
+     (``transforms.contract.metrics.dropped_count``); the good slices are
+     written;
+  4  with --strict, any problem row, dropped or not: the run counts as failed
+     (the reports are written);
   2  invalid options or input (nothing was launched);
   1  the pipeline failed (crash): no version is committed;
   130, 143  interrupted by SIGINT (Ctrl-C) or SIGTERM: nothing is published
@@ -22,6 +26,7 @@ import difflib
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 
 from beam_pipeline.launch import arguments, console, interrupts
@@ -32,12 +37,13 @@ _LOG = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-EXIT_QUARANTINED = 3
+EXIT_DROPPED = 3
 EXIT_STRICT = 4
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs the pipeline from command-line arguments; returns the exit code."""
+  started = time.monotonic()  # the summary's wall time counts from here
   argv = list(sys.argv[1:] if argv is None else argv)
   if '-h' in argv or '--help' in argv:
     command = sys.argv[0] if sys.argv[0].startswith('cardiac-mri') else ''
@@ -52,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   log_file = console.configure_logging()
   interrupts.handle_signals()
   try:
-    run = _run(argv)
+    run = _run(argv, started)
   except UsageError as e:
     print(f'error: {e}', file=sys.stderr)
     return EXIT_USAGE
@@ -68,7 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_FAILED
   if run.dry_run or not run.issues:
     return EXIT_OK
-  return EXIT_STRICT if run.options.strict else EXIT_QUARANTINED
+  if run.options.strict:
+    return EXIT_STRICT
+  return EXIT_DROPPED if run.dropped else EXIT_OK
 
 
 def entry(argv: Sequence[str] | None = None) -> int:
@@ -92,7 +100,7 @@ COMMANDS = {
   'qa': 'write the QA page: overlays, flags and contact sheets',
   'verify': 'check an output: shards, schema, row counts, hashes',
   'sample': 'generate a synthetic data tree (the test-data generator)',
-  'problems': 'list the inputs a run quarantined',
+  'problems': "list a run's problem rows: inputs not used, duplicates flagged",
   'history': "list the dataset's versions (time, run, input, rows, change)",
   'vacuum': "remove old versions' files (--retain-hours H)",
   'keygen': 'write a new pseudonymisation key for --pseudonymize-key-file',
@@ -157,11 +165,11 @@ def command(argv: Sequence[str] | None = None) -> int:
   return code
 
 
-def _run(argv: list[str]):
+def _run(argv: list[str], started: float):
   from beam_pipeline.launch import run  # Beam: loaded after logging is set up
 
   console.show_worker_logs()
-  return run.run(argv)
+  return run.run(argv, started)
 
 
 def _interrupted(e: interrupts.Interrupted) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
@@ -24,6 +25,8 @@ import pyarrow.parquet as pq
 from transforms.contract import digests, filestats, metrics, schema
 from transforms.io import stores
 from transforms.write import writer_options
+
+_LOG = logging.getLogger(__name__)
 
 
 class Plan(NamedTuple):
@@ -72,13 +75,16 @@ def apply_plan(
     counts[metrics.split_patients_counter(old)] -= 1
     counts[metrics.split_patients_counter(new)] += 1
   dropped: collections.Counter = collections.Counter()
-  for name in sorted(manifest):
-    # on an object store the shard is still the sink's object (SOURCE)
-    shard = manifest[name].get(digests.SOURCE) or stores.join(folder, name)
-    with stores.readable(shard) as f:
-      ids = pq.read_table(f, columns=['patient_id'])['patient_id']
-    if not set(pc.unique(ids).to_pylist()) & patients:
-      continue
+  # on an object store a shard is still the sink's object (SOURCE)
+  shards = {
+    name: manifest[name].get(digests.SOURCE) or stores.join(folder, name)
+    for name in sorted(manifest)
+  }
+  touched = [name for name, shard in shards.items() if _holds(shard, patients)]
+  if touched:  # else the plan changes only kept rows (incremental.carry_over)
+    _LOG.info('%s', _applying_line(plan, len(touched), len(shards)))
+  for name in touched:
+    shard = shards[name]
     manifest[name].update(
       rewrite(
         shard,
@@ -92,6 +98,25 @@ def apply_plan(
   for key, n in counts.items():
     totals[key] = totals.get(key, 0) + n
   return dict(dropped)
+
+
+def _holds(shard: str, patients: set[str]) -> bool:
+  """Whether ``shard`` holds a row of one of ``patients``."""
+  with stores.readable(shard) as f:
+    ids = pq.read_table(f, columns=['patient_id'])['patient_id']
+  return bool(set(pc.unique(ids).to_pylist()) & patients)
+
+
+def _applying_line(plan: Plan, touched: int, shards: int) -> str:
+  """The console line that says what happens after the job: ``applying the
+  duplicate plan (18 slices flagged, 0 dropped, 1 patient moved): rewriting
+  4 of 12 staged slice files``."""
+  moved = len(plan.moves)
+  return (
+    f'applying the duplicate plan ({len(plan.flags)} slices flagged, '
+    f'{len(plan.drop)} dropped, {moved} patient{"" if moved == 1 else "s"} '
+    f'moved): rewriting {touched} of {shards} staged slice files'
+  )
 
 
 def rewrite(

@@ -42,7 +42,7 @@ from beam_pipeline.launch import (
 from beam_pipeline.launch.options import IngestOptions, Resolved, check_known
 from beam_pipeline.pipeline import Job, build_pipeline
 from beam_pipeline.tools import keys, qa, sample
-from transforms.contract import layout, metrics
+from transforms.contract import layout, metrics, splits
 from transforms.contract.errors import UsageError, causes
 from transforms.io import stores
 
@@ -129,6 +129,7 @@ def row_settings(ingest: IngestOptions, settings: Resolved) -> dict:
     'max_pixels': decode.max_pixels,
     'max_file_bytes': decode.max_file_bytes,
     'split': list(decode.split_fractions),
+    'split_rule': splits.RULE,
     'isolate': decode.isolate,
     'decode_timeout': decode.decode_timeout,
     'drop_duplicates': ingest.drop_duplicates,
@@ -260,6 +261,12 @@ class Run(NamedTuple):
     """Reconciliation problems plus error rows (0 for a clean run)."""
     return metrics.issue_count(self.counters)
 
+  @property
+  def dropped(self) -> int:
+    """The problem rows that stand for an input not used (0 when every
+    input was written, flagged or not)."""
+    return metrics.dropped_count(self.counters, self.options.drop_duplicates)
+
 
 def _dry_run(options: PipelineOptions, ingest: IngestOptions) -> Run:
   """Builds and translates the job (e.g. DataflowRunner --dry_run) without I/O.
@@ -284,14 +291,20 @@ def _dry_run(options: PipelineOptions, ingest: IngestOptions) -> Run:
   return Run(result, {}, ingest, dry_run=True)
 
 
-def run(argv: Sequence[str] | None = None) -> Run:
+def run(argv: Sequence[str] | None = None, started: float | None = None) -> Run:
   """Parses options, runs the job, waits, publishes, prints the summary.
+
+  Args:
+    argv: the command line's options.
+    started: when the command started (``time.monotonic()``), for the
+      summary's wall time; None: now.
 
   Raises:
     UsageError: an unknown option, invalid values or input, before anything
       launches.
     RuntimeError: the job did not finish DONE; nothing was published.
   """
+  started = time.monotonic() if started is None else started
   argv = list(argv or [])
   check_known(argv)
   options = PipelineOptions(argv)
@@ -325,7 +338,9 @@ def run(argv: Sequence[str] | None = None) -> Run:
       paths.id_map is not None,
       frozenset(incremental.to_retry(paths.output, record)),
     )
-    return _launch(options, argv, ingest, settings, paths, found, run_id, start)
+    return _launch(
+      options, argv, ingest, settings, paths, found, run_id, start, started
+    )
 
 
 @contextlib.contextmanager
@@ -347,9 +362,11 @@ def _launch(
   found: preflight.Survey | None,
   run_id: str,
   start: incremental.Start,
+  started: float,
 ) -> Run:
   """Runs the job into its own staging folder and commits it as a new
-  version after ``start`` (the caller holds the output's lock)."""
+  version after ``start`` (the caller holds the output's lock); ``started``:
+  when the command started."""
   if found is not None and start.incremental and start.committed:
     found = found.changed_since(start.committed * 1_000_000)
   described = choose_direct_mode(options, argv, found)
@@ -388,6 +405,8 @@ def _launch(
   plan = duplicate_plan.load_plan(job.staging)
   dropped = duplicate_plan.apply_plan(job.staging, plan, totals, ingest.image_codec)
   decoded = totals.get(metrics.SLICES_WRITTEN, 0)
+  if start.incremental:
+    _LOG.info('carrying over the unchanged patients of version %d', start.version)
   carried = incremental.carry_over(
     paths.output, job.staging, start, plan, ingest.image_codec, totals
   )
@@ -421,6 +440,12 @@ def _launch(
         incremental.FRACTIONS: list(settings.decode.split_fractions),
       },
     )
+    _LOG.info(
+      'publishing version %d (%d new files) to %s',
+      0 if start.version is None else start.version + 1,
+      len(files),
+      paths.output,
+    )
     version = publish.publish(
       paths.output,
       run_id,
@@ -438,6 +463,7 @@ def _launch(
     rows = keys.assemble_id_map(job.id_map_parts, paths.id_map)
     outputs['id map'] = f'{paths.id_map} ({rows} rows; keep it apart from the dataset)'
   if paths.qa_dir is not None:
+    _LOG.info('writing the QA page to %s', paths.qa_dir)
     outputs['qa'] = qa.write_qa(paths.output, paths.qa_dir)
   print(
     summary.summary_text(
@@ -447,6 +473,9 @@ def _launch(
       output=paths.output,
       split=ingest.split,
       patients=record[incremental.PATIENTS],
+      wall_seconds=time.monotonic() - started,
+      drop_duplicates=ingest.drop_duplicates,
+      flagged=len(plan.flags),
     )
   )
   for empty in summary.empty_splits(totals):  # the summary has shown it

@@ -23,20 +23,29 @@ def counters(result: PipelineResult) -> dict[str, int]:
   return totals
 
 
-def run_record(totals: Mapping[str, int], seconds: float, **settings) -> dict:
+def run_record(
+  totals: Mapping[str, int],
+  seconds: float,
+  drop_duplicates: bool = False,
+  **settings,
+) -> dict:
   """What a version's commit records of its run (``publish`` adds the run
   id, the files and the report versions, and seals it with a digest).
 
   Args:
     totals: the run's counters.
-    seconds: the run's wall time.
+    seconds: the pipeline's wall time.
+    drop_duplicates: the run's --drop-duplicates (recorded; it decides
+      whether duplicate_slice rows stand for dropped inputs).
     settings: recorded as they are (input, labeled_only, strict).
   """
   return {
     'schema_version': schema.SCHEMA_VERSION,
     'beam_version': beam.__version__,
+    'drop_duplicates': drop_duplicates,
     **settings,
     'issues': metrics.issue_count(totals),
+    'dropped': metrics.dropped_count(totals, drop_duplicates),
     'seconds': round(seconds, 3),
     'counters': dict(sorted(totals.items())),
   }
@@ -65,7 +74,7 @@ def empty_splits(counters: Mapping[str, int]) -> list[str]:
 
 
 def problems_command(output: str) -> str:
-  """The command that lists a run's quarantined inputs."""
+  """The command that lists a run's problem rows."""
   return f'python -m beam_pipeline.tools.problems {shlex.quote(output)}'
 
 
@@ -87,6 +96,34 @@ def patients_line(patients: Mapping) -> str:
   return f'{counts} (from version {patients["from_version"]})'
 
 
+def problems_line(issues: int, dropped: int, flagged: int, output: str) -> str:
+  """The summary's account of the problem rows, e.g. ``9 problem rows
+  (nothing dropped; 18 slices flagged as duplicates); list them with: ...``.
+
+  Args:
+    issues: every problem row (metrics.issue_count).
+    dropped: those that stand for an input not used (metrics.dropped_count).
+    flagged: the slices written with a duplicate flag.
+    output: the output root, for the command that lists them.
+  """
+  parts = [f'{dropped} for dropped inputs' if dropped else 'nothing dropped']
+  if flagged:
+    parts.append(f'{_plural(flagged, "slice")} flagged as duplicates')
+  return (
+    f'{_plural(issues, "problem row")} ({"; ".join(parts)}); list them with: '
+    f'{problems_command(output)}'
+  )
+
+
+def rate_text(decoded: int, seconds: float, wall_seconds: float | None) -> str:
+  """``98.2 slices/s over the pipeline's 11.6 s; 27.9 s in all``: the rate
+  over the pipeline's time, then the command's time from its start (listing
+  the input before, rewriting and publishing after)."""
+  rate = decoded / seconds if seconds else 0
+  text = f"{rate:.1f} slices/s over the pipeline's {seconds:.1f} s"
+  return text if wall_seconds is None else f'{text}; {wall_seconds:.1f} s in all'
+
+
 def summary_text(
   counters: Mapping[str, int],
   outputs: Mapping[str, str],
@@ -94,16 +131,23 @@ def summary_text(
   output: str | None = None,
   split: str | None = None,
   patients: Mapping | None = None,
+  *,
+  wall_seconds: float | None = None,
+  drop_duplicates: bool = False,
+  flagged: int = 0,
 ) -> str:
   """The end-of-run summary printed on stdout.
 
   Args:
     counters: the run's counters.
     outputs: {name: path} of what was written.
-    seconds: the run's wall time.
-    output: the output root, for the command that lists quarantined inputs.
+    seconds: the pipeline's wall time.
+    output: the output root, for the command that lists the problem rows.
     split: the --split fractions, named in the warning about an empty split.
     patients: the record's account of the patients (patients_line).
+    wall_seconds: the command's wall time so far, from its start.
+    drop_duplicates: the run's --drop-duplicates (metrics.dropped_count).
+    flagged: the slices written with a duplicate flag.
   """
   slices = counters.get(metrics.SLICES_WRITTEN, 0)
   decoded = slices if not patients else patients.get('slices_decoded', slices)
@@ -114,15 +158,13 @@ def summary_text(
     f'{counters.get(metrics.reconciliation_counter(schema.MATCHED), 0)}'
     + (f'  ({patients_line(patients)})' if patients else ''),
     f'  slices written     {slices}'
-    f'  ({of_run}{decoded / seconds if seconds else 0:.1f} slices/s over '
-    f'{seconds:.1f} s)',
+    f'  ({of_run}{rate_text(decoded, seconds, wall_seconds)})',
     f'  masks written      i: {counters.get(metrics.I_MASKS_WRITTEN, 0)}'
     f'  o: {counters.get(metrics.O_MASKS_WRITTEN, 0)}',
   ]
   issues = [
     (status, counters.get(metrics.reconciliation_counter(status), 0))
-    for status in schema.STATUSES
-    if status != schema.MATCHED
+    for status in metrics.PROBLEM_STATUSES
   ]
   lines.append(
     '  reconciliation     '
@@ -144,14 +186,15 @@ def summary_text(
   for empty in empty_splits(counters):
     at = f' at --split {split}' if split else ''
     lines.append(
-      f'  warning            split {empty} is empty: no patient hashed into it'
-      f'{at}; more patients or other fractions fill it'
+      f'  warning            split {empty} is empty{at}: fewer patients than '
+      'non-zero fractions, its patients pinned elsewhere by an earlier '
+      'version, or moved out by duplicate detection (docs/TRAINING.md#splits)'
     )
   issues = metrics.issue_count(counters)
   if issues and output:
+    dropped = metrics.dropped_count(counters, drop_duplicates)
     lines.append(
-      f'  quarantined        {_plural(issues, "problem row")}; list them with: '
-      f'{problems_command(output)}'
+      f'  problems           {problems_line(issues, dropped, flagged, output)}'
     )
   for name, path in outputs.items():
     lines.append(f'  {name:<18} {path}')

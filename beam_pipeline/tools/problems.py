@@ -1,9 +1,12 @@
-"""List a run's quarantined inputs: ``python -m beam_pipeline.tools.problems OUT``.
+"""List a run's problem rows: ``python -m beam_pipeline.tools.problems OUT``.
 
 Prints every reconciliation row that is not ``matched`` and every row of the
 errors table, one per line (status or stage, ids, path, reason), then a count
-by kind. Exit 0 when there are none, 1 when there are some, 2 when OUT is not
-a pipeline output. Needs pyarrow only.
+by kind. They are the inputs the run did not use and the rows that only
+flag or describe written slices (duplicates, a patient without contours):
+``transforms.contract.metrics.DROPPED_STATUSES`` says which are which. Exit
+0 when there are none, 1 when there are some, 2 when OUT is not a pipeline
+output. Needs pyarrow only.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Counter names, and what counts as an issue.
+"""Counter names, what counts as an issue, and which issues dropped an input.
 
 All counters live in one Beam metrics namespace, NAMESPACE. The stages count
 what happens; the application reads the counters back when the run ends for
@@ -70,10 +70,59 @@ def qa_flag_counts(counters: Mapping[str, int]) -> dict[str, int]:
   }
 
 
+# The problem rows that stand for an input the run did not use: a run with
+# any exits 3 (``beam_pipeline.launch.cli``). Every error row is one (the
+# errors table holds the inputs that could not be used, or were left out by
+# --exclude-burned-in), and so are the reconciliation rows of these statuses:
+# a link row without slices (its contour files unused), a folder no usable
+# link row names, a contour file without its slice, a link row that is not
+# read, a PACS patient with several series (nothing written for it). The
+# other problem rows describe inputs that were written: missing_contours (the
+# slices unlabeled), duplicate_contour and duplicate_slice (every copy
+# written and flagged), except that under --drop-duplicates a duplicate_slice
+# row stands for the copies that were not written.
+DROPPED_STATUSES = (
+  schema.MISSING_DICOMS,
+  schema.UNLINKED_DICOMS,
+  schema.UNLINKED_CONTOURS,
+  schema.CONTOUR_WITHOUT_DICOM,
+  schema.DUPLICATE_LINK,
+  schema.MALFORMED_LINK,
+  schema.AMBIGUOUS_SERIES,
+)
+PROBLEM_STATUSES = tuple(s for s in schema.STATUSES if s != schema.MATCHED)
+
+
+def dropped_statuses(drop_duplicates: bool = False) -> tuple[str, ...]:
+  """The reconciliation statuses whose rows stand for an input not used.
+
+  Args:
+    drop_duplicates: the run's --drop-duplicates.
+  """
+  if drop_duplicates:
+    return (*DROPPED_STATUSES, schema.DUPLICATE_SLICE)
+  return DROPPED_STATUSES
+
+
+def _rows(counters: Mapping[str, int], statuses: tuple[str, ...]) -> int:
+  """Reconciliation rows of ``statuses`` plus every error row."""
+  return sum(counters.get(reconciliation_counter(s), 0) for s in statuses) + sum(
+    counters.get(error_counter(stage), 0) for stage in schema.STAGES
+  )
+
+
 def issue_count(counters: Mapping[str, int]) -> int:
   """Reconciliation problems plus error rows: 0 for a clean run."""
-  return sum(
-    counters.get(reconciliation_counter(status), 0)
-    for status in schema.STATUSES
-    if status != schema.MATCHED
-  ) + sum(counters.get(error_counter(stage), 0) for stage in schema.STAGES)
+  return _rows(counters, PROBLEM_STATUSES)
+
+
+def dropped_count(counters: Mapping[str, int], drop_duplicates: bool = False) -> int:
+  """The problem rows that stand for an input the run did not use (error
+  rows and the rows of ``dropped_statuses``): 0 when every input was
+  written, flagged or not.
+
+  Args:
+    counters: the run's counters.
+    drop_duplicates: the run's --drop-duplicates.
+  """
+  return _rows(counters, dropped_statuses(drop_duplicates))
