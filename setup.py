@@ -4,7 +4,7 @@ import setuptools
 
 setuptools.setup(
   name='cardiac-mri-beam',
-  version='0.1.0',
+  version='0.2.0',
   description='Cardiac-MRI DICOM and contour trees to a Parquet dataset, '
   'with Apache Beam.',
   # Every package under the two top-level ones, so a new subpackage ships too.
@@ -28,4 +28,17 @@ setuptools.setup(
     'obstore>=0.12.1,<0.13',
     'deltalake>=1.6.6,<2',
   ],
+  extras_require={
+    # The training hand-off's companions (docs/TRAINING.md). Install torch's
+    # CPU wheel first (pip install torch --index-url
+    # https://download.pytorch.org/whl/cpu), or pip picks a CUDA build.
+    'train': [
+      'torch>=2.2',
+      'monai>=1.4',
+      'nibabel>=5.2',
+      'pandas>=2.1,<4',
+      'duckdb>=1.1,<3',
+      'polars>=1.0,<3',
+    ],
+  },
 )

@@ -16,7 +16,7 @@
 ``--help`` is answered before Beam, pydicom or pyarrow are imported.
 
 The console command ``cardiac-mri`` (installed by setup.py) runs the pipeline
-and its tools: ``cardiac-mri run|inspect|qa|verify|sample|problems|keygen|
+and its tools: ``cardiac-mri run|inspect|qa|verify|export|sample|problems|keygen|
 history|vacuum ...``.
 """
 
@@ -104,6 +104,7 @@ COMMANDS = {
   'history': "list the dataset's versions (time, run, input, rows, change)",
   'vacuum': "remove old versions' files (--retain-hours H)",
   'keygen': 'write a new pseudonymisation key for --pseudonymize-key-file',
+  'export': 'write NIfTI volumes in the nnU-Net raw layout (needs nibabel)',
 }
 
 
@@ -131,6 +132,8 @@ def _tool(name: str):
     from beam_pipeline.tools import keys as tool
   elif name == 'history':
     from beam_pipeline.tools import history as tool
+  elif name == 'export':
+    from beam_pipeline.tools import export as tool
   elif name == 'vacuum':
     from beam_pipeline.launch import vacuum as tool
   else:

@@ -18,7 +18,8 @@ import os
 import shutil
 import sys
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import pydicom
@@ -182,19 +183,103 @@ def _uid(patient_id: str, kind: str, index: int, leading_zero: bool = False) -> 
   return f'{UID_ROOT}.{"0" if leading_zero else ""}{stem}.{index}'
 
 
+class SliceGeometry(NamedTuple):
+  """Where a generated slice lies and when (its DICOM header values)."""
+
+  position: tuple[float, float, float]  # ImagePositionPatient, mm
+  orientation: tuple[float, ...]  # ImageOrientationPatient: row, column cosines
+  trigger_time: float  # TriggerTime, ms
+  slice_location: float  # SliceLocation, mm
+
+
+# A double-oblique short-axis plane, as a scanner plans one: the row cosine
+# tilted 30 degrees from x towards y, the column cosine 20 degrees out of
+# the xy plane.
+_COS30, _SIN30 = np.cos(np.pi / 6), np.sin(np.pi / 6)
+_COS20, _SIN20 = np.cos(np.pi / 9), np.sin(np.pi / 9)
+OBLIQUE = (
+  _COS30,
+  _SIN30,
+  0.0,
+  -_SIN30 * _COS20,
+  _COS30 * _COS20,
+  -_SIN20,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cine:
+  """A cine stack: ``locations`` x ``phases`` slices of one series.
+
+  Slice k (1-based) of a patient is at location ``loc`` and phase ``ph``
+  (see :meth:`slot`): its position is ``origin + loc * gap * normal`` (the
+  normal is the row cosine x the column cosine), its TriggerTime
+  ``ph * cycle / phases + 1.5 * loc`` ms (a later location is triggered a
+  little later, as on a scanner), and its SliceLocation the position along
+  the normal.
+  """
+
+  locations: int = 4
+  phases: int = 5
+  gap: float = 10.0  # mm between locations
+  cycle: float = 900.0  # ms: the R-R interval the phases divide
+  orientation: tuple[float, ...] = OBLIQUE
+  origin: tuple[float, float, float] = (-95.5, -110.25, 32.0)
+  # Number the files (and InstanceNumber) in a seeded random order instead
+  # of location by location, phase by phase.
+  shuffled: bool = False
+
+  @property
+  def slices(self) -> int:
+    return self.locations * self.phases
+
+  def slot(self, k: int) -> tuple[int, int]:
+    """(location, phase) of slice k, both 0-based."""
+    n = k - 1
+    if self.shuffled:
+      n = int(np.random.default_rng(self.slices).permutation(self.slices)[n])
+    location, phase = divmod(n, self.phases)
+    return location, phase
+
+  def geometry(self, k: int) -> SliceGeometry:
+    """The header geometry of slice k."""
+    location, phase = self.slot(k)
+    row, column = np.array(self.orientation[:3]), np.array(self.orientation[3:])
+    normal = np.cross(row, column)
+    position = np.array(self.origin) + location * self.gap * normal
+    return SliceGeometry(
+      tuple(float(v) for v in position),
+      self.orientation,
+      phase * self.cycle / self.phases + 1.5 * location,
+      float(position @ normal),
+    )
+
+
 def write_dicom(
   path: str,
   pixels: np.ndarray,
   patient_id: str,
   slice_index: int,
   leading_zero_uids: bool = False,
+  *,
+  geometry: SliceGeometry | None = None,
 ) -> None:
-  """Writes one MR slice with pydicom: Explicit VR Little Endian, int16."""
+  """Writes one MR slice with pydicom: Explicit VR Little Endian, int16.
+
+  Args:
+    geometry: where the slice lies; by default at z = -40 + 0.5 k mm, axial,
+      TriggerTime (k % 20) * 45.5 ms.
+  """
   with _lenient_pydicom():
-    _write_dicom(path, pixels, patient_id, slice_index, leading_zero_uids)
+    _write_dicom(path, pixels, patient_id, slice_index, leading_zero_uids, geometry)
 
 
-def _write_dicom(path, pixels, patient_id, slice_index, leading_zero_uids):
+def _decimal(values: Sequence[float], places: int) -> list[str]:
+  """DS strings (at most 16 characters)."""
+  return [f'{v:.{places}f}' for v in values]
+
+
+def _write_dicom(path, pixels, patient_id, slice_index, leading_zero_uids, geometry):
   rows, columns = pixels.shape
   meta = FileMetaDataset()
   meta.MediaStorageSOPClassUID = MRImageStorage
@@ -222,6 +307,11 @@ def _write_dicom(path, pixels, patient_id, slice_index, leading_zero_uids):
     f'{-40.0 + 0.5 * slice_index:.1f}',
   ]
   ds.ImageOrientationPatient = ['1', '0', '0', '0', '1', '0']
+  if geometry is not None:
+    ds.SliceLocation = f'{geometry.slice_location:.6f}'
+    ds.TriggerTime = f'{geometry.trigger_time:.3f}'
+    ds.ImagePositionPatient = _decimal(geometry.position, 6)
+    ds.ImageOrientationPatient = _decimal(geometry.orientation, 8)
   ds.SamplesPerPixel = 1
   ds.PhotometricInterpretation = 'MONOCHROME2'
   ds.Rows = rows
@@ -253,6 +343,8 @@ def make_tree(
   columns: int = 128,
   contour_every: int = 3,
   quirks: Iterable[str] = (),
+  *,
+  cine: Cine | None = None,
 ) -> Manifest:
   """Writes a data tree under ``root`` (which must be empty or absent).
 
@@ -267,6 +359,9 @@ def make_tree(
     rows, columns: image size.
     contour_every: every n-th slice is labeled.
     quirks: names from QUIRKS to add, or ('all',).
+    cine: give each matched patient a cine stack instead (``cine.slices``
+      slices, ``slices`` is then ignored; the quirks' extra patients keep
+      the default geometry).
 
   Returns:
     The Manifest of what the pipeline must produce.
@@ -288,6 +383,7 @@ def make_tree(
     n_slices: int,
     with_dicoms: bool = True,
     with_contours: bool = True,
+    stack: Cine | None = None,
   ) -> None:
     if with_dicoms:
       os.makedirs(os.path.join(dicoms, pid))
@@ -298,6 +394,7 @@ def make_tree(
           pid,
           k,
           leading_zero_uids=leading_zero,
+          geometry=stack.geometry(k) if stack else None,
         )
         manifest.slices[pid, k] = ExpectedSlice(pid, oid, k, rows, columns)
     if with_contours:
@@ -313,7 +410,7 @@ def make_tree(
 
   ids = _patient_ids(patients + 8)
   for pid, oid in ids[:patients]:
-    add_patient(pid, oid, slices)
+    add_patient(pid, oid, cine.slices if cine else slices, stack=cine)
     manifest.reconciliation.append((pid, oid, schema.MATCHED))
     manifest.links.append((pid, oid))
   extra = iter(ids[patients:])
