@@ -38,7 +38,7 @@ def test_the_commands_run(five):
   base, data, out = five
   (bash,) = _blocks('bash')
   lines = [line for line in bash.splitlines() if line and not line.startswith('#')]
-  assert lines[0] == 'pip install -e .'
+  assert lines[0] == 'pip install -e . pandas'
   for line in lines[1:]:
     words = shlex.split(line.split('#')[0])
     assert words[0] == 'cardiac-mri'

@@ -160,6 +160,22 @@ def test_a_five_patient_run_fills_every_split_and_a_sixth_moves_nobody(tmp_path)
     assert json.load(f) == {'hashed': sorted(drawn)}
   other = incremental.Start(0, versions.record(out), {}, 'test', None)
   assert incremental.stage_pinned(staging, other, tree, (0.8, 0.1, 0.1)) is None
-  assert (
-    incremental.stage_pinned(staging, other, '/elsewhere', (0.5, 0.25, 0.25)) is None
-  )
+  # the same patient_id from another input (a moved tree) keeps its split
+  moved = incremental.stage_pinned(staging, other, '/elsewhere', (0.5, 0.25, 0.25))
+  with open(moved) as f:
+    assert json.load(f) == {'pinned': drawn}
+
+
+def test_a_pinned_patient_outside_the_fill_keeps_its_split(tmp_path):
+  from transforms.assign import _RuleFn
+  from transforms.io import stores
+
+  path = str(tmp_path / PINNED_FILE)
+  with open(path, 'w') as f:
+    json.dump({'pinned': {'P': 'val', 'A': 'train'}}, f)
+  rule = _RuleFn((0.8, 0.1, 0.1), path, stores.StoreConfig())
+  rule.setup()
+  # P has no contours under --labeled-only: not among the positions
+  (got,) = rule.process({'A': 0.1, 'B': 0.3, 'C': 0.95})
+  assert got['P'] == 'val' and got['A'] == 'train'
+  assert set(got) == {'P', 'A', 'B', 'C'}

@@ -123,3 +123,12 @@ def test_a_monai_transform_chain_runs_on_the_items(written):
   assert set(torch.unique(item['label']).tolist()) <= {0, 1, 2}
   loader = monai.data.DataLoader(ds, batch_size=3)
   assert next(iter(loader))['image'].shape == (3, 1, rows // 2, columns)
+
+
+def test_bad_arguments_are_refused_at_construction(written):
+  with pytest.raises(ValueError, match='not one string'):
+    SliceDataset(written.out, patients='SCD0000101')
+  with pytest.raises(ValueError, match='must be a list of flags'):
+    SliceDataset(written.out, exclude_flags='duplicate_slice')
+  with pytest.raises(ValueError, match='ignore_index'):
+    SliceDataset(written.out, ignore_index=-100)

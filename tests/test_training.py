@@ -231,3 +231,15 @@ def test_excluded_flags_leave_the_flagged_slices_out(tmp_path):
   } - flagged
   with pytest.raises(ValueError, match='is not a quality flag'):
     next(dataset.iter_batches(out, 4, exclude_flags=['duplicate']))
+
+
+@pytest.mark.parametrize('bad', [-100, 0, 2, 256, 3.5, True])
+def test_an_ignore_value_a_uint8_map_cannot_keep_apart_is_refused(written, bad):
+  with pytest.raises(ValueError, match='ignore_index must be an integer in 3..255'):
+    next(dataset.iter_batches(written.out, 4, label_map=True, ignore_index=bad))
+  np.testing.assert_array_equal(
+    labels.label_map(
+      np.zeros((1, 2, 2), bool), np.zeros((1, 2, 2), bool), [False], [False], 255
+    ),
+    255,
+  )

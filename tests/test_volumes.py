@@ -12,7 +12,7 @@ import pytest
 
 from beam_pipeline.dataset import image_of, mask_of, open_dataset
 from beam_pipeline.dataset.labels import label_map
-from beam_pipeline.dataset.volumes import GEOMETRY_COLUMNS, assemble, volumes
+from beam_pipeline.dataset.volumes import LAYOUT_COLUMNS, assemble, volumes
 from beam_pipeline.launch import cli
 from beam_pipeline.tools import sample
 from transforms.contract import layout, schema
@@ -296,7 +296,7 @@ def test_a_name_that_is_no_flag_is_refused_before_reading(cine):
 
 
 # Rows made by hand, for the rules' edges.
-_FIELDS = [schema.SLICE_SCHEMA.field(name) for name in GEOMETRY_COLUMNS]
+_FIELDS = [schema.SLICE_SCHEMA.field(name) for name in LAYOUT_COLUMNS]
 AXIAL = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
 
 

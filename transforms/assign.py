@@ -47,7 +47,9 @@ class _RuleFn(beam.DoFn):
     for pid in found.get('hashed', ()):
       if pid in positions:
         pinned[pid] = splits.split_at(positions[pid], self._fractions)
-    yield splits.assign(positions, self._fractions, pinned)
+    # a pinned patient outside the fill (no contours under --labeled-only)
+    # still keeps its split
+    yield {**pinned, **splits.assign(positions, self._fractions, pinned)}
 
 
 class AssignSplits(beam.PTransform):
@@ -58,7 +60,7 @@ class AssignSplits(beam.PTransform):
     pinned: a PINNED_FILE, or None when no patient keeps a split.
     config: the store settings (the file may be in an object store).
     labeled_only: patients without contour files then write no slice: they
-      take their hash split and fill no empty split.
+      fill no empty split (they keep a pinned split, else their hash one).
   """
 
   def __init__(

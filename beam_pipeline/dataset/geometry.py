@@ -61,7 +61,8 @@ def slice_affine(
   thickness: float | None = None,
 ) -> np.ndarray:
   """The 4x4 LPS affine of a slice for the index ``(row, column, k)``: the
-  third column is the normal times ``thickness`` (1 mm when unknown), so
+  third column is the normal times ``thickness`` (1 mm when unknown or not
+  positive), so
   the matrix is invertible.
 
   Raises:
@@ -73,7 +74,8 @@ def slice_affine(
   affine = np.eye(4)
   affine[:3, 0] = column * dr
   affine[:3, 1] = row * dc
-  affine[:3, 2] = normal(orientation) * (thickness if thickness else 1.0)
+  usable = thickness is not None and np.isfinite(thickness) and thickness > 0
+  affine[:3, 2] = normal(orientation) * (thickness if usable else 1.0)
   affine[:3, 3] = origin
   return affine
 

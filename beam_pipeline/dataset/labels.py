@@ -49,6 +49,7 @@ def label_map(
     ignore: the value for pixels the drawn contours do not decide (see the
       module docstring), or None to count an absent contour as empty.
   """
+  check_ignore(ignore)
   inner = np.asarray(inner, dtype=bool)
   outer = np.asarray(outer, dtype=bool)
   labels = np.zeros(np.broadcast_shapes(inner.shape, outer.shape), np.uint8)
@@ -61,6 +62,27 @@ def label_map(
   undecided = (outer & ~has_i) | (~inner & ~has_o)
   labels[np.broadcast_to(undecided, labels.shape)] = ignore
   return labels
+
+
+def check_ignore(ignore: int | None) -> None:
+  """Refuses an ignore value a uint8 label map cannot hold apart from the
+  classes.
+
+  Raises:
+    ValueError: not None and not an integer in 3..255.
+  """
+  if ignore is None:
+    return
+  if (
+    isinstance(ignore, bool)
+    or not isinstance(ignore, (int, np.integer))
+    or not (MYOCARDIUM < ignore <= 255)
+  ):
+    raise ValueError(
+      f'ignore_index must be an integer in {MYOCARDIUM + 1}..255 (labels are '
+      f'uint8; 0..{MYOCARDIUM} are classes), got {ignore!r}: e.g. 255, and pass '
+      'the same value to the loss (CrossEntropyLoss(ignore_index=255))'
+    )
 
 
 def _per_pixel(has, ndim: int) -> np.ndarray:

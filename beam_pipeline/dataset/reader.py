@@ -378,7 +378,12 @@ def folds(
 
 
 def _folds(
-  output: str, summary: dict, k: int, split: str | None, labeled_only: bool
+  output: str,
+  summary: dict,
+  k: int,
+  split: str | None,
+  labeled_only: bool,
+  patients: frozenset[str] | None = None,
 ) -> list[list[str]]:
   if k < 2:
     raise ValueError(f'folds must be at least 2, got {k}')
@@ -393,9 +398,10 @@ def _folds(
     in_split = pc.equal(table['split'], split)
     keep = in_split if keep is None else pc.and_(keep, in_split)
   ids = table['patient_id'] if keep is None else table.filter(keep)['patient_id']
-  patients = sorted(
-    pc.unique(ids).to_pylist(), key=lambda p: (splits.patient_position(p), p)
-  )
+  found = pc.unique(ids).to_pylist()
+  if patients is not None:
+    found = [p for p in found if p in patients]
+  patients = sorted(found, key=lambda p: (splits.patient_position(p), p))
   if len(patients) < k:
     raise ValueError(
       f'{len(patients)} patients cannot make {k} folds'
@@ -433,10 +439,12 @@ def _selection(
   chosen = None if patients is None else frozenset(patients)
   if (folds is None) != (fold is None):
     raise ValueError('folds and fold go together: folds=K, fold=i (0 <= i < K)')
+  if holdout and folds is None:
+    raise ValueError('holdout=True needs folds=K and fold=i')
   if folds is not None:
     if not 0 <= fold < folds:
       raise ValueError(f'fold must be in 0..{folds - 1}, got {fold}')
-    dealt = _folds(output, summary, folds, split, labeled_only)
+    dealt = _folds(output, summary, folds, split, labeled_only, chosen)
     part = (
       set(dealt[fold]) if holdout else set().union(*dealt[:fold], *dealt[fold + 1 :])
     )
@@ -824,6 +832,7 @@ def iter_batches(
   view = View(float_image, normalize, label_map, ignore_index, geometry)
   if normalize is not None and not float_image:
     raise ValueError('normalize needs float_image=True')
+  labels.check_ignore(ignore_index)
   summary = check(output, version=version)
   selection = _selection(
     output,

@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from beam_pipeline import dataset
-from beam_pipeline.dataset import prepare
+from beam_pipeline.dataset import labels, prepare
 
 _COLUMNS = [
   'patient_id',
@@ -116,6 +116,10 @@ class SliceDataset(IterableDataset):
       ImportError: ``meta_tensors=True`` without MONAI.
     """
     super().__init__()
+    if isinstance(patients, str):
+      raise ValueError('patients must be a collection of patient ids, not one string')
+    labels.check_flags(exclude_flags)
+    labels.check_ignore(ignore_index)
     self.output = output
     self.version = dataset.latest_version(output) if version is None else version
     self.seed = seed

@@ -41,7 +41,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from beam_pipeline.dataset import geometry, reader
-from beam_pipeline.dataset.labels import label_map, without_flags
+from beam_pipeline.dataset.labels import check_flags, label_map, without_flags
 
 # Positions of one location differ by at most this along the normal, and a
 # slice's in-plane offset from the stack's axis by at most this (mm).
@@ -59,7 +59,7 @@ SPACING_RELATIVE = 1e-4
 SAME_TRIGGER_MS = 1e-2
 
 # The columns assembly reads: geometry and ordering, and the pixels.
-GEOMETRY_COLUMNS = (
+LAYOUT_COLUMNS = (
   'patient_id',
   'split',
   'slice_index',
@@ -169,7 +169,6 @@ class _Options:
 
 
 # A slice table without rows, for checking flag names before any read.
-_EMPTY_FLAGS = pa.table({'qa_flags': pa.array([], pa.list_(pa.string()))})
 
 
 def volumes(
@@ -215,9 +214,8 @@ def volumes(
     ValueError: an ``exclude_flags`` name that is not a quality flag.
     FileNotFoundError, DatasetError: see ``reader.open_dataset``.
   """
-  columns = list(GEOMETRY_COLUMNS + (PIXEL_COLUMNS if stack else ()))
-  flags = tuple(exclude_flags)
-  without_flags(_EMPTY_FLAGS, flags)  # raises on a name that is not a flag
+  columns = list(LAYOUT_COLUMNS + (PIXEL_COLUMNS if stack else ()))
+  flags = check_flags(exclude_flags)
   dataset = reader.open_dataset(output, version)
   if patient_id is None:
     ids = _patient_ids(dataset)
@@ -260,7 +258,7 @@ def assemble(
 ) -> list[Volume]:
   """The volumes of the slice rows in ``table`` (any patients), by the
   rules of the module docstring: what ``volumes`` yields, for rows read by
-  other means. ``table`` holds at least GEOMETRY_COLUMNS, and
+  other means. ``table`` holds at least LAYOUT_COLUMNS, and
   PIXEL_COLUMNS when ``stack``; the arguments are those of ``volumes``.
 
   Raises:
@@ -378,7 +376,7 @@ def _plan(rows: Sequence[dict]) -> tuple[_Layout | None, list[str]]:
   """Where each of a series' rows goes, or why it cannot be stacked.
 
   Args:
-    rows: the slice rows of one series (GEOMETRY_COLUMNS), sorted by
+    rows: the slice rows of one series (LAYOUT_COLUMNS), sorted by
       ``slice_index``.
 
   Returns:

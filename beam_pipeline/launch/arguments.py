@@ -179,7 +179,8 @@ def add_behaviour(parser: argparse.ArgumentParser) -> None:
     '--split',
     default=splits.DEFAULT_FRACTIONS,
     help='train,val,test fractions; each patient goes to one split by a stable '
-    'hash of its patient_id.',
+    'hash of its patient_id, every non-zero split filled in small cohorts, and '
+    'a patient already in the dataset keeps its split (docs/TRAINING.md).',
   )
   _add(
     behaviour,

@@ -20,8 +20,7 @@ needs every patient's identifiers).
 
 Splits follow the dataset's history whether the run is incremental or full:
 the start version's patients keep the split they had (``stage_pinned``,
-``transforms.contract.splits``) when it was made from the same input with
-the same fractions.
+``transforms.contract.splits``) when it was made with the same fractions.
 """
 
 from __future__ import annotations
@@ -187,10 +186,12 @@ def stage_pinned(
 ) -> str | None:
   """Writes the splits the start version's patients keep into ``staging``
   (a PINNED_FILE); returns it, or None when none keeps one (no version, or
-  one made from another input or with other fractions). A version recorded
-  before splits were: its patients keep their hash split."""
+  one made with other fractions). Patients are matched by patient_id, from
+  whatever input (a tree moved or re-mounted keeps its splits). A version
+  recorded before splits were: its patients keep their hash split."""
+  del input_root  # the same patient_id is the same patient, from any input
   record = start.record
-  if record is None or record.get('input') != input_root:
+  if record is None:
     return None
   if SPLITS in record:
     if record.get(FRACTIONS) != list(fractions):

@@ -32,8 +32,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 from beam_pipeline import dataset
-from beam_pipeline.dataset import geometry, volumes
-from beam_pipeline.dataset.labels import BACKGROUND, BLOOD_POOL, MYOCARDIUM
+from beam_pipeline.dataset import geometry, labels, volumes
 from transforms.contract.errors import UsageError
 
 EXIT_OK = 0
@@ -43,12 +42,7 @@ EXIT_LEFT_OUT = 3
 LAYOUTS = ('nnunet',)
 DEFAULT_NAME = 'Dataset001_CardiacMRI'
 IGNORE = 3  # nnU-Net v2's "ignore" label: the highest label
-LABELS = {
-  'background': BACKGROUND,
-  'blood_pool': BLOOD_POOL,
-  'myocardium': MYOCARDIUM,
-  'ignore': IGNORE,
-}
+LABELS = {**labels.NAMES, 'ignore': IGNORE}
 FILE_ENDING = '.nii.gz'
 TRAINING_SPLITS = ('train', 'val')  # nnU-Net cross-validates within these
 _DATASET_NAME = re.compile(r'Dataset[0-9]{3}_[A-Za-z0-9_-]+')
