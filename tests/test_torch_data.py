@@ -132,3 +132,12 @@ def test_bad_arguments_are_refused_at_construction(written):
     SliceDataset(written.out, exclude_flags='duplicate_slice')
   with pytest.raises(ValueError, match='ignore_index'):
     SliceDataset(written.out, ignore_index=-100)
+
+
+def test_a_lean_item_holds_the_image_and_masks_only(written):
+  item = next(
+    iter(SliceDataset(written.out, label_map=False, geometry=False, meta_tensors=False))
+  )
+  assert {'image', 'i_mask', 'o_mask', 'has_i_mask', 'patient_id'} <= set(item)
+  assert not {'label', 'affine', 'affine_ras', 'pixel_spacing'} & set(item)
+  assert type(item['image']) is torch.Tensor and item['image'].shape[0] == 1

@@ -7,6 +7,8 @@ at a time: a batch of one).
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -99,11 +101,32 @@ def affines(
   out = np.full((len(positions), 4, 4), np.nan)
   rows = zip(positions, orientations, spacings, thicknesses, strict=True)
   for k, parts in enumerate(rows):
-    try:
-      out[k] = geometry.slice_affine(*parts)
-    except ValueError:
-      pass
+    affine = slice_affine(*parts)
+    if affine is not None:
+      out[k] = affine
   return out
+
+
+def slice_affine(position, orientation, spacing, thickness) -> np.ndarray | None:
+  """``geometry.slice_affine``, or None where the geometry is missing or
+  malformed; the slices of a series share their orientation, spacing and
+  thickness, whose part of the matrix is worked out once."""
+  if position is None or orientation is None or spacing is None:
+    return None
+  frame = _frame(tuple(orientation), tuple(spacing), thickness)
+  if frame is None or len(position) != 3 or not all(map(math.isfinite, position)):
+    return None
+  affine = frame.copy()
+  affine[:3, 3] = position
+  return affine
+
+
+@functools.lru_cache(maxsize=256)
+def _frame(orientation: tuple, spacing: tuple, thickness) -> np.ndarray | None:
+  try:
+    return geometry.slice_affine((0.0, 0.0, 0.0), orientation, spacing, thickness)
+  except ValueError:
+    return None
 
 
 def ras(affine: np.ndarray) -> np.ndarray:

@@ -97,6 +97,8 @@ class SliceDataset(IterableDataset):
     rescale: bool = True,
     normalize: str | Callable | None = None,
     ignore_index: int | None = None,
+    label_map: bool = True,
+    geometry: bool = True,
     transform: Callable[[dict], dict] | None = None,
     meta_tensors: bool | None = None,
     shuffle_buffer: int = 512,
@@ -105,10 +107,13 @@ class SliceDataset(IterableDataset):
     """Which slices and the reader's settings: as ``iter_batches``.
 
     Args:
+      label_map: add ``label`` (off: a lighter item).
+      geometry: add the affines and header vectors (off: a lighter item;
+        MetaTensors then get an identity affine).
       transform: called on each item (e.g. a MONAI ``Compose`` of dictionary
         transforms); its result is yielded.
       meta_tensors: ``image`` and ``label`` as MONAI MetaTensors (default:
-        when MONAI is installed).
+        when MONAI is installed and ``geometry`` is on).
       version: the dataset version to read (default: the latest at
         construction, so every epoch and every worker reads the same one).
 
@@ -135,12 +140,14 @@ class SliceDataset(IterableDataset):
     self.rescale = rescale
     self.normalize = normalize
     self.ignore_index = ignore_index
+    self.label_map = label_map
+    self.geometry = geometry
     self.transform = transform
     if meta_tensors and _meta_tensor() is None:
       raise ImportError('meta_tensors=True needs MONAI: pip install monai')
-    self.meta_tensors = (
-      _meta_tensor() is not None if meta_tensors is None else meta_tensors
-    )
+    if meta_tensors is None:
+      meta_tensors = geometry and _meta_tensor() is not None
+    self.meta_tensors = meta_tensors
     self.shuffle_buffer = shuffle_buffer
     # Shared with the DataLoader's workers, persistent ones included: each
     # reads it when its iteration starts.
@@ -175,48 +182,70 @@ class SliceDataset(IterableDataset):
 
   def _item(self, row: dict, meta) -> dict:
     shape = (row['rows'], row['columns'])
-    image = dataset.image_of(row)[None]
-    slope = row['rescale_slope'] if self.rescale else None
-    intercept = row['rescale_intercept'] if self.rescale else None
-    image = prepare.float_images(image, [slope], [intercept], self.normalize)[0]
+    image = dataset.image_of(row).astype(np.float32)
+    image = image[None] if image.ndim == 2 else np.moveaxis(image, -1, 0)
+    if self.rescale:
+      slope, intercept = row['rescale_slope'], row['rescale_intercept']
+      if slope is not None and slope != 1:
+        image *= slope
+      if intercept:
+        image += intercept
+    if self.normalize is not None:
+      image = prepare.float_images(image[None], [1], [0], self.normalize)[0]
     masks = {kind: dataset.mask_of(row, kind) for kind in 'io'}
     has = {kind: m is not None for kind, m in masks.items()}
-    masks = {k: np.zeros(shape, bool) if m is None else m for k, m in masks.items()}
-    label = prepare.label_maps(
-      masks['i'][None], masks['o'][None], [has['i']], [has['o']], self.ignore_index
-    )[0]
-    affine = prepare.affines(
-      [row['image_position_patient']],
-      [row['image_orientation_patient']],
-      [row['pixel_spacing']],
-      [row['slice_thickness']],
-    )[0]
-    spacing = row['pixel_spacing'] or [np.nan, np.nan]
+    masks = {
+      k: np.zeros((1, *shape), bool) if m is None else m[None] for k, m in masks.items()
+    }
     item = {
-      'image': torch.from_numpy(np.ascontiguousarray(image)),
-      'label': torch.from_numpy(label),
-      **{f'{k}_mask': torch.from_numpy(m[None]) for k, m in masks.items()},
+      'image': torch.from_numpy(image),
+      **{f'{k}_mask': torch.from_numpy(m) for k, m in masks.items()},
       **{f'has_{k}_mask': h for k, h in has.items()},
-      'affine': torch.from_numpy(affine),
-      'affine_ras': torch.from_numpy(prepare.ras(affine)),
-      'has_geometry': bool(np.isfinite(affine).all()),
-      'pixel_spacing': torch.tensor(spacing, dtype=torch.float64),
-      'image_position_patient': _vector(row['image_position_patient'], 3),
-      'image_orientation_patient': _vector(row['image_orientation_patient'], 6),
       'patient_id': row['patient_id'],
       'slice_index': row['slice_index'],
       'split': row['split'],
       'qa_flags': ','.join(row['qa_flags']),
     }
+    if self.label_map:
+      item['label'] = torch.from_numpy(
+        prepare.label_maps(
+          masks['i'], masks['o'], [has['i']], [has['o']], self.ignore_index
+        )[0]
+      )
+    if self.geometry:
+      item.update(_geometry(row))
     if meta is not None:
       grid = torch.eye(4, dtype=torch.float64)
-      if np.isfinite(spacing).all():
-        grid[0, 0], grid[1, 1] = float(spacing[0]), float(spacing[1])
+      if self.geometry and item['has_geometry']:
+        grid[0, 0], grid[1, 1] = item['pixel_spacing'][0], item['pixel_spacing'][1]
       for key in ('image', 'label'):
-        item[key] = meta(item[key], affine=grid.clone())
+        if key in item:
+          item[key] = meta(item[key], affine=grid.clone())
     return item
+
+
+def _geometry(row: dict) -> dict:
+  """An item's affines and header vectors (NaN where absent)."""
+  affine = prepare.slice_affine(
+    row['image_position_patient'],
+    row['image_orientation_patient'],
+    row['pixel_spacing'],
+    row['slice_thickness'],
+  )
+  known = affine is not None
+  affine = affine if known else np.full((4, 4), np.nan)
+  return {
+    'affine': torch.from_numpy(affine),
+    'affine_ras': torch.from_numpy(prepare.ras(affine)),
+    'has_geometry': known,
+    'pixel_spacing': _vector(row['pixel_spacing'], 2),
+    'image_position_patient': _vector(row['image_position_patient'], 3),
+    'image_orientation_patient': _vector(row['image_orientation_patient'], 6),
+  }
 
 
 def _vector(values, size: int) -> torch.Tensor:
   """A header vector as float64, NaN when absent."""
-  return torch.tensor(values if values else [np.nan] * size, dtype=torch.float64)
+  return torch.from_numpy(
+    np.array(values if values else [np.nan] * size, dtype=np.float64)
+  )
