@@ -9,7 +9,11 @@ Locally the lock is an advisory ``flock`` on ``OUT/_LOCK``, which the kernel
 releases when the holder dies however it dies: a lock file left by a killed
 run is taken over with a warning, never waited on. The file is checked to
 still be the one at that path after locking, so a run that opened it just
-before the holder deleted it cannot hold a lock nobody sees.
+before the holder deleted it cannot hold a lock nobody sees. The file is
+opened without following a symbolic link and must be a regular file: a link
+or a FIFO planted as ``OUT/_LOCK`` (anyone who may write in a shared output
+folder could plant one) is refused (exit 2), so a run never truncates and
+rewrites another file through it.
 
 On an object store (no flock) the lock is an object made by a conditional
 create (S3 ``If-None-Match: *``, GCS ``ifGenerationMatch=0``), so of two runs
@@ -27,6 +31,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import time
 import uuid
 from collections.abc import Iterator
@@ -87,7 +92,7 @@ def hold(output: str, run_id: str) -> Iterator[None]:
 def _hold_local(output: str, run_id: str) -> Iterator[None]:
   path = os.path.join(output, LOCK_FILE)
   while True:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, 'O_CLOEXEC', 0), 0o644)
+    fd = _open_lock(path, output)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -119,6 +124,42 @@ def _hold_local(output: str, run_id: str) -> Iterator[None]:
     with contextlib.suppress(OSError):
       os.remove(path)  # while still locked: the next run finds no file
     os.close(fd)
+
+
+# No symbolic link followed, no wait on a FIFO, not inherited by children.
+_LOCK_FLAGS = (
+  os.O_RDWR
+  | os.O_CREAT
+  | getattr(os, 'O_NOFOLLOW', 0)
+  | getattr(os, 'O_NONBLOCK', 0)
+  | getattr(os, 'O_CLOEXEC', 0)
+)
+
+
+def _open_lock(path: str, output: str) -> int:
+  """The lock file, opened (made if absent) as a regular file of its own.
+
+  Raises:
+    UsageError: the path is a symbolic link or not a regular file.
+  """
+  refusal = (
+    f'--output {output}: {path} is not a lock file this pipeline made (%s); '
+    'remove it if no run is using this output'
+  )
+  try:
+    fd = os.open(path, _LOCK_FLAGS, 0o644)
+  except OSError as e:
+    if os.path.islink(path):
+      raise UsageError(refusal % 'a symbolic link') from None
+    raise UsageError(f'--output {output}: cannot open {path}: {e.strerror}') from e
+  found = os.fstat(fd)
+  if not stat.S_ISREG(found.st_mode):
+    os.close(fd)
+    raise UsageError(refusal % 'not a regular file')
+  if found.st_nlink > 1:  # a hard link to some other file
+    os.close(fd)
+    raise UsageError(refusal % f'a file with {found.st_nlink} links')
+  return fd
 
 
 @contextlib.contextmanager
