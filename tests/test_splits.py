@@ -154,14 +154,14 @@ def test_a_five_patient_run_fills_every_split_and_a_sixth_moves_nobody(tmp_path)
   start = incremental.Start(0, legacy, {}, 'test', None)
   staging = str(tmp_path / 'staging')
   os.makedirs(staging)
-  path = incremental.stage_pinned(staging, start, tree, (0.8, 0.1, 0.1))
+  path = incremental.stage_pinned(staging, start, (0.8, 0.1, 0.1))
   assert os.path.basename(path) == PINNED_FILE
   with open(path) as f:
     assert json.load(f) == {'hashed': sorted(drawn)}
   other = incremental.Start(0, versions.record(out), {}, 'test', None)
-  assert incremental.stage_pinned(staging, other, tree, (0.8, 0.1, 0.1)) is None
-  # the same patient_id from another input (a moved tree) keeps its split
-  moved = incremental.stage_pinned(staging, other, '/elsewhere', (0.5, 0.25, 0.25))
+  assert incremental.stage_pinned(staging, other, (0.8, 0.1, 0.1)) is None
+  # pins are by patient_id, whatever the input (a moved tree keeps them)
+  moved = incremental.stage_pinned(staging, other, (0.5, 0.25, 0.25))
   with open(moved) as f:
     assert json.load(f) == {'pinned': drawn}
 

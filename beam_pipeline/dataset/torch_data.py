@@ -182,16 +182,11 @@ class SliceDataset(IterableDataset):
 
   def _item(self, row: dict, meta) -> dict:
     shape = (row['rows'], row['columns'])
-    image = dataset.image_of(row).astype(np.float32)
-    image = image[None] if image.ndim == 2 else np.moveaxis(image, -1, 0)
-    if self.rescale:
-      slope, intercept = row['rescale_slope'], row['rescale_intercept']
-      if slope is not None and slope != 1:
-        image *= slope
-      if intercept:
-        image += intercept
-    if self.normalize is not None:
-      image = prepare.float_images(image[None], [1], [0], self.normalize)[0]
+    slope = row['rescale_slope'] if self.rescale else None
+    intercept = row['rescale_intercept'] if self.rescale else None
+    image = prepare.float_images(
+      dataset.image_of(row)[None], [slope], [intercept], self.normalize
+    )[0]
     masks = {kind: dataset.mask_of(row, kind) for kind in 'io'}
     has = {kind: m is not None for kind, m in masks.items()}
     masks = {

@@ -179,17 +179,13 @@ def stage_previous(staging: str, start: Start) -> str | None:
 
 
 def stage_pinned(
-  staging: str,
-  start: Start,
-  input_root: str,
-  fractions: tuple[float, float, float],
+  staging: str, start: Start, fractions: tuple[float, float, float]
 ) -> str | None:
   """Writes the splits the start version's patients keep into ``staging``
   (a PINNED_FILE); returns it, or None when none keeps one (no version, or
   one made with other fractions). Patients are matched by patient_id, from
   whatever input (a tree moved or re-mounted keeps its splits). A version
   recorded before splits were: its patients keep their hash split."""
-  del input_root  # the same patient_id is the same patient, from any input
   record = start.record
   if record is None:
     return None

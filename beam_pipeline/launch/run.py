@@ -176,9 +176,7 @@ def job_of(
     previous=None if start is None else incremental.stage_previous(staging, start),
     pinned=None
     if start is None
-    else incremental.stage_pinned(
-      staging, start, paths.input, settings.decode.split_fractions
-    ),
+    else incremental.stage_pinned(staging, start, settings.decode.split_fractions),
     old_files=() if start is None else incremental.old_slice_files(paths.output, start),
   )
 
