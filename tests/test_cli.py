@@ -131,10 +131,13 @@ def test_the_quick_start_runs_twice_and_leaves_nothing_behind(tmp_path):
     # the sample's 3 patients fill every split: no empty-split warning
     assert 'is empty' not in out + err, (out, err)
   assert sorted(os.listdir(work)) == ['output', 'sample_data']
-  assert os.listdir(temp) == ['cardiac-mri-logs']  # no beam-temp* folder
-  logs = sorted(os.listdir(temp / 'cardiac-mri-logs'))
+  logs_dir = temp / f'cardiac-mri-logs-{os.getuid()}'
+  assert os.listdir(temp) == [logs_dir.name]  # no beam-temp* folder
+  assert os.stat(logs_dir).st_mode & 0o777 == 0o700
+  logs = sorted(os.listdir(logs_dir))
   assert len(logs) == 2
-  logged = (temp / 'cardiac-mri-logs' / logs[0]).read_text()
+  assert all(os.stat(logs_dir / log).st_mode & 0o777 == 0o600 for log in logs)
+  logged = (logs_dir / logs[0]).read_text()
   assert 'apache_beam' in logged and 'publishing version 0 (' in logged
 
 

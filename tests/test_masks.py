@@ -24,7 +24,7 @@ def test_parse_real_format_with_any_line_ending():
     ('1 2\n3 4\n', '2 vertices'),
     ('', '0 vertices'),
     ('1 2\n3 x\n5 6\n', 'not a plain decimal or scientific number'),
-    ('1 2\n3 4 5\n5 6\n', 'expected "x y"'),
+    ('1 2\n3 4 5\n5 6\n', 'expected two numbers, x y; got 3 fields'),
     ('1 2\nnan 4\n5 6\n', 'not a plain decimal'),
     ('1 2\n3 inf\n5 6\n', 'not a plain decimal'),
     ('1 2\n3 Infinity\n5 6\n', 'not a plain decimal'),

@@ -437,9 +437,7 @@ class _WriteReportsFn(beam.DoFn):
       hashed = _Hashed(handle)
       writer = pq.ParquetWriter(hashed, arrow_schema, **writer_options(arrow_schema))
       batch: list[dict] = []
-      for row in rows:
-        if row is None:
-          continue
+      for row in sorted((row for row in rows if row is not None), key=_row_order):
         counters[row[field]].inc()
         batch.append(row)
         if len(batch) >= _REPORT_BATCH:
@@ -458,6 +456,13 @@ class _WriteReportsFn(beam.DoFn):
         json.dumps(manifest, indent=1).encode(),
       )
     yield pvalue.TaggedOutput(key, path)
+
+
+def _row_order(row: dict) -> tuple:
+  """A report's rows in the order of their values as shown (patient id
+  first), never in the order they came in, which follows the ids as stored
+  (under pseudonymisation it would map pseudonyms back by rank)."""
+  return tuple('' if value is None else str(value) for value in row.values())
 
 
 class WriteDataset(beam.PTransform):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import sys
 import tempfile
 import threading
@@ -86,12 +87,49 @@ def _ours(record: logging.LogRecord) -> bool:
 
 
 def log_path() -> str:
-  """A new log file's path: $CARDIAC_MRI_LOG_DIR, else the temp folder."""
-  folder = os.environ.get(LOG_DIR_VARIABLE) or os.path.join(
-    tempfile.gettempdir(), 'cardiac-mri-logs'
+  """A new log file's path: in $CARDIAC_MRI_LOG_DIR, else in the user's own
+  folder of the temp folder (``cardiac-mri-logs-<uid>``), made 0700 if new.
+  A folder that is a symbolic link or another user's, or (the default one)
+  that others may enter, is not used: the log file (which names patient ids
+  without a key) then goes to a new private folder."""
+  chosen = os.environ.get(LOG_DIR_VARIABLE)
+  folder = chosen or os.path.join(
+    tempfile.gettempdir(), f'cardiac-mri-logs-{os.getuid()}'
   )
+  if not _own_folder(folder, private=not chosen):
+    folder = tempfile.mkdtemp(prefix='cardiac-mri-logs-')
   stamp = time.strftime('%Y%m%d-%H%M%S')
   return os.path.join(folder, f'run-{stamp}-{os.getpid()}.log')
+
+
+def _own_folder(folder: str, private: bool) -> bool:
+  """Whether ``folder`` is (or is now made) a folder of this user's, not a
+  symbolic link, and if ``private``, one nobody else may enter."""
+  try:
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    status = os.lstat(folder)
+  except OSError:
+    return False
+  return (
+    stat.S_ISDIR(status.st_mode)
+    and status.st_uid == os.getuid()
+    and not (private and status.st_mode & 0o077)
+  )
+
+
+class _PrivateFileHandler(logging.FileHandler):
+  """A log file created 0600 from its first byte, never through a symbolic
+  link, and only as a regular file of one link."""
+
+  def _open(self):
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+    fd = os.open(self.baseFilename, flags, 0o600)
+    status = os.fstat(fd)
+    if not stat.S_ISREG(status.st_mode) or status.st_nlink != 1:
+      os.close(fd)
+      raise OSError(f'{self.baseFilename} is not a log file this pipeline made')
+    os.set_blocking(fd, True)
+    return open(fd, 'a', encoding=self.encoding, errors=self.errors)
 
 
 _live_writer: Callable[[str], None] | None = None
@@ -130,8 +168,8 @@ def configure_logging(path: str | None = None) -> str | None:
   handlers: list[logging.Handler] = [console]
   path = path or log_path()
   try:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    log_file = logging.FileHandler(path, encoding='utf-8', delay=True)
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    log_file = _PrivateFileHandler(path, encoding='utf-8', delay=True)
   except OSError:
     path = None
   else:

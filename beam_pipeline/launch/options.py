@@ -118,6 +118,7 @@ class IngestOptions(
       s3_verify=verify,
       read_concurrency=self.read_concurrency,
       attempts=self.request_attempts,
+      redact_logs=self.pseudonymize_key_file is not None,
     )
 
   def dicomweb_config(self) -> DicomWebConfig | None:

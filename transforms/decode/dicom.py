@@ -204,7 +204,7 @@ def decode_dicom(
       )
     except InvalidDicomError as e:
       raise DicomError(
-        'not a DICOM file: no "DICM" prefix after the 128-byte preamble'
+        'not a DICOM file: no DICM prefix after the 128-byte preamble'
       ) from e
     except Exception as e:  # pydicom raises many types on corrupt headers.
       raise DicomError(f'unreadable DICOM header: {type(e).__name__}: {e}') from e

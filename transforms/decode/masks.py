@@ -57,26 +57,34 @@ def parse_contour(data: bytes) -> list[tuple[float, float]]:
     fields = line.split()
     if not fields:
       continue
+    # The line itself is never quoted: a header line such as "Patient <id>
+    # DOE^JOHN" would carry an identifier into the error rows.
     if len(fields) != 2:
-      raise ContourError(f'line {number}: expected "x y", got {line.strip()[:60]!r}')
+      raise ContourError(
+        f'line {number}: expected two numbers, x y; got {_shape(line, len(fields))}'
+      )
     if not (_NUMBER.fullmatch(fields[0]) and _NUMBER.fullmatch(fields[1])):
       raise ContourError(
-        f'line {number}: not a plain decimal or scientific number: '
-        f'{line.strip()[:60]!r}'
+        f'line {number}: not a plain decimal or scientific number '
+        f'({_shape(line, len(fields))})'
       )
     x, y = float(fields[0]), float(fields[1])
     if not (math.isfinite(x) and math.isfinite(y)):  # 1e999 overflows
-      raise ContourError(f'line {number}: not a finite number: {line.strip()[:60]!r}')
+      raise ContourError(f'line {number}: not a finite number')
     if abs(x) > MAX_COORDINATE or abs(y) > MAX_COORDINATE:
-      raise ContourError(
-        f'line {number}: coordinate beyond +-{MAX_COORDINATE:g}: {line.strip()[:60]!r}'
-      )
+      raise ContourError(f'line {number}: coordinate beyond +-{MAX_COORDINATE:g}')
     vertices.append((x, y))
   if len(vertices) < MIN_VERTICES:
     raise ContourError(
       f'{len(vertices)} vertices; a polygon needs at least {MIN_VERTICES}'
     )
   return vertices
+
+
+def _shape(line: str, fields: int) -> str:
+  """What a bad line looks like, without its text: its fields and length."""
+  length = len(line.strip())
+  return f'{fields} field{"s" * (fields != 1)} of {length} characters in all'
 
 
 def rasterise(

@@ -417,6 +417,15 @@ class PlanChunksFn(beam.DoFn):
       yield packing.pack(chunk)
 
 
+def _by_patient_id(patients: list[Patient]) -> list[Patient]:
+  """Patients in the order of their ids as shown. The order slices are
+  decoded and written in must not follow the ids as stored (the order of
+  link.csv or of the folders): under pseudonymisation, whoever knows the
+  cohort's MRNs could then map pseudonyms back by rank. A barrier costs
+  nothing here: the join before it already waits for every patient."""
+  return sorted(patients, key=lambda p: p.patient_id)
+
+
 class DecodeSlices(beam.PTransform):
   """Patients -> SLICES (Arrow tables, one per chunk), ERRORS (error rows) and
   IDENTITIES (per chunk, what FindDuplicates compares)."""
@@ -443,6 +452,8 @@ class DecodeSlices(beam.PTransform):
     settings = self._settings
     return (
       patients
+      | 'AllPatients' >> beam.combiners.ToList()
+      | 'ByPatientId' >> beam.FlatMap(_by_patient_id).with_output_types(Patient)
       | 'PlanChunks'
       >> beam.ParDo(
         PlanChunksFn(

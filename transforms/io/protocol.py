@@ -40,6 +40,9 @@ class StoreConfig:
     s3_verify: verify TLS certificates (a CA bundle path, or False).
     read_concurrency: requests in flight per worker while reading files.
     attempts: tries per request before a file counts as failed.
+    redact_logs: under pseudonymisation: every worker that configures its
+      stores rewrites the log records it did not write itself
+      (transforms.contract.redact), e.g. a client library's retried URL.
   """
 
   s3_endpoint_url: str | None = None
@@ -47,6 +50,7 @@ class StoreConfig:
   s3_verify: bool | str | None = None
   read_concurrency: int = DEFAULT_READ_CONCURRENCY
   attempts: int = DEFAULT_ATTEMPTS
+  redact_logs: bool = False
 
 
 class AppendOnlyFile:

@@ -21,6 +21,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+from transforms.contract import redact
 from transforms.io.gcs import GcsStore
 from transforms.io.local import LocalStore
 from transforms.io.protocol import Store, StoreConfig, is_local
@@ -44,6 +45,8 @@ def configure(config: StoreConfig) -> None:
   worker with the configuration it was given); clients built for another
   configuration are dropped."""
   global _CONFIG
+  if config.redact_logs:
+    redact.install()
   with _LOCK:
     if config != _CONFIG:
       _CONFIG = config

@@ -53,6 +53,18 @@ def _describe(series: str, instances: list[Instance], pseudonyms: Pseudonyms) ->
   return f'{pseudonyms.uid(series)} ({", ".join(details)})'
 
 
+def _filter_text(series_filter: SeriesFilter, pseudonyms: Pseudonyms) -> str:
+  """--series-filter as rows quote it. Under pseudonymisation a UID is
+  shown by its pseudonym and any other pattern is withheld: quoted next to
+  the series' pseudonymised UIDs, the stored UID would link the two."""
+  if not pseudonyms.active:
+    return str(series_filter)
+  pattern = series_filter.pattern
+  if series_filter.keyword.endswith('UID') and not set(pattern) & set('*?['):
+    return f'{series_filter.keyword}={pseudonyms.uid(pattern)}'
+  return f'{series_filter.keyword}=<pattern of {len(pattern)} characters>'
+
+
 def _slice_index(number: str) -> int | None:
   """InstanceNumber (an IS: optional sign and spaces) as a slice index."""
   try:
@@ -60,6 +72,11 @@ def _slice_index(number: str) -> int | None:
   except ValueError:
     return None
   return value if value >= 0 else None
+
+
+def _value(value: str, pseudonyms: Pseudonyms) -> str:
+  """A header value a row quotes: under pseudonymisation only its length."""
+  return f'of {len(value)} characters' if pseudonyms.active else repr(value)
 
 
 def choose_series(
@@ -101,13 +118,18 @@ def choose_series(
         (
           schema.MISSING_DICOMS,
           f'none of the {len(by_series)} series of PatientID {patient_id} on the '
-          f'server matches --series-filter {series_filter}: {described}',
+          f'server matches --series-filter '
+          f'{_filter_text(series_filter, pseudonyms)}: {described}',
         )
       ],
       errors,
     )
   if len(candidates) > 1:
-    matching = f' match --series-filter {series_filter}' if series_filter else ''
+    matching = (
+      f' match --series-filter {_filter_text(series_filter, pseudonyms)}'
+      if series_filter
+      else ''
+    )
     choices = '; '.join(_describe(u, by_series[u], pseudonyms) for u in candidates)
     return Chosen(
       [],
@@ -128,7 +150,8 @@ def choose_series(
       why = (
         'has no InstanceNumber (0020,0013)'
         if not instance.number
-        else f'has InstanceNumber {instance.number!r}, not a number from 0 up'
+        else f'has InstanceNumber {_value(instance.number, pseudonyms)}, '
+        'not a number from 0 up'
       )
       errors.append(
         (show(instance.path), f'{why}: it cannot be matched to a contour file')
