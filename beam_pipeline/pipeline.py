@@ -10,12 +10,16 @@ needs comes in one frozen ``Job``, resolved once by the launcher
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import apache_beam as beam
+from apache_beam import coders
+from apache_beam.io import filebasedsink
+from apache_beam.io.filesystem import CompressionTypes
 
 from beam_pipeline.tools import keys
 from transforms.assign import AssignSplits
-from transforms.contract import schema
+from transforms.contract import local_files, schema
 from transforms.decode.stage import DecodeSlices
 from transforms.duplicates import FindDuplicates
 from transforms.incremental import INPUTS_FILE, KeptIdentities, SplitKept
@@ -124,8 +128,9 @@ def build_pipeline(p: beam.Pipeline, job: Job) -> None:
 
 class _WriteIdMap(beam.PTransform):
   """Id-map rows (pseudonyms.Entry), each once, as CSV parts in ``folder``
-  (beside --id-map, outside the output; ``keys.assemble_id_map`` joins
-  them once the job is done)."""
+  (beside --id-map, outside the output, made 0700 by the launcher;
+  ``keys.stage_id_map`` joins them once the job is done), every part 0600
+  from its first byte (``_PrivateLines``)."""
 
   def __init__(self, folder: str):
     super().__init__()
@@ -137,6 +142,33 @@ class _WriteIdMap(beam.PTransform):
       | 'AllEntries' >> beam.Flatten()
       | 'AsLines' >> beam.Map(keys.entry_line).with_output_types(str)
       | 'Once' >> beam.Distinct()
-      | 'WriteParts'
-      >> beam.io.WriteToText(f'{self._folder}/part', file_name_suffix='.csv')
+      | 'WriteParts' >> beam.io.Write(_PrivateLines(f'{self._folder}/part'))
     )
+
+
+class _PrivateLines(filebasedsink.FileBasedSink):
+  """Lines of text to ``{prefix}-SSSSS-of-NNNNN.csv``, as WriteToText writes
+  them, but the sink's temporary folder made 0700 and each file created
+  0600 (``O_CREAT | O_EXCL | O_NOFOLLOW``) whatever the umask: Beam's own
+  local files are made with the umask's mode, world-readable by default,
+  and the id map's rows re-identify the dataset."""
+
+  def __init__(self, prefix: str):
+    super().__init__(
+      prefix,
+      coder=coders.StrUtf8Coder(),
+      file_name_suffix='.csv',
+      mime_type='text/csv',
+      compression_type=CompressionTypes.UNCOMPRESSED,
+    )
+
+  def initialize_write(self):
+    folder = self._create_temp_dir(self.file_path_prefix.get())
+    os.mkdir(folder, 0o700)
+    return folder
+
+  def open(self, temp_path):
+    return local_files.create_new(temp_path, 0o600)
+
+  def write_encoded_record(self, file_handle, encoded_value):
+    file_handle.write(encoded_value + b'\n')

@@ -44,6 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 import psutil
 import urllib3
 from run import (
+  checkout,
   count_slices,
   first_patient,
   mark_past_fixed_cost,
@@ -124,11 +125,25 @@ def main(argv=None) -> None:
   parser.add_argument('--data', required=True, help='a local data tree')
   parser.add_argument('--runs', type=int, default=3)
   parser.add_argument('--scratch', default=None)
+  parser.add_argument(
+    '--compare',
+    action='append',
+    default=[],
+    metavar='LABEL=REF',
+    help='also run the pacs and pacs by instance modes with another version '
+    'of the pipeline in the same rounds (a git commit or a checkout folder)',
+  )
   args = parser.parse_args(argv)
   reason = orthanc.missing()
   if reason is not None:
     sys.exit(f'Orthanc is needed: {reason}')
   scratch = tempfile.mkdtemp(prefix='pacs-', dir=args.scratch)
+  others = {}
+  for item in args.compare:
+    label, _, ref = item.partition('=')
+    if not ref:
+      parser.error(f'--compare {item!r}: expected LABEL=REF')
+    others[label] = checkout(ref, scratch)
   data = pacs_tree(args.data, os.path.join(scratch, 'DATA'))
   one = first_patient(data, os.path.join(scratch, 'ONE'))
   slices = {data: count_slices(data), one: count_slices(one)}
@@ -153,10 +168,11 @@ def main(argv=None) -> None:
       times = process.cpu_times()
       return times.user + times.system
 
-    def pipeline(tree, extra):
+    def pipeline(tree, extra, repo=None):
       def run():
         settle(out)
-        m = measure(pipeline_command(tree, out, extra), env=env)
+        command = pipeline_command(tree, out, extra, **({'repo': repo} if repo else {}))
+        m = measure(command, env=env)
         written = read_summary(out)['counters']['slices_written']
         assert written == slices[tree], f'{written} of {slices[tree]} slices written'
         return {'rate': written / m.seconds, 'seconds': m.seconds, 'cpu': m.cpu}
@@ -172,6 +188,11 @@ def main(argv=None) -> None:
       'tree, 1 patient': pipeline(one, []),
       'pacs, 1 patient': pipeline(one, pacs),
       'pacs by instance, 1 patient': pipeline(one, by_instance),
+      **{
+        f'{name} ({label})': pipeline(data, extra, repo)
+        for label, repo in others.items()
+        for name, extra in (('pacs', pacs), ('pacs by instance', by_instance))
+      },
       'wado-rs alone': lambda: {'rate': wado_alone(server, paths, len(paths))},
       'wado-rs series alone': lambda: {'rate': wado_alone(server, series, len(paths))},
     }
@@ -230,6 +251,12 @@ def main(argv=None) -> None:
     f'- pacs / pacs by instance: {ratio("pacs", "pacs by instance")}; past the '
     f'fixed cost: {ratio("pacs", "pacs by instance", "marginal", "marginal")}'
   )
+  for label in others:
+    for name in ('pacs', 'pacs by instance'):
+      print(
+        f'- {name}, wall time of this version / {label}: '
+        f'{ratio(name, f"{name} ({label})", "seconds", "seconds")}'
+      )
 
 
 if __name__ == '__main__':

@@ -241,3 +241,51 @@ def expected_splits(patient_ids, fractions) -> dict:
 
   positions = {pid: splits.patient_position(pid) for pid in set(patient_ids)}
   return splits.assign(positions, fractions)
+
+
+# Hostile inputs of unbounded work (tests/test_budgets.py, bench/hostile.py).
+
+
+def random_contour(count: int, rows: int, columns: int, seed: int = 0) -> bytes:
+  """A contour file of ``count`` vertices drawn at random over a (rows,
+  columns) image (a self-crossing ring): a block of 10,000 random vertices,
+  repeated, so that millions are quick to make."""
+  rng = np.random.default_rng(seed)
+  block = min(count, 10_000)
+  xs, ys = rng.uniform(0, columns, block), rng.uniform(0, rows, block)
+  text = ''.join(f'{x:.2f} {y:.2f}\n' for x, y in zip(xs, ys, strict=True)).encode()
+  lines = text.splitlines(keepends=True)
+  whole, rest = divmod(count, block)
+  return text * whole + b''.join(lines[:rest])
+
+
+def write_deflate_bomb(path: str, template: str, inflated: int) -> int:
+  """Rewrites the slice at ``template`` as ``path``: Deflated Explicit VR
+  Little Endian, its Pixel Data ``inflated`` bytes of zeros (even, below 4
+  GiB). Streamed: one 16 MiB block of zeros is compressed once, after a full
+  flush, and repeated, so 2 GiB cost the maker no memory and a second.
+  Returns the file's size."""
+  import io
+  import struct
+  import zlib
+
+  ds = pydicom.dcmread(template)
+  del ds.PixelData
+  ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+  meta = io.BytesIO()
+  pydicom.filewriter.write_file_meta_info(meta, ds.file_meta, enforce_standard=True)
+  body = pydicom.filebase.DicomBytesIO()
+  body.is_little_endian, body.is_implicit_VR = True, False
+  pydicom.filewriter.write_dataset(body, ds)
+  block = 16 << 20
+  whole, rest = divmod(inflated, block)
+  squeeze = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+  head = body.getvalue() + struct.pack('<HH2sHI', 0x7FE0, 0x0010, b'OB', 0, inflated)
+  with open(path, 'wb') as f:
+    f.write(b'\0' * 128 + b'DICM' + meta.getvalue())
+    f.write(squeeze.compress(head) + squeeze.flush(zlib.Z_FULL_FLUSH))
+    zeros = squeeze.compress(bytes(block)) + squeeze.flush(zlib.Z_FULL_FLUSH)
+    for _ in range(whole):
+      f.write(zeros)
+    f.write(squeeze.compress(bytes(rest)) + squeeze.flush())
+    return f.tell()

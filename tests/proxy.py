@@ -1,4 +1,4 @@
-"""A proxy in front of an object-store server, for tests and benchmarks.
+"""A proxy in front of an object store or a PACS, for tests and benchmarks.
 
 Run as ``python -m tests.proxy --port P --upstream HOST:PORT [...]``; it
 prints ``ready`` once listening and, when stopped with SIGTERM, one JSON line
@@ -12,10 +12,30 @@ Two modes:
 - ``--delay S``: a TCP pipe that holds every chunk the client sends for S
   seconds before passing it on, like a cloud store's time to first byte
   (a request's head is one chunk). Connections stay open (keep-alive).
-- ``--fail PATTERN=N``: HTTP-aware, one request per connection
-  (``Connection: close`` is forced on both sides). The first N requests
-  whose request line contains PATTERN are answered ``503 SlowDown`` without
-  reaching the server (N < 0: all of them), so clients must retry.
+- HTTP-aware, one request per connection (``Connection: close`` is forced
+  on both sides: in the request, and in the answer's head), with faults.
+  Each fault is ``PATTERN=N``: the first N requests whose request line
+  contains PATTERN get it (N < 0: all of them); the first rule that
+  matches a request applies (``--fail`` rules first, then ``--cut``, then
+  ``--hang``, each in the order given).
+
+  - ``--fail PATTERN=N``: answered ``503 SlowDown`` without reaching the
+    server, so clients must retry; ``--retry-after S`` adds
+    ``Retry-After: S`` to these answers.
+  - ``--cut PATTERN=N``: the server's answer is passed on up to half of its
+    body, then the connection is closed: a body that breaks off.
+  - ``--hang PATTERN=N``: the request is read and never answered (a server
+    that never answers); the connection stays open until the client or the
+    proxy goes.
+  - ``--drop-param NAME``: query parameter NAME is removed from every
+    request (a server that ignores it, e.g. ``offset``); ``--set-param
+    NAME=VALUE`` sets one on every request that has a query (e.g. a server
+    that caps every answer: ``limit=3``).
+  - ``--events PATH``: a line is appended to PATH as each fault happens
+    (``<time> <kind> <request line>``, the time ``time.monotonic()``'s, a
+    clock every process shares), so a test can wait for one, and measure
+    the time between two.
+
   ``--http`` alone gives this mode without faults (``--delay`` then holds
   each request), so ``max_in_flight`` counts concurrent requests exactly.
   ``--tls PEM`` serves https with the key and certificate in PEM (see
@@ -28,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import contextlib
 import json
 import os
@@ -129,7 +148,80 @@ async def _delaying(client_reader, client_writer, upstream, delay, stats):
     stats.end()
 
 
-async def _faulting(client_reader, client_writer, upstream, rules, stats, delay, kill):
+class Faults:
+  """The HTTP mode's faults and rewrites (see the module docstring)."""
+
+  KINDS = ('fail', 'cut', 'hang')
+
+  def __init__(
+    self,
+    rules: list[tuple[str, str, int]] = (),
+    retry_after: str | None = None,
+    drop: tuple[str, ...] = (),
+    set_params: tuple[tuple[str, str], ...] = (),
+    events: str | None = None,
+  ):
+    self.rules = [list(rule) for rule in rules]  # [kind, pattern, left]
+    self.retry_after = retry_after
+    self.drop = tuple(drop)
+    self.set_params = tuple(set_params)
+    self.events = events
+
+  def __bool__(self) -> bool:
+    return bool(self.rules or self.drop or self.set_params)
+
+  def take(self, request_line: str) -> str | None:
+    """The kind of fault this request gets (its rule counted), or None."""
+    for rule in self.rules:
+      kind, pattern, left = rule
+      if pattern in request_line and left != 0:
+        rule[2] = left - 1
+        return kind
+    return None
+
+  def note(self, kind: str, request_line: str) -> None:
+    if self.events:
+      with open(self.events, 'a', encoding='utf-8') as f:
+        f.write(f'{time.monotonic():.3f} {kind} {request_line}\n')
+
+  def rewrite(self, request_line: bytes) -> bytes:
+    """The request line with the dropped parameters removed and the set ones
+    set (only for a request that has a query)."""
+    if not (self.drop or self.set_params):
+      return request_line
+    method, target, version = request_line.split(b' ', 2)
+    path, sep, query = target.partition(b'?')
+    if not sep:
+      return request_line
+    names = {name.encode() for name in self.drop}
+    names |= {name.encode() for name, _ in self.set_params}
+    kept = [p for p in query.split(b'&') if p and p.split(b'=', 1)[0] not in names]
+    kept += [f'{name}={value}'.encode() for name, value in self.set_params]
+    return b' '.join([method, path + b'?' + b'&'.join(kept), version])
+
+  def slow_down(self) -> bytes:
+    extra = f'Retry-After: {self.retry_after}\r\n' if self.retry_after else ''
+    head = _SLOW_DOWN.replace(
+      b'Connection: close\r\n', extra.encode() + b'Connection: close\r\n'
+    )
+    return head % (len(_SLOW_DOWN_BODY), _SLOW_DOWN_BODY)
+
+
+def _closing(answer: bytes) -> bytes:
+  """An answer (its head whole) with ``Connection: close`` in its head, so
+  that a client never reuses a connection this proxy closes (a server may
+  answer keep-alive to a request that asked for close)."""
+  head, _, rest = answer.partition(b'\r\n\r\n')
+  lines = head.split(b'\r\n')
+  kept = [
+    line
+    for line in lines[1:]
+    if line.split(b':', 1)[0].strip().lower() not in (b'connection', b'keep-alive')
+  ]
+  return b'\r\n'.join([lines[0], *kept, b'Connection: close', b'', b'']) + rest
+
+
+async def _faulting(client_reader, client_writer, upstream, faults, stats, delay, kill):
   try:
     head = await client_reader.readuntil(b'\r\n\r\n')
   except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
@@ -138,7 +230,7 @@ async def _faulting(client_reader, client_writer, upstream, rules, stats, delay,
   lines = head.split(b'\r\n')
   request_line = lines[0].decode('latin-1')
   length = 0
-  kept = [lines[0]]
+  kept = [faults.rewrite(lines[0])]
   for line in lines[1:]:
     name = line.split(b':', 1)[0].strip().lower()
     if name == b'content-length':
@@ -149,24 +241,46 @@ async def _faulting(client_reader, client_writer, upstream, rules, stats, delay,
   answered = False
   stats.start()
   try:
-    for pattern, left in rules.items():
-      if pattern in request_line and left != 0:
-        rules[pattern] = left - 1
-        stats.faults += 1
-        client_writer.write(_SLOW_DOWN % (len(_SLOW_DOWN_BODY), _SLOW_DOWN_BODY))
-        await client_writer.drain()
-        return
+    kind = faults.take(request_line)
+    if kind is not None:
+      stats.faults += 1
+      faults.note(kind, request_line)
+    if kind == 'fail':
+      client_writer.write(faults.slow_down())
+      await client_writer.drain()
+      return
+    if kind == 'hang':  # until the client hangs up or the proxy stops
+      await client_reader.read()
+      return
     if delay:
       await asyncio.sleep(delay)
     server_reader, server_writer = await asyncio.open_connection(*upstream)
     try:
       server_writer.write(b'\r\n'.join([*kept, b'Connection: close', b'', b'']) + body)
       await server_writer.drain()
+      if kind == 'cut':
+        answer = _closing(await server_reader.read())  # the server closes
+        answered = True
+        stats.end()
+        head_end = answer.find(b'\r\n\r\n') + 4
+        cut = head_end + max(1, (len(answer) - head_end) // 2)
+        client_writer.write(answer[:cut])
+        await client_writer.drain()
+        return
+      head = b''
       while chunk := await server_reader.read(65536):
         if not answered:  # the answer has begun: the request is no longer
           answered = True  # in flight (the client may send its next one
           stats.end()  # before this connection's upstream end is seen)
+        if head is not None:  # the answer's head: Connection: close forced
+          head += chunk
+          if b'\r\n\r\n' not in head:
+            continue
+          chunk, head = _closing(head), None
         client_writer.write(chunk)
+        await client_writer.drain()
+      if head:
+        client_writer.write(head)
         await client_writer.drain()
     finally:  # the client may hang up first, once it has its answer
       server_writer.close()
@@ -184,7 +298,7 @@ async def serve(
   port: int,
   upstream: tuple[str, int],
   delay: float,
-  rules: dict,
+  faults: Faults,
   http: bool,
   kill: tuple[int, int] = (0, 0),
   tls: str | None = None,
@@ -193,8 +307,8 @@ async def serve(
 
   async def handle(reader, writer):
     stats.connections += 1
-    if rules or http:
-      await _faulting(reader, writer, upstream, rules, stats, delay, kill)
+    if faults or http:
+      await _faulting(reader, writer, upstream, faults, stats, delay, kill)
     else:
       await _delaying(reader, writer, upstream, delay, stats)
 
@@ -295,25 +409,41 @@ def started(upstream: str, *arguments: str):
     figures.update(json.loads(out.strip().splitlines()[-1]))
 
 
+def _rule(text: str) -> tuple[str, int]:
+  pattern, _, n = text.rpartition('=')
+  return pattern, int(n)
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog='python -m tests.proxy')
   parser.add_argument('--port', type=int, required=True)
   parser.add_argument('--upstream', required=True, help='HOST:PORT')
   parser.add_argument('--delay', type=float, default=0.0)
-  parser.add_argument('--fail', action='append', default=[], help='PATTERN=N')
+  for kind in Faults.KINDS:
+    parser.add_argument(f'--{kind}', action='append', default=[], help='PATTERN=N')
+  parser.add_argument('--retry-after', default=None, help="the 503s' Retry-After")
+  parser.add_argument('--drop-param', action='append', default=[], help='NAME')
+  parser.add_argument('--set-param', action='append', default=[], help='NAME=VALUE')
+  parser.add_argument('--events', default=None, help='a file: a line per fault')
   parser.add_argument('--http', action='store_true', help='HTTP-aware, no faults')
   parser.add_argument('--stop-after', type=int, default=0, help='K answers')
   parser.add_argument('--upstream-pid', type=int, default=0)
   parser.add_argument('--tls', default=None, help='PEM: key and certificate')
   args = parser.parse_args(argv)
   host, _, port = args.upstream.rpartition(':')
-  rules = collections.OrderedDict()
-  for rule in args.fail:
-    pattern, _, n = rule.rpartition('=')
-    rules[pattern] = int(n)
+  rules = []
+  for kind in Faults.KINDS:
+    rules += [(kind, *_rule(text)) for text in getattr(args, kind)]
+  faults = Faults(
+    rules,
+    args.retry_after,
+    tuple(args.drop_param),
+    tuple(tuple(p.split('=', 1)) for p in args.set_param),
+    args.events,
+  )
   kill = (args.stop_after, args.upstream_pid)
   asyncio.run(
-    serve(args.port, (host, int(port)), args.delay, rules, args.http, kill, args.tls)
+    serve(args.port, (host, int(port)), args.delay, faults, args.http, kill, args.tls)
   )
   return 0
 

@@ -336,10 +336,11 @@ def test_retrieves_in_flight_never_exceed_the_read_concurrency(
       mode,
     )
     assert cli.main(args) == cli.EXIT_OK
-  # 1 pre-flight search, 2 patients' searches (a page and an empty one each),
-  # then one retrieve per instance, or per series (its answer read while the
-  # next series is asked for, within the bound).
-  assert figures['requests'] == 1 + 2 * 2 + retrieves
+  # 1 pre-flight search, 2 patients' searches (a page, an empty one and the
+  # series' instance counts each), then one retrieve per instance, or per
+  # series (its answer read while the next series is asked for, within the
+  # bound).
+  assert figures['requests'] == 1 + 2 * 3 + retrieves
   assert min(2, concurrency) <= figures['max_in_flight'] <= concurrency
   assert _fetches(str(tmp_path / 'OUT'))[:2] == (
     (32, 0) if mode == 'series' else (0, 32)
@@ -401,7 +402,8 @@ def test_credentials_never_reach_logs_outputs_or_options(
   done = _run_pipeline(args, env)
   assert done.returncode == cli.EXIT_USAGE
   assert done.stderr.decode().strip() == (
-    f'error: --dicomweb-auth-file {auth} is readable by every user: chmod o-r it'
+    f'error: --dicomweb-auth-file {auth} may be read or written by its group or '
+    'by every user (mode 644): chmod 600 it'
   )
 
 
@@ -413,11 +415,12 @@ def test_a_server_stopped_mid_run_leaves_fetch_rows_and_a_dataset(
   root = str(tmp_path / 'DATA')
   with orthanc.started(str(tmp_path / 'orthanc')) as server:
     _uploaded_tree(server, root, 'STOP', patients=2, slices=12, rows=8, columns=8)
-    # The proxy stops Orthanc (by its pid) once 9 requests have been answered:
-    # the pre-flight search, two per patient, then 4 retrieves; asking for
-    # series, once the searches are answered: both series' retrieves fail,
-    # and so does every instance then retrieved alone.
-    answered = '9' if mode == dicomweb.INSTANCE else '5'
+    # The proxy stops Orthanc (by its pid) once 11 requests have been
+    # answered: the pre-flight search, three per patient (a page, an empty
+    # one, the series' counts), then 4 retrieves; asking for series, once the
+    # searches are answered: both series' retrieves fail, and so does every
+    # instance then retrieved alone.
+    answered = '11' if mode == dicomweb.INSTANCE else '7'
     stop = ['--stop-after', answered, '--upstream-pid', str(server.pid)]
     with proxy.started(server.root, '--http', *stop) as (endpoint, figures):
       out = str(tmp_path / 'OUT')

@@ -1,10 +1,14 @@
 """Hostile and broken inputs: each is built here, run through the whole job, and
 must give exactly its row in the reports while every good slice still lands."""
 
+import contextlib
 import logging
 import os
 import shutil
+import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -584,3 +588,107 @@ def test_pixel_data_that_disagrees_with_its_header_is_one_decode_row_each(
   for k, (_, expected) in cases.items():
     assert expected in reasons[f'dicoms/{P1}/{k}.dcm'], reasons
   assert code == cli.EXIT_DROPPED
+
+
+@contextlib.contextmanager
+def _unblocked_after(fifo, seconds):
+  """After ``seconds``, a writer opens and closes ``fifo`` again and again,
+  so that a read blocked on it ends (at EOF) and the test fails rather than
+  hangs. Yields the list of times it had to."""
+  unblocked, done = [], threading.Event()
+
+  def unblock():
+    if done.wait(seconds):
+      return
+    while not done.wait(0.2):
+      try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        unblocked.append(True)
+      except OSError:  # no reader has it open
+        pass
+
+  thread = threading.Thread(target=unblock, daemon=True)
+  thread.start()
+  try:
+    yield unblocked
+  finally:
+    done.set()
+    thread.join()
+
+
+@pytest.mark.parametrize('kind', ['a FIFO', 'a symlink to a FIFO in the tree'])
+def test_a_fifo_as_link_csv_is_one_row_and_never_waited_on(base, tmp_path, kind):
+  """link.csv a FIFO (or a link to one): the launcher's survey and the
+  listing never open it, never wait: one links row, every folder unlinked
+  (was: the run hung forever)."""
+  root, _ = base
+  link_csv = os.path.join(root, layout.LINK_FILE)
+  os.remove(link_csv)
+  fifo = link_csv if kind == 'a FIFO' else os.path.join(root, 'dicoms', 'links')
+  os.mkfifo(fifo)
+  if fifo != link_csv:
+    os.symlink(fifo, link_csv)
+  with _unblocked_after(fifo, 60) as unblocked:
+    code, written, found, errors = _run(root, str(tmp_path / 'OUT'))
+  assert unblocked == []  # nothing waited on the FIFO
+  assert written == [] and found == sorted(UNLINKED_BOTH) and code == cli.EXIT_DROPPED
+  assert (layout.LINK_FILE, schema.STAGE_LINKS) in errors
+  (row,) = [
+    r
+    for r in read_errors(str(tmp_path / 'OUT')).to_pylist()
+    if r['stage'] == schema.STAGE_LINKS
+  ]
+  assert row['error'] == 'cannot read: not a regular file (a FIFO); not read'
+
+
+def test_a_name_swapped_for_a_link_or_fifo_while_it_is_read_never_leads_out(
+  tmp_path,
+):
+  """Another process swaps a slice's name between a file of the tree, a
+  symlink to a file outside the input and a FIFO, as fast as it can, while
+  it is read 3,000 times: each read gives the tree's bytes or refuses the
+  name; none gives the outside file's bytes or waits on the FIFO (was: a
+  link swapped in between the check and the open was followed)."""
+  from transforms.contract.errors import UnsafePathError
+  from transforms.io import files
+
+  root = tmp_path / 'DATA'
+  (root / 'dicoms').mkdir(parents=True)
+  (root / 'inside.dcm').write_bytes(b'inside')
+  (tmp_path / 'secret').write_bytes(b'outside')
+  os.mkfifo(root / 'fifo')
+  swapper = subprocess.Popen(
+    [
+      sys.executable,
+      '-c',
+      'import os, sys\n'
+      'root, secret = sys.argv[1:]\n'
+      "name, spare = os.path.join(root, 'dicoms', '1.dcm'), os.path.join(root, 's')\n"
+      "kinds = [(os.link, os.path.join(root, 'inside.dcm')), (os.symlink, secret),\n"
+      "         (os.symlink, os.path.join(root, 'fifo'))]\n"
+      'while True:\n'
+      '  for make, target in kinds:\n'
+      '    make(target, spare)\n'
+      '    os.replace(spare, name)\n',
+      str(root),
+      str(tmp_path / 'secret'),
+    ]
+  )
+  seen = {'inside': 0, 'refused': 0}
+  try:
+    while not (root / 'dicoms' / '1.dcm').exists():
+      time.sleep(0.01)
+    with _unblocked_after(str(root / 'fifo'), 30) as unblocked:
+      for _ in range(3000):
+        try:
+          data = files.read_input(str(root), 'dicoms/1.dcm')
+        except (OSError, UnsafePathError):
+          seen['refused'] += 1
+          continue
+        assert data == b'inside'  # b'' if a read had to be unblocked
+        seen['inside'] += 1
+  finally:
+    swapper.kill()
+    swapper.wait()
+  assert unblocked == []  # no read waited on the FIFO
+  assert seen['inside'] and seen['refused'], seen  # both happened

@@ -150,6 +150,11 @@ def test_without_a_key_rows_come_in_the_order_of_the_ids(planted_tree, tmp_path)
       ['1.2.840.10008.1.2.1', "'<8 characters>'"],
     ),
     (
+      "'1.2.840.10008.5.1.4 DOE^JOHN' '1.2.840.10008DOE' 1.2.840.100081.7.3.9",
+      ['DOE', '100081'],
+      ["'<28 characters>'", "'<16 characters>'", '<uid>'],
+    ),
+    (
       "[Errno 2] No such file or directory: '/data/dicoms/SCD0000101/3.dcm'",
       ['SCD0000101', '/data'],
       ['No such file or directory'],
@@ -307,9 +312,10 @@ def test_a_pacs_run_with_a_series_filter_and_a_dying_server_shows_no_identifier(
     first = sorted(os.listdir(os.path.join(root, layout.DICOM_DIR)))[0]
     one = os.path.join(root, layout.DICOM_DIR, first, '1.dcm')
     series = pydicom.dcmread(one, stop_before_pixels=True).SeriesInstanceUID
-    # Stopped once the pre-flight search, the three searches and a few
+    # Stopped once the pre-flight search, the three searches (a page, the
+    # empty page that ends it and a series search, each) and a few
     # retrieves are answered: the rest are retried, then fetch rows.
-    stop = ['--stop-after', '7', '--upstream-pid', str(server.pid)]
+    stop = ['--stop-after', '13', '--upstream-pid', str(server.pid)]
     with proxy.started(server.root, '--http', *stop) as (endpoint, _):
       args = [
         '--input',
@@ -392,3 +398,29 @@ def test_the_log_folder_is_private_or_not_used(planted, tmp_path, monkeypatch):
   assert stat.S_IMODE(os.lstat(folder).st_mode) == 0o700
   assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
   assert 'a line' in open(path).read()
+
+
+def test_a_log_file_someone_made_first_is_never_written(tmp_path, monkeypatch):
+  """Another user who guesses the log file's name (run-<second>-<pid>.log)
+  and makes it first, readable by all, gets nothing: the run writes a new
+  file of its own beside it."""
+  import logging
+  import stat
+
+  from beam_pipeline.launch import console
+
+  folder = tmp_path / 'logs'
+  folder.mkdir()
+  taken = folder / 'run-x.log'
+  taken.write_text('')
+  taken.chmod(0o666)
+  try:
+    path = console.configure_logging(str(taken))
+    logging.getLogger('beam_pipeline.test').warning('a patient id')
+  finally:
+    for handler in logging.getLogger().handlers:
+      handler.close()
+  assert taken.read_text() == ''
+  assert path != str(taken) and os.path.dirname(path) == str(folder)
+  assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+  assert 'a patient id' in open(path).read()

@@ -34,8 +34,9 @@ VERSION = 'version'
 
 class DatasetError(ValueError):
   """The folder is not a complete, unaltered pipeline output: no committed
-  version, a version that does not exist, or a file missing, extra, resized or
-  changed against the run record's digests."""
+  version, a version that does not exist, a log or run record that is not as
+  this pipeline writes it, or a file missing, extra, resized or changed
+  against the run record's digests."""
 
 
 def log_path(output: str, table: str, version: int) -> str:
@@ -68,12 +69,19 @@ def commit_info(output: str, table: str, version: int) -> dict:
     with open(path, 'rb') as f:
       for line in f:
         action = json.loads(line)
-        if 'commitInfo' in action:
-          return action['commitInfo']
+        if isinstance(action, dict) and 'commitInfo' in action:
+          info = action['commitInfo']
+          if not isinstance(info, dict):
+            raise DatasetError(
+              f'{path} is unreadable: its commitInfo is {_kind(info)}, not an object'
+            )
+          return info
   except FileNotFoundError:
     raise DatasetError(
       f'{output} has no version {version} (versions: {_span(output)})'
     ) from None
+  except DatasetError:
+    raise
   except (OSError, ValueError) as e:
     raise DatasetError(f'{path} is unreadable: {e}') from None
   return {}
@@ -154,7 +162,88 @@ def record(output: str, version: int | None = None) -> dict:
       f'{written}; this reader reads schema {schema.SCHEMA_VERSION} '
       '(docs/OUTPUT.md#upgrading)'
     )
+  problem = _record_problem(found)
+  if problem is not None:
+    raise DatasetError(
+      f'the run record of version {version} of {output} is not one this '
+      f'pipeline writes: {problem}'
+    )
   return {**found, VERSION: version}
+
+
+def _kind(value) -> str:
+  """The JSON type of ``value``, as a message names it."""
+  if value is None:
+    return 'null'
+  if isinstance(value, bool):
+    return f'{str(value).lower()} (a boolean)'
+  if isinstance(value, int | float):
+    return f'the number {value!r}'
+  if isinstance(value, str):
+    return 'a string'
+  return 'a list' if isinstance(value, list) else 'an object'
+
+
+def _whole(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+# The run record's fields that the readers and tools read, beside ``files``
+# and ``tables``: (key, required, test, what it must be).
+_FIELDS = (
+  (
+    'counters',
+    True,
+    lambda v: isinstance(v, dict) and all(map(_whole, v.values())),
+    'an object of whole numbers',
+  ),
+  (
+    'dropped_duplicates',
+    False,
+    lambda v: isinstance(v, dict) and all(map(_whole, v.values())),
+    'an object of whole numbers',
+  ),
+  ('input', False, lambda v: v is None or isinstance(v, str), 'a string'),
+  ('run_id', False, lambda v: isinstance(v, str), 'a string'),
+  *(
+    (name, False, lambda v: isinstance(v, bool), 'true or false')
+    for name in ('labeled_only', 'strict', 'drop_duplicates', 'pseudonymized')
+  ),
+)
+
+
+def _record_problem(found: dict) -> str | None:
+  """What in a run record (whose digest matches) does not have the shape the
+  readers and tools read, or None: a record edited and its digest made
+  again must be a DatasetError, never a TypeError or KeyError further on."""
+  files = found.get(digests.FILES)
+  if not isinstance(files, dict):
+    return f'{digests.FILES} is {_kind(files)}, not an object'
+  for name, entry in files.items():
+    where = f'{digests.FILES}[{name!r}]'
+    if not isinstance(entry, dict):
+      return f'{where} is {_kind(entry)}, not an object'
+    if not _whole(entry.get('bytes')):
+      return f'{where}.bytes is {_kind(entry.get("bytes"))}, not a whole number'
+    if not isinstance(entry.get(digests.ALGORITHM), str):
+      return f'{where}.{digests.ALGORITHM} is {_kind(entry.get(digests.ALGORITHM))}'
+  tables = found.get(REPORT_VERSIONS)
+  reports = {schema.RECONCILIATION_DIR, schema.ERRORS_DIR}
+  if not isinstance(tables, dict) or set(tables) != reports:
+    return (
+      f'{REPORT_VERSIONS} is {_kind(tables)}, not an object of the versions of '
+      f'{" and ".join(sorted(reports))}'
+    )
+  for table, number in tables.items():
+    if not _whole(number):
+      return f'{REPORT_VERSIONS}.{table} is {_kind(number)}, not a version number'
+  for key, required, test, shape in _FIELDS:
+    if key not in found:
+      if required:
+        return f'{key} is missing'
+    elif not test(found[key]):
+      return f'{key} is {_kind(found[key])}, not {shape}'
+  return None
 
 
 def table_versions(summary: dict) -> dict[str, int]:
@@ -177,8 +266,12 @@ def file_actions(path: str, data: bytes):
     except ValueError as e:
       raise DatasetError(f'{path} is unreadable: {e}') from None
     for kind in ('add', 'remove'):
-      if kind in action:
-        yield kind, unquote(action[kind]['path'])
+      if isinstance(action, dict) and kind in action:
+        found = action[kind]
+        name = found.get('path') if isinstance(found, dict) else None
+        if not isinstance(name, str):
+          raise DatasetError(f'{path} is unreadable: a {kind} action without a path')
+        yield kind, unquote(name)
 
 
 def table_files(output: str, table: str, version: int) -> set[str]:

@@ -116,7 +116,9 @@ def add_input_output(parser: argparse.ArgumentParser) -> None:
     dest='dicomweb_auth_file',
     default=None,
     help='JSON file with {"username": ..., "password": ...} or {"token": ...} '
-    'for --dicomweb-url; refused if every user may read it.',
+    'for --dicomweb-url; refused if its group or every user may read or write '
+    'it, or if '
+    'it is a symbolic link or not a regular file.',
   )
   _add(
     io,
@@ -157,7 +159,8 @@ def add_behaviour(parser: argparse.ArgumentParser) -> None:
     default=None,
     help='Replace patient_id, original_id, every UID and every path name that '
     'may carry an id by keyed pseudonyms (HMAC-SHA256) made with the key in '
-    'this file (at least 32 bytes, not readable by every user; `cardiac-mri '
+    'this file (at least 32 bytes, mode 600: not readable by its group or every '
+    'user; `cardiac-mri '
     'keygen FILE` makes one). The splits do not change.',
   )
   _add(

@@ -8,10 +8,12 @@
      written;
   4  with --strict, any problem row, dropped or not: the run counts as failed
      (the reports are written);
-  2  invalid options or input (nothing was launched);
+  2  invalid options or input (nothing was launched), or an output or id
+     map that another run changed meanwhile (nothing was published);
   1  the pipeline failed (crash): no version is committed;
   130, 143  interrupted by SIGINT (Ctrl-C) or SIGTERM: nothing is published
-     (an interrupt during publishing waits for it to finish).
+     (an interrupt during publishing waits for it to finish); more signals
+     while the first is handled, or once the run has ended, change nothing.
 
 ``--help`` is answered before Beam, pydicom or pyarrow are imported.
 
@@ -24,12 +26,13 @@ from __future__ import annotations
 
 import difflib
 import logging
-import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
 
 from beam_pipeline.launch import arguments, console, interrupts
+from beam_pipeline.tools import pipe
 from transforms.contract.errors import UsageError, causes
 
 _LOG = logging.getLogger(__name__)
@@ -52,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if arguments.HELP_BEAM in argv:
     from beam_pipeline.launch import options
 
-    print("Apache Beam's pipeline options (every runner's; this pipeline's too):")
+    pipe.out("Apache Beam's pipeline options (every runner's; this pipeline's too):")
     options.beam_parser().print_help()
     return EXIT_OK
   log_file = console.configure_logging()
@@ -63,15 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f'error: {e}', file=sys.stderr)
     return EXIT_USAGE
   except (interrupts.Interrupted, Exception) as e:
-    stop = interrupts.interrupted_by(e)
-    if stop is not None:
-      _LOG.info('interrupted by %s', stop, exc_info=True)  # the log file only
-      interrupts.stop_descendants()
-      print(_interrupted(stop), file=sys.stderr)
-      return stop.exit_code
-    _LOG.error('the pipeline failed', exc_info=True)
-    print(f'error: the pipeline failed: {_reason(e)}{_see(log_file)}', file=sys.stderr)
-    return EXIT_FAILED
+    return _ended(e, log_file)
   if run.dry_run or not run.issues:
     return EXIT_OK
   if run.options.strict:
@@ -83,14 +78,58 @@ def entry(argv: Sequence[str] | None = None) -> int:
   """``python run_pipeline.py`` and ``cardiac-mri run``: main() with the
   descriptor-level stderr of child processes routed to the log file, and
   glibc's malloc arenas capped before any thread starts
-  (``transforms.tuning.limit_arenas``)."""
+  (``transforms.tuning.limit_arenas``). An interrupted run ends the process
+  at once (``interrupts.leave``): a thread blocked on a server is not
+  waited for. Whatever main() lets out (an interrupt where it does not
+  catch one) is one line and its exit code too, never a traceback."""
   argv = list(sys.argv[1:] if argv is None else argv)
   if not any(a in argv for a in ('-h', '--help', arguments.HELP_BEAM)):
     from transforms import tuning
 
     tuning.limit_arenas()
     console.route_child_stderr()
-  return main(argv)
+  try:
+    code = pipe.run(_main_then_hold, argv)
+  except BaseException as e:  # came where main() does not catch it
+    code = _ended(e, None)
+  if code in interrupts.EXIT_CODES:
+    interrupts.leave(code)
+  return code
+
+
+def _main_then_hold(argv: Sequence[str] | None) -> int:
+  """main(); once it has ended, however, a signal is only recorded: the run
+  is over (published or not), and its exit code stands."""
+  try:
+    return main(argv)
+  finally:
+    interrupts.stopping()
+
+
+def _ended(e: BaseException, log_file: str | None) -> int:
+  """The exit code of a run that ``e`` ended, and its one line on stderr:
+  an interrupt (the first signal's; any later one, while this one is
+  handled, is only recorded: ``interrupts.handle_signals``), or a failure."""
+  stop = interrupts.interrupted_by(e)
+  if stop is None and isinstance(e, KeyboardInterrupt):  # before the handlers
+    stop = interrupts.Interrupted(signal.SIGINT)
+  if stop is not None:
+    interrupts.stopping()
+    _LOG.info('interrupted by %s', stop, exc_info=True)  # the log file only
+    interrupts.stop_descendants()
+    later = [signal.Signals(s).name for s in interrupts.ignored()]
+    if later:
+      _LOG.info(
+        'signals while the interrupt was handled, ignored: %s',
+        ', '.join(later),
+        extra=console.FILE_ONLY,
+      )
+    print(_interrupted(stop), file=sys.stderr)
+    return stop.exit_code
+  if _LOG.hasHandlers():  # else logging's last resort prints the traceback
+    _LOG.error('the pipeline failed', exc_info=True)
+  print(f'error: the pipeline failed: {_reason(e)}{_see(log_file)}', file=sys.stderr)
+  return EXIT_FAILED
 
 
 # The console command: `cardiac-mri COMMAND ...` (setup.py's entry point).
@@ -142,11 +181,20 @@ def _tool(name: str):
 
 
 def command(argv: Sequence[str] | None = None) -> int:
-  """``cardiac-mri COMMAND [ARGS]``: the pipeline and its tools, one command."""
+  """``cardiac-mri COMMAND [ARGS]``: the pipeline and its tools, one command
+  (a closed stdout, as in ``cardiac-mri problems OUT | head -1``, stops the
+  output only: ``pipe``)."""
+  return pipe.run(_command, argv)
+
+
+def _command(argv: Sequence[str] | None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   if not argv or argv[0] in ('-h', '--help'):
-    print(_usage(), file=sys.stdout if argv else sys.stderr)
-    return EXIT_OK if argv else EXIT_USAGE
+    if not argv:
+      print(_usage(), file=sys.stderr)
+      return EXIT_USAGE
+    pipe.out(_usage())
+    return EXIT_OK
   name, args = argv[0], argv[1:]
   if name not in COMMANDS:
     close = difflib.get_close_matches(name, COMMANDS, n=1)
@@ -159,13 +207,7 @@ def command(argv: Sequence[str] | None = None) -> int:
   sys.argv[0] = f'cardiac-mri {name}'  # argparse's usage lines name the command
   if name == 'run':
     return entry(args)
-  try:
-    code = _tool(name)(args) or EXIT_OK
-    sys.stdout.flush()  # here, where a closed pipe can still be caught
-  except BrokenPipeError:  # `cardiac-mri problems OUT | head`: the reader is done
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    return EXIT_OK
-  return code
+  return pipe.run(_tool(name), args)
 
 
 def _run(argv: list[str], started: float):

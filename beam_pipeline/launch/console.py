@@ -118,14 +118,32 @@ def _own_folder(folder: str, private: bool) -> bool:
 
 
 class _PrivateFileHandler(logging.FileHandler):
-  """A log file created 0600 from its first byte, never through a symbolic
-  link, and only as a regular file of one link."""
+  """A log file created 0600 from its first byte, by this run: a new file
+  (never one that was there, e.g. made by another user who guessed the
+  name), never through a symbolic link; opened again (after a close) only
+  as the regular file of one link this user owns."""
+
+  _made = False
 
   def _open(self):
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
-    fd = os.open(self.baseFilename, flags, 0o600)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK
+    if not self._made:
+      while True:
+        try:
+          fd = os.open(self.baseFilename, flags | os.O_CREAT | os.O_EXCL, 0o600)
+          break
+        except FileExistsError:  # taken: another name beside it
+          stem, _, _ = self.baseFilename.rpartition('.log')
+          self.baseFilename = f'{stem}-{os.urandom(3).hex()}.log'
+      self._made = True
+    else:
+      fd = os.open(self.baseFilename, flags)
     status = os.fstat(fd)
-    if not stat.S_ISREG(status.st_mode) or status.st_nlink != 1:
+    if (
+      not stat.S_ISREG(status.st_mode)
+      or status.st_nlink != 1
+      or status.st_uid != os.geteuid()
+    ):
       os.close(fd)
       raise OSError(f'{self.baseFilename} is not a log file this pipeline made')
     os.set_blocking(fd, True)
@@ -169,10 +187,11 @@ def configure_logging(path: str | None = None) -> str | None:
   path = path or log_path()
   try:
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    log_file = _PrivateFileHandler(path, encoding='utf-8', delay=True)
+    log_file = _PrivateFileHandler(path, encoding='utf-8')  # made now
   except OSError:
     path = None
   else:
+    path = log_file.baseFilename  # another name if that one was taken
     log_file.setLevel(logging.INFO)
     log_file.setFormatter(logging.Formatter(_FORMAT))
     handlers.append(log_file)

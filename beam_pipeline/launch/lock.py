@@ -1,4 +1,5 @@
-"""One run at a time per output: ``OUT/_LOCK``.
+"""One run at a time per output (``OUT/_LOCK``) and per id map
+(``{--id-map}.lock``, ``hold_file``).
 
 A run holds the lock from before it looks at the output until its dataset is
 published (or it fails or is interrupted). The lock file records the
@@ -13,7 +14,9 @@ before the holder deleted it cannot hold a lock nobody sees. The file is
 opened without following a symbolic link and must be a regular file: a link
 or a FIFO planted as ``OUT/_LOCK`` (anyone who may write in a shared output
 folder could plant one) is refused (exit 2), so a run never truncates and
-rewrites another file through it.
+rewrites another file through it. The id map's lock (``keys.lock_path``) is
+the same kind of file, held from before the job's parts are made until the
+map is in place, so two runs of two outputs never write one map.
 
 On an object store (no flock) the lock is an object made by a conditional
 create (S3 ``If-None-Match: *``, GCS ``ifGenerationMatch=0``), so of two runs
@@ -90,17 +93,39 @@ def hold(output: str, run_id: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _hold_local(output: str, run_id: str) -> Iterator[None]:
-  path = os.path.join(output, LOCK_FILE)
+  with hold_file(
+    os.path.join(output, LOCK_FILE), run_id, f'--output {output}', 'output'
+  ):
+    yield
+
+
+@contextlib.contextmanager
+def hold_file(path: str, run_id: str, named: str, what: str) -> Iterator[None]:
+  """Holds the local lock file ``path`` (made if absent) for the ``with``
+  block, and removes it at the end; the kernel lets go of it when the holder
+  dies, however it dies.
+
+  Args:
+    path: the lock file (``OUT/_LOCK``, ``{id map}.lock``).
+    run_id: the holder's run, recorded in the file.
+    named: the option and value it guards, for messages (``--output OUT``).
+    what: what it guards, in words (``output``, ``id map``).
+
+  Raises:
+    UsageError: another run holds it, or ``path`` is not a lock file this
+      pipeline made (a link, a FIFO, a file of several links).
+  """
+  flag = named.split(' ', 1)[0]
   while True:
-    fd = _open_lock(path, output)
+    fd = _open_lock(path, named, what)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       holder = _parse(os.pread(fd, 4096, 0))
       os.close(fd)
       raise UsageError(
-        f'--output {output} is in use by another run ({_describe(holder)}; '
-        f'{path}); wait for it to finish, or choose another --output'
+        f'{named} is in use by another run ({_describe(holder)}; '
+        f'{path}); wait for it to finish, or choose another {flag}'
       ) from None
     try:
       same = os.fstat(fd).st_ino == os.stat(path).st_ino
@@ -114,9 +139,11 @@ def _hold_local(output: str, run_id: str) -> Iterator[None]:
     if left:
       _LOG.warning(
         'taking over the lock of %s left by a run that is no longer running (%s)',
-        output,
+        named.split(' ', 1)[-1],
         _describe(left),
       )
+    with contextlib.suppress(OSError):  # one left by an older release: 0644
+      os.fchmod(fd, 0o600)
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(_holder(run_id)).encode(), 0)
     yield
@@ -136,22 +163,22 @@ _LOCK_FLAGS = (
 )
 
 
-def _open_lock(path: str, output: str) -> int:
+def _open_lock(path: str, named: str, what: str) -> int:
   """The lock file, opened (made if absent) as a regular file of its own.
 
   Raises:
     UsageError: the path is a symbolic link or not a regular file.
   """
   refusal = (
-    f'--output {output}: {path} is not a lock file this pipeline made (%s); '
-    'remove it if no run is using this output'
+    f'{named}: {path} is not a lock file this pipeline made (%s); '
+    f'remove it if no run is using this {what}'
   )
   try:
-    fd = os.open(path, _LOCK_FLAGS, 0o644)
+    fd = os.open(path, _LOCK_FLAGS, 0o600)  # its run id is no one else's
   except OSError as e:
     if os.path.islink(path):
       raise UsageError(refusal % 'a symbolic link') from None
-    raise UsageError(f'--output {output}: cannot open {path}: {e.strerror}') from e
+    raise UsageError(f'{named}: cannot open {path}: {e.strerror}') from e
   found = os.fstat(fd)
   if not stat.S_ISREG(found.st_mode):
     os.close(fd)
@@ -198,6 +225,34 @@ def _hold_remote(output: str, run_id: str) -> Iterator[None]:
     with contextlib.suppress(Exception):
       if _parse(store.read(path)).get('run_id') == run_id:
         store.delete([path])
+
+
+def holder(output: str) -> str | None:
+  """Who holds the lock of the local folder ``output`` now (``pid N on HOST
+  since T``, with ``?`` for what cannot be read; a path that is not a lock
+  file this pipeline made counts as held), or None when no process holds it
+  (no lock file, or one that a dead run left). Takes nothing: a shared lock
+  is tried and at once released."""
+  path = os.path.join(output, LOCK_FILE)
+  flags = os.O_RDONLY | (_LOCK_FLAGS & ~(os.O_RDWR | os.O_CREAT))
+  try:
+    fd = os.open(path, flags)
+  except FileNotFoundError:
+    return None
+  except OSError:
+    return _describe({})
+  try:
+    found = os.fstat(fd)
+    if not stat.S_ISREG(found.st_mode) or found.st_nlink > 1:
+      return _describe({})
+    try:
+      fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+      return _describe(_parse(os.pread(fd, 4096, 0)))
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return None
+  finally:
+    os.close(fd)
 
 
 def new_run_id() -> str:

@@ -11,6 +11,15 @@ nothing a reader sees: the previous version is the latest, file for file;
 the next run removes what the killed one left. Works on a local disk and on
 object stores (``s3://``, ``gs://``), where moving is a parallel
 server-side copy.
+
+Locally the staging folder is made by the launcher, mode 0700 and only if
+nothing is there (``make_staging``), so no other user can plant a file in
+it; a table folder, its log or the old layout's summary that is a link or
+a FIFO (planted in a shared output) is refused before the run and again
+before and after the move (``check_entries``); the files are moved between
+the folders' descriptors, none opened through a link, so a table folder
+swapped for a link in between is refused, never written through; moved
+files replace, never follow, whatever is at their names.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ import tempfile
 import time
 
 from beam_pipeline.dataset import versions
-from transforms.contract import digests, schema
+from transforms.contract import digests, local_files, schema
 from transforms.contract.errors import UsageError
 from transforms.io import stores
 from transforms.io.protocol import is_local
@@ -149,7 +158,10 @@ def check_replaceable(output: str, overwrite: bool, input_root: str) -> None:
   a new version cannot be added to (the layout before schema 3, or other
   files) or a dataset made from another input. A run of the same input into
   an existing dataset adds a version and needs no --overwrite: the previous
-  versions stay readable."""
+  versions stay readable. Whatever ``overwrite``, an entry the run writes
+  through that is not what this pipeline makes there (``check_entries``) is
+  refused."""
+  check_entries(output)
   try:
     if is_table(output):
       source = made_from(output)
@@ -178,25 +190,79 @@ def check_replaceable(output: str, overwrite: bool, input_root: str) -> None:
     )
 
 
+def staging_folders(output: str) -> list[str]:
+  """Every run's staging folder in ``output`` (a live run's too), sorted."""
+  if is_local(output):
+    names = os.listdir(output) if os.path.isdir(output) else []
+    return sorted(
+      {os.path.join(output, n) for n in names if n.startswith(schema.STAGING_DIR)}
+    )
+  prefix = output.rstrip('/') + '/'
+  return sorted(
+    {
+      prefix + path[len(prefix) :].split('/', 1)[0]
+      for path in stores.files_under(output)
+      if path[len(prefix) :].startswith(schema.STAGING_DIR)
+    }
+  )
+
+
+# What a run writes through in a local output, and what each must be: a
+# table folder and its log a folder (not a link: the run would write the
+# new version where it leads), the old layout's summary a file (not a link,
+# whose target a run with --overwrite would be told to replace).
+def _entries(output: str) -> list[tuple[str, str]]:
+  folders = [os.path.join(output, table) for table in DATA_ENTRIES]
+  folders += [os.path.join(folder, versions.LOG_DIR) for folder in folders]
+  return [(path, 'a folder') for path in folders] + [
+    (os.path.join(output, schema.SUMMARY_FILE), 'a file')
+  ]
+
+
+def check_entries(output: str) -> None:
+  """Raises UsageError if a local ``output`` holds, where a run writes, a
+  symbolic link, a FIFO or anything else this pipeline does not make there
+  (anyone who may write in a shared output could plant one)."""
+  if not is_local(output):
+    return
+  for path, wanted in _entries(output):
+    try:
+      found = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+      continue
+    what = local_files.kind(found)
+    if what != wanted:
+      raise UsageError(
+        f'--output {output}: {path} is {what}, not {wanted} this pipeline made; '
+        'remove it, or choose another --output'
+      )
+
+
+def make_staging(output: str, run_id: str) -> str:
+  """Makes the run's staging folder in a local ``output``: mode 0700, made
+  here or not at all, so nothing in it was planted (on an object store
+  there are no folders); returns it.
+
+  Raises:
+    UsageError: something is already there.
+  """
+  staging = staging_path(output, run_id)
+  if is_local(output):
+    try:
+      os.mkdir(staging, 0o700)
+    except FileExistsError:
+      raise UsageError(
+        f'--output {output}: {staging} exists, made by something else than '
+        'this run; remove it'
+      ) from None
+  return staging
+
+
 def clear_staging(output: str) -> None:
   """Deletes what interrupted runs left: their staging folders, and files in
   the table folders that no version names (call it holding the output's
   lock: no other run is writing then)."""
-  if is_local(output):
-    names = os.listdir(output) if os.path.isdir(output) else []
-    left = sorted(
-      {os.path.join(output, n) for n in names if n.startswith(schema.STAGING_DIR)}
-    )
-  else:
-    prefix = output.rstrip('/') + '/'
-    left = sorted(
-      {
-        prefix + path[len(prefix) :].split('/', 1)[0]
-        for path in stores.files_under(output)
-        if path[len(prefix) :].startswith(schema.STAGING_DIR)
-      }
-    )
-  for staging in left:
+  for staging in staging_folders(output):
     _LOG.warning('removing %s, left by an interrupted run', staging)
     delete_tree(staging)
   if is_table(output):  # a folder of the older layout is kept until replaced
@@ -313,18 +379,21 @@ def publish(
   """
   staging = staging_path(output, run_id)
   final = published(files, run_id)
+  check_entries(output)  # again: a link planted while the job ran
   # Audit events (sys.audit) mark each step: the kill tests stop the
   # launcher at each of them (tests/test_versions.py).
   sys.audit(AUDIT_EVENT, 'move')
-  stores.move_all(
+  _move(
+    output,
     [
       (
         entry.get(digests.SOURCE) or stores.join(staging, path),
         stores.join(output, published_name(path, run_id)),
       )
       for path, entry in files.items()
-    ]
+    ],
   )
+  check_entries(output)  # and after: the commits write the logs by path
   made = {}
   for table in _COMMIT_ORDER[:-1]:
     sys.audit(AUDIT_EVENT, f'commit {table}')
@@ -341,11 +410,35 @@ def publish(
     output, schema.SLICES_DIR, final, {versions.RECORD_KEY: record}, start, removed
   )
   sys.audit(AUDIT_EVENT, 'committed')
-  delete_tree(staging)
-  summary = stores.join(output, schema.SUMMARY_FILE)
-  if stores.store(summary).exists(summary):  # the layout before schema 3
-    remove_unnamed(output)  # its files, replaced by this version
+  try:  # the version is committed: what is left to tidy can fail no run
+    delete_tree(staging)
+    summary = stores.join(output, schema.SUMMARY_FILE)
+    if stores.store(summary).exists(summary):  # the layout before schema 3
+      remove_unnamed(output)  # its files, replaced by this version
+  except Exception as e:
+    _LOG.warning(
+      'version %d is published; tidying %s failed (%s): the next run removes '
+      'what is left',
+      version,
+      output,
+      e,
+    )
   return version
+
+
+def _move(output: str, pairs: list[tuple[str, str]]) -> None:
+  """Moves the staged files to their tables' folders: in a local output
+  through the folders' descriptors, none of them reached through a link
+  (``stores.move_all``), so a table folder swapped for a link after
+  ``check_entries`` looked is refused (UsageError), never written through."""
+  if not is_local(output):
+    stores.move_all(pairs)
+    return
+  try:
+    stores.move_all(pairs, under=output)
+  except local_files.PlantedError as e:
+    check_entries(output)  # names the entry as before the run
+    raise UsageError(f'--output {output}: {e}') from None
 
 
 def _adds(table: str, files: dict[str, dict]) -> list:

@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import shutil
 import time
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -41,7 +40,7 @@ from beam_pipeline.launch import (
 )
 from beam_pipeline.launch.options import IngestOptions, Resolved, check_known
 from beam_pipeline.pipeline import Job, build_pipeline
-from beam_pipeline.tools import keys, qa, sample
+from beam_pipeline.tools import keys, pipe, qa, sample
 from transforms.contract import layout, metrics, splits
 from transforms.contract.errors import UsageError, causes
 from transforms.io import stores
@@ -72,7 +71,7 @@ def resolve_paths(ingest: IngestOptions) -> Paths:
   if ingest.input is None:
     input_root = publish.absolute(ingest.sample_dir)
     manifest = sample.make_builtin_sample(input_root)
-    print(
+    pipe.out(
       f'No --input given: generated the built-in sample at '
       f'{input_root} ({len(manifest.slices)} slices).'
     )
@@ -88,6 +87,7 @@ def resolve_paths(ingest: IngestOptions) -> Paths:
     if not stores.is_local(output) or not stores.is_local(qa_dir):
       raise UsageError('--qa-dir needs a local --output and a local --qa-dir')
     qa_dir = publish.absolute(qa_dir)
+    qa.check_qa_dir(qa_dir)  # a link planted where a folder goes: refused
   if output == input_root or output.startswith(input_root + '/'):
     raise UsageError('--output must not be inside --input')
   paths = Paths(input_root, output, qa_dir, None, overwrite)
@@ -111,10 +111,7 @@ def _checked_id_map(id_map: str, paths: Paths) -> str:
   folder = os.path.dirname(id_map)
   if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
     raise UsageError(f'--id-map {id_map}: {folder} is not a writable folder')
-  if os.path.isdir(id_map):
-    raise UsageError(f'--id-map {id_map} is a folder, not a file')
-  if os.path.exists(id_map) and not paths.overwrite:
-    raise UsageError(f'--id-map {id_map} exists: add --overwrite to replace it')
+  keys.check_id_map(id_map, paths.overwrite)  # a link, a FIFO, a folder: refused
   return id_map
 
 
@@ -282,7 +279,7 @@ def _dry_run(options: PipelineOptions, ingest: IngestOptions) -> Run:
   p = beam.Pipeline(options=options)
   build_pipeline(p, job_of(ingest, settings, paths, 'dry-run'))
   result = p.run()
-  print(
+  pipe.out(
     f'Dry run: the job graph for {paths.input} was built and translated; '
     'nothing was submitted, read or written.'
   )
@@ -301,6 +298,8 @@ def run(argv: Sequence[str] | None = None, started: float | None = None) -> Run:
     UsageError: an unknown option, invalid values or input, before anything
       launches.
     RuntimeError: the job did not finish DONE; nothing was published.
+    AfterPublishing: a step after the commit failed; the version is
+      published, and the message says so.
   """
   started = time.monotonic() if started is None else started
   argv = list(argv or [])
@@ -310,18 +309,20 @@ def run(argv: Sequence[str] | None = None, started: float | None = None) -> Run:
   if options.view_as(TestOptions).dry_run:
     return _dry_run(options, ingest)
   settings = ingest.resolve()
-  stores.configure(settings.decode.store)
+  stores.configure(settings.decode.store)  # with a key: logs redacted from here
   paths = resolve_paths(ingest)
   publish.check_replaceable(paths.output, paths.overwrite, paths.input)
   if settings.decode.dicomweb is None:
-    found = preflight.survey(paths.input, ingest.image_codec)
+    found = preflight.survey(
+      paths.input, ingest.image_codec, settings.decode.max_pixels
+    )
   else:  # nothing to count ahead: the slices are on the server
     preflight.check_dicomweb(settings.decode.dicomweb, paths.input)
     found = None
   needed = found.dataset_bytes(ingest.labeled_only) if found else None
   preflight.check_output(paths.output, needed, not ingest.skip_space_check)
   run_id = lock.new_run_id()
-  with lock.hold(paths.output, run_id), _id_map_parts(paths.id_map, run_id):
+  with lock.hold(paths.output, run_id), _id_map_parts(paths, run_id) as map_run:
     publish.check_replaceable(
       paths.output, paths.overwrite, paths.input
     )  # again, under the lock
@@ -337,18 +338,65 @@ def run(argv: Sequence[str] | None = None, started: float | None = None) -> Run:
       frozenset(incremental.to_retry(paths.output, record)),
     )
     return _launch(
-      options, argv, ingest, settings, paths, found, run_id, start, started
+      options, argv, ingest, settings, paths, found, run_id, start, started, map_run
     )
 
 
+@dataclasses.dataclass
+class _MapRun:
+  """What ``_id_map_parts`` must know of the run when it ends: whether its
+  dataset was published (set by ``_launch`` the moment the commit returns)."""
+
+  published: bool = False
+
+
 @contextlib.contextmanager
-def _id_map_parts(id_map: str | None, run_id: str):
-  """Whatever happens, no part of the id map is left beside it."""
-  try:
-    yield
-  finally:
-    if id_map is not None:
-      shutil.rmtree(keys.parts_folder(id_map, run_id), ignore_errors=True)
+def _id_map_parts(paths: Paths, run_id: str):
+  """Holds --id-map for the run (``keys.lock_path``: a second run of the
+  same map is refused), clears what killed runs of it left, and makes the
+  job's parts folder; yields a ``_MapRun``. Whatever happens, no part is
+  left beside the map, and no staged map unless the dataset was published:
+  then the staged map is what ``keys.put_id_map`` could not put anywhere
+  else (it said where), the only copy of the published dataset's map."""
+  id_map = paths.id_map
+  map_run = _MapRun()
+  if id_map is None:
+    yield map_run
+    return
+  with lock.hold_file(keys.lock_path(id_map), run_id, f'--id-map {id_map}', 'id map'):
+    keys.check_id_map(id_map, paths.overwrite)  # again, under the lock
+    keys.remove_leftovers(id_map, run_id)
+    try:
+      keys.make_parts(id_map, run_id)
+      yield map_run
+    finally:
+      keys.remove_run_files(id_map, run_id, published=map_run.published)
+
+
+class AfterPublishing(RuntimeError):
+  """A step after the commit failed (writing the QA page): the new version
+  is published and complete, and the message says so (exit 1)."""
+
+
+def _published(
+  paths: Paths, version: int, staged: keys.StagedMap | None, said_of_map: str | None
+) -> str:
+  """What a failure or interrupt after the commit says of the dataset and
+  of where its id map is."""
+  said = f'version {version} of {paths.output} is published and complete'
+  if staged is None:
+    return said
+  if said_of_map is None:  # never put: it stays where it was staged
+    said_of_map = (
+      f'{staged.path} ({staged.rows} rows; NOT at {staged.id_map}: move it '
+      'there before the next run of this --id-map, which removes it)'
+    )
+  return f'{said}; its id map: {said_of_map}'
+
+
+def _one_line(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  return f'{type(e).__name__}: {text[0] if text else ""}'.rstrip(': ')
 
 
 def _launch(
@@ -361,10 +409,17 @@ def _launch(
   run_id: str,
   start: incremental.Start,
   started: float,
+  map_run: _MapRun,
 ) -> Run:
   """Runs the job into its own staging folder and commits it as a new
   version after ``start`` (the caller holds the output's lock); ``started``:
-  when the command started."""
+  when the command started; ``map_run``: told when the dataset is published.
+
+  Raises:
+    AfterPublishing: a step after the commit failed (writing the QA page):
+      the new version is complete, and the message says so and where its id
+      map is. An interrupt then is raised marked ``published``.
+  """
   if found is not None and start.incremental and start.committed:
     found = found.changed_since(start.committed * 1_000_000)
   described = choose_direct_mode(options, argv, found)
@@ -378,6 +433,7 @@ def _launch(
       else f'decoding every patient ({start.why_full})',
     )
   publish.clear_staging(paths.output)
+  publish.make_staging(paths.output, run_id)
   runner = _runner(options)  # None: not the DirectRunner, no shared folder
   began = time.monotonic()
   p = beam.Pipeline(runner=runner, options=options)
@@ -410,72 +466,102 @@ def _launch(
   )
   for pid, n in carried.dropped.items():
     dropped[pid] = dropped.get(pid, 0) + n
-  with interrupts.deferred():  # all of the new dataset, or the old one
-    files = {**publish.take_manifests(paths.output, run_id), **carried.staged}
-    if start.incremental:
-      files = incremental.without_empty(files)
-    record = summary.run_record(
-      totals,
-      seconds,
-      input=paths.input,
-      labeled_only=ingest.labeled_only,
-      strict=ingest.strict,
-      drop_duplicates=ingest.drop_duplicates,
-      dropped_duplicates=dropped,
-      pseudonymized=ingest.pseudonymize_key_file is not None,
-      **{
-        incremental.SETTINGS: incremental.settings_digest(
-          row_settings(ingest, settings)
-        ),
-        incremental.PATIENTS: {
-          **carried.patients,
-          'from_version': start.version,
-          'why_full': start.why_full,
-          'slices_decoded': decoded,
-        },
-        incremental.INPUTS: dict(sorted(carried.fingerprints.items())),
-        incremental.SPLITS: dict(sorted(carried.splits.items())),
-        incremental.FRACTIONS: list(settings.decode.split_fractions),
-      },
-    )
-    _LOG.info(
-      'publishing version %d (%d new files) to %s',
-      0 if start.version is None else start.version + 1,
-      len(files),
-      paths.output,
-    )
-    version = publish.publish(
-      paths.output,
-      run_id,
-      files,
-      record,
-      start.version,
-      carried.kept_files if start.incremental else None,
-      carried.removed if start.incremental else None,
-    )
-  outputs = {e: stores.join(paths.output, e) for e in publish.DATA_ENTRIES}
-  outputs['version'] = (
-    f'{version} (list them with: {summary.history_command(paths.output)})'
-  )
+  staged_map = None  # staged before publishing: a map made meanwhile stops the run
   if paths.id_map is not None:
-    rows = keys.assemble_id_map(job.id_map_parts, paths.id_map)
-    outputs['id map'] = f'{paths.id_map} ({rows} rows; keep it apart from the dataset)'
-  if paths.qa_dir is not None:
-    _LOG.info('writing the QA page to %s', paths.qa_dir)
-    outputs['qa'] = qa.write_qa(paths.output, paths.qa_dir)
-  print(
-    summary.summary_text(
-      totals,
-      outputs,
-      seconds,
-      output=paths.output,
-      split=ingest.split,
-      patients=record[incremental.PATIENTS],
-      wall_seconds=time.monotonic() - started,
-      drop_duplicates=ingest.drop_duplicates,
-      flagged=len(plan.flags),
+    staged_map = keys.stage_id_map(
+      job.id_map_parts, paths.id_map, run_id, paths.overwrite
     )
-  )
+  version = None  # the new version, once committed
+  said_of_map = None
+  doing = 'publishing'
+  failure = None
+  try:
+    with interrupts.deferred():  # all of the new dataset, or the old one
+      files = {**publish.take_manifests(paths.output, run_id), **carried.staged}
+      if start.incremental:
+        files = incremental.without_empty(files)
+      record = summary.run_record(
+        totals,
+        seconds,
+        input=paths.input,
+        labeled_only=ingest.labeled_only,
+        strict=ingest.strict,
+        drop_duplicates=ingest.drop_duplicates,
+        dropped_duplicates=dropped,
+        pseudonymized=ingest.pseudonymize_key_file is not None,
+        **{
+          incremental.SETTINGS: incremental.settings_digest(
+            row_settings(ingest, settings)
+          ),
+          incremental.PATIENTS: {
+            **carried.patients,
+            'from_version': start.version,
+            'why_full': start.why_full,
+            'slices_decoded': decoded,
+          },
+          incremental.INPUTS: dict(sorted(carried.fingerprints.items())),
+          incremental.SPLITS: dict(sorted(carried.splits.items())),
+          incremental.FRACTIONS: list(settings.decode.split_fractions),
+        },
+      )
+      _LOG.info(
+        'publishing version %d (%d new files) to %s',
+        0 if start.version is None else start.version + 1,
+        len(files),
+        paths.output,
+      )
+      version = publish.publish(
+        paths.output,
+        run_id,
+        files,
+        record,
+        start.version,
+        carried.kept_files if start.incremental else None,
+        carried.removed if start.incremental else None,
+      )
+      map_run.published = True  # from here on, the staged map is never removed
+      # in place before an interrupt is let through: a published dataset has its map
+      if staged_map is not None:
+        doing = 'putting the id map in place'
+        said_of_map = keys.put_id_map(staged_map, paths.overwrite)
+    doing = 'printing the summary'
+    outputs = {e: stores.join(paths.output, e) for e in publish.DATA_ENTRIES}
+    outputs['version'] = (
+      f'{version} (list them with: {summary.history_command(paths.output)})'
+    )
+    if said_of_map is not None:
+      outputs['id map'] = said_of_map
+    if paths.qa_dir is not None:
+      doing = 'writing the QA page'
+      _LOG.info('writing the QA page to %s', paths.qa_dir)
+      outputs['qa'] = qa.write_qa(paths.output, paths.qa_dir, version)
+      doing = 'printing the summary'
+    pipe.out(
+      summary.summary_text(
+        totals,
+        outputs,
+        seconds,
+        output=paths.output,
+        split=ingest.split,
+        patients=record[incremental.PATIENTS],
+        wall_seconds=time.monotonic() - started,
+        drop_duplicates=ingest.drop_duplicates,
+        flagged=len(plan.flags),
+      )
+    )
+  except BaseException as e:
+    if version is None:  # nothing of this run was published
+      raise
+    published = _published(paths, version, staged_map, said_of_map)
+    stop = interrupts.interrupted_by(e)
+    if stop is not None:
+      stop.published = True  # the command line's line says so
+      _LOG.warning('%s', published)
+      raise
+    _LOG.error('%s failed after version %d was published', doing, version, exc_info=e)
+    failure = AfterPublishing(f'{published}; then {doing} failed: {_one_line(e)}')
+  if failure is not None:  # raised here: no other error is its context
+    raise failure
   for empty in summary.empty_splits(totals):  # the summary has shown it
     _LOG.warning(
       'split %s is empty at --split %s', empty, ingest.split, extra=console.FILE_ONLY

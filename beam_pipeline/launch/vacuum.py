@@ -6,8 +6,11 @@ version replaced less than ``--retain-hours`` ago; older ones go, and so do
 files no version names (left by an interrupted run). With ``--retain-hours
 0`` the folder holds exactly the latest version, which is then also what a
 plain Parquet reader sees. The log is kept: ``history`` still lists every
-version, and marks those whose files are gone. Holds the output's lock, like
-a run, so it never removes a file a run is committing.
+version, and marks those whose files are gone. The staging folders that
+runs no longer running left (``OUT/_incomplete-<run id>/``; a run that filled
+the disk leaves its own) go too, as the next run would remove them. Holds
+the output's lock, like a run, so it never removes a file a run is
+committing, nor a live run's staging folder.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import sys
 
 from beam_pipeline.dataset import versions
 from beam_pipeline.launch import lock, publish
+from beam_pipeline.tools import pipe
 from transforms.contract.errors import UsageError
 from transforms.io import stores
 
@@ -25,19 +29,27 @@ DEFAULT_RETAIN_HOURS = 168  # Delta Lake's own default: 7 days
 
 def vacuum(output: str, retain_hours: float, dry_run: bool = False) -> list[str]:
   """Removes (or with ``dry_run`` lists) the files of versions replaced more
-  than ``retain_hours`` ago and files no version names; returns their paths.
+  than ``retain_hours`` ago, files no version names and the staging folders
+  of runs no longer running; returns their paths (a folder's ending in
+  ``/``).
 
   Raises:
-    UsageError: ``output`` holds no dataset, or a run holds its lock.
+    UsageError: ``output`` holds no dataset and no staging folder, or a run
+      holds its lock.
   """
   from deltalake import DeltaTable
   from deltalake.transaction import PostCommitHookProperties
 
-  if not publish.is_table(output):
+  versioned = publish.is_table(output)
+  if not versioned and not publish.staging_folders(output):
     raise UsageError(f'{output} holds no versioned dataset (no slices/_delta_log)')
   removed = []
   with lock.hold(output, lock.new_run_id()):
-    for table in publish.DATA_ENTRIES:
+    for staging in publish.staging_folders(output):  # holding the lock: dead runs'
+      if not dry_run:
+        publish.delete_tree(staging)
+      removed.append(staging.rstrip('/') + '/')
+    for table in publish.DATA_ENTRIES if versioned else ():
       uri = stores.join(output, table)
       if not publish.exists(stores.join(uri, versions.LOG_DIR)):
         continue
@@ -85,10 +97,14 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   verb = 'would remove' if args.dry_run else 'removed'
   for path in removed:
-    print(f'{verb} {path}')
-  print(f'{verb} {len(removed)} file(s) from {output}')
+    pipe.out(f'{verb} {path}')
+  folders = sum(path.endswith('/') for path in removed)
+  staged = f' and {folders} staging folder(s) of runs no longer running'
+  pipe.out(
+    f'{verb} {len(removed) - folders} file(s){staged if folders else ""} from {output}'
+  )
   return 0
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(pipe.run(main))

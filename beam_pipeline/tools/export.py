@@ -33,6 +33,7 @@ import numpy as np
 
 from beam_pipeline import dataset
 from beam_pipeline.dataset import geometry, labels, volumes
+from beam_pipeline.tools import pipe
 from transforms.contract.errors import UsageError
 
 EXIT_OK = 0
@@ -312,14 +313,16 @@ def main(argv: list[str] | None = None) -> int:
       overwrite=args.overwrite,
       progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
-  except (UsageError, FileNotFoundError, dataset.DatasetError) as e:
+  except (UsageError, OSError, dataset.DatasetError) as e:
     print(f'error: {e}', file=sys.stderr)
     return EXIT_USAGE
   for pid, series, problem in summary.problems:
-    print(f'left out: {pid} series {series}: {problem}')
+    pipe.out(f'left out: {pid} series {series}: {problem}')
   if summary.problems:
-    print(f'{summary.left_out} series left out for {len(summary.problems)} problem(s)')
-  print(
+    pipe.out(
+      f'{summary.left_out} series left out for {len(summary.problems)} problem(s)'
+    )
+  pipe.out(
     f'{summary.folder}: {summary.volumes} volume(s) written as {summary.cases} '
     f'case(s) ({summary.training} training, {summary.test} test, '
     f'{summary.test_labeled} of them labeled); skipped: {summary.left_out} '
@@ -329,4 +332,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(pipe.run(main))

@@ -19,6 +19,7 @@ import sys
 import xxhash
 
 from beam_pipeline.dataset import versions
+from beam_pipeline.tools import pipe
 from transforms.contract import digests, metrics, schema
 
 # The recorded settings that shape the rows (shown when they change).
@@ -53,9 +54,10 @@ def patient_digests(output: str, record: dict) -> dict[str, str] | None:
   rows: dict[str, list] = {}
   for name in shards:
     path = os.path.join(output, name)
-    if not os.path.exists(path):
+    try:
+      table = pq.read_table(path, columns=list(_COMPARED))
+    except (OSError, ValueError):  # gone, or unreadable: verify says which
       return None
-    table = pq.read_table(path, columns=list(_COMPARED))
     for row in zip(*(table.column(c).to_pylist() for c in _COMPARED), strict=True):
       rows.setdefault(row[0], []).append(repr(row[1:]))
   return {
@@ -99,6 +101,18 @@ def _change(
   return '; '.join(parts)
 
 
+def _committed(when) -> str | None:
+  """A commit's time (ms since the epoch, written by deltalake) in ISO 8601
+  UTC; None when it is not a time."""
+  if not isinstance(when, int | float) or isinstance(when, bool):
+    return None
+  try:
+    moment = datetime.datetime.fromtimestamp(when / 1000, datetime.UTC)
+  except (OverflowError, OSError, ValueError):
+    return None
+  return moment.isoformat(timespec='seconds')
+
+
 def entries(output: str) -> list[dict]:
   """Every version as ``history`` shows it (what --json prints).
 
@@ -112,14 +126,9 @@ def entries(output: str) -> list[dict]:
   if not records:
     versions.latest(output)  # raises, naming why
   for record in records:
-    when = record.get('timestamp')
     entry = {
       'version': record[versions.VERSION],
-      'committed': None
-      if when is None
-      else datetime.datetime.fromtimestamp(when / 1000, datetime.UTC).isoformat(
-        timespec='seconds'
-      ),
+      'committed': _committed(record.get('timestamp')),
     }
     if 'error' in record:
       found.append({**entry, 'error': record['error']})
@@ -157,23 +166,23 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   try:
     found = entries(args.output)
-  except versions.DatasetError as e:
+  except (OSError, versions.DatasetError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   if args.json:
-    print(json.dumps(found, indent=2))
+    pipe.out(json.dumps(found, indent=2))
     return 0
-  print(
+  pipe.out(
     f'{"version":>7}  {"committed (UTC)":<25}  {"run id":<24}  '
     f'{"slices":>7} {"recon":>6} {"errors":>6}  change'
   )
   for entry in found:
-    print(_line(entry))
+    pipe.out(_line(entry))
   inputs = sorted({e['input'] for e in found if e.get('input')})
   for source in inputs:
-    print(f'input: {source}')
+    pipe.out(f'input: {source}')
   return 0
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(pipe.run(main))

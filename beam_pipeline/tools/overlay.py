@@ -15,7 +15,7 @@ import sys
 import pyarrow.compute as pc
 
 from beam_pipeline import dataset
-from beam_pipeline.tools import render
+from beam_pipeline.tools import pipe, render
 
 _LISTED = 20  # ids shown when the one asked for is unknown
 
@@ -92,15 +92,15 @@ def main(argv: list[str] | None = None) -> int:
       why = why_missing(args.output, args.patient, args.slice, args.version)
       print(f'error: {why}', file=sys.stderr)
       return 2
-  except (FileNotFoundError, dataset.DatasetError) as e:
+    out = args.out or f'{row["patient_id"]}-{row["slice_index"]}.png'
+    picture = render.with_caption(render.overlay(row, args.scale), render.legend(row))
+    picture.save(out)
+  except (OSError, dataset.DatasetError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  out = args.out or f'{row["patient_id"]}-{row["slice_index"]}.png'
-  picture = render.with_caption(render.overlay(row, args.scale), render.legend(row))
-  picture.save(out)
-  print(f'{out}: {render.legend(row)}')
+  pipe.out(f'{out}: {render.legend(row)}')
   return 0
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(pipe.run(main))

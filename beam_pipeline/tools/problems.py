@@ -16,6 +16,7 @@ import collections
 import sys
 
 from beam_pipeline import dataset
+from beam_pipeline.tools import pipe
 from transforms.contract import schema
 
 
@@ -48,18 +49,18 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   try:
     lines = problem_lines(args.output, args.version)
-  except (FileNotFoundError, dataset.DatasetError) as e:
+  except (OSError, dataset.DatasetError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   for line in lines:
-    print(line)
+    pipe.out(line)
   kinds = collections.Counter(tuple(line.split('\t')[:2]) for line in lines)
   counts = ', '.join(
     f'{kind} ({table}): {n}' for (table, kind), n in sorted(kinds.items())
   )
-  print(f'{len(lines)} problem rows' + (f': {counts}' if counts else ''))
+  pipe.out(f'{len(lines)} problem rows' + (f': {counts}' if counts else ''))
   return 1 if lines else 0
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(pipe.run(main))

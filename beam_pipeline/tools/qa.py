@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import html
 import os
 import sys
@@ -27,8 +28,9 @@ import sys
 import pyarrow.compute as pc
 
 from beam_pipeline import dataset
-from beam_pipeline.tools import render
-from transforms.contract import layout
+from beam_pipeline.tools import pipe, render
+from transforms.contract import layout, local_files
+from transforms.contract.errors import UsageError
 from transforms.contract.flags import FLAGS
 
 INDEX = 'index.html'
@@ -198,15 +200,52 @@ def _index_html(patients: dict[str, dict], tiles: dict[str, list]) -> str:
 """
 
 
+def check_qa_dir(qa_dir: str) -> None:
+  """Raises UsageError if ``qa_dir`` is not a folder, or holds, where the QA
+  page makes folders (``slices/`` and one per patient in it), a link or
+  anything else that is not a folder: planted in a shared folder, it would
+  have the overlays written where it leads. (A link or a FIFO planted where
+  a file goes is replaced, never followed: ``write_qa``.)"""
+  if os.path.lexists(qa_dir) and not os.path.isdir(qa_dir):
+    raise UsageError(f'--qa-dir {qa_dir} is not a folder')
+  overlays = os.path.join(qa_dir, OVERLAYS)
+  folders = [overlays]
+  if os.path.isdir(overlays) and not os.path.islink(overlays):
+    folders += sorted(entry.path for entry in os.scandir(overlays))
+  for path in folders:
+    try:
+      what = local_files.kind(os.lstat(path))
+    except FileNotFoundError:
+      continue
+    if what != 'a folder':
+      raise UsageError(
+        f'--qa-dir {qa_dir}: {path} is {what}, not a folder this pipeline made; '
+        'remove it, or choose another --qa-dir'
+      )
+
+
+def _save(folder: local_files.Folder, name: str, picture) -> None:
+  """Writes ``picture`` as the PNG ``name`` of ``folder``, whole or not at
+  all, never through a link at that name."""
+  with folder.writer(name) as f:
+    picture.save(f, format='PNG')
+
+
 def write_qa(output: str, qa_dir: str, version: int | None = None) -> str:
   """Writes index.html, the overlays of labelled and flagged slices, and one
   contact sheet per patient with labelled slices.
 
   Reads one patient's labelled or flagged slices at a time, so memory stays
-  bounded.
+  bounded. Every file is written under a fresh name and renamed into place,
+  and every folder below ``qa_dir`` opened without following a link
+  (``local_files.Folder``): a link, FIFO or hard link planted in a shared
+  QA folder is replaced, never written through.
 
   Returns:
     The path of index.html.
+
+  Raises:
+    local_files.PlantedError: a link or a file where a folder goes.
   """
   os.makedirs(qa_dir, exist_ok=True)
   if version is None:
@@ -216,26 +255,27 @@ def write_qa(output: str, qa_dir: str, version: int | None = None) -> str:
   labeled = pc.field('i_mask').is_valid() | pc.field('o_mask').is_valid()
   flagged = pc.list_value_length(pc.field('qa_flags')) > 0
   tiles: dict[str, list] = {}
-  for pid, info in patients.items():
-    if not info['labeled'] and not info['flagged']:
-      continue
-    rows = ds.to_table(filter=(pc.field('patient_id') == pid) & (labeled | flagged))
-    rows = sorted(rows.to_pylist(), key=lambda r: r['slice_index'])
-    folder = os.path.join(qa_dir, OVERLAYS, _safe(pid))
-    os.makedirs(folder, exist_ok=True)
-    for row in rows:
-      render.overlay(row, _scale(row)).save(
-        os.path.join(qa_dir, overlay_path(pid, row['slice_index']))
-      )
-    tiles[pid] = [(r['slice_index'], list(r['qa_flags'] or [])) for r in rows]
-    sheet_rows = [r for r in rows if r['i_mask'] is not None or r['o_mask'] is not None]
-    render.contact_sheet(sheet_rows or rows).save(
-      os.path.join(qa_dir, _sheet_name(pid))
-    )
-  index = os.path.join(qa_dir, INDEX)
-  with open(index, 'w', encoding='utf-8') as f:
-    f.write(_index_html(patients, tiles))
-  return index
+  with contextlib.ExitStack() as held:
+    top = held.enter_context(local_files.Folder.open(qa_dir))
+    overlays = None
+    for pid, info in patients.items():
+      if not info['labeled'] and not info['flagged']:
+        continue
+      rows = ds.to_table(filter=(pc.field('patient_id') == pid) & (labeled | flagged))
+      rows = sorted(rows.to_pylist(), key=lambda r: r['slice_index'])
+      if overlays is None:
+        overlays = held.enter_context(top.folder(OVERLAYS))
+      with overlays.folder(_safe(pid)) as folder:
+        for row in rows:
+          name = overlay_path(pid, row['slice_index']).rsplit('/', 1)[1]
+          _save(folder, name, render.overlay(row, _scale(row)))
+      tiles[pid] = [(r['slice_index'], list(r['qa_flags'] or [])) for r in rows]
+      sheet_rows = [
+        r for r in rows if r['i_mask'] is not None or r['o_mask'] is not None
+      ]
+      _save(top, _sheet_name(pid), render.contact_sheet(sheet_rows or rows))
+    top.write(INDEX, _index_html(patients, tiles).encode('utf-8'))
+  return os.path.join(qa_dir, INDEX)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,13 +289,19 @@ def main(argv: list[str] | None = None) -> int:
   )
   args = parser.parse_args(argv)
   try:
+    check_qa_dir(args.qa_dir)
     index = write_qa(args.output, args.qa_dir, args.version)
-  except (FileNotFoundError, dataset.DatasetError) as e:
+  except (
+    OSError,
+    dataset.DatasetError,
+    UsageError,
+    local_files.PlantedError,
+  ) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  print(f'QA written: {index}')
+  pipe.out(f'QA written: {index}')
   return 0
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(pipe.run(main))

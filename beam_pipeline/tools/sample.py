@@ -27,6 +27,7 @@ import pydicom.config
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 
+from beam_pipeline.tools import pipe
 from transforms.contract import layout, schema
 from transforms.contract.errors import UsageError
 
@@ -567,6 +568,8 @@ def make_builtin_sample(root: str) -> Manifest:
 
   Refuses to delete a folder that this generator did not make.
   """
+  if os.path.islink(root):  # its target would be removed and rewritten
+    raise UsageError(f'{root} is a symbolic link; choose another --sample-dir')
   if os.path.exists(root):
     if not os.path.exists(os.path.join(root, MARKER_FILE)):
       raise UsageError(
@@ -605,7 +608,7 @@ def main(argv=None) -> int:
   except (ValueError, OSError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  print(
+  pipe.out(
     f'{args.root}: {len(manifest.slices)} slices, '
     f'{sum(e.labeled for e in manifest.slices.values())} labeled'
   )
@@ -613,4 +616,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(pipe.run(main))

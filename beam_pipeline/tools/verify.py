@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import xxhash
 
 from beam_pipeline import dataset
+from beam_pipeline.tools import pipe
 from transforms.contract import digests, metrics, schema
 
 _MATCHED_DETAIL = re.compile(r'(\d+) slices')
@@ -258,15 +259,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f'error: {e}', file=sys.stderr)
     return 2
   except Exception as e:  # noqa: BLE001 - a check missed a guard: still one line
-    print(f'FAIL  verify could not finish: {type(e).__name__}: {_one_line(e)}')
+    pipe.out(f'FAIL  verify could not finish: {type(e).__name__}: {_one_line(e)}')
     return 1
-  print('\n'.join(checks.lines))
+  pipe.out('\n'.join(checks.lines))
   if checks.failures:
-    print(f'{len(checks.failures)} check(s) failed: {", ".join(checks.failures)}')
+    pipe.out(f'{len(checks.failures)} check(s) failed: {", ".join(checks.failures)}')
     return 1
-  print(f'all {len(checks.lines)} checks passed')
+  pipe.out(f'all {len(checks.lines)} checks passed')
   return 0
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(pipe.run(main))

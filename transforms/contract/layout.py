@@ -33,6 +33,13 @@ DICOM_DIR = 'dicoms'
 CONTOUR_DIR = 'contourfiles'
 LINK_HEADER = ('patient_id', 'original_id')
 CONTOUR_KINDS = ('i', 'o')
+# The most link.csv may hold: some 500,000 patients at 30 bytes a row. Every
+# reader (the listing, the launcher's survey) reads at most one byte more;
+# parsing a file this size takes seconds and a few hundred MB.
+MAX_LINK_BYTES = 16 * 1024 * 1024
+# Problem rows of link.csv listed one by one, per status; one more row counts
+# the rest, so a file of repeated rows costs 101 rows, not one per repeat.
+LISTED_LINK_PROBLEMS = 100
 
 # Ids name folders, so they are restricted to characters that cannot form a
 # path of their own: no separators, no "..", no control characters.
@@ -40,6 +47,13 @@ _ID_RE = re.compile(r'[A-Za-z0-9][A-Za-z0-9._-]*')
 _DICOM_NAME_RE = re.compile(r'([1-9][0-9]*)\.dcm')
 _CONTOUR_NAME_RE = re.compile(r'IM-0001-([0-9]{4})-([io])contour-manual\.txt')
 _MAX_ID_LENGTH = 128
+# The layout as its messages quote it: templates, not ids (pseudonyms.scrub
+# never rewrites them, whatever ids collide with their words).
+DICOM_PLACE = f'{DICOM_DIR}/<patient_id>/<n>.dcm'
+DICOM_NAME = '<n>.dcm'
+CONTOUR_PLACE = f'{CONTOUR_DIR}/<original_id>/[io]-contours/<file>'
+CONTOUR_NAME = 'IM-0001-<nnnn>-[io]contour-manual.txt'
+TEMPLATES = (DICOM_PLACE, CONTOUR_PLACE, DICOM_NAME, CONTOUR_NAME)
 
 
 class IdPseudonyms(Protocol):
@@ -236,6 +250,59 @@ def id_problem(value: str) -> str | None:
   return None
 
 
+def oversized_links() -> LinkProblem:
+  """The problem of a link.csv larger than MAX_LINK_BYTES."""
+  return LinkProblem(
+    '',
+    '',
+    MALFORMED_LINK,
+    f'{LINK_FILE} holds more than {MAX_LINK_BYTES:,} bytes '
+    f'({MAX_LINK_BYTES >> 20} MiB), the most it may hold; no row is read',
+  )
+
+
+class _LinkProblems:
+  """The problems parse_links finds: every one of the file as a whole, the
+  first LISTED_LINK_PROBLEMS of each status for rows, and a count of the
+  rows past them (their first and last line)."""
+
+  def __init__(self):
+    self._problems: list[LinkProblem] = []
+    self._listed: dict[str, int] = {}
+    self._unlisted: dict[str, list[int]] = {}  # status: [rows, first, last line]
+
+  def __bool__(self) -> bool:
+    return bool(self._problems)
+
+  def append(self, problem: LinkProblem) -> None:
+    self._problems.append(problem)
+
+  def listed(self, status: str, line: int) -> bool:
+    """Whether the problem row of ``status`` on ``line`` is listed (then
+    append it); else it is counted."""
+    if self._listed.get(status, 0) < LISTED_LINK_PROBLEMS:
+      self._listed[status] = self._listed.get(status, 0) + 1
+      return True
+    unlisted = self._unlisted.setdefault(status, [0, line, line])
+    unlisted[0] += 1
+    unlisted[2] = line
+    return False
+
+  def rows(self) -> list[LinkProblem]:
+    """The problems in file order, then one row per status counting those
+    not listed."""
+    return self._problems + [
+      LinkProblem(
+        '',
+        '',
+        status,
+        f'lines {first} to {last}: {count:,} more {status} rows, not listed one '
+        f'by one (the first {LISTED_LINK_PROBLEMS} are); none of them is used',
+      )
+      for status, (count, first, last) in self._unlisted.items()
+    ]
+
+
 def parse_links(
   data: bytes, pseudonyms: IdPseudonyms | None = None
 ) -> tuple[list[Link], list[LinkProblem]]:
@@ -245,17 +312,23 @@ def parse_links(
   columns and spaces around values. The first row with any content must be
   the header; columns are found by name. When a patient_id or original_id
   repeats, the first row (lowest line number) is used and each later one is a
-  ``duplicate_link`` problem.
+  ``duplicate_link`` problem. Past LISTED_LINK_PROBLEMS rows of one status,
+  one more row counts the rest (``lines 103 to 500001: 499,899 more ...``).
+  More than MAX_LINK_BYTES is one ``malformed_link`` problem, and no row.
 
   Args:
-    data: the raw bytes of link.csv.
+    data: the raw bytes of link.csv (a reader needs no more than
+      MAX_LINK_BYTES + 1 of them).
     pseudonyms: when active, every id in the links and problems (their
       details too) is its pseudonym; a Link keeps the patient_id as written
       in ``source_id`` and its split position.
 
   Returns:
-    (links, problems), each in file order.
+    (links, problems), each in file order (the counts of rows not listed
+    one by one last).
   """
+  if len(data) > MAX_LINK_BYTES:
+    return [], [oversized_links()]
   keyed = pseudonyms is not None and pseudonyms.active
   show_pid = pseudonyms.patient if keyed else str
   show_oid = pseudonyms.original if keyed else str
@@ -270,7 +343,7 @@ def parse_links(
   text = data.decode('utf-8-sig', errors='replace')
   rows = csv.reader(io.StringIO(text, newline=''))
   links: list[Link] = []
-  problems: list[LinkProblem] = []
+  problems = _LinkProblems()
   columns: dict[str, int] | None = None
   first_pid_line: dict[str, int] = {}
   first_oid_line: dict[str, int] = {}
@@ -295,20 +368,21 @@ def parse_links(
               'no row can be read',
             )
           )
-          return links, problems
+          return links, problems.rows()
         columns = {name: names.index(name) for name in LINK_HEADER}
         continue
       pid_at, oid_at = columns['patient_id'], columns['original_id']
       if len(fields) <= max(pid_at, oid_at):
-        problems.append(
-          LinkProblem(
-            show_pid(fields[0]) if fields else '',
-            '',
-            MALFORMED_LINK,
-            f'line {line}: expected {max(pid_at, oid_at) + 1} fields, '
-            f'got {len(fields)}',
+        if problems.listed(MALFORMED_LINK, line):
+          problems.append(
+            LinkProblem(
+              show_pid(fields[0]) if fields else '',
+              '',
+              MALFORMED_LINK,
+              f'line {line}: expected {max(pid_at, oid_at) + 1} fields, '
+              f'got {len(fields)}',
+            )
           )
-        )
         continue
       pid, oid = fields[pid_at], fields[oid_at]
       reasons = [
@@ -317,16 +391,19 @@ def parse_links(
         if (why := id_problem(value))
       ]
       if reasons:
-        problems.append(
-          LinkProblem(
-            show_pid(pid),
-            show_oid(oid),
-            MALFORMED_LINK,
-            f'line {line}: ' + '; '.join(reasons),
+        if problems.listed(MALFORMED_LINK, line):
+          problems.append(
+            LinkProblem(
+              show_pid(pid),
+              show_oid(oid),
+              MALFORMED_LINK,
+              f'line {line}: ' + '; '.join(reasons),
+            )
           )
-        )
         continue
       if pid in first_pid_line or oid in first_oid_line:
+        if not problems.listed(DUPLICATE_LINK, line):
+          continue
         earlier = (
           f'{quoted("patient_id", pid)} is already linked on line {first_pid_line[pid]}'
           if pid in first_pid_line
@@ -366,7 +443,7 @@ def parse_links(
     problems.append(
       LinkProblem('', '', MALFORMED_LINK, 'link.csv has no header row and no links')
     )
-  return links, problems
+  return links, problems.rows()
 
 
 def classify_path(relative_path: str) -> DicomFile | ContourFile | StrayFile:
@@ -383,11 +460,11 @@ def classify_path(relative_path: str) -> DicomFile | ContourFile | StrayFile:
   owner = owner_of(relative_path)
   if top == DICOM_DIR:
     if len(parts) != 3:
-      return StrayFile(owner, relative_path, 'not at dicoms/<patient_id>/<n>.dcm')
+      return StrayFile(owner, relative_path, f'not at {DICOM_PLACE}')
     match = _DICOM_NAME_RE.fullmatch(parts[2])
     if not match:
       return StrayFile(
-        owner, relative_path, 'file name is not <n>.dcm with n = 1, 2, 3 ...'
+        owner, relative_path, f'file name is not {DICOM_NAME} with n = 1, 2, 3 ...'
       )
     return DicomFile(owner, int(match.group(1)), relative_path)
   if top == CONTOUR_DIR:
@@ -396,14 +473,14 @@ def classify_path(relative_path: str) -> DicomFile | ContourFile | StrayFile:
       return StrayFile(
         owner,
         relative_path,
-        'not at contourfiles/<original_id>/[io]-contours/<file>',
+        f'not at {CONTOUR_PLACE}',
       )
     match = _CONTOUR_NAME_RE.fullmatch(parts[3])
     if not match:
       return StrayFile(
         owner,
         relative_path,
-        'file name is not IM-0001-<nnnn>-[io]contour-manual.txt',
+        f'file name is not {CONTOUR_NAME}',
       )
     if match.group(2) != folders[parts[2]]:
       return StrayFile(

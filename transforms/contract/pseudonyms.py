@@ -34,17 +34,24 @@ import re
 from collections.abc import Iterator
 from typing import NamedTuple
 
-from transforms.contract import layout
+from transforms.contract import layout, redact
 
 KEY_BYTES = 32  # the shortest key accepted: 256 bits, SHA-256's own size
 _ID_CHARS = 20  # base32 characters: 100 bits
 _UID_ROOT = '2.25.'  # a UUID-derived UID (PS3.5 B.2): no registered root needed
 
-# An absolute path quoted in a message: a "/" that starts a word (not one
-# inside a URL, after "http:", "/" or a host name).
-_ABSOLUTE_PATH = re.compile(r'(?<![\w:/.~-])/[^\s\'",;)]+')
 # A PACS instance's path (dicomweb.Instance.path): its UIDs are replaced.
 _PACS_PATH = re.compile(r'studies/([^/]+)/series/([^/]+)/instances/([^/]+)')
+# What scrub shows for an absolute path, and the text it never rewrites: the
+# layout's templates quoted in messages, and that mark itself.
+_WITHHELD = '<path>'
+_KEPT = re.compile(
+  '('
+  + '|'.join(
+    re.escape(t) for t in sorted((*layout.TEMPLATES, _WITHHELD), key=len, reverse=True)
+  )
+  + ')'
+)
 
 
 class Entry(NamedTuple):
@@ -193,14 +200,37 @@ class Pseudonyms:
 
   def scrub(self, text: str, real: str, pseudonym: str) -> str:
     """``text`` (a message that may quote a path: an OSError's, a server's)
-    with ``real`` replaced by ``pseudonym``, and, under a key, every absolute
-    path it still quotes (the input root joined to the shown path, where a
-    symlink leads) by ``<path>``: such a path may hold any name."""
+    with ``real`` replaced by ``pseudonym``, and, under a key, the rest
+    redacted (``redact.text``): every absolute path it still quotes (the
+    input root joined to the shown path, where a symlink leads) becomes
+    ``<path>``, as such a path may hold any name, a URL its scheme and host,
+    a UID ``<uid>``, a quoted value (a library quoting what it could not
+    read) its length.
+
+    ``real`` is a path (it holds a ``/``: replaced wherever it appears) or an
+    id, replaced only where it stands as a word or path component of its
+    own (no letter, digit, ``_``, ``-`` or ``.`` touches it; a ``.`` that
+    ends a sentence may follow it), so that an id such as ``1`` or ``p``
+    is not replaced inside other words, numbers or UIDs (``HTTP 401``,
+    ``1.2.840``, ``input``). The layout's
+    templates (``layout.TEMPLATES``, e.g. ``dicoms/<patient_id>/<n>.dcm``)
+    are never rewritten, whatever ids collide with their words.
+    """
     if self._key is None:
       return text
+    quoted = None
     if real and real != pseudonym:
-      text = text.replace(real, pseudonym)
-    return _ABSOLUTE_PATH.sub('<path>', text)
+      escaped = re.escape(real)
+      if '/' not in real:
+        escaped = rf'(?<![\w.-]){escaped}(?![\w-])(?!\.\w)'
+      quoted = re.compile(escaped)
+    pieces = _KEPT.split(text)  # the kept text at odd indices
+    for k in range(0, len(pieces), 2):
+      piece = (
+        pieces[k] if quoted is None else quoted.sub(lambda _: pseudonym, pieces[k])
+      )
+      pieces[k] = redact.text(piece, kept=(pseudonym,))
+    return ''.join(pieces)
 
 
 IDENTITY = Pseudonyms()

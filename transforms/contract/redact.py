@@ -27,42 +27,48 @@ from __future__ import annotations
 import logging
 import re
 
-_URL = re.compile(r'\b([a-zA-Z][a-zA-Z0-9+.-]*://[^/\s\'"<>]*)[^\s\'"<>]*')
+# A URL, not the punctuation after it: (scheme://host)(the rest).
+_URL = re.compile(
+  r'\b([a-zA-Z][a-zA-Z0-9+.-]*://[^/\s\'"<>]*)(?:[^\s\'"<>]*[^\s\'"<>.,;:)\]])?'
+)
 _QUOTED = re.compile(r"'([^'\n]*)'|\"([^\"\n]*)\"")
 # An absolute path: a "/" that starts a word (not one inside a URL or a name).
 _ABSOLUTE_PATH = re.compile(r'(?<![\w:/.~<>-])/[^\s\'",;)<>]+')
 _UID = re.compile(r'(?<![\w.])\d+(?:\.\d+){3,}(?![\w.])')
-_DICOM_ROOT = '1.2.840.10008.'
+# DICOM's own UIDs (transfer syntaxes, SOP classes): they name no one.
+_DICOM_UID = re.compile(r'1\.2\.840\.10008(?:\.(?:0|[1-9][0-9]*))*')
 # The project's own loggers: their lines are built from pseudonymised values.
 OWN_LOGGERS = ('beam_pipeline', 'transforms', 'worker')
 
 
-def text(message: str) -> str:
+def text(message: str, kept: tuple[str, ...] = ()) -> str:
   """``message`` with every URL, absolute path, UID and quoted value replaced
-  as the module's table says."""
+  as the module's table says; a quoted value or a UID that is one of
+  ``kept`` (a pseudonym the message was given) stays."""
   hosts: list[str] = []  # kept apart: an IPv4 host looks like a UID
 
   def url(match: re.Match) -> str:
     hosts.append(match.group(1))
-    return f'\0{len(hosts) - 1}\0/<path>'
+    tail = '/' if match.group(0).endswith('/') else ''  # what follows it
+    return f'\0{len(hosts) - 1}\0/<path>{tail}'
 
   message = _URL.sub(url, message.replace('\0', ''))
-  message = _QUOTED.sub(_quoted, message)
   message = _ABSOLUTE_PATH.sub('<path>', message)
-  message = _UID.sub(_uid, message)
+  message = _QUOTED.sub(lambda m: _quoted(m, kept), message)
+  message = _UID.sub(lambda m: m.group(0) if m.group(0) in kept else _uid(m), message)
   return re.sub('\0([0-9]+)\0', lambda m: hosts[int(m.group(1))], message)
 
 
-def _quoted(match: re.Match) -> str:
+def _quoted(match: re.Match, kept: tuple[str, ...]) -> str:
   quote = match.group(0)[0]
   value = match.group(1) if match.group(1) is not None else match.group(2)
-  if value.startswith(_DICOM_ROOT) or value in ('', '<path>'):
+  if _DICOM_UID.fullmatch(value) or value in ('', '<path>', *kept):
     return match.group(0)
   return f'{quote}<{len(value)} characters>{quote}'
 
 
 def _uid(match: re.Match) -> str:
-  return match.group(0) if match.group(0).startswith(_DICOM_ROOT) else '<uid>'
+  return match.group(0) if _DICOM_UID.fullmatch(match.group(0)) else '<uid>'
 
 
 class LogRedaction(logging.Filter):

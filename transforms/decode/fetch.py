@@ -163,6 +163,7 @@ class PacsFetcher(TreeFetcher):
       self._budget,
       self._slots,
       self._stream_ended,
+      attempts=pacs.attempts,
     )
 
   def _stream_ended(self, reason: str | None) -> None:

@@ -15,6 +15,12 @@ caller waits for, is let go and its instance retrieved on its own later
 does not name (a part whose UID cannot be read, a second part with the same
 UID, a stream that fails part-way). The stream never waits for its callers,
 so it always ends.
+
+An answer that breaks off part-way (the connection drops, or a body without
+a length ends before its last part) is asked for again, up to ``attempts``
+requests in all with the backoff of ``transforms.io.http``; the parts that
+already arrived are passed over unread, so each instance is handed over
+once. A body that is malformed, not cut, is not asked for again.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from collections.abc import Callable, Iterable
 
 from transforms.contract.errors import FileTooLargeError
 from transforms.decode import _native
-from transforms.io import multipart
+from transforms.io import http, multipart
 
 _LOG = logging.getLogger(__name__)
 
@@ -69,6 +75,9 @@ class SeriesStream:
       holds one while it reads.
     on_end: called once in the stream's thread when it ends, with the
       reason it ended early (None: read to the end, or all found).
+    attempts: requests of the series in all while its answer breaks off
+      part-way (--request-attempts; each request itself is retried by the
+      client on refusals and connection errors).
   """
 
   def __init__(
@@ -79,8 +88,11 @@ class SeriesStream:
     budget: Budget,
     slots: threading.Semaphore,
     on_end: Callable[[str | None], None] | None = None,
+    attempts: int = 1,
   ):
     self._open = open_series
+    self._attempts = max(1, attempts)
+    self._stopped = threading.Event()  # set by close(): no more attempts
     self._wanted = set(wanted)
     self._limit = limit
     self._budget = budget
@@ -107,29 +119,61 @@ class SeriesStream:
     reason = None
     try:
       with self._slots:
-        if self._closing:
-          return
-        read, content_type, close = self._open()
-        with self._cond:
-          self._close_body = close
-        try:
-          boundary = multipart.boundary_of(content_type)
-          for part in multipart.parts(read, boundary, self._choose, self._limit):
-            self._arrived(part)
-            if self._seen >= self._wanted:
-              break  # the rest of the answer is not needed
-        finally:
-          close()
+        for attempt in range(1, self._attempts + 1):
+          if self._closing:
+            return
+          try:
+            self._read_answer()
+            break
+          except http.BodyError as e:  # cut part-way: asked for again
+            if self._closing or attempt == self._attempts:
+              raise
+            _LOG.debug('a series answer broke off (%s); asking again', e)
+            if not http.wait(http.backoff(attempt), self._stopped):
+              return
     except _Closed:
       pass
     except Exception as e:  # the server, the network or the body: retried alone
-      reason = str(e) or type(e).__name__
+      if not self._closing:
+        reason = str(e) or type(e).__name__
     finally:
       if self._on_end is not None:  # before a caller learns it must retrieve
         self._on_end(reason)
       with self._cond:
         self._ended = True
         self._cond.notify_all()
+
+  def _read_answer(self) -> None:
+    """Reads one answer to the series' request, keeping what is wanted.
+
+    Raises:
+      http.BodyError: it broke off, or ended before its last part.
+    """
+    read, content_type, close = self._open()
+    with self._cond:
+      self._close_body = close
+    ended = False
+
+    def read_tracked(n: int) -> bytes:
+      nonlocal ended
+      block = read(n)
+      ended = ended or not block
+      return block
+
+    try:
+      boundary = multipart.boundary_of(content_type)
+      for part in multipart.parts(read_tracked, boundary, self._choose, self._limit):
+        self._arrived(part)
+        if self._seen >= self._wanted:
+          break  # the rest of the answer is not needed
+    except multipart.MultipartError as e:
+      if ended:  # the body ended before the multipart did: it was cut
+        raise http.BodyError(str(e)) from e
+      raise
+    finally:
+      with self._cond:
+        self._close_body = None
+      close()
 
   def _arrived(self, part: multipart.Part) -> None:
     uid = part.key
@@ -167,6 +211,7 @@ class SeriesStream:
 
   def close(self) -> None:
     """Stops reading and lets go of what is held (safe to call twice)."""
+    self._stopped.set()
     with self._cond:
       self._closing = True
       close, self._close_body = self._close_body, None

@@ -1,8 +1,12 @@
 """DICOMweb: QIDO-RS searches and WADO-RS retrieves from a PACS.
 
 One :class:`DicomWebClient` per worker process (``client()``), on one pooled
-urllib3 connection pool with bounded connections, retries with backoff and
-jitter (``http.http_pool``). An instance is retrieved as it is stored
+urllib3 connection pool with bounded connections; every exchange, its body
+included, is retried with backoff and jitter (``http.Pool``). A search is
+paged until an empty page, an instance being its (study, series, SOP) UIDs;
+a server whose pages repeat one another (it ignores ``offset``) is searched
+once without a limit, and a search that cannot be had whole is an error,
+never a shorter list. An instance is retrieved as it is stored
 (``transfer-syntax=*``: the server is never asked to transcode) and its bytes
 go to the same decode stage as a file of a tree.
 
@@ -19,20 +23,24 @@ isolated decoder child for anything pydicom must read).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import email.message
 import fnmatch
 import functools
 import json
+import logging
 import os
 import re
-import stat
 from collections.abc import Iterator
 from typing import NamedTuple
 from urllib.parse import quote, urlencode, urlsplit
 
+from transforms.contract import local_files
 from transforms.contract.errors import FileTooLargeError, UsageError
 from transforms.io import http
+
+_LOG = logging.getLogger(__name__)
 
 ENV_USERNAME = 'DICOMWEB_USERNAME'
 ENV_PASSWORD = 'DICOMWEB_PASSWORD'
@@ -46,6 +54,9 @@ RETRIEVE_MODES = (SERIES, INSTANCE)
 _ENVELOPE_BYTES = 64 * 1024
 # The largest search page read (a page of 1,000 instances is about 1 MB).
 _MAX_PAGE_BYTES = 256 * 1024 * 1024
+# The most instances a patient's search may list (a server that pages on
+# forever, new UIDs each time, is refused before memory runs out).
+_MAX_INSTANCES = 1_000_000
 _ACCEPT_DICOM = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 
 # The attributes a search returns, by tag (DICOM JSON keys).
@@ -58,6 +69,7 @@ SERIES_NUMBER = '00200011'
 SERIES_DESCRIPTION = '0008103E'
 MODALITY = '00080060'
 _INCLUDED = (INSTANCE_NUMBER, SERIES_NUMBER, SERIES_DESCRIPTION, MODALITY)
+SERIES_INSTANCE_COUNT = '00201209'  # NumberOfSeriesRelatedInstances
 _UID_RE = re.compile(r'[0-9]+(\.[0-9]+)*')
 
 
@@ -95,6 +107,11 @@ class DicomWebError(OSError):
     self.status = status
 
 
+class IncompleteSearchError(DicomWebError):
+  """A patient's instances could not all be listed: the server's pages
+  repeat one another and its whole answer is capped."""
+
+
 def check_url(url: str) -> str:
   """``url`` without a trailing slash.
 
@@ -116,19 +133,11 @@ def check_url(url: str) -> str:
 
 
 def _read_auth_file(path: str) -> dict:
+  # The key file's check: a regular file, not a link or a FIFO, that no
+  # other user may read or write.
+  data = local_files.read_private(path, '--dicomweb-auth-file')
   try:
-    mode = os.stat(path).st_mode
-  except OSError as e:
-    raise UsageError(f'--dicomweb-auth-file {path}: {e.strerror or e}') from None
-  if mode & stat.S_IROTH:
-    raise UsageError(
-      f'--dicomweb-auth-file {path} is readable by every user: chmod o-r it'
-    )
-  try:
-    with open(path, encoding='utf-8') as f:
-      credentials = json.load(f)
-  except OSError as e:
-    raise UsageError(f'--dicomweb-auth-file {path}: {e.strerror or e}') from None
+    credentials = json.loads(data.decode('utf-8'))
   except ValueError:  # never quote the file: it holds a secret
     raise UsageError(f'--dicomweb-auth-file {path} is not valid JSON') from None
   if not isinstance(credentials, dict) or not (
@@ -178,6 +187,13 @@ class Instance(NamedTuple):
   series_description: str
   modality: str
   patient_id: str | None  # None when the server did not return it
+
+  @property
+  def key(self) -> tuple[str, str, str]:
+    """What tells it from any other instance: (study, series, SOP) UIDs. A
+    copy of an instance in another series (its SOP Instance UID kept) is
+    another instance."""
+    return (self.study, self.series, self.sop)
 
   @property
   def path(self) -> str:
@@ -273,23 +289,48 @@ def _single_part(body: bytes, content_type: str) -> bytes:
   start = body.find(delimiter)
   head_end = body.find(b'\r\n\r\n', start)
   if start < 0 or head_end < 0:
-    raise DicomWebError('the server sent a malformed multipart answer')
+    raise http.BodyError('the server sent a malformed multipart answer')
   head = email.message_from_bytes(body[start + len(delimiter) : head_end].lstrip())
   content = head_end + 4
   length = (head.get('Content-Length') or '').strip()
   if length.isdigit():  # exact, even if the content holds the boundary
     end = content + int(length)
     if not body.startswith(b'\r\n' + delimiter, end):
-      raise DicomWebError('the server sent a truncated multipart answer')
+      raise http.BodyError('the server sent a truncated multipart answer')
   else:
     end = body.find(b'\r\n' + delimiter, content)
   if end < 0:
-    raise DicomWebError('the server sent a truncated multipart answer')
+    raise http.BodyError('the server sent a truncated multipart answer')
   if head.get_content_type() != 'application/dicom':
     raise DicomWebError(f'the server sent a {head.get_content_type()} part')
+  if len(body) < end + 2 + len(delimiter) + 2:  # cut before the close delimiter
+    raise http.BodyError('the server sent a truncated multipart answer')
   if not body.startswith(b'--', end + 2 + len(delimiter)):
     raise DicomWebError('the server sent more than one instance for one instance')
   return body[content:end]
+
+
+class _Page(NamedTuple):
+  """One search answer: its instances, how many items it held, and whether
+  the server said it left some out (a Warning header, PS3.18)."""
+
+  instances: list[Instance]
+  items: int
+  capped: bool
+
+
+def _capped(warning: str) -> bool:
+  """Whether a Warning header says the answer holds fewer results than
+  match (PS3.18: "299 ...: The number of results exceeded the maximum
+  supported by the server. Additional results can be requested.")."""
+  text = warning.casefold()
+  return 'exceed' in text or 'additional results' in text
+
+
+def _identity(instance: Instance) -> tuple:
+  """What a search dedupes by: the instance's key, or all it holds when its
+  UIDs are not UIDs (each such instance stays, to be an error row)."""
+  return instance.key if instance.uid_problem() is None else tuple(instance)
 
 
 class DicomWebClient:
@@ -303,50 +344,66 @@ class DicomWebClient:
     tls = {'cert_reqs': 'CERT_REQUIRED'}
     if config.ca_bundle:
       tls['ca_certs'] = config.ca_bundle
-    self._attempts = config.attempts
-    self._pool = http.http_pool(config.concurrency, config.attempts, tls)
+    self._pool = http.Pool(config.concurrency, config.attempts, tls)
+    self._repeating = 0  # searches whose pages repeated one another
 
-  def _get(self, relative: str, accept: str, limit: int | None = None):
-    """(status, content type, body) of a GET below the service root; the body
-    is not read past ``limit`` bytes.
+  @property
+  def attempts(self) -> int:
+    """Tries of each request (--request-attempts)."""
+    return self._pool.attempts
+
+  def _exchange(self, relative: str, accept: str, consume) -> http.Answer:
+    """Answer(status, consume(response)) of a GET below the service root,
+    retried (http.Pool.get).
+
+    Raises:
+      DicomWebError: no answer, or only answers that broke off, after the
+        retries.
+    """
+    try:
+      return self._pool.get(
+        f'{self._root}/{relative}', {**self._headers, 'Accept': accept}, consume
+      )
+    except http.NoAnswer as e:  # urllib3's reason or ours: it names no secret
+      if e.broken:
+        raise DicomWebError(
+          f'the answer broke off {e.attempts} times: {e.reason}'
+        ) from None
+      raise DicomWebError(
+        f'no answer from the server after {e.attempts} attempts: {e.reason}'
+      ) from None
+
+  def _get(self, relative: str, accept: str, limit: int | None = None, parse=None):
+    """(status, headers, body) of a GET below the service root, the body
+    read whole but never past ``limit`` bytes; ``parse(status, headers,
+    body)``, if given, replaces the body by what it returns (a BodyError it
+    raises retries the request).
 
     Raises:
       DicomWebError: no answer after the retries.
       _Oversized: the body holds more than ``limit`` bytes.
     """
-    response = self._send(relative, accept)
-    try:
-      declared = response.headers.get('Content-Length') or ''
-      size = int(declared) if declared.isdigit() else 0
-      if limit is not None and size > limit:
-        response.close()  # not worth draining: the connection is dropped
-        raise _Oversized(size)
-      body = response.read(None if limit is None else limit + 1)
-      if limit is not None and len(body) > limit:
+
+    def consume(response):
+      try:
+        declared = response.headers.get('Content-Length') or ''
+        size = int(declared) if declared.isascii() and declared.isdigit() else 0
+        if limit is not None and size > limit:
+          raise _Oversized(size)  # not worth draining: the connection is dropped
+        body = response.read(None if limit is None else limit + 1)
+        if limit is not None and len(body) > limit:
+          raise _Oversized(len(body))
+      except BaseException:
         response.close()
-        raise _Oversized(len(body))
-      return response.status, response.headers.get('Content-Type', ''), body
-    finally:
-      response.release_conn()
+        raise
+      finally:
+        response.release_conn()
+      if parse is not None:
+        body = parse(response.status, response.headers, body)
+      return response.headers, body
 
-  def _send(self, relative: str, accept: str):
-    """The response to a GET below the service root, its body not read.
-
-    Raises:
-      DicomWebError: no answer after the retries.
-    """
-    try:
-      return self._pool.request(
-        'GET',
-        f'{self._root}/{relative}',
-        headers={**self._headers, 'Accept': accept},
-        preload_content=False,
-      )
-    except Exception as e:  # urllib3's, after its retries; it names no secret
-      reason = getattr(e, 'reason', None) or e
-      raise DicomWebError(
-        f'no answer from the server after {self._attempts} attempts: {reason}'
-      ) from None
+    status, (headers, body) = self._exchange(relative, accept, consume)
+    return status, headers, body
 
   def _failed(self, status: int, what: str) -> DicomWebError:
     from http import HTTPStatus
@@ -356,7 +413,7 @@ class DicomWebClient:
     except ValueError:
       phrase = ''
     retried = (
-      f' after {self._attempts} attempts' if status in http.RETRIED_STATUSES else ''
+      f' after {self.attempts} attempts' if status in http.RETRIED_STATUSES else ''
     )
     return DicomWebError(f'{what}: HTTP {status} {phrase}{retried}'.strip(), status)
 
@@ -370,64 +427,209 @@ class DicomWebClient:
     if status not in (200, 204):
       raise self._failed(status, f'QIDO-RS {self._root}/studies')
 
-  def search(self, patient_id: str) -> Iterator[Instance]:
-    """Every instance whose PatientID is ``patient_id``, page by page
-    (limit/offset) until a page adds nothing new.
+  def _search(
+    self, level: str, query: list[tuple[str, object]], what: str
+  ) -> tuple[list, bool]:
+    """The items of one QIDO-RS answer (``level``: instances or series),
+    and whether the server said it capped them: (items, capped).
 
     Raises:
-      DicomWebError: a page could not be had.
+      DicomWebError: the search failed after the retries, or its answer is
+        not a JSON list.
     """
-    seen: set[str] = set()
-    offset = 0
-    while True:
-      query = urlencode(
-        [('PatientID', patient_id)]
-        + [('includefield', tag) for tag in _INCLUDED]
-        + [('limit', self._page_size), ('offset', offset)]
-      )
+
+    def parse(status, headers, body):
+      if status != 200 or not body.strip():
+        return None
       try:
-        status, _, body = self._get(
-          f'instances?{query}', 'application/dicom+json', _MAX_PAGE_BYTES
-        )
-      except _Oversized as e:
-        raise DicomWebError(f'a search page of over {e.size} bytes') from None
-      if status == 204:
-        return
-      if status != 200:
-        raise self._failed(status, f'QIDO-RS search for PatientID {patient_id}')
-      try:
-        page = json.loads(body) if body.strip() else []
-      except ValueError:
+        page = json.loads(body)
+      except ValueError as e:  # ended early: cut off; anything else: not JSON
+        if getattr(e, 'pos', 0) >= len(body.rstrip()):
+          raise http.BodyError('the server sent a search answer cut short') from None
         raise DicomWebError(
           'the server sent a search answer that is not JSON'
         ) from None
       if not isinstance(page, list):
         raise DicomWebError('the server sent a search page that is not a list')
-      new = [instance_of(item) for item in page if isinstance(item, dict)]
-      new = [instance for instance in new if instance.sop not in seen]
-      if not new:
-        return
-      for instance in new:
-        seen.add(instance.sop)
-        if instance.patient_id in (None, patient_id):  # not a looser match
-          yield instance
-      offset += len(page)
+      return page
+
+    try:
+      status, headers, page = self._get(
+        f'{level}?{urlencode(query)}',
+        'application/dicom+json',
+        _MAX_PAGE_BYTES,
+        parse,
+      )
+    except _Oversized as e:
+      raise DicomWebError(f'a search page of over {e.size} bytes') from None
+    if status not in (200, 204):
+      raise self._failed(status, what)
+    return page or [], _capped(headers.get('Warning') or '')
+
+  def _page(self, patient_id: str, offset: int | None) -> _Page:
+    """One page of the patient's instances (offset None: all of them, no
+    limit asked)."""
+    paging = [] if offset is None else [('limit', self._page_size), ('offset', offset)]
+    items, capped = self._search(
+      'instances',
+      [('PatientID', patient_id), *[('includefield', tag) for tag in _INCLUDED]]
+      + paging,
+      f'QIDO-RS search for PatientID {patient_id}',
+    )
+    instances = [instance_of(item) for item in items if isinstance(item, dict)]
+    return _Page(instances, len(items), capped)
+
+  def search(self, patient_id: str) -> Iterator[Instance]:
+    """Every instance whose PatientID is ``patient_id``, each once: pages of
+    ``limit``/``offset`` until an empty one.
+
+    A page that holds an instance an earlier page gave (the server ignores
+    ``offset``, or its order moved between pages) means pages cannot be
+    trusted: the patient is searched once without a limit instead. Either
+    way the instances listed are checked: the server must not say that it
+    left some out (a Warning header on the last pages, or on the answer
+    without a limit), and no series may hold more instances than are listed
+    of it (``NumberOfSeriesRelatedInstances``, one series search).
+
+    Raises:
+      DicomWebError: a page could not be had.
+      IncompleteSearchError: the instances listed are not all there are:
+        the server says so, or the series hold more, or (pages repeating
+        one another) the answer without a limit lacks some the pages gave.
+    """
+    found = self._paged(patient_id)
+    for instance in found.values():
+      if instance.patient_id in (None, patient_id):  # not a looser match
+        yield instance
+
+  def _paged(self, patient_id: str) -> dict[tuple, Instance]:
+    """The patient's instances, by identity, from its pages (or, if they
+    repeat one another, from one search without a limit), checked.
+
+    Raises:
+      IncompleteSearchError: see :meth:`search`.
+    """
+    found: dict[tuple, Instance] = {}
+    offset, capped = 0, False
+    while True:
+      page = self._page(patient_id, offset)
+      if not page.items:
+        capped = capped or page.capped  # "more", and then nothing more
+        break
+      if any(_identity(instance) in found for instance in page.instances):
+        return self._whole(patient_id, found, offset)
+      for instance in page.instances:
+        found.setdefault(_identity(instance), instance)
+      # A Warning on a page paging goes past means that page was cut to
+      # the server's own limit: only the last pages' matter.
+      capped = page.capped
+      offset += page.items
+      if len(found) > _MAX_INSTANCES:
+        raise DicomWebError(
+          f'the server lists more than {_MAX_INSTANCES:,} instances for one patient'
+        )
+    why = self._shortfall(patient_id, found, capped)
+    if why is not None:
+      raise IncompleteSearchError(
+        f'the server ends its search pages at {offset} instances ({why}): '
+        "the patient's instances cannot all be listed, so none of them is used"
+      )
+    return found
+
+  def _whole(
+    self, patient_id: str, paged: dict[tuple, Instance], offset: int
+  ) -> dict[tuple, Instance]:
+    """The patient's instances from one search without a limit, once its
+    pages have repeated one another; checked against what the pages gave
+    and against the series' instance counts, where the server gives them.
+
+    Raises:
+      IncompleteSearchError: that answer is capped.
+    """
+    self._repeating += 1
+    log = _LOG.warning if self._repeating == 1 else _LOG.debug
+    log(
+      'the server gave a search page holding instances an earlier page gave '
+      '(it seems to ignore offset): searching without a limit instead'
+    )
+    whole = self._page(patient_id, None)
+    found = {_identity(instance): instance for instance in whole.instances}
+    lacking = sum(key not in found for key in paged)
+    why = self._shortfall(patient_id, found, whole.capped, lacking)
+    if why is None:
+      return found
+    raise IncompleteSearchError(
+      f'the server repeats its search pages (it seems to ignore offset; '
+      f'{offset} instances found by paging) and caps its answer without a '
+      f"limit ({len(found)} instances; {why}): the patient's instances "
+      'cannot all be listed, so none of them is used'
+    )
+
+  def _shortfall(
+    self,
+    patient_id: str,
+    found: dict[tuple, Instance],
+    capped: bool,
+    lacking: int = 0,
+  ) -> str | None:
+    """Why the instances ``found`` cannot be all the patient's (the server
+    said it ``capped`` its answer, the answer is ``lacking`` instances
+    paging gave, or a series counts more instances than are listed of it),
+    in words; None when nothing says so."""
+    if capped:
+      return 'it says it left results out'
+    if lacking:
+      return f'it lacks {lacking} instances its pages gave'
+    counts = self._series_counts(patient_id)
+    listed = collections.Counter(instance.series for instance in found.values())
+    short = {s: n for s, n in counts.items() if n > listed.get(s, 0)}
+    if not short:
+      return None
+    return (
+      f'its series hold {sum(short.values())} instances and it lists '
+      f'{sum(listed[s] for s in short)} of them'
+    )
+
+  def _series_counts(self, patient_id: str) -> dict[str, int]:
+    """{series UID: NumberOfSeriesRelatedInstances} of the patient's series,
+    for those the server counts ({} if it counts none or refuses)."""
+    try:
+      items, _ = self._search(
+        'series',
+        [('PatientID', patient_id), ('includefield', SERIES_INSTANCE_COUNT)],
+        f'QIDO-RS series search for PatientID {patient_id}',
+      )
+    except DicomWebError:
+      return {}
+    counts = {}
+    for item in items:
+      if isinstance(item, dict):
+        count = _value(item, SERIES_INSTANCE_COUNT)
+        if count.isascii() and count.isdigit() and _value(item, SERIES_UID):
+          counts[_value(item, SERIES_UID)] = int(count)
+    return counts
 
   def retrieve(self, path: str, limit: int | None = None) -> bytes:
-    """The instance at ``path`` (an Instance.path) as stored on the server.
+    """The instance at ``path`` (an Instance.path) as stored on the server; a
+    body that breaks off or is cut short is retrieved again.
 
     Raises:
       DicomWebError: the server refused or failed (with its status).
       FileTooLargeError: it holds more than ``limit`` bytes.
     """
     envelope = None if limit is None else limit + _ENVELOPE_BYTES
+
+    def parse(status, headers, body):
+      if status != 200:
+        return None
+      return _single_part(body, headers.get('Content-Type', ''))
+
     try:
-      status, content_type, body = self._get(quote(path), _ACCEPT_DICOM, envelope)
+      status, _, data = self._get(quote(path), _ACCEPT_DICOM, envelope, parse)
     except _Oversized as e:
       raise _too_large(e.size, limit) from None
     if status != 200:
       raise self._failed(status, 'WADO-RS retrieve')
-    data = _single_part(body, content_type)
     if limit is not None and len(data) > limit:
       raise _too_large(len(data), limit)
     return data
@@ -435,21 +637,24 @@ class DicomWebClient:
   def open_series(self, series: str):
     """(read, content type, close) of the WADO-RS retrieve of a whole
     series (``studies/{uid}/series/{uid}``), its body not yet read: read(n)
-    gives up to n bytes more (b'' at the end); close() lets the connection go.
+    gives up to n bytes more (b'' at the end) and raises http.BodyError if
+    the body breaks off; close() lets the connection go. (A body that
+    breaks off is asked for again by its reader, transforms.decode.series.)
 
     Raises:
       DicomWebError: no answer, or the server refused (with its status).
     """
-    response = self._send(quote(series), _ACCEPT_DICOM)
-    if response.status != 200:
+    status, response = self._exchange(quote(series), _ACCEPT_DICOM, lambda r: r)
+    if status != 200:
       response.close()
-      raise self._failed(response.status, 'WADO-RS series retrieve')
+      response.release_conn()
+      raise self._failed(status, 'WADO-RS series retrieve')
 
     def close():
       response.close()
       response.release_conn()
 
-    return response.read, response.headers.get('Content-Type', ''), close
+    return http.reader(response), response.headers.get('Content-Type', ''), close
 
 
 class _Oversized(Exception):

@@ -1,10 +1,10 @@
 """Reading and listing the input tree (local, or an object store: stores).
 
 Every read goes through :func:`read_input`, which joins a path relative to the
-input root and, on local disks, refuses any file whose real location (after
-symlinks) lies outside that root. Local trees are listed by
-:func:`walk_local`. Nothing here writes: the output side is the write stage's
-and the application's.
+input root and, on local disks, reads only a regular file whose real location
+(after symlinks, as the opened file has it) lies inside that root. Local
+trees are listed by :func:`walk_local`. Nothing here writes: the output side
+is the write stage's and the application's.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import os
 import stat
 from collections.abc import Iterator
 
-from transforms.contract import schema
+from transforms.contract import local_files, schema
 from transforms.contract.errors import FileTooLargeError, UnsafePathError
 from transforms.io import stores
 from transforms.io.protocol import is_local
@@ -54,22 +54,76 @@ def _real_folder(folder: str) -> str:
   return os.path.realpath(folder)
 
 
-def _check_inside(root: str, full_path: str) -> None:
-  """Raises UnsafePathError if ``full_path`` resolves outside ``root``.
+# Never through a link at the file's name, never waiting on a FIFO.
+_OPEN = (
+  os.O_RDONLY
+  | getattr(os, 'O_NOFOLLOW', 0)
+  | getattr(os, 'O_NONBLOCK', 0)
+  | getattr(os, 'O_CLOEXEC', 0)
+)
 
-  Folders' real paths are cached (a tree's folders are few); the file itself
-  is resolved only when it is a symlink. Raises OSError if it does not exist.
+
+def _outside(real: str) -> UnsafePathError:
+  return UnsafePathError(
+    f'resolves outside the input root (to {real}); symlinks leaving the '
+    'input are not followed'
+  )
+
+
+def _not_regular(found: os.stat_result) -> OSError:
+  return OSError(f'not a regular file ({local_files.kind(found)}); not read')
+
+
+def _opened_path(fd: int, path: str) -> str:
+  """The real path of the file open at ``fd``: where the descriptor leads
+  (Linux's /proc), not where its name led when it was looked at; elsewhere
+  ``path``'s real path."""
+  try:
+    return os.readlink(f'/proc/self/fd/{fd}')
+  except OSError:
+    return os.path.realpath(path)
+
+
+def _open_inside(root: str, full_path: str) -> int:
+  """A read-only descriptor of the regular file at ``full_path``, which lies
+  under ``root``.
+
+  Anything but a regular file or a symlink at the name is refused unopened
+  (a FIFO would block a plain open forever), and so is a name that resolves
+  outside ``root``. A symlink is resolved and its target opened, the
+  target's name not followed in turn. The file is opened without following
+  a link at its name and without waiting, then checked where it stands: a
+  regular file (``fstat``) whose real path, read from the descriptor
+  itself, is under ``root``. A link or a FIFO swapped in after the first
+  look is never followed nor waited on, and never leads outside.
+
+  Raises:
+    UnsafePathError: the file resolves outside ``root``.
+    OSError: it does not exist, is not a regular file, or cannot be opened.
   """
   folder, name = os.path.split(full_path)
-  if name in ('', '.', '..') or stat.S_ISLNK(os.lstat(full_path).st_mode):
-    real = os.path.realpath(full_path)
-  else:
-    real = os.path.join(_real_folder(folder), name)
-  if not real.startswith(_real_root(root)):
-    raise UnsafePathError(
-      f'resolves outside the input root (to {real}); symlinks leaving the '
-      'input are not followed'
-    )
+  found = os.lstat(full_path)
+  if name in ('', '.', '..') or stat.S_ISLNK(found.st_mode):
+    path = os.path.realpath(full_path)
+  elif not stat.S_ISREG(found.st_mode):
+    raise _not_regular(found)
+  else:  # folders' real paths are cached: a tree's folders are few
+    path = os.path.join(_real_folder(folder), name)
+  if not path.startswith(_real_root(root)):  # not opened at all
+    raise _outside(path)
+  fd = os.open(path, _OPEN)  # ELOOP: a link swapped in since the lstat
+  try:
+    opened = os.fstat(fd)
+    if not stat.S_ISREG(opened.st_mode):
+      raise _not_regular(opened)
+    real = _opened_path(fd, path)
+    if not real.startswith(_real_root(root)):
+      raise _outside(real)
+    os.set_blocking(fd, True)
+  except BaseException:
+    os.close(fd)
+    raise
+  return fd
 
 
 def _too_large(size: int, limit: int) -> FileTooLargeError:
@@ -87,14 +141,15 @@ def read_input(root: str, relative: str, limit: int | None = None) -> bytes:
       request, once more than ``limit`` bytes have arrived).
 
   Raises:
-    UnsafePathError: the file resolves outside ``root``.
+    UnsafePathError: the file resolves outside ``root`` (locally, where the
+      opened file is, whatever its name leads to).
     FileTooLargeError: the file holds more than ``limit`` bytes.
-    OSError: the file cannot be read.
+    OSError: the file cannot be read, or is not a regular file (a FIFO is
+      never opened nor waited on).
   """
   full_path = join_path(root, relative)
   if is_local(full_path):
-    _check_inside(root, full_path)
-    with open(full_path, 'rb') as f:
+    with os.fdopen(_open_inside(root, full_path), 'rb') as f:
       if limit is not None and (size := os.fstat(f.fileno()).st_size) > limit:
         raise _too_large(size, limit)
       data = f.read()

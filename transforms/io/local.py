@@ -1,4 +1,10 @@
-"""Files on a local disk, as a Store."""
+"""Files on a local disk, as a Store.
+
+Files are written without following a link planted at their name: ``create``
+writes only a new file or a regular file of one link (never a link's target,
+never a FIFO), ``create_exclusive`` only a new one
+(``transforms.contract.local_files``).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ import os
 import shutil
 import time
 
-from transforms.contract import layout
+from transforms.contract import layout, local_files
 from transforms.io.protocol import AppendOnlyFile
 
 _READ_STEP = 8 * 1024 * 1024
@@ -35,7 +41,7 @@ def _read_capped(f, limit: int) -> bytes:
 
 class _LocalFile(AppendOnlyFile):
   def __init__(self, path: str):
-    self._f = open(path, 'wb')  # noqa: SIM115 (closed by close())
+    self._f = local_files.rewrite(path)
 
   def write(self, data) -> int:
     self.size += len(memoryview(data).cast('B'))
@@ -84,10 +90,10 @@ class LocalStore:
 
   def create_exclusive(self, path, data):
     try:
-      fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
+      f = local_files.create_new(path, 0o644)
+    except FileExistsError:  # a link there too: never followed
       return False
-    with os.fdopen(fd, 'wb') as f:
+    with f:
       f.write(data)
     return True
 

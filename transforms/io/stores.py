@@ -17,11 +17,12 @@ a "folder" is a key prefix, and ``create_exclusive`` is a conditional create
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from transforms.contract import redact
+from transforms.contract import local_files, redact
 from transforms.io.gcs import GcsStore
 from transforms.io.local import LocalStore
 from transforms.io.protocol import Store, StoreConfig, is_local
@@ -45,7 +46,7 @@ def configure(config: StoreConfig) -> None:
   worker with the configuration it was given); clients built for another
   configuration are dropped."""
   global _CONFIG
-  if config.redact_logs:
+  if getattr(config, 'redact_logs', False):  # None: a stage given no config
     redact.install()
   with _LOCK:
     if config != _CONFIG:
@@ -101,17 +102,56 @@ def delete_tree(path: str) -> None:
   found.delete([path] if is_local(path) else [*found.files(path), path])
 
 
-def move_all(pairs: list[tuple[str, str]]) -> None:
+def move_all(pairs: list[tuple[str, str]], under: str | None = None) -> None:
   """Moves (source, target) files: renames on a local disk; parallel
-  server-side copies, then one batch of deletes, on an object store."""
+  server-side copies, then one batch of deletes, on an object store.
+
+  Args:
+    under: a local folder holding every local source and target (an
+      output: the staging folder and the table folders in it). The folders
+      below it are then opened without following a link, made if absent,
+      and each file renamed between their descriptors
+      (``local_files.Folder``): a folder swapped for a link after it was
+      checked is refused, never moved through (PlantedError). None: by path.
+  """
   local = [pair for pair in pairs if is_local(pair[0])]
-  for source, target in local:
-    os.makedirs(os.path.dirname(target) or '.', exist_ok=True)
-    os.replace(source, target)
+  if under is None:
+    for source, target in local:
+      os.makedirs(os.path.dirname(target) or '.', exist_ok=True)
+      os.replace(source, target)
+  elif local:
+    _move_below(under, local)
   remote = [pair for pair in pairs if not is_local(pair[0])]
   if remote:
     copy_all(remote)
     store(remote[0][0]).delete([source for source, _ in remote])
+
+
+def _move_below(root: str, pairs: list[tuple[str, str]]) -> None:
+  """``move_all`` below the local folder ``root``: each folder between
+  ``root`` and a file opened once, by descriptor, never through a link."""
+  with contextlib.ExitStack() as held:
+    folders = {(): held.enter_context(local_files.Folder.open(root))}
+
+    def folder(parts: tuple[str, ...]) -> local_files.Folder:
+      if parts not in folders:
+        # 0o777 less the umask: as os.makedirs made them
+        made = folder(parts[:-1]).folder(parts[-1], 0o777)
+        folders[parts] = held.enter_context(made)
+      return folders[parts]
+
+    def place(path: str) -> tuple[local_files.Folder, str]:
+      parts = tuple(os.path.relpath(path, root).split(os.sep))
+      if parts[0] == os.pardir:
+        raise ValueError(f'{path} is not below {root}')
+      return folder(parts[:-1]), parts[-1]
+
+    for source, target in pairs:
+      (source_folder, source_name), (target_folder, target_name) = (
+        place(source),
+        place(target),
+      )
+      target_folder.take(source_folder, source_name, target_name)
 
 
 def table_options(path: str) -> dict[str, str]:

@@ -21,6 +21,7 @@ from apache_beam.metrics import Metrics
 
 from transforms import _bundles
 from transforms.contract import layout, metrics, pseudonyms, schema
+from transforms.contract.errors import FileTooLargeError, UnsafePathError
 from transforms.contract.pseudonyms import IDENTITY, Entry, Pseudonyms
 from transforms.io import files, local, stores
 from transforms.outcomes import Failed
@@ -42,7 +43,7 @@ class _ParseLinksFn(beam.DoFn):
     stores.configure(self._config)
 
   def process(self, relative_path: str) -> Iterator:
-    data = files.read_or_fail(self._input_root, relative_path)
+    data = _read_links(self._input_root, relative_path)
     if isinstance(data, Failed):
       yield pvalue.TaggedOutput(
         ReadLinks.ERRORS,
@@ -51,11 +52,14 @@ class _ParseLinksFn(beam.DoFn):
     else:
       yield from self._parsed(relative_path, data)
 
-  def _parsed(self, relative_path: str, data: bytes) -> Iterator:
-    links, problems = layout.parse_links(data, self._pseudonyms)
+  def _parsed(self, relative_path: str, data: bytes | None) -> Iterator:
+    if data is None:
+      links, problems = [], [layout.oversized_links()]
+    else:
+      links, problems = layout.parse_links(data, self._pseudonyms)
     _LOG.info('%s: %d links, %d problem rows', relative_path, len(links), len(problems))
     yield from links
-    if self._pseudonyms.mapped:
+    if self._pseudonyms.mapped and data is not None:
       for entry in _link_entries(data, links, problems):
         yield pvalue.TaggedOutput(ID_MAP, entry)
     for problem in problems:
@@ -65,6 +69,20 @@ class _ParseLinksFn(beam.DoFn):
           problem.patient_id, problem.original_id, problem.status, problem.detail
         ),
       )
+
+
+def _read_links(root: str, relative: str) -> bytes | Failed | None:
+  """link.csv's bytes; None when it holds more than layout.MAX_LINK_BYTES
+  (refused from its size, unread: one malformed_link row); Failed, worded
+  as files.read_or_fail words it, when it cannot be read."""
+  try:
+    return files.read_input(root, relative, layout.MAX_LINK_BYTES)
+  except FileTooLargeError:
+    return None
+  except (OSError, UnsafePathError) as e:
+    return Failed(schema.STAGE_LINKS, f'cannot read: {e}')
+  except Exception as e:  # e.g. a file system without its options here
+    return Failed(schema.STAGE_LINKS, f'cannot read: {type(e).__name__}: {e}')
 
 
 def _link_entries(

@@ -230,6 +230,10 @@ class _SearchFn(beam.DoFn):
     query = f'instances?PatientID={pid}'
     try:
       instances = list(self._client.search(link.query_id))
+    except dicomweb.IncompleteSearchError as e:  # nothing rather than a part
+      why = self._pseudonyms.scrub(str(e), link.query_id, pid)
+      _LOG.warning('search for PatientID %s is incomplete: %s', pid, why)
+      return link, 0, Chosen([], [], [(query, f'incomplete search: {why}')])
     except (OSError, ValueError) as e:
       why = self._pseudonyms.scrub(str(e), link.query_id, pid)
       _LOG.warning('search for PatientID %s failed: %s', pid, why)
