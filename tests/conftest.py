@@ -1,12 +1,15 @@
 """Shared fixtures: generated trees and one pipeline output for the readers."""
 
 import os
+import signal
 from typing import NamedTuple
 
 import pytest
 
-from beam_pipeline.launch import cli, console
+from beam_pipeline.launch import cli, console, interrupts
 from beam_pipeline.tools import sample
+from tests import orthanc
+from transforms.io import dicomweb
 
 # The image size of the shared output (``written``).
 WRITTEN_ROWS, WRITTEN_COLUMNS = 40, 48
@@ -37,6 +40,31 @@ def log_dir(tmp_path_factory):
     del os.environ[console.LOG_DIR_VARIABLE]
   else:
     os.environ[console.LOG_DIR_VARIABLE] = previous
+
+
+@pytest.fixture(scope='module')
+def pacs(tmp_path_factory):
+  """A real Orthanc with its DICOMweb plugin, one per test module."""
+  orthanc.require()
+  with orthanc.started(str(tmp_path_factory.mktemp('orthanc'))) as server:
+    yield server
+
+
+@pytest.fixture
+def credentials(monkeypatch):
+  """The test Orthanc's user and password, in the environment."""
+  monkeypatch.setenv(dicomweb.ENV_USERNAME, orthanc.USER)
+  monkeypatch.setenv(dicomweb.ENV_PASSWORD, orthanc.PASSWORD)
+
+
+@pytest.fixture
+def handled():
+  """The handlers installed for one test, pytest's own restored after it."""
+  saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+  interrupts.handle_signals()
+  yield
+  for signum, handler in saved.items():
+    signal.signal(signum, handler)
 
 
 @pytest.fixture

@@ -50,19 +50,6 @@ QUIRKS = [
 ]
 
 
-@pytest.fixture(scope='module')
-def pacs(tmp_path_factory):
-  orthanc.require()
-  with orthanc.started(str(tmp_path_factory.mktemp('orthanc'))) as server:
-    yield server
-
-
-@pytest.fixture
-def credentials(monkeypatch):
-  monkeypatch.setenv(dicomweb.ENV_USERNAME, orthanc.USER)
-  monkeypatch.setenv(dicomweb.ENV_PASSWORD, orthanc.PASSWORD)
-
-
 def _uploaded_tree(server, root, prefix, **kwargs):
   """A tree whose patient ids start with ``prefix`` (each test its own
   patients on the shared server), its slices uploaded; the files Orthanc

@@ -11,16 +11,6 @@ import pytest
 from beam_pipeline.launch import interrupts
 
 
-@pytest.fixture
-def handled():
-  """The handlers installed for one test, pytest's own restored after it."""
-  saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-  interrupts.handle_signals()
-  yield
-  for signum, handler in saved.items():
-    signal.signal(signum, handler)
-
-
 def test_a_signal_while_publishing_waits_until_the_block_is_done(handled):
   finished = []
   with pytest.raises(interrupts.Interrupted) as caught:

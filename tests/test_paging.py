@@ -51,17 +51,9 @@ PLACEMENTS = [
 ]
 
 
-@pytest.fixture(scope='module')
-def pacs(tmp_path_factory):
-  orthanc.require()
-  with orthanc.started(str(tmp_path_factory.mktemp('orthanc'))) as server:
-    yield server
-
-
 @pytest.fixture(autouse=True)
-def credentials(monkeypatch):
-  monkeypatch.setenv(dicomweb.ENV_USERNAME, orthanc.USER)
-  monkeypatch.setenv(dicomweb.ENV_PASSWORD, orthanc.PASSWORD)
+def _credentials(credentials):
+  """Every test here talks to the server."""
 
 
 def _uid(*parts):

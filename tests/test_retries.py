@@ -37,19 +37,6 @@ from transforms.io import dicomweb, http, protocol
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope='module')
-def pacs(tmp_path_factory):
-  orthanc.require()
-  with orthanc.started(str(tmp_path_factory.mktemp('orthanc'))) as server:
-    yield server
-
-
-@pytest.fixture
-def credentials(monkeypatch):
-  monkeypatch.setenv(dicomweb.ENV_USERNAME, orthanc.USER)
-  monkeypatch.setenv(dicomweb.ENV_PASSWORD, orthanc.PASSWORD)
-
-
 def _one_patient(pacs, root, prefix, slices=6):
   """A one-patient tree uploaded to ``pacs``: (patient, its instances)."""
   _uploaded_tree(pacs, root, prefix, patients=1, slices=slices, rows=8, columns=8)

@@ -24,16 +24,6 @@ from beam_pipeline.launch import interrupts
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture
-def handled():
-  """The handlers installed for one test, pytest's own restored after it."""
-  saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-  interrupts.handle_signals()
-  yield
-  for signum, handler in saved.items():
-    signal.signal(signum, handler)
-
-
 def test_a_second_signal_while_the_first_is_handled_is_only_recorded(handled):
   cleaned = []
   with pytest.raises(interrupts.Interrupted) as caught:
