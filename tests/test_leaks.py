@@ -42,8 +42,12 @@ def _plant(root: str) -> set[str]:
   return {NAME, 'JOHN'}
 
 
-def _run(args, log_dir):
-  env = dict(os.environ, CARDIAC_MRI_LOG_DIR=log_dir)
+def _env(logs: str, **more) -> dict:
+  return dict(os.environ, CARDIAC_MRI_LOG_DIR=logs, **more)
+
+
+def _run(args, env):
+  """run_pipeline.py in a process of its own: (exit code, stdout, stderr)."""
   done = subprocess.run(
     [sys.executable, 'run_pipeline.py', *args],
     cwd=REPO,
@@ -101,7 +105,7 @@ def test_a_tree_run_shows_no_planted_identifier_anywhere(planted_tree):
       '--id-map',
       id_map,
     ],
-    logs,
+    _env(logs),
   )
   assert code == cli.EXIT_DROPPED, stderr.decode()[-2000:]
   forbidden = identifiers(root, manifest) | planted
@@ -203,21 +207,6 @@ def test_third_party_log_records_and_tracebacks_are_redacted(tmp_path):
   assert 'FileNotFoundError' in logged  # the traceback, redacted, is kept
 
 
-def _env(logs: str, **more) -> dict:
-  return dict(os.environ, CARDIAC_MRI_LOG_DIR=logs, **more)
-
-
-def _subprocess(args, env):
-  done = subprocess.run(
-    [sys.executable, 'run_pipeline.py', *args],
-    cwd=REPO,
-    capture_output=True,
-    env=env,
-    timeout=300,
-  )
-  return done.returncode, done.stdout, done.stderr
-
-
 def test_an_s3_run_with_retried_requests_shows_no_planted_identifier(
   planted_tree, tmp_path
 ):
@@ -260,7 +249,7 @@ def test_an_s3_run_with_retried_requests_shows_no_planted_identifier(
         '--pseudonymize-key-file',
         key,
       ]
-      code, stdout, stderr = _subprocess(args, _env(logs, **credentials))
+      code, stdout, stderr = _run(args, _env(logs, **credentials))
     assert figures['faults'] >= 12, figures
   assert code == cli.EXIT_DROPPED, stderr.decode()[-2000:]
   out = str(tmp_path / 'out')
@@ -335,7 +324,7 @@ def test_a_pacs_run_with_a_series_filter_and_a_dying_server_shows_no_identifier(
         '--pseudonymize-key-file',
         key,
       ]
-      code, stdout, stderr = _subprocess(args, env)
+      code, stdout, stderr = _run(args, env)
   assert code == cli.EXIT_DROPPED, stderr.decode()[-2000:]
   out = str(tmp_path / 'out')
   tables = {
